@@ -1,0 +1,620 @@
+//! The limit pipeline: `handle_request` on the way in, `handle_response` on the way out.
+
+use crate::counters::CounterMap;
+use crate::key::{KeyExpr, RequestInfo};
+use crate::limiter::{Bucket, BucketShape, Check, FixedWindow, SlidingLog, WindowGrid};
+use crate::policy::{Algorithm, Limit, Policy, Quota, RateLimit, TokenLimit};
+use crate::time::{format_hh_mm_ss, CalendarPeriod, Nanos};
+use std::collections::HashMap;
+
+/// Identifies one client request between `handle_request` and `handle_response`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+/// What the pipeline decided for a request on its way in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestDecision {
+    /// Every limit admitted it: forward it, then report the outcome with `handle_response`.
+    Forward(Admitted),
+    /// A limit rejected it: answer the client with this; the request is finished.
+    Reject(Rejection),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub id: RequestId,
+    /// Policy variables set on the way in (`*_variable_name`), in policy order.
+    pub variables: Vec<(String, i64)>,
+}
+
+/// Why a limit rejected a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    RateLimit,
+    CallQuota,
+    BandwidthQuota,
+    TokensPerMinute,
+    TokenQuota,
+}
+
+impl RejectReason {
+    pub fn status(self) -> u16 {
+        match self {
+            RejectReason::RateLimit | RejectReason::TokensPerMinute => 429,
+            RejectReason::CallQuota | RejectReason::BandwidthQuota | RejectReason::TokenQuota => 403,
+        }
+    }
+}
+
+/// The response APIM sends for a rejection, byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub reason: RejectReason,
+    /// Index of the rejecting limit in the policy.
+    pub limit_index: usize,
+    /// `None` only for a quota that never renews (`renewal_period = 0`).
+    pub retry_after_secs: Option<u64>,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub variables: Vec<(String, i64)>,
+}
+
+/// What became of a forwarded request, as the driver observed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResponseInfo {
+    /// The final status the client receives; `None` when no response came at all
+    /// (transport failure, client gone), which matches no increment condition.
+    pub status: Option<u16>,
+    /// Tokens the backend reported (`usage.total_tokens`) or the driver counted.
+    pub total_tokens: u64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// What the pipeline adds to the client's response on the way out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Completed {
+    pub headers: Vec<(String, String)>,
+    pub variables: Vec<(String, i64)>,
+    /// Tokens charged to each distinct token counter (the same figure for each).
+    pub tokens_charged: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoreError {
+    UnknownRequest(RequestId),
+}
+
+impl std::fmt::Display for CoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CoreError::UnknownRequest(id) => write!(f, "request {} is not in flight", id.0),
+        }
+    }
+}
+
+impl std::error::Error for CoreError {}
+
+/// The counter families; limits with the same namespace and shape share counters.
+enum Counters {
+    Sliding { period: Nanos, map: CounterMap<SlidingLog> },
+    Bucket { shape: BucketShape, map: CounterMap<Bucket> },
+    Fixed { grid: WindowGrid, map: CounterMap<FixedWindow> },
+    Calendar { period: CalendarPeriod, map: CounterMap<CalendarCount> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    Sliding(Nanos),
+    Bucket(BucketShape),
+    Fixed(WindowGrid),
+    Calendar(CalendarPeriod),
+}
+
+#[derive(Clone, Debug, Default)]
+struct CalendarCount {
+    period_end: Nanos,
+    tokens: u64,
+}
+
+type ClassId = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Amount {
+    Calls,
+    Bytes,
+    Tokens,
+}
+
+struct CompiledLimit {
+    limit: Limit,
+    key: KeyExpr,
+    /// The rate, quota or tokens-per-minute counters.
+    primary: Option<ClassId>,
+    /// The token-quota counters of a token limit.
+    token_quota: Option<ClassId>,
+}
+
+/// Per-request state between the way in and the way out.
+#[derive(Default)]
+struct InFlight {
+    /// The key each limit computed, or `None` for limits that never ran.
+    keys: Vec<Option<Box<str>>>,
+    /// What this request already added where, so a shared counter counts it once.
+    added: Vec<(ClassId, Box<str>, Amount, u64)>,
+    headers: Vec<(String, String)>,
+    variables: Vec<(String, i64)>,
+}
+
+impl InFlight {
+    fn added(&self, class: ClassId, key: &str, amount: Amount) -> u64 {
+        self.added.iter().filter(|(c, k, a, _)| *c == class && &**k == key && *a == amount).map(|e| e.3).sum()
+    }
+
+    fn note(&mut self, class: ClassId, key: &str, amount: Amount, n: u64) {
+        self.added.push((class, key.into(), amount, n));
+    }
+}
+
+/// The sans-IO limit pipeline of one gateway.
+pub struct Gateway {
+    limits: Vec<CompiledLimit>,
+    classes: Vec<Counters>,
+    in_flight: HashMap<RequestId, InFlight, crate::counters::FixedHasher>,
+    next_id: u64,
+    last_now: Nanos,
+}
+
+const MINUTE: Nanos = Nanos::from_secs(60);
+
+impl Gateway {
+    /// Builds the pipeline. `hash_seed` seeds the counter maps' hasher: fixed in a
+    /// simulation, random in a server (the core never draws it itself).
+    pub fn new(policy: &Policy, hash_seed: u64) -> Gateway {
+        let mut shapes: Vec<(&'static str, Shape)> = Vec::new();
+        let mut class_of = |namespace: &'static str, shape: Shape| -> ClassId {
+            if let Some(i) = shapes.iter().position(|&(n, s)| n == namespace && s == shape) {
+                return i;
+            }
+            shapes.push((namespace, shape));
+            shapes.len() - 1
+        };
+        let limits = policy.limits.iter().map(|limit| compile(limit, &mut class_of)).collect();
+        let classes = shapes.iter().map(|&(_, shape)| Counters::new(shape, hash_seed)).collect();
+        Gateway {
+            limits,
+            classes,
+            in_flight: HashMap::with_hasher(crate::counters::FixedHasher::with_seed(hash_seed)),
+            next_id: 0,
+            last_now: Nanos::ZERO,
+        }
+    }
+
+    /// Runs the limits in order on an arriving request.
+    pub fn handle_request(&mut self, now: Nanos, req: &RequestInfo) -> RequestDecision {
+        let now = self.observe(now);
+        let mut flight = InFlight { keys: vec![None; self.limits.len()], ..InFlight::default() };
+        let mut key = String::new();
+        for index in 0..self.limits.len() {
+            key.clear();
+            self.limits[index].key.write(req, &mut key);
+            if let Err(mut rejection) = self.check(now, index, &key, req, &mut flight) {
+                let info = ResponseInfo { status: Some(rejection.status), ..ResponseInfo::default() };
+                self.finish(now, &mut flight, &info);
+                rejection.variables.splice(0..0, flight.variables);
+                return RequestDecision::Reject(rejection);
+            }
+            flight.keys[index] = Some(key.as_str().into());
+        }
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        let variables = flight.variables.clone();
+        self.in_flight.insert(id, flight);
+        RequestDecision::Forward(Admitted { id, variables })
+    }
+
+    /// Applies deferred increments and token usage once the response is known.
+    pub fn handle_response(&mut self, now: Nanos, id: RequestId, info: &ResponseInfo) -> Result<Completed, CoreError> {
+        let now = self.observe(now);
+        let mut flight = self.in_flight.remove(&id).ok_or(CoreError::UnknownRequest(id))?;
+        // The way-in variables were handed out with `Admitted`; report only new ones.
+        flight.variables.clear();
+        self.finish(now, &mut flight, info);
+        Ok(Completed { headers: flight.headers, variables: flight.variables, tokens_charged: info.total_tokens })
+    }
+
+    /// The next instant at which the core has work (evicting idle counters).
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        self.classes.iter().filter_map(Counters::next_deadline).min()
+    }
+
+    /// Lets the core do timed work: evicts counters that have become idle.
+    pub fn handle_timeout(&mut self, now: Nanos) {
+        let now = self.observe(now);
+        self.classes.iter_mut().for_each(|c| c.evict(now));
+    }
+
+    /// How many counters are held; bounded by the keys active in the last period.
+    pub fn counter_count(&self) -> usize {
+        self.classes.iter().map(Counters::len).sum()
+    }
+
+    pub fn in_flight_count(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Time never goes backwards inside the core: a late `now` is read as the latest
+    /// one seen, so drivers on several threads cannot make a window shrink.
+    fn observe(&mut self, now: Nanos) -> Nanos {
+        self.last_now = self.last_now.max(now);
+        self.last_now
+    }
+
+    fn check(&mut self, now: Nanos, index: usize, key: &str, req: &RequestInfo, f: &mut InFlight) -> Result<(), Rejection> {
+        let limit = &self.limits[index];
+        let primary = limit.primary;
+        let token_quota = limit.token_quota;
+        match limit.limit.clone() {
+            Limit::RateLimit(r) | Limit::RateLimitByKey(r) => self.check_rate(now, index, &r, primary, key, f),
+            Limit::Quota(q) | Limit::QuotaByKey(q) => self.check_quota(now, index, &q, primary, key, f),
+            Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
+                let estimate = if t.estimate_prompt_tokens { req.prompt_tokens_estimate.unwrap_or(0) } else { 0 };
+                self.check_tokens(now, index, &t, (primary, token_quota), key, estimate)
+            }
+        }
+    }
+
+    fn check_rate(&mut self, now: Nanos, index: usize, r: &RateLimit, class: Option<ClassId>, key: &str, f: &mut InFlight) -> Result<(), Rejection> {
+        let class = class.expect("a rate limit has counters");
+        let own = f.added(class, key, Amount::Calls);
+        let fresh_count = own == 0 && r.increment_condition.is_none();
+        let (check, remaining) = match &mut self.classes[class] {
+            Counters::Sliding { period, map } => {
+                let log = map.entry(now, key, SlidingLog::default);
+                log.expire(now, *period);
+                let check = match (log.total() - own) + r.increment_count <= r.calls {
+                    true => Check::Admit,
+                    false => Check::Reject { retry_in: log.wait_until_at_most(now, *period, r.calls - r.increment_count + own) },
+                };
+                if check == Check::Admit && fresh_count {
+                    log.add(now, r.increment_count);
+                }
+                (check, r.calls.saturating_sub(log.total()))
+            }
+            Counters::Bucket { shape, map } => {
+                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
+                bucket.refill(*shape, now);
+                let check = bucket.check(*shape, r.increment_count, own);
+                if check == Check::Admit && fresh_count {
+                    bucket.take(*shape, r.increment_count);
+                }
+                (check, bucket.available(*shape).max(0) as u64)
+            }
+            _ => unreachable!("rate limits compile to sliding or bucket counters"),
+        };
+        if let Check::Reject { retry_in } = check {
+            let mut rejection = reject(RejectReason::RateLimit, index, Some(retry_in.retry_after_secs()), r.retry_after_header_name.as_deref());
+            set_var(&mut rejection.variables, &r.retry_after_variable_name, rejection.retry_after_secs.unwrap_or(0) as i64);
+            push_header(&mut rejection.headers, &r.remaining_calls_header_name, 0);
+            push_header(&mut rejection.headers, &r.total_calls_header_name, r.calls);
+            return Err(rejection);
+        }
+        if fresh_count {
+            f.note(class, key, Amount::Calls, r.increment_count);
+        }
+        if r.increment_condition.is_none() {
+            push_header(&mut f.headers, &r.remaining_calls_header_name, remaining);
+            push_header(&mut f.headers, &r.total_calls_header_name, r.calls);
+            set_var(&mut f.variables, &r.remaining_calls_variable_name, remaining as i64);
+        }
+        Ok(())
+    }
+
+    fn check_quota(&mut self, now: Nanos, index: usize, q: &Quota, class: Option<ClassId>, key: &str, f: &mut InFlight) -> Result<(), Rejection> {
+        let class = class.expect("a quota has counters");
+        let own = f.added(class, key, Amount::Calls);
+        let Counters::Fixed { grid, map } = &mut self.classes[class] else { unreachable!("quotas compile to fixed windows") };
+        let window = map.entry(now, key, FixedWindow::default);
+        window.roll(grid.index(now));
+        let retry_after = grid.window_end(now).map(|end| end.saturating_sub(now).retry_after_secs());
+        if q.calls.is_some_and(|calls| (window.calls - own) + q.increment_count > calls) {
+            return Err(reject(RejectReason::CallQuota, index, retry_after, None));
+        }
+        if q.bandwidth.is_some_and(|b| window.bytes >= b.0) {
+            return Err(reject(RejectReason::BandwidthQuota, index, retry_after, None));
+        }
+        if own == 0 && q.increment_condition.is_none() {
+            window.calls += q.increment_count;
+            f.note(class, key, Amount::Calls, q.increment_count);
+        }
+        Ok(())
+    }
+
+    fn check_tokens(&mut self, now: Nanos, index: usize, t: &TokenLimit, classes: (Option<ClassId>, Option<ClassId>), key: &str, estimate: u64) -> Result<(), Rejection> {
+        if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
+            if let Check::Reject { retry_in } = self.classes[class].check_tpm(now, key, tpm, t.estimate_prompt_tokens, estimate) {
+                return Err(token_rejection(RejectReason::TokensPerMinute, index, retry_in.retry_after_secs(), t));
+            }
+        }
+        if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
+            let Counters::Calendar { period, map } = &mut self.classes[class] else { unreachable!("token quotas are calendar counters") };
+            let count = calendar_entry(map, *period, now, key);
+            let over = match t.estimate_prompt_tokens {
+                false => count.tokens >= quota,
+                true => count.tokens + estimate > quota,
+            };
+            if over {
+                let secs = count.period_end.saturating_sub(now).retry_after_secs();
+                return Err(token_rejection(RejectReason::TokenQuota, index, secs, t));
+            }
+        }
+        Ok(())
+    }
+
+    /// The way out: deferred increments, bandwidth, tokens, and the response headers.
+    fn finish(&mut self, now: Nanos, f: &mut InFlight, info: &ResponseInfo) {
+        for index in 0..self.limits.len() {
+            let Some(key) = f.keys[index].take() else { continue };
+            let (limit, primary, token_quota) = {
+                let l = &self.limits[index];
+                (l.limit.clone(), l.primary, l.token_quota)
+            };
+            match &limit {
+                Limit::RateLimit(r) | Limit::RateLimitByKey(r) => self.finish_rate(now, r, primary, &key, f, info),
+                Limit::Quota(q) | Limit::QuotaByKey(q) => self.finish_quota(now, q, primary, &key, f, info),
+                Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => self.finish_tokens(now, t, (primary, token_quota), &key, f, info),
+            }
+        }
+    }
+
+    fn finish_rate(&mut self, now: Nanos, r: &RateLimit, class: Option<ClassId>, key: &str, f: &mut InFlight, info: &ResponseInfo) {
+        let Some(condition) = &r.increment_condition else { return };
+        let class = class.expect("a rate limit has counters");
+        let counts = info.status.is_some_and(|s| condition.matches(s)) && f.added(class, key, Amount::Calls) == 0;
+        let remaining = match &mut self.classes[class] {
+            Counters::Sliding { period, map } => {
+                let log = map.entry(now, key, SlidingLog::default);
+                log.expire(now, *period);
+                if counts {
+                    log.add(now, r.increment_count);
+                }
+                r.calls.saturating_sub(log.total())
+            }
+            Counters::Bucket { shape, map } => {
+                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
+                bucket.refill(*shape, now);
+                if counts {
+                    bucket.take(*shape, r.increment_count);
+                }
+                bucket.available(*shape).max(0) as u64
+            }
+            _ => unreachable!("rate limits compile to sliding or bucket counters"),
+        };
+        if counts {
+            f.note(class, key, Amount::Calls, r.increment_count);
+        }
+        push_header(&mut f.headers, &r.remaining_calls_header_name, remaining);
+        push_header(&mut f.headers, &r.total_calls_header_name, r.calls);
+        set_var(&mut f.variables, &r.remaining_calls_variable_name, remaining as i64);
+    }
+
+    fn finish_quota(&mut self, now: Nanos, q: &Quota, class: Option<ClassId>, key: &str, f: &mut InFlight, info: &ResponseInfo) {
+        let class = class.expect("a quota has counters");
+        let matches = match &q.increment_condition {
+            None => true,
+            Some(condition) => info.status.is_some_and(|s| condition.matches(s)),
+        };
+        if !matches {
+            return;
+        }
+        let count_calls = q.increment_condition.is_some() && f.added(class, key, Amount::Calls) == 0;
+        let bytes = info.request_bytes + info.response_bytes;
+        let count_bytes = q.bandwidth.is_some() && bytes > 0 && f.added(class, key, Amount::Bytes) == 0;
+        let Counters::Fixed { grid, map } = &mut self.classes[class] else { unreachable!("quotas compile to fixed windows") };
+        let window = map.entry(now, key, FixedWindow::default);
+        window.roll(grid.index(now));
+        if count_calls {
+            window.calls += q.increment_count;
+            f.note(class, key, Amount::Calls, q.increment_count);
+        }
+        if count_bytes {
+            window.bytes += bytes;
+            f.note(class, key, Amount::Bytes, bytes);
+        }
+    }
+
+    fn finish_tokens(&mut self, now: Nanos, t: &TokenLimit, classes: (Option<ClassId>, Option<ClassId>), key: &str, f: &mut InFlight, info: &ResponseInfo) {
+        let tokens = info.total_tokens;
+        if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
+            let charge = if f.added(class, key, Amount::Tokens) == 0 { tokens } else { 0 };
+            let remaining = self.classes[class].charge_tpm(now, key, tpm, charge);
+            f.note(class, key, Amount::Tokens, charge);
+            push_header(&mut f.headers, &t.remaining_tokens_header_name, remaining);
+            set_var(&mut f.variables, &t.remaining_tokens_variable_name, remaining as i64);
+        }
+        if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
+            let charge = if f.added(class, key, Amount::Tokens) == 0 { tokens } else { 0 };
+            let Counters::Calendar { period, map } = &mut self.classes[class] else { unreachable!("token quotas are calendar counters") };
+            let count = calendar_entry(map, *period, now, key);
+            count.tokens += charge;
+            let remaining = quota.saturating_sub(count.tokens);
+            f.note(class, key, Amount::Tokens, charge);
+            push_header(&mut f.headers, &t.remaining_quota_tokens_header_name, remaining);
+            set_var(&mut f.variables, &t.remaining_quota_tokens_variable_name, remaining as i64);
+        }
+        push_header(&mut f.headers, &t.tokens_consumed_header_name, tokens);
+        set_var(&mut f.variables, &t.tokens_consumed_variable_name, tokens as i64);
+    }
+}
+
+fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> ClassId) -> CompiledLimit {
+    let namespace = limit.element();
+    let (key, primary, token_quota) = match limit {
+        Limit::RateLimit(r) | Limit::RateLimitByKey(r) => {
+            let period = Nanos::from_secs(r.renewal_period);
+            let shape = match r.algorithm {
+                Algorithm::SlidingWindow => Shape::Sliding(period),
+                Algorithm::TokenBucket => Shape::Bucket(BucketShape { capacity: r.calls, period }),
+            };
+            (r.counter_key.clone().unwrap_or(KeyExpr::SubscriptionId), Some(class_of(namespace, shape)), None)
+        }
+        Limit::Quota(q) | Limit::QuotaByKey(q) => {
+            let grid = WindowGrid { origin_ns: q.first_period_start.as_nanos_i128(), period: Nanos::from_secs(q.renewal_period) };
+            (q.counter_key.clone().unwrap_or(KeyExpr::SubscriptionId), Some(class_of(namespace, Shape::Fixed(grid))), None)
+        }
+        Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
+            let tpm = t.tokens_per_minute.map(|tpm| match t.algorithm {
+                Algorithm::SlidingWindow => class_of(namespace, Shape::Sliding(MINUTE)),
+                Algorithm::TokenBucket => class_of(namespace, Shape::Bucket(BucketShape { capacity: tpm, period: MINUTE })),
+            });
+            let quota = t.token_quota_period.map(|p| class_of(namespace, Shape::Calendar(p)));
+            (t.counter_key.clone(), tpm, quota)
+        }
+    };
+    CompiledLimit { limit: limit.clone(), key, primary, token_quota }
+}
+
+impl Counters {
+    fn new(shape: Shape, seed: u64) -> Counters {
+        match shape {
+            Shape::Sliding(period) => Counters::Sliding { period, map: CounterMap::new(seed) },
+            Shape::Bucket(shape) => Counters::Bucket { shape, map: CounterMap::new(seed) },
+            Shape::Fixed(grid) => Counters::Fixed { grid, map: CounterMap::new(seed) },
+            Shape::Calendar(period) => Counters::Calendar { period, map: CounterMap::new(seed) },
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Counters::Sliding { map, .. } => map.len(),
+            Counters::Bucket { map, .. } => map.len(),
+            Counters::Fixed { map, .. } => map.len(),
+            Counters::Calendar { map, .. } => map.len(),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Nanos> {
+        match self {
+            Counters::Sliding { map, .. } => map.next_deadline(),
+            Counters::Bucket { map, .. } => map.next_deadline(),
+            Counters::Fixed { map, .. } => map.next_deadline(),
+            Counters::Calendar { map, .. } => map.next_deadline(),
+        }
+    }
+
+    fn evict(&mut self, now: Nanos) {
+        match self {
+            Counters::Sliding { period, map } => map.evict(now, |log| log.idle_at(*period)),
+            Counters::Bucket { shape, map } => map.evict(now, |b| b.idle_at(*shape)),
+            Counters::Fixed { grid, map } => {
+                let current = grid.index(now);
+                // A window counter is idle once time has left its window (a quota
+                // that never renews keeps its counter for good).
+                map.evict(now, |w| if w.index < current { Nanos::ZERO } else { grid.window_end(now).unwrap_or(Nanos::MAX) })
+            }
+            Counters::Calendar { map, .. } => map.evict(now, |c| c.period_end),
+        }
+    }
+
+    /// The tokens-per-minute check: without an estimate, rejected iff the window
+    /// already holds `tpm` tokens; with one, iff counted plus estimate exceeds `tpm`.
+    fn check_tpm(&mut self, now: Nanos, key: &str, tpm: u64, estimating: bool, estimate: u64) -> Check {
+        match self {
+            Counters::Sliding { period, map } => {
+                let log = map.entry(now, key, SlidingLog::default);
+                log.expire(now, *period);
+                let (over, allowed) = match estimating {
+                    false => (log.total() >= tpm, tpm - 1),
+                    true => (log.total() + estimate > tpm, tpm.saturating_sub(estimate)),
+                };
+                match over {
+                    false => Check::Admit,
+                    true => Check::Reject { retry_in: log.wait_until_at_most(now, *period, allowed) },
+                }
+            }
+            Counters::Bucket { shape, map } => {
+                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
+                bucket.refill(*shape, now);
+                match estimating {
+                    false => bucket.check_positive(*shape),
+                    // An estimate larger than the bucket can never pass; the honest
+                    // advice is to wait until the bucket is full.
+                    true if estimate > shape.capacity => Check::Reject { retry_in: bucket.idle_at(*shape).saturating_sub(now) },
+                    true => bucket.check(*shape, estimate, 0),
+                }
+            }
+            _ => unreachable!("tokens per minute are sliding or bucket counters"),
+        }
+    }
+
+    /// Charges tokens and returns the tokens remaining in the minute.
+    fn charge_tpm(&mut self, now: Nanos, key: &str, tpm: u64, tokens: u64) -> u64 {
+        match self {
+            Counters::Sliding { period, map } => {
+                let log = map.entry(now, key, SlidingLog::default);
+                log.expire(now, *period);
+                log.add(now, tokens);
+                tpm.saturating_sub(log.total())
+            }
+            Counters::Bucket { shape, map } => {
+                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
+                bucket.refill(*shape, now);
+                bucket.take(*shape, tokens);
+                bucket.available(*shape).max(0) as u64
+            }
+            _ => unreachable!("tokens per minute are sliding or bucket counters"),
+        }
+    }
+}
+
+fn calendar_entry<'m>(map: &'m mut CounterMap<CalendarCount>, period: CalendarPeriod, now: Nanos, key: &str) -> &'m mut CalendarCount {
+    let count = map.entry(now, key, CalendarCount::default);
+    if count.period_end <= now {
+        *count = CalendarCount { period_end: period.bounds(now).1, tokens: 0 };
+    }
+    count
+}
+
+fn reject(reason: RejectReason, limit_index: usize, retry_after_secs: Option<u64>, header_name: Option<&str>) -> Rejection {
+    let status = reason.status();
+    let message = match (reason, retry_after_secs) {
+        (RejectReason::RateLimit, Some(n)) => format!("Rate limit is exceeded. Try again in {n} seconds."),
+        (RejectReason::TokensPerMinute, Some(n)) => format!("Token limit is exceeded. Try again in {n} seconds."),
+        (RejectReason::CallQuota, Some(n)) => format!("Out of call volume quota. Quota will be replenished in {}.", format_hh_mm_ss(n)),
+        (RejectReason::BandwidthQuota, Some(n)) => format!("Out of bandwidth quota. Quota will be replenished in {}.", format_hh_mm_ss(n)),
+        (RejectReason::TokenQuota, Some(n)) => format!("Token quota is exceeded. Try again in {}.", format_hh_mm_ss(n)),
+        (RejectReason::CallQuota, None) => "Out of call volume quota. Quota will not be replenished.".to_owned(),
+        (RejectReason::BandwidthQuota, None) => "Out of bandwidth quota. Quota will not be replenished.".to_owned(),
+        (_, None) => unreachable!("only quotas that never renew have no retry-after"),
+    };
+    let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
+    if let Some(n) = retry_after_secs {
+        headers.push((header_name.unwrap_or("Retry-After").to_owned(), n.to_string()));
+    }
+    let body = format!("{{\"statusCode\": {status}, \"message\": \"{message}\"}}");
+    Rejection { status, reason, limit_index, retry_after_secs, headers, body, variables: Vec::new() }
+}
+
+fn token_rejection(reason: RejectReason, index: usize, secs: u64, t: &TokenLimit) -> Rejection {
+    let mut rejection = reject(reason, index, Some(secs), t.retry_after_header_name.as_deref());
+    set_var(&mut rejection.variables, &t.retry_after_variable_name, secs as i64);
+    let remaining_header = match reason {
+        RejectReason::TokenQuota => &t.remaining_quota_tokens_header_name,
+        _ => &t.remaining_tokens_header_name,
+    };
+    push_header(&mut rejection.headers, remaining_header, 0);
+    rejection
+}
+
+fn push_header(headers: &mut Vec<(String, String)>, name: &Option<String>, value: u64) {
+    if let Some(name) = name {
+        headers.push((name.clone(), value.to_string()));
+    }
+}
+
+fn set_var(variables: &mut Vec<(String, i64)>, name: &Option<String>, value: i64) {
+    if let Some(name) = name {
+        variables.push((name.clone(), value));
+    }
+}

@@ -1,0 +1,118 @@
+//! Counter keys: what a limit counts by, computed from the request.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+/// The facts about a client request that keys and limits read.
+///
+/// The driver fills it from the wire; the core never parses HTTP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// The client IP as APIM's `context.Request.IpAddress` gives it.
+    pub ip: String,
+    pub subscription: Option<Subscription>,
+    /// The product the subscription was used under (`context.Product.Name`).
+    pub product: Option<String>,
+    /// Request headers in arrival order; names compare case-insensitively.
+    pub headers: Vec<(String, String)>,
+    /// The driver's estimate of the prompt's tokens, for `estimate_prompt_tokens`.
+    pub prompt_tokens_estimate: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Subscription {
+    pub id: String,
+    pub key: String,
+    pub name: String,
+}
+
+impl RequestInfo {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// An expression computing a counter key, one of the forms real APIM policies use.
+///
+/// In TOML: `"ip"`, `"subscription_id"`, `"subscription_key"`, `"product"`,
+/// `{ header = { name = "x-team", default = "none" } }`, `{ jwt = { claim = "sub" } }`,
+/// `{ const = "global" }`, `{ concat = ["ip", { const = ":" }, "product"] }`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum KeyExpr {
+    /// `context.Request.IpAddress`.
+    Ip,
+    /// `context.Subscription.Id`; empty when the request has no subscription.
+    SubscriptionId,
+    /// `context.Subscription.Key`.
+    SubscriptionKey,
+    /// `context.Product.Name`.
+    #[serde(alias = "product_name")]
+    Product,
+    /// `context.Request.Headers.GetValueOrDefault(name, default)`.
+    Header {
+        name: String,
+        #[serde(default)]
+        default: String,
+    },
+    /// A claim of the JWT in a `Bearer` header, read without verifying the signature
+    /// (`AsJwt()?.Subject` or `?.Claims.GetValueOrDefault(claim, default)`).
+    Jwt {
+        #[serde(default = "default_claim")]
+        claim: String,
+        #[serde(default = "default_jwt_header")]
+        header: String,
+        #[serde(default)]
+        default: String,
+    },
+    Const(String),
+    Concat(Vec<KeyExpr>),
+}
+
+fn default_claim() -> String {
+    "sub".to_owned()
+}
+
+fn default_jwt_header() -> String {
+    "Authorization".to_owned()
+}
+
+impl KeyExpr {
+    /// Appends the key's value for `req` to `out`, so hot paths can reuse one buffer.
+    pub fn write(&self, req: &RequestInfo, out: &mut String) {
+        match self {
+            KeyExpr::Ip => out.push_str(&req.ip),
+            KeyExpr::SubscriptionId => out.push_str(req.subscription.as_ref().map_or("", |s| &s.id)),
+            KeyExpr::SubscriptionKey => out.push_str(req.subscription.as_ref().map_or("", |s| &s.key)),
+            KeyExpr::Product => out.push_str(req.product.as_deref().unwrap_or("")),
+            KeyExpr::Header { name, default } => out.push_str(req.header(name).unwrap_or(default)),
+            KeyExpr::Jwt { claim, header, default } => match req.header(header).and_then(|v| jwt_claim(v, claim)) {
+                Some(value) => out.push_str(&value),
+                None => out.push_str(default),
+            },
+            KeyExpr::Const(text) => out.push_str(text),
+            KeyExpr::Concat(parts) => parts.iter().for_each(|p| p.write(req, out)),
+        }
+    }
+
+    pub fn eval(&self, req: &RequestInfo) -> String {
+        let mut out = String::new();
+        self.write(req, &mut out);
+        out
+    }
+}
+
+/// Reads one claim from a `Bearer` token's payload. Signatures are not checked:
+/// APIM's `AsJwt()` does not check them either, and keys only need the value.
+fn jwt_claim(header_value: &str, claim: &str) -> Option<String> {
+    let token = header_value.strip_prefix("Bearer ").or_else(|| header_value.strip_prefix("bearer "))?;
+    let payload = token.trim().split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    match json.get(claim)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}

@@ -1,0 +1,15 @@
+#![doc = include_str!("../README.md")]
+
+pub mod counters;
+pub mod gateway;
+pub mod key;
+pub mod limiter;
+pub mod policy;
+pub mod status;
+pub mod time;
+
+pub use gateway::{Admitted, Completed, CoreError, Gateway, RejectReason, Rejection, RequestDecision, RequestId, ResponseInfo};
+pub use key::{KeyExpr, RequestInfo, Subscription};
+pub use policy::{Algorithm, ByteSize, Limit, Policy, Quota, RateLimit, TokenLimit};
+pub use status::StatusPredicate;
+pub use time::{CalendarPeriod, EpochSeconds, Nanos};

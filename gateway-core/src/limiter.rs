@@ -1,0 +1,206 @@
+//! The per-key counting structures. Each is exact, integer-only and knows when it
+//! has become indistinguishable from a fresh one (`idle_at`), which is when the
+//! counter store may evict it.
+
+use crate::time::{Nanos, NANOS_PER_SEC};
+use std::collections::VecDeque;
+
+/// What a check answered: admitted, or rejected until at least `retry_in` has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    Admit,
+    Reject { retry_in: Nanos },
+}
+
+/// A sliding-window log: amounts counted at instants, summed over `(now - period, now]`.
+///
+/// Used for calls (`rate-limit`, classic tiers) and tokens (token limit, classic
+/// tiers). Amounts at one instant are merged, so a burst costs one entry.
+#[derive(Clone, Debug, Default)]
+pub struct SlidingLog {
+    entries: VecDeque<(Nanos, u64)>,
+    total: u64,
+}
+
+impl SlidingLog {
+    /// Drops what has left the window: an entry at `t` is outside iff `t <= now - period`.
+    pub fn expire(&mut self, now: Nanos, period: Nanos) {
+        while let Some(&(t, amount)) = self.entries.front() {
+            if t.saturating_add(period) > now {
+                break;
+            }
+            self.entries.pop_front();
+            self.total -= amount;
+        }
+    }
+
+    /// The amount in the window; call [`SlidingLog::expire`] first.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub fn add(&mut self, now: Nanos, amount: u64) {
+        if amount == 0 {
+            return;
+        }
+        self.total += amount;
+        match self.entries.back_mut() {
+            Some((t, a)) if *t == now => *a += amount,
+            _ => {
+                debug_assert!(self.entries.back().is_none_or(|&(t, _)| t <= now), "time went backwards");
+                self.entries.push_back((now, amount));
+            }
+        }
+    }
+
+    /// How long until the window total is at most `allowed`, if nothing else arrives.
+    pub fn wait_until_at_most(&self, now: Nanos, period: Nanos, allowed: u64) -> Nanos {
+        let mut total = self.total;
+        for &(t, amount) in &self.entries {
+            if total <= allowed {
+                break;
+            }
+            total -= amount;
+            if total <= allowed {
+                return t.saturating_add(period).saturating_sub(now);
+            }
+        }
+        Nanos::ZERO
+    }
+
+    /// After this instant the log is empty.
+    pub fn idle_at(&self, period: Nanos) -> Nanos {
+        self.entries.back().map_or(Nanos::ZERO, |&(t, _)| t.saturating_add(period))
+    }
+}
+
+/// A token bucket in exact integer arithmetic.
+///
+/// One unit of the counted thing costs `period_ns` micro-units and the bucket refills
+/// `capacity` micro-units per nanosecond, which is `capacity / period` units per
+/// second with no rounding. The level may go below zero when usage is charged after
+/// the fact (tokens), and then the key waits until the debt is repaid.
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    level: i128,
+    at: Nanos,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BucketShape {
+    pub capacity: u64,
+    pub period: Nanos,
+}
+
+impl BucketShape {
+    fn unit(&self) -> i128 {
+        self.period.0 as i128
+    }
+
+    fn full(&self) -> i128 {
+        self.capacity as i128 * self.unit()
+    }
+}
+
+impl Bucket {
+    pub fn full(shape: BucketShape, now: Nanos) -> Bucket {
+        Bucket { level: shape.full(), at: now }
+    }
+
+    pub fn refill(&mut self, shape: BucketShape, now: Nanos) {
+        let elapsed = now.saturating_sub(self.at).0 as i128;
+        self.level = (self.level + elapsed * shape.capacity as i128).min(shape.full());
+        self.at = self.at.max(now);
+    }
+
+    /// Whole units available now (negative when in debt); call `refill` first.
+    pub fn available(&self, shape: BucketShape) -> i64 {
+        let units = self.level.div_euclid(shape.unit());
+        units.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    }
+
+    /// Admits iff at least `needed` units are in the bucket, counting `credit` units
+    /// this same request already took (a shared counter charges a request once).
+    pub fn check(&self, shape: BucketShape, needed: u64, credit: u64) -> Check {
+        let needed = needed as i128 * shape.unit();
+        let level = self.level + credit as i128 * shape.unit();
+        if level >= needed {
+            return Check::Admit;
+        }
+        let deficit = needed - level;
+        let wait = deficit.div_euclid(shape.capacity as i128) + i128::from(deficit % shape.capacity as i128 != 0);
+        Check::Reject { retry_in: Nanos(wait.clamp(0, u64::MAX as i128) as u64) }
+    }
+
+    /// Admits iff the bucket holds more than nothing (the debt-tolerant rule for tokens).
+    pub fn check_positive(&self, shape: BucketShape) -> Check {
+        if self.level > 0 {
+            return Check::Admit;
+        }
+        let deficit = 1 - self.level;
+        let wait = deficit.div_euclid(shape.capacity as i128) + i128::from(deficit % shape.capacity as i128 != 0);
+        Check::Reject { retry_in: Nanos(wait.clamp(0, u64::MAX as i128) as u64) }
+    }
+
+    pub fn take(&mut self, shape: BucketShape, units: u64) {
+        self.level -= units as i128 * shape.unit();
+    }
+
+    /// After this instant the bucket is full again, as a fresh one would be.
+    pub fn idle_at(&self, shape: BucketShape) -> Nanos {
+        let missing = shape.full() - self.level;
+        if missing <= 0 {
+            return self.at;
+        }
+        let wait = missing.div_euclid(shape.capacity as i128) + 1;
+        self.at.saturating_add(Nanos(wait.clamp(0, u64::MAX as i128) as u64))
+    }
+}
+
+/// A counter for one fixed window, identified by its index; a new index resets it.
+#[derive(Clone, Debug, Default)]
+pub struct FixedWindow {
+    pub index: i64,
+    pub calls: u64,
+    pub bytes: u64,
+}
+
+impl FixedWindow {
+    pub fn roll(&mut self, index: i64) {
+        if self.index != index {
+            *self = FixedWindow { index, calls: 0, bytes: 0 };
+        }
+    }
+}
+
+/// Fixed windows of `period` aligned to `origin_ns` (which may precede 1970).
+/// A period of zero is one window that never ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WindowGrid {
+    pub origin_ns: i128,
+    pub period: Nanos,
+}
+
+impl WindowGrid {
+    /// `floor((t - first_period_start) / renewal_period)`.
+    pub fn index(&self, now: Nanos) -> i64 {
+        if self.period == Nanos::ZERO {
+            return 0;
+        }
+        let offset = now.0 as i128 - self.origin_ns;
+        offset.div_euclid(self.period.0 as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    }
+
+    /// The end of the window holding `now`, or `None` when the window never ends.
+    pub fn window_end(&self, now: Nanos) -> Option<Nanos> {
+        if self.period == Nanos::ZERO {
+            return None;
+        }
+        let end = self.origin_ns + (self.index(now) as i128 + 1) * self.period.0 as i128;
+        Some(Nanos(end.clamp(0, u64::MAX as i128) as u64))
+    }
+}
+
+pub fn secs(s: u64) -> Nanos {
+    Nanos(s * NANOS_PER_SEC)
+}
