@@ -7,13 +7,15 @@
 //! hash map is never observed: only the heap's (deadline, key) order is.
 
 use crate::time::Nanos;
+use hashbrown::hash_map::EntryRef;
+use hashbrown::HashMap;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 pub type FixedHasher = foldhash::fast::FixedState;
 
 pub struct CounterMap<S> {
-    map: HashMap<Box<str>, S, FixedHasher>,
+    map: HashMap<String, S, FixedHasher>,
     expiry: BinaryHeap<Reverse<(Nanos, Box<str>)>>,
 }
 
@@ -39,12 +41,13 @@ impl<S> CounterMap<S> {
     /// The counter for `key`, created fresh (and scheduled for an idle check at
     /// `now`) when absent.
     pub fn entry(&mut self, now: Nanos, key: &str, fresh: impl FnOnce() -> S) -> &mut S {
-        if !self.map.contains_key(key) {
-            let owned: Box<str> = key.into();
-            self.expiry.push(Reverse((now, owned.clone())));
-            self.map.insert(owned, fresh());
+        match self.map.entry_ref(key) {
+            EntryRef::Occupied(entry) => entry.into_mut(),
+            EntryRef::Vacant(entry) => {
+                self.expiry.push(Reverse((now, Box::from(key))));
+                entry.insert(fresh())
+            }
         }
-        self.map.get_mut(key).expect("inserted above")
     }
 
     /// Removes the counters idle at `now`; reschedules the rest that came due.
@@ -54,13 +57,13 @@ impl<S> CounterMap<S> {
                 return;
             }
             let Reverse((_, key)) = self.expiry.pop().expect("peeked");
-            let Some(state) = self.map.get(&key) else {
+            let Some(state) = self.map.get(&*key) else {
                 debug_assert!(false, "every scheduled key has a counter");
                 continue;
             };
             let idle = idle_at(state);
             if idle <= now {
-                self.map.remove(&key);
+                self.map.remove(&*key);
             } else {
                 self.expiry.push(Reverse((idle, key)));
             }

@@ -5,7 +5,6 @@ use crate::key::{KeyExpr, RequestInfo};
 use crate::limiter::{Bucket, BucketShape, Check, FixedWindow, SlidingLog, WindowGrid};
 use crate::policy::{Algorithm, Limit, Policy, Quota, RateLimit, TokenLimit};
 use crate::time::{format_hh_mm_ss, CalendarPeriod, Nanos};
-use std::collections::HashMap;
 
 /// Identifies one client request between `handle_request` and `handle_response`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,10 +97,10 @@ impl std::error::Error for CoreError {}
 
 /// The counter families; limits with the same namespace and shape share counters.
 enum Counters {
-    Sliding { period: Nanos, map: CounterMap<SlidingLog> },
-    Bucket { shape: BucketShape, map: CounterMap<Bucket> },
-    Fixed { grid: WindowGrid, map: CounterMap<FixedWindow> },
-    Calendar { period: CalendarPeriod, map: CounterMap<CalendarCount> },
+    Sliding { id: ClassId, period: Nanos, map: CounterMap<SlidingLog> },
+    Bucket { id: ClassId, shape: BucketShape, map: CounterMap<Bucket> },
+    Fixed { id: ClassId, grid: WindowGrid, map: CounterMap<FixedWindow> },
+    Calendar { id: ClassId, period: CalendarPeriod, map: CounterMap<CalendarCount> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,33 +135,86 @@ struct CompiledLimit {
     token_quota: Option<ClassId>,
 }
 
-/// Per-request state between the way in and the way out.
+/// The keys the limits of one request computed, in one buffer.
 #[derive(Default)]
-struct InFlight {
-    /// The key each limit computed, or `None` for limits that never ran.
-    keys: Vec<Option<Box<str>>>,
-    /// What this request already added where, so a shared counter counts it once.
-    added: Vec<(ClassId, Box<str>, Amount, u64)>,
+struct KeyBook {
+    text: String,
+    /// `ends[i]` is where limit i's key ends in `text`; only limits that ran have one.
+    ends: Vec<usize>,
+}
+
+impl KeyBook {
+    fn push(&mut self, expr: &KeyExpr, req: &RequestInfo) {
+        expr.write(req, &mut self.text);
+        self.ends.push(self.text.len());
+    }
+
+    fn pop(&mut self) {
+        self.ends.pop();
+        self.text.truncate(self.ends.last().copied().unwrap_or(0));
+    }
+
+    fn get(&self, limit: usize) -> &str {
+        let start = if limit == 0 { 0 } else { self.ends[limit - 1] };
+        &self.text[start..self.ends[limit]]
+    }
+
+    fn ran(&self) -> usize {
+        self.ends.len()
+    }
+}
+
+/// What one request has added to counters and to its response so far.
+#[derive(Default)]
+struct Effects {
+    /// (class, limit whose key was used, what, how much): a shared counter counts a request once.
+    added: Vec<(ClassId, usize, Amount, u64)>,
     headers: Vec<(String, String)>,
     variables: Vec<(String, i64)>,
 }
 
-impl InFlight {
-    fn added(&self, class: ClassId, key: &str, amount: Amount) -> u64 {
-        self.added.iter().filter(|(c, k, a, _)| *c == class && &**k == key && *a == amount).map(|e| e.3).sum()
+impl Effects {
+    fn added(&self, keys: &KeyBook, class: ClassId, key: &str, amount: Amount) -> u64 {
+        self.added.iter().filter(|&&(c, l, a, _)| c == class && a == amount && keys.get(l) == key).map(|e| e.3).sum()
     }
 
-    fn note(&mut self, class: ClassId, key: &str, amount: Amount, n: u64) {
-        self.added.push((class, key.into(), amount, n));
+    fn note(&mut self, class: ClassId, limit: usize, amount: Amount, n: u64) {
+        self.added.push((class, limit, amount, n));
     }
+}
+
+/// Per-request state between the way in and the way out; recycled, so a steady
+/// stream of requests allocates nothing for it.
+#[derive(Default)]
+struct Ledger {
+    keys: KeyBook,
+    effects: Effects,
+}
+
+impl Ledger {
+    fn clear(&mut self) {
+        self.keys.text.clear();
+        self.keys.ends.clear();
+        self.effects.added.clear();
+        self.effects.headers.clear();
+        self.effects.variables.clear();
+    }
+}
+
+struct Slot {
+    generation: u32,
+    ledger: Option<Ledger>,
 }
 
 /// The sans-IO limit pipeline of one gateway.
 pub struct Gateway {
     limits: Vec<CompiledLimit>,
     classes: Vec<Counters>,
-    in_flight: HashMap<RequestId, InFlight, crate::counters::FixedHasher>,
-    next_id: u64,
+    /// In-flight requests; a `RequestId` is a slot index and its generation.
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    spare_ledgers: Vec<Ledger>,
+    in_flight: usize,
     last_now: Nanos,
 }
 
@@ -181,12 +233,14 @@ impl Gateway {
             shapes.len() - 1
         };
         let limits = policy.limits.iter().map(|limit| compile(limit, &mut class_of)).collect();
-        let classes = shapes.iter().map(|&(_, shape)| Counters::new(shape, hash_seed)).collect();
+        let classes = shapes.iter().enumerate().map(|(id, &(_, shape))| Counters::new(id, shape, hash_seed)).collect();
         Gateway {
             limits,
             classes,
-            in_flight: HashMap::with_hasher(crate::counters::FixedHasher::with_seed(hash_seed)),
-            next_id: 0,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            spare_ledgers: Vec::new(),
+            in_flight: 0,
             last_now: Nanos::ZERO,
         }
     }
@@ -194,34 +248,38 @@ impl Gateway {
     /// Runs the limits in order on an arriving request.
     pub fn handle_request(&mut self, now: Nanos, req: &RequestInfo) -> RequestDecision {
         let now = self.observe(now);
-        let mut flight = InFlight { keys: vec![None; self.limits.len()], ..InFlight::default() };
-        let mut key = String::new();
-        for index in 0..self.limits.len() {
-            key.clear();
-            self.limits[index].key.write(req, &mut key);
-            if let Err(mut rejection) = self.check(now, index, &key, req, &mut flight) {
+        self.evict(now);
+        let mut ledger = self.spare_ledgers.pop().unwrap_or_default();
+        ledger.clear();
+        for (index, limit) in self.limits.iter().enumerate() {
+            ledger.keys.push(&limit.key, req);
+            if let Err(mut rejection) = check(limit, index, &mut self.classes, now, req, &mut ledger) {
+                // The rejecting policy counts nothing; the ones before it settle now.
+                ledger.keys.pop();
                 let info = ResponseInfo { status: Some(rejection.status), ..ResponseInfo::default() };
-                self.finish(now, &mut flight, &info);
-                rejection.variables.splice(0..0, flight.variables);
+                finish(&self.limits, &mut self.classes, now, &mut ledger, &info);
+                rejection.variables.splice(0..0, ledger.effects.variables.drain(..));
+                self.spare_ledgers.push(ledger);
                 return RequestDecision::Reject(rejection);
             }
-            flight.keys[index] = Some(key.as_str().into());
         }
-        let id = RequestId(self.next_id);
-        self.next_id += 1;
-        let variables = flight.variables.clone();
-        self.in_flight.insert(id, flight);
+        let variables = std::mem::take(&mut ledger.effects.variables);
+        let id = self.admit(ledger);
         RequestDecision::Forward(Admitted { id, variables })
     }
 
     /// Applies deferred increments and token usage once the response is known.
     pub fn handle_response(&mut self, now: Nanos, id: RequestId, info: &ResponseInfo) -> Result<Completed, CoreError> {
         let now = self.observe(now);
-        let mut flight = self.in_flight.remove(&id).ok_or(CoreError::UnknownRequest(id))?;
-        // The way-in variables were handed out with `Admitted`; report only new ones.
-        flight.variables.clear();
-        self.finish(now, &mut flight, info);
-        Ok(Completed { headers: flight.headers, variables: flight.variables, tokens_charged: info.total_tokens })
+        let mut ledger = self.release(id).ok_or(CoreError::UnknownRequest(id))?;
+        finish(&self.limits, &mut self.classes, now, &mut ledger, info);
+        let completed = Completed {
+            headers: std::mem::take(&mut ledger.effects.headers),
+            variables: std::mem::take(&mut ledger.effects.variables),
+            tokens_charged: info.total_tokens,
+        };
+        self.spare_ledgers.push(ledger);
+        Ok(completed)
     }
 
     /// The next instant at which the core has work (evicting idle counters).
@@ -232,7 +290,7 @@ impl Gateway {
     /// Lets the core do timed work: evicts counters that have become idle.
     pub fn handle_timeout(&mut self, now: Nanos) {
         let now = self.observe(now);
-        self.classes.iter_mut().for_each(|c| c.evict(now));
+        self.evict(now);
     }
 
     /// How many counters are held; bounded by the keys active in the last period.
@@ -241,7 +299,11 @@ impl Gateway {
     }
 
     pub fn in_flight_count(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight
+    }
+
+    fn evict(&mut self, now: Nanos) {
+        self.classes.iter_mut().for_each(|c| c.evict(now));
     }
 
     /// Time never goes backwards inside the core: a late `now` is read as the latest
@@ -251,201 +313,317 @@ impl Gateway {
         self.last_now
     }
 
-    fn check(&mut self, now: Nanos, index: usize, key: &str, req: &RequestInfo, f: &mut InFlight) -> Result<(), Rejection> {
-        let limit = &self.limits[index];
-        let primary = limit.primary;
-        let token_quota = limit.token_quota;
-        match limit.limit.clone() {
-            Limit::RateLimit(r) | Limit::RateLimitByKey(r) => self.check_rate(now, index, &r, primary, key, f),
-            Limit::Quota(q) | Limit::QuotaByKey(q) => self.check_quota(now, index, &q, primary, key, f),
+    fn admit(&mut self, ledger: Ledger) -> RequestId {
+        self.in_flight += 1;
+        let index = match self.free_slots.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot { generation: 0, ledger: None });
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 requests in flight")
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        debug_assert!(slot.ledger.is_none(), "a free slot holds no request");
+        slot.ledger = Some(ledger);
+        RequestId(u64::from(slot.generation) << 32 | u64::from(index))
+    }
+
+    fn release(&mut self, id: RequestId) -> Option<Ledger> {
+        let index = (id.0 & 0xffff_ffff) as u32;
+        let slot = self.slots.get_mut(index as usize)?;
+        if u64::from(slot.generation) != id.0 >> 32 {
+            return None;
+        }
+        let ledger = slot.ledger.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free_slots.push(index);
+        self.in_flight -= 1;
+        Some(ledger)
+    }
+}
+
+fn check(
+    limit: &CompiledLimit,
+    index: usize,
+    classes: &mut [Counters],
+    now: Nanos,
+    req: &RequestInfo,
+    ledger: &mut Ledger,
+) -> Result<(), Rejection> {
+    match &limit.limit {
+        Limit::RateLimit(r) | Limit::RateLimitByKey(r) => {
+            check_rate(now, index, r, &mut classes[limit.primary.expect("rate counters")], ledger)
+        }
+        Limit::Quota(q) | Limit::QuotaByKey(q) => {
+            check_quota(now, index, q, limit.primary.expect("quota counters"), classes, ledger)
+        }
+        Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
+            let estimate = if t.estimate_prompt_tokens { req.prompt_tokens_estimate.unwrap_or(0) } else { 0 };
+            check_tokens(now, index, t, (limit.primary, limit.token_quota), classes, ledger.keys.get(index), estimate)
+        }
+    }
+}
+
+fn check_rate(
+    now: Nanos,
+    index: usize,
+    r: &RateLimit,
+    counters: &mut Counters,
+    ledger: &mut Ledger,
+) -> Result<(), Rejection> {
+    let class = counters.class_id();
+    let key = ledger.keys.get(index);
+    let own = ledger.effects.added(&ledger.keys, class, key, Amount::Calls);
+    let count_now = own == 0 && r.increment_condition.is_none();
+    let (check, remaining) = match counters {
+        Counters::Sliding { period, map, .. } => {
+            let log = map.entry(now, key, SlidingLog::default);
+            log.expire(now, *period);
+            let check = match (log.total() - own) + r.increment_count <= r.calls {
+                true => Check::Admit,
+                false => {
+                    Check::Reject { retry_in: log.wait_until_at_most(now, *period, r.calls - r.increment_count + own) }
+                }
+            };
+            if check == Check::Admit && count_now {
+                log.add(now, r.increment_count);
+            }
+            (check, r.calls.saturating_sub(log.total()))
+        }
+        Counters::Bucket { shape, map, .. } => {
+            let bucket = map.entry(now, key, || Bucket::full(*shape, now));
+            bucket.refill(*shape, now);
+            let check = bucket.check(*shape, r.increment_count, own);
+            if check == Check::Admit && count_now {
+                bucket.take(*shape, r.increment_count);
+            }
+            // The division behind `available` is only paid for when a header needs it.
+            let wanted = r.remaining_calls_header_name.is_some() || r.remaining_calls_variable_name.is_some();
+            (check, if wanted { bucket.available(*shape).max(0) as u64 } else { 0 })
+        }
+        _ => unreachable!("rate limits compile to sliding or bucket counters"),
+    };
+    if let Check::Reject { retry_in } = check {
+        return Err(rate_rejection(r, index, retry_in));
+    }
+    let effects = &mut ledger.effects;
+    if count_now {
+        effects.note(class, index, Amount::Calls, r.increment_count);
+    }
+    if r.increment_condition.is_none() {
+        push_header(&mut effects.headers, &r.remaining_calls_header_name, remaining);
+        push_header(&mut effects.headers, &r.total_calls_header_name, r.calls);
+        set_var(&mut effects.variables, &r.remaining_calls_variable_name, remaining as i64);
+    }
+    Ok(())
+}
+
+fn rate_rejection(r: &RateLimit, index: usize, retry_in: Nanos) -> Rejection {
+    let mut rejection =
+        reject(RejectReason::RateLimit, index, Some(retry_in.retry_after_secs()), r.retry_after_header_name.as_deref());
+    set_var(&mut rejection.variables, &r.retry_after_variable_name, rejection.retry_after_secs.unwrap_or(0) as i64);
+    push_header(&mut rejection.headers, &r.remaining_calls_header_name, 0);
+    push_header(&mut rejection.headers, &r.total_calls_header_name, r.calls);
+    rejection
+}
+
+fn check_quota(
+    now: Nanos,
+    index: usize,
+    q: &Quota,
+    class: ClassId,
+    classes: &mut [Counters],
+    ledger: &mut Ledger,
+) -> Result<(), Rejection> {
+    let key = ledger.keys.get(index);
+    let own = ledger.effects.added(&ledger.keys, class, key, Amount::Calls);
+    let Counters::Fixed { grid, map, .. } = &mut classes[class] else {
+        unreachable!("quotas compile to fixed windows")
+    };
+    let window = map.entry(now, key, FixedWindow::default);
+    window.roll(grid.index(now));
+    let retry_after = grid.window_end(now).map(|end| end.saturating_sub(now).retry_after_secs());
+    if q.calls.is_some_and(|calls| (window.calls - own) + q.increment_count > calls) {
+        return Err(reject(RejectReason::CallQuota, index, retry_after, None));
+    }
+    if q.bandwidth.is_some_and(|b| window.bytes >= b.0) {
+        return Err(reject(RejectReason::BandwidthQuota, index, retry_after, None));
+    }
+    if own == 0 && q.increment_condition.is_none() {
+        window.calls += q.increment_count;
+        ledger.effects.note(class, index, Amount::Calls, q.increment_count);
+    }
+    Ok(())
+}
+
+type TokenClasses = (Option<ClassId>, Option<ClassId>);
+
+fn check_tokens(
+    now: Nanos,
+    index: usize,
+    t: &TokenLimit,
+    classes: TokenClasses,
+    counters: &mut [Counters],
+    key: &str,
+    estimate: u64,
+) -> Result<(), Rejection> {
+    if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
+        if let Check::Reject { retry_in } = counters[class].check_tpm(now, key, tpm, t.estimate_prompt_tokens, estimate)
+        {
+            return Err(token_rejection(RejectReason::TokensPerMinute, index, retry_in.retry_after_secs(), t));
+        }
+    }
+    if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
+        let Counters::Calendar { period, map, .. } = &mut counters[class] else {
+            unreachable!("token quotas are calendar counters")
+        };
+        let count = calendar_entry(map, *period, now, key);
+        let over = match t.estimate_prompt_tokens {
+            false => count.tokens >= quota,
+            true => count.tokens + estimate > quota,
+        };
+        if over {
+            let secs = count.period_end.saturating_sub(now).retry_after_secs();
+            return Err(token_rejection(RejectReason::TokenQuota, index, secs, t));
+        }
+    }
+    Ok(())
+}
+
+/// The way out: deferred increments, bandwidth, tokens, and the response headers,
+/// for every limit that ran.
+fn finish(limits: &[CompiledLimit], classes: &mut [Counters], now: Nanos, ledger: &mut Ledger, info: &ResponseInfo) {
+    for (index, limit) in limits.iter().enumerate().take(ledger.keys.ran()) {
+        match &limit.limit {
+            Limit::RateLimit(r) | Limit::RateLimitByKey(r) => {
+                finish_rate(now, index, r, &mut classes[limit.primary.expect("rate counters")], ledger, info)
+            }
+            Limit::Quota(q) | Limit::QuotaByKey(q) => {
+                finish_quota(now, index, q, limit.primary.expect("quota counters"), classes, ledger, info)
+            }
             Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
-                let estimate = if t.estimate_prompt_tokens { req.prompt_tokens_estimate.unwrap_or(0) } else { 0 };
-                self.check_tokens(now, index, &t, (primary, token_quota), key, estimate)
+                finish_tokens(now, index, t, (limit.primary, limit.token_quota), classes, ledger, info)
             }
         }
     }
+}
 
-    fn check_rate(&mut self, now: Nanos, index: usize, r: &RateLimit, class: Option<ClassId>, key: &str, f: &mut InFlight) -> Result<(), Rejection> {
-        let class = class.expect("a rate limit has counters");
-        let own = f.added(class, key, Amount::Calls);
-        let fresh_count = own == 0 && r.increment_condition.is_none();
-        let (check, remaining) = match &mut self.classes[class] {
-            Counters::Sliding { period, map } => {
-                let log = map.entry(now, key, SlidingLog::default);
-                log.expire(now, *period);
-                let check = match (log.total() - own) + r.increment_count <= r.calls {
-                    true => Check::Admit,
-                    false => Check::Reject { retry_in: log.wait_until_at_most(now, *period, r.calls - r.increment_count + own) },
-                };
-                if check == Check::Admit && fresh_count {
-                    log.add(now, r.increment_count);
-                }
-                (check, r.calls.saturating_sub(log.total()))
+fn finish_rate(
+    now: Nanos,
+    index: usize,
+    r: &RateLimit,
+    counters: &mut Counters,
+    ledger: &mut Ledger,
+    info: &ResponseInfo,
+) {
+    let Some(condition) = &r.increment_condition else { return };
+    let class = counters.class_id();
+    let key = ledger.keys.get(index);
+    let counts = info.status.is_some_and(|s| condition.matches(s))
+        && ledger.effects.added(&ledger.keys, class, key, Amount::Calls) == 0;
+    let remaining = match counters {
+        Counters::Sliding { period, map, .. } => {
+            let log = map.entry(now, key, SlidingLog::default);
+            log.expire(now, *period);
+            if counts {
+                log.add(now, r.increment_count);
             }
-            Counters::Bucket { shape, map } => {
-                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
-                bucket.refill(*shape, now);
-                let check = bucket.check(*shape, r.increment_count, own);
-                if check == Check::Admit && fresh_count {
-                    bucket.take(*shape, r.increment_count);
-                }
-                (check, bucket.available(*shape).max(0) as u64)
+            r.calls.saturating_sub(log.total())
+        }
+        Counters::Bucket { shape, map, .. } => {
+            let bucket = map.entry(now, key, || Bucket::full(*shape, now));
+            bucket.refill(*shape, now);
+            if counts {
+                bucket.take(*shape, r.increment_count);
             }
-            _ => unreachable!("rate limits compile to sliding or bucket counters"),
+            bucket.available(*shape).max(0) as u64
+        }
+        _ => unreachable!("rate limits compile to sliding or bucket counters"),
+    };
+    let effects = &mut ledger.effects;
+    if counts {
+        effects.note(class, index, Amount::Calls, r.increment_count);
+    }
+    push_header(&mut effects.headers, &r.remaining_calls_header_name, remaining);
+    push_header(&mut effects.headers, &r.total_calls_header_name, r.calls);
+    set_var(&mut effects.variables, &r.remaining_calls_variable_name, remaining as i64);
+}
+
+fn finish_quota(
+    now: Nanos,
+    index: usize,
+    q: &Quota,
+    class: ClassId,
+    classes: &mut [Counters],
+    ledger: &mut Ledger,
+    info: &ResponseInfo,
+) {
+    let matches = match &q.increment_condition {
+        None => true,
+        Some(condition) => info.status.is_some_and(|s| condition.matches(s)),
+    };
+    if !matches {
+        return;
+    }
+    let key = ledger.keys.get(index);
+    let count_calls =
+        q.increment_condition.is_some() && ledger.effects.added(&ledger.keys, class, key, Amount::Calls) == 0;
+    let bytes = info.request_bytes + info.response_bytes;
+    let count_bytes =
+        q.bandwidth.is_some() && bytes > 0 && ledger.effects.added(&ledger.keys, class, key, Amount::Bytes) == 0;
+    if !count_calls && !count_bytes {
+        return;
+    }
+    let Counters::Fixed { grid, map, .. } = &mut classes[class] else {
+        unreachable!("quotas compile to fixed windows")
+    };
+    let window = map.entry(now, key, FixedWindow::default);
+    window.roll(grid.index(now));
+    if count_calls {
+        window.calls += q.increment_count;
+        ledger.effects.note(class, index, Amount::Calls, q.increment_count);
+    }
+    if count_bytes {
+        window.bytes += bytes;
+        ledger.effects.note(class, index, Amount::Bytes, bytes);
+    }
+}
+
+fn finish_tokens(
+    now: Nanos,
+    index: usize,
+    t: &TokenLimit,
+    classes: TokenClasses,
+    counters: &mut [Counters],
+    ledger: &mut Ledger,
+    info: &ResponseInfo,
+) {
+    let tokens = info.total_tokens;
+    let key = ledger.keys.get(index);
+    if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
+        let charge = if ledger.effects.added(&ledger.keys, class, key, Amount::Tokens) == 0 { tokens } else { 0 };
+        let remaining = counters[class].charge_tpm(now, key, tpm, charge);
+        let effects = &mut ledger.effects;
+        effects.note(class, index, Amount::Tokens, charge);
+        push_header(&mut effects.headers, &t.remaining_tokens_header_name, remaining);
+        set_var(&mut effects.variables, &t.remaining_tokens_variable_name, remaining as i64);
+    }
+    if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
+        let charge = if ledger.effects.added(&ledger.keys, class, key, Amount::Tokens) == 0 { tokens } else { 0 };
+        let Counters::Calendar { period, map, .. } = &mut counters[class] else {
+            unreachable!("token quotas are calendar counters")
         };
-        if let Check::Reject { retry_in } = check {
-            let mut rejection = reject(RejectReason::RateLimit, index, Some(retry_in.retry_after_secs()), r.retry_after_header_name.as_deref());
-            set_var(&mut rejection.variables, &r.retry_after_variable_name, rejection.retry_after_secs.unwrap_or(0) as i64);
-            push_header(&mut rejection.headers, &r.remaining_calls_header_name, 0);
-            push_header(&mut rejection.headers, &r.total_calls_header_name, r.calls);
-            return Err(rejection);
-        }
-        if fresh_count {
-            f.note(class, key, Amount::Calls, r.increment_count);
-        }
-        if r.increment_condition.is_none() {
-            push_header(&mut f.headers, &r.remaining_calls_header_name, remaining);
-            push_header(&mut f.headers, &r.total_calls_header_name, r.calls);
-            set_var(&mut f.variables, &r.remaining_calls_variable_name, remaining as i64);
-        }
-        Ok(())
+        let count = calendar_entry(map, *period, now, key);
+        count.tokens += charge;
+        let remaining = quota.saturating_sub(count.tokens);
+        let effects = &mut ledger.effects;
+        effects.note(class, index, Amount::Tokens, charge);
+        push_header(&mut effects.headers, &t.remaining_quota_tokens_header_name, remaining);
+        set_var(&mut effects.variables, &t.remaining_quota_tokens_variable_name, remaining as i64);
     }
-
-    fn check_quota(&mut self, now: Nanos, index: usize, q: &Quota, class: Option<ClassId>, key: &str, f: &mut InFlight) -> Result<(), Rejection> {
-        let class = class.expect("a quota has counters");
-        let own = f.added(class, key, Amount::Calls);
-        let Counters::Fixed { grid, map } = &mut self.classes[class] else { unreachable!("quotas compile to fixed windows") };
-        let window = map.entry(now, key, FixedWindow::default);
-        window.roll(grid.index(now));
-        let retry_after = grid.window_end(now).map(|end| end.saturating_sub(now).retry_after_secs());
-        if q.calls.is_some_and(|calls| (window.calls - own) + q.increment_count > calls) {
-            return Err(reject(RejectReason::CallQuota, index, retry_after, None));
-        }
-        if q.bandwidth.is_some_and(|b| window.bytes >= b.0) {
-            return Err(reject(RejectReason::BandwidthQuota, index, retry_after, None));
-        }
-        if own == 0 && q.increment_condition.is_none() {
-            window.calls += q.increment_count;
-            f.note(class, key, Amount::Calls, q.increment_count);
-        }
-        Ok(())
-    }
-
-    fn check_tokens(&mut self, now: Nanos, index: usize, t: &TokenLimit, classes: (Option<ClassId>, Option<ClassId>), key: &str, estimate: u64) -> Result<(), Rejection> {
-        if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
-            if let Check::Reject { retry_in } = self.classes[class].check_tpm(now, key, tpm, t.estimate_prompt_tokens, estimate) {
-                return Err(token_rejection(RejectReason::TokensPerMinute, index, retry_in.retry_after_secs(), t));
-            }
-        }
-        if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
-            let Counters::Calendar { period, map } = &mut self.classes[class] else { unreachable!("token quotas are calendar counters") };
-            let count = calendar_entry(map, *period, now, key);
-            let over = match t.estimate_prompt_tokens {
-                false => count.tokens >= quota,
-                true => count.tokens + estimate > quota,
-            };
-            if over {
-                let secs = count.period_end.saturating_sub(now).retry_after_secs();
-                return Err(token_rejection(RejectReason::TokenQuota, index, secs, t));
-            }
-        }
-        Ok(())
-    }
-
-    /// The way out: deferred increments, bandwidth, tokens, and the response headers.
-    fn finish(&mut self, now: Nanos, f: &mut InFlight, info: &ResponseInfo) {
-        for index in 0..self.limits.len() {
-            let Some(key) = f.keys[index].take() else { continue };
-            let (limit, primary, token_quota) = {
-                let l = &self.limits[index];
-                (l.limit.clone(), l.primary, l.token_quota)
-            };
-            match &limit {
-                Limit::RateLimit(r) | Limit::RateLimitByKey(r) => self.finish_rate(now, r, primary, &key, f, info),
-                Limit::Quota(q) | Limit::QuotaByKey(q) => self.finish_quota(now, q, primary, &key, f, info),
-                Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => self.finish_tokens(now, t, (primary, token_quota), &key, f, info),
-            }
-        }
-    }
-
-    fn finish_rate(&mut self, now: Nanos, r: &RateLimit, class: Option<ClassId>, key: &str, f: &mut InFlight, info: &ResponseInfo) {
-        let Some(condition) = &r.increment_condition else { return };
-        let class = class.expect("a rate limit has counters");
-        let counts = info.status.is_some_and(|s| condition.matches(s)) && f.added(class, key, Amount::Calls) == 0;
-        let remaining = match &mut self.classes[class] {
-            Counters::Sliding { period, map } => {
-                let log = map.entry(now, key, SlidingLog::default);
-                log.expire(now, *period);
-                if counts {
-                    log.add(now, r.increment_count);
-                }
-                r.calls.saturating_sub(log.total())
-            }
-            Counters::Bucket { shape, map } => {
-                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
-                bucket.refill(*shape, now);
-                if counts {
-                    bucket.take(*shape, r.increment_count);
-                }
-                bucket.available(*shape).max(0) as u64
-            }
-            _ => unreachable!("rate limits compile to sliding or bucket counters"),
-        };
-        if counts {
-            f.note(class, key, Amount::Calls, r.increment_count);
-        }
-        push_header(&mut f.headers, &r.remaining_calls_header_name, remaining);
-        push_header(&mut f.headers, &r.total_calls_header_name, r.calls);
-        set_var(&mut f.variables, &r.remaining_calls_variable_name, remaining as i64);
-    }
-
-    fn finish_quota(&mut self, now: Nanos, q: &Quota, class: Option<ClassId>, key: &str, f: &mut InFlight, info: &ResponseInfo) {
-        let class = class.expect("a quota has counters");
-        let matches = match &q.increment_condition {
-            None => true,
-            Some(condition) => info.status.is_some_and(|s| condition.matches(s)),
-        };
-        if !matches {
-            return;
-        }
-        let count_calls = q.increment_condition.is_some() && f.added(class, key, Amount::Calls) == 0;
-        let bytes = info.request_bytes + info.response_bytes;
-        let count_bytes = q.bandwidth.is_some() && bytes > 0 && f.added(class, key, Amount::Bytes) == 0;
-        let Counters::Fixed { grid, map } = &mut self.classes[class] else { unreachable!("quotas compile to fixed windows") };
-        let window = map.entry(now, key, FixedWindow::default);
-        window.roll(grid.index(now));
-        if count_calls {
-            window.calls += q.increment_count;
-            f.note(class, key, Amount::Calls, q.increment_count);
-        }
-        if count_bytes {
-            window.bytes += bytes;
-            f.note(class, key, Amount::Bytes, bytes);
-        }
-    }
-
-    fn finish_tokens(&mut self, now: Nanos, t: &TokenLimit, classes: (Option<ClassId>, Option<ClassId>), key: &str, f: &mut InFlight, info: &ResponseInfo) {
-        let tokens = info.total_tokens;
-        if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
-            let charge = if f.added(class, key, Amount::Tokens) == 0 { tokens } else { 0 };
-            let remaining = self.classes[class].charge_tpm(now, key, tpm, charge);
-            f.note(class, key, Amount::Tokens, charge);
-            push_header(&mut f.headers, &t.remaining_tokens_header_name, remaining);
-            set_var(&mut f.variables, &t.remaining_tokens_variable_name, remaining as i64);
-        }
-        if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
-            let charge = if f.added(class, key, Amount::Tokens) == 0 { tokens } else { 0 };
-            let Counters::Calendar { period, map } = &mut self.classes[class] else { unreachable!("token quotas are calendar counters") };
-            let count = calendar_entry(map, *period, now, key);
-            count.tokens += charge;
-            let remaining = quota.saturating_sub(count.tokens);
-            f.note(class, key, Amount::Tokens, charge);
-            push_header(&mut f.headers, &t.remaining_quota_tokens_header_name, remaining);
-            set_var(&mut f.variables, &t.remaining_quota_tokens_variable_name, remaining as i64);
-        }
-        push_header(&mut f.headers, &t.tokens_consumed_header_name, tokens);
-        set_var(&mut f.variables, &t.tokens_consumed_variable_name, tokens as i64);
-    }
+    let effects = &mut ledger.effects;
+    push_header(&mut effects.headers, &t.tokens_consumed_header_name, tokens);
+    set_var(&mut effects.variables, &t.tokens_consumed_variable_name, tokens as i64);
 }
 
 fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> ClassId) -> CompiledLimit {
@@ -460,13 +638,22 @@ fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> Clas
             (r.counter_key.clone().unwrap_or(KeyExpr::SubscriptionId), Some(class_of(namespace, shape)), None)
         }
         Limit::Quota(q) | Limit::QuotaByKey(q) => {
-            let grid = WindowGrid { origin_ns: q.first_period_start.as_nanos_i128(), period: Nanos::from_secs(q.renewal_period) };
-            (q.counter_key.clone().unwrap_or(KeyExpr::SubscriptionId), Some(class_of(namespace, Shape::Fixed(grid))), None)
+            let grid = WindowGrid {
+                origin_ns: q.first_period_start.as_nanos_i128(),
+                period: Nanos::from_secs(q.renewal_period),
+            };
+            (
+                q.counter_key.clone().unwrap_or(KeyExpr::SubscriptionId),
+                Some(class_of(namespace, Shape::Fixed(grid))),
+                None,
+            )
         }
         Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
             let tpm = t.tokens_per_minute.map(|tpm| match t.algorithm {
                 Algorithm::SlidingWindow => class_of(namespace, Shape::Sliding(MINUTE)),
-                Algorithm::TokenBucket => class_of(namespace, Shape::Bucket(BucketShape { capacity: tpm, period: MINUTE })),
+                Algorithm::TokenBucket => {
+                    class_of(namespace, Shape::Bucket(BucketShape { capacity: tpm, period: MINUTE }))
+                }
             });
             let quota = t.token_quota_period.map(|p| class_of(namespace, Shape::Calendar(p)));
             (t.counter_key.clone(), tpm, quota)
@@ -476,12 +663,21 @@ fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> Clas
 }
 
 impl Counters {
-    fn new(shape: Shape, seed: u64) -> Counters {
+    fn new(id: ClassId, shape: Shape, seed: u64) -> Counters {
         match shape {
-            Shape::Sliding(period) => Counters::Sliding { period, map: CounterMap::new(seed) },
-            Shape::Bucket(shape) => Counters::Bucket { shape, map: CounterMap::new(seed) },
-            Shape::Fixed(grid) => Counters::Fixed { grid, map: CounterMap::new(seed) },
-            Shape::Calendar(period) => Counters::Calendar { period, map: CounterMap::new(seed) },
+            Shape::Sliding(period) => Counters::Sliding { id, period, map: CounterMap::new(seed) },
+            Shape::Bucket(shape) => Counters::Bucket { id, shape, map: CounterMap::new(seed) },
+            Shape::Fixed(grid) => Counters::Fixed { id, grid, map: CounterMap::new(seed) },
+            Shape::Calendar(period) => Counters::Calendar { id, period, map: CounterMap::new(seed) },
+        }
+    }
+
+    fn class_id(&self) -> ClassId {
+        match self {
+            Counters::Sliding { id, .. }
+            | Counters::Bucket { id, .. }
+            | Counters::Fixed { id, .. }
+            | Counters::Calendar { id, .. } => *id,
         }
     }
 
@@ -505,13 +701,16 @@ impl Counters {
 
     fn evict(&mut self, now: Nanos) {
         match self {
-            Counters::Sliding { period, map } => map.evict(now, |log| log.idle_at(*period)),
-            Counters::Bucket { shape, map } => map.evict(now, |b| b.idle_at(*shape)),
-            Counters::Fixed { grid, map } => {
+            Counters::Sliding { period, map, .. } => map.evict(now, |log| log.idle_at(*period)),
+            Counters::Bucket { shape, map, .. } => map.evict(now, |b| b.idle_at(*shape)),
+            Counters::Fixed { grid, map, .. } => {
                 let current = grid.index(now);
                 // A window counter is idle once time has left its window (a quota
                 // that never renews keeps its counter for good).
-                map.evict(now, |w| if w.index < current { Nanos::ZERO } else { grid.window_end(now).unwrap_or(Nanos::MAX) })
+                map.evict(
+                    now,
+                    |w| if w.index < current { Nanos::ZERO } else { grid.window_end(now).unwrap_or(Nanos::MAX) },
+                )
             }
             Counters::Calendar { map, .. } => map.evict(now, |c| c.period_end),
         }
@@ -521,7 +720,7 @@ impl Counters {
     /// already holds `tpm` tokens; with one, iff counted plus estimate exceeds `tpm`.
     fn check_tpm(&mut self, now: Nanos, key: &str, tpm: u64, estimating: bool, estimate: u64) -> Check {
         match self {
-            Counters::Sliding { period, map } => {
+            Counters::Sliding { period, map, .. } => {
                 let log = map.entry(now, key, SlidingLog::default);
                 log.expire(now, *period);
                 let (over, allowed) = match estimating {
@@ -533,14 +732,16 @@ impl Counters {
                     true => Check::Reject { retry_in: log.wait_until_at_most(now, *period, allowed) },
                 }
             }
-            Counters::Bucket { shape, map } => {
+            Counters::Bucket { shape, map, .. } => {
                 let bucket = map.entry(now, key, || Bucket::full(*shape, now));
                 bucket.refill(*shape, now);
                 match estimating {
                     false => bucket.check_positive(*shape),
                     // An estimate larger than the bucket can never pass; the honest
                     // advice is to wait until the bucket is full.
-                    true if estimate > shape.capacity => Check::Reject { retry_in: bucket.idle_at(*shape).saturating_sub(now) },
+                    true if estimate > shape.capacity => {
+                        Check::Reject { retry_in: bucket.idle_at(*shape).saturating_sub(now) }
+                    }
                     true => bucket.check(*shape, estimate, 0),
                 }
             }
@@ -551,13 +752,13 @@ impl Counters {
     /// Charges tokens and returns the tokens remaining in the minute.
     fn charge_tpm(&mut self, now: Nanos, key: &str, tpm: u64, tokens: u64) -> u64 {
         match self {
-            Counters::Sliding { period, map } => {
+            Counters::Sliding { period, map, .. } => {
                 let log = map.entry(now, key, SlidingLog::default);
                 log.expire(now, *period);
                 log.add(now, tokens);
                 tpm.saturating_sub(log.total())
             }
-            Counters::Bucket { shape, map } => {
+            Counters::Bucket { shape, map, .. } => {
                 let bucket = map.entry(now, key, || Bucket::full(*shape, now));
                 bucket.refill(*shape, now);
                 bucket.take(*shape, tokens);
@@ -568,7 +769,12 @@ impl Counters {
     }
 }
 
-fn calendar_entry<'m>(map: &'m mut CounterMap<CalendarCount>, period: CalendarPeriod, now: Nanos, key: &str) -> &'m mut CalendarCount {
+fn calendar_entry<'m>(
+    map: &'m mut CounterMap<CalendarCount>,
+    period: CalendarPeriod,
+    now: Nanos,
+    key: &str,
+) -> &'m mut CalendarCount {
     let count = map.entry(now, key, CalendarCount::default);
     if count.period_end <= now {
         *count = CalendarCount { period_end: period.bounds(now).1, tokens: 0 };
@@ -576,13 +782,22 @@ fn calendar_entry<'m>(map: &'m mut CounterMap<CalendarCount>, period: CalendarPe
     count
 }
 
-fn reject(reason: RejectReason, limit_index: usize, retry_after_secs: Option<u64>, header_name: Option<&str>) -> Rejection {
+fn reject(
+    reason: RejectReason,
+    limit_index: usize,
+    retry_after_secs: Option<u64>,
+    header_name: Option<&str>,
+) -> Rejection {
     let status = reason.status();
     let message = match (reason, retry_after_secs) {
         (RejectReason::RateLimit, Some(n)) => format!("Rate limit is exceeded. Try again in {n} seconds."),
         (RejectReason::TokensPerMinute, Some(n)) => format!("Token limit is exceeded. Try again in {n} seconds."),
-        (RejectReason::CallQuota, Some(n)) => format!("Out of call volume quota. Quota will be replenished in {}.", format_hh_mm_ss(n)),
-        (RejectReason::BandwidthQuota, Some(n)) => format!("Out of bandwidth quota. Quota will be replenished in {}.", format_hh_mm_ss(n)),
+        (RejectReason::CallQuota, Some(n)) => {
+            format!("Out of call volume quota. Quota will be replenished in {}.", format_hh_mm_ss(n))
+        }
+        (RejectReason::BandwidthQuota, Some(n)) => {
+            format!("Out of bandwidth quota. Quota will be replenished in {}.", format_hh_mm_ss(n))
+        }
         (RejectReason::TokenQuota, Some(n)) => format!("Token quota is exceeded. Try again in {}.", format_hh_mm_ss(n)),
         (RejectReason::CallQuota, None) => "Out of call volume quota. Quota will not be replenished.".to_owned(),
         (RejectReason::BandwidthQuota, None) => "Out of bandwidth quota. Quota will not be replenished.".to_owned(),

@@ -8,7 +8,9 @@ pub mod policy;
 pub mod status;
 pub mod time;
 
-pub use gateway::{Admitted, Completed, CoreError, Gateway, RejectReason, Rejection, RequestDecision, RequestId, ResponseInfo};
+pub use gateway::{
+    Admitted, Completed, CoreError, Gateway, RejectReason, Rejection, RequestDecision, RequestId, ResponseInfo,
+};
 pub use key::{KeyExpr, RequestInfo, Subscription};
 pub use policy::{Algorithm, ByteSize, Limit, Policy, Quota, RateLimit, TokenLimit};
 pub use status::StatusPredicate;

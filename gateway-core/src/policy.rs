@@ -18,10 +18,35 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Reads a policy from TOML text; `origin` names the file in errors.
+    /// Reads a policy from TOML text. Errors name the line, column and field;
+    /// an error that concerns a whole limit points at that limit's table.
     pub fn from_toml(text: &str) -> Result<Policy, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Doc {
+            #[serde(default)]
+            limits: Vec<toml::Spanned<RawLimit>>,
+        }
+        let doc: Doc = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut limits = Vec::with_capacity(doc.limits.len());
+        for (index, spanned) in doc.limits.into_iter().enumerate() {
+            let span = spanned.span();
+            let limit = Limit::try_from(spanned.into_inner()).map_err(|e| {
+                let (line, column) = line_column(text, span.start);
+                format!("line {line}, column {column}: limits[{index}]: {e}")
+            })?;
+            limits.push(limit);
+        }
+        Ok(Policy { limits })
     }
+}
+
+/// The 1-based line and column of a byte offset in `text`.
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
 }
 
 /// One limiting policy, tagged in TOML by `type` with APIM's element name.
@@ -52,55 +77,276 @@ impl Limit {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
-enum RawLimit {
-    RateLimit(RateLimit),
-    RateLimitByKey(RateLimit),
-    Quota(Quota),
-    QuotaByKey(Quota),
-    AzureOpenaiTokenLimit(TokenLimit),
-    LlmTokenLimit(TokenLimit),
+/// Every field any limit has, flat, so the TOML reader sees each field directly and
+/// reports a bad value at its own line and column; `TryFrom` then checks which
+/// fields belong to the element named by `type`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    #[serde(rename = "type")]
+    element: Element,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    calls: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    renewal_period: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    counter_key: Option<KeyExpr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    increment_condition: Option<StatusPredicate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    increment_count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    algorithm: Option<Algorithm>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bandwidth: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    first_period_start: Option<EpochSeconds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_quota: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_quota_period: Option<CalendarPeriod>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    estimate_prompt_tokens: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retry_after_header_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retry_after_variable_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remaining_calls_header_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remaining_calls_variable_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    total_calls_header_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remaining_tokens_header_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remaining_tokens_variable_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tokens_consumed_header_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tokens_consumed_variable_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remaining_quota_tokens_header_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remaining_quota_tokens_variable_name: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Element {
+    #[default]
+    RateLimit,
+    RateLimitByKey,
+    Quota,
+    QuotaByKey,
+    AzureOpenaiTokenLimit,
+    LlmTokenLimit,
+}
+
+const RATE_FIELDS: &[&str] = &[
+    "calls",
+    "renewal_period",
+    "counter_key",
+    "increment_condition",
+    "increment_count",
+    "algorithm",
+    "retry_after_header_name",
+    "retry_after_variable_name",
+    "remaining_calls_header_name",
+    "remaining_calls_variable_name",
+    "total_calls_header_name",
+];
+const QUOTA_FIELDS: &[&str] = &[
+    "calls",
+    "bandwidth",
+    "renewal_period",
+    "first_period_start",
+    "counter_key",
+    "increment_condition",
+    "increment_count",
+];
+const TOKEN_FIELDS: &[&str] = &[
+    "counter_key",
+    "tokens_per_minute",
+    "token_quota",
+    "token_quota_period",
+    "estimate_prompt_tokens",
+    "algorithm",
+    "retry_after_header_name",
+    "retry_after_variable_name",
+    "remaining_tokens_header_name",
+    "remaining_tokens_variable_name",
+    "tokens_consumed_header_name",
+    "tokens_consumed_variable_name",
+    "remaining_quota_tokens_header_name",
+    "remaining_quota_tokens_variable_name",
+];
+
+impl RawLimit {
+    /// The names of the fields that are set, to check them against an element.
+    fn set_fields(&self) -> Vec<&'static str> {
+        let value = serde_json::to_value(self).expect("a RawLimit always serializes");
+        let set: Vec<String> = value.as_object().expect("a struct").keys().cloned().collect();
+        let all = [RATE_FIELDS, QUOTA_FIELDS, TOKEN_FIELDS].concat();
+        all.into_iter().filter(|f| set.iter().any(|s| s == f)).collect()
+    }
+
+    fn take<T>(field: Option<T>, name: &str) -> Result<T, String> {
+        field.ok_or_else(|| format!("`{name}` is required"))
+    }
 }
 
 impl TryFrom<RawLimit> for Limit {
     type Error = String;
 
     fn try_from(raw: RawLimit) -> Result<Limit, String> {
-        let limit = match raw {
-            RawLimit::RateLimit(r) => Limit::RateLimit(r),
-            RawLimit::RateLimitByKey(r) => Limit::RateLimitByKey(r),
-            RawLimit::Quota(q) => Limit::Quota(q),
-            RawLimit::QuotaByKey(q) => Limit::QuotaByKey(q),
-            RawLimit::AzureOpenaiTokenLimit(t) => Limit::AzureOpenAiTokenLimit(t),
-            RawLimit::LlmTokenLimit(t) => Limit::LlmTokenLimit(t),
+        let element = raw.element;
+        let name = element_name(element);
+        let allowed = match element {
+            Element::RateLimit | Element::RateLimitByKey => RATE_FIELDS,
+            Element::Quota | Element::QuotaByKey => QUOTA_FIELDS,
+            Element::AzureOpenaiTokenLimit | Element::LlmTokenLimit => TOKEN_FIELDS,
         };
-        let element = limit.element();
-        let has_key = match &limit {
-            Limit::RateLimit(r) | Limit::RateLimitByKey(r) => r.counter_key.is_some(),
-            Limit::Quota(q) | Limit::QuotaByKey(q) => q.counter_key.is_some(),
-            Limit::AzureOpenAiTokenLimit(_) | Limit::LlmTokenLimit(_) => true,
-        };
-        let by_key = element.ends_with("-by-key") || element.ends_with("token-limit");
-        match (by_key, has_key) {
-            (true, false) => Err(format!("{element}: `counter_key` is required")),
-            (false, true) => Err(format!(
-                "{element}: `counter_key` is not allowed, `{element}` counts per subscription; use `{element}-by-key`"
-            )),
-            _ => Ok(limit),
+        if let Some(field) = raw.set_fields().into_iter().find(|f| !allowed.contains(f)) {
+            return Err(format!("{name}: `{field}` is not a field of {name}; its fields are {}", allowed.join(", ")));
         }
+        let by_key = !matches!(element, Element::RateLimit | Element::Quota);
+        match (by_key, raw.counter_key.is_some()) {
+            (true, false) => return Err(format!("{name}: `counter_key` is required")),
+            (false, true) => {
+                return Err(format!(
+                    "{name}: `counter_key` is not allowed, `{name}` counts per subscription; use `{name}-by-key`"
+                ))
+            }
+            _ => {}
+        }
+        let prefix = |e: String| format!("{name}: {e}");
+        Ok(match element {
+            Element::RateLimit => Limit::RateLimit(rate_from(raw).map_err(prefix)?),
+            Element::RateLimitByKey => Limit::RateLimitByKey(rate_from(raw).map_err(prefix)?),
+            Element::Quota => Limit::Quota(quota_from(raw).map_err(prefix)?),
+            Element::QuotaByKey => Limit::QuotaByKey(quota_from(raw).map_err(prefix)?),
+            Element::AzureOpenaiTokenLimit => Limit::AzureOpenAiTokenLimit(tokens_from(raw).map_err(prefix)?),
+            Element::LlmTokenLimit => Limit::LlmTokenLimit(tokens_from(raw).map_err(prefix)?),
+        })
     }
+}
+
+fn element_name(element: Element) -> &'static str {
+    match element {
+        Element::RateLimit => "rate-limit",
+        Element::RateLimitByKey => "rate-limit-by-key",
+        Element::Quota => "quota",
+        Element::QuotaByKey => "quota-by-key",
+        Element::AzureOpenaiTokenLimit => "azure-openai-token-limit",
+        Element::LlmTokenLimit => "llm-token-limit",
+    }
+}
+
+fn rate_from(r: RawLimit) -> Result<RateLimit, String> {
+    RateLimit::try_from(RateLimitFields {
+        calls: RawLimit::take(r.calls, "calls")?,
+        renewal_period: RawLimit::take(r.renewal_period, "renewal_period")?,
+        counter_key: r.counter_key,
+        increment_condition: r.increment_condition,
+        increment_count: r.increment_count.unwrap_or(1),
+        algorithm: r.algorithm.unwrap_or_default(),
+        retry_after_header_name: r.retry_after_header_name,
+        retry_after_variable_name: r.retry_after_variable_name,
+        remaining_calls_header_name: r.remaining_calls_header_name,
+        remaining_calls_variable_name: r.remaining_calls_variable_name,
+        total_calls_header_name: r.total_calls_header_name,
+    })
+}
+
+fn quota_from(r: RawLimit) -> Result<Quota, String> {
+    Quota::try_from(QuotaFields {
+        calls: r.calls,
+        bandwidth: r.bandwidth,
+        renewal_period: RawLimit::take(r.renewal_period, "renewal_period")?,
+        first_period_start: r.first_period_start.unwrap_or_default(),
+        counter_key: r.counter_key,
+        increment_condition: r.increment_condition,
+        increment_count: r.increment_count.unwrap_or(1),
+    })
+}
+
+fn tokens_from(r: RawLimit) -> Result<TokenLimit, String> {
+    TokenLimit::try_from(TokenLimitFields {
+        counter_key: RawLimit::take(r.counter_key, "counter_key")?,
+        tokens_per_minute: r.tokens_per_minute,
+        token_quota: r.token_quota,
+        token_quota_period: r.token_quota_period,
+        estimate_prompt_tokens: r.estimate_prompt_tokens.unwrap_or(false),
+        algorithm: r.algorithm.unwrap_or_default(),
+        retry_after_header_name: r.retry_after_header_name,
+        retry_after_variable_name: r.retry_after_variable_name,
+        remaining_tokens_header_name: r.remaining_tokens_header_name,
+        remaining_tokens_variable_name: r.remaining_tokens_variable_name,
+        tokens_consumed_header_name: r.tokens_consumed_header_name,
+        tokens_consumed_variable_name: r.tokens_consumed_variable_name,
+        remaining_quota_tokens_header_name: r.remaining_quota_tokens_header_name,
+        remaining_quota_tokens_variable_name: r.remaining_quota_tokens_variable_name,
+    })
 }
 
 impl From<Limit> for RawLimit {
     fn from(limit: Limit) -> RawLimit {
+        let element = match &limit {
+            Limit::RateLimit(_) => Element::RateLimit,
+            Limit::RateLimitByKey(_) => Element::RateLimitByKey,
+            Limit::Quota(_) => Element::Quota,
+            Limit::QuotaByKey(_) => Element::QuotaByKey,
+            Limit::AzureOpenAiTokenLimit(_) => Element::AzureOpenaiTokenLimit,
+            Limit::LlmTokenLimit(_) => Element::LlmTokenLimit,
+        };
         match limit {
-            Limit::RateLimit(r) => RawLimit::RateLimit(r),
-            Limit::RateLimitByKey(r) => RawLimit::RateLimitByKey(r),
-            Limit::Quota(q) => RawLimit::Quota(q),
-            Limit::QuotaByKey(q) => RawLimit::QuotaByKey(q),
-            Limit::AzureOpenAiTokenLimit(t) => RawLimit::AzureOpenaiTokenLimit(t),
-            Limit::LlmTokenLimit(t) => RawLimit::LlmTokenLimit(t),
+            Limit::RateLimit(RateLimit(f)) | Limit::RateLimitByKey(RateLimit(f)) => RawLimit {
+                element,
+                calls: Some(f.calls),
+                renewal_period: Some(f.renewal_period),
+                counter_key: f.counter_key,
+                increment_condition: f.increment_condition,
+                increment_count: Some(f.increment_count),
+                algorithm: Some(f.algorithm),
+                retry_after_header_name: f.retry_after_header_name,
+                retry_after_variable_name: f.retry_after_variable_name,
+                remaining_calls_header_name: f.remaining_calls_header_name,
+                remaining_calls_variable_name: f.remaining_calls_variable_name,
+                total_calls_header_name: f.total_calls_header_name,
+                ..RawLimit::default()
+            },
+            Limit::Quota(Quota(f)) | Limit::QuotaByKey(Quota(f)) => RawLimit {
+                element,
+                calls: f.calls,
+                bandwidth: f.bandwidth,
+                renewal_period: Some(f.renewal_period),
+                first_period_start: Some(f.first_period_start),
+                counter_key: f.counter_key,
+                increment_condition: f.increment_condition,
+                increment_count: Some(f.increment_count),
+                ..RawLimit::default()
+            },
+            Limit::AzureOpenAiTokenLimit(TokenLimit(f)) | Limit::LlmTokenLimit(TokenLimit(f)) => RawLimit {
+                element,
+                counter_key: Some(f.counter_key),
+                tokens_per_minute: f.tokens_per_minute,
+                token_quota: f.token_quota,
+                token_quota_period: f.token_quota_period,
+                estimate_prompt_tokens: Some(f.estimate_prompt_tokens),
+                algorithm: Some(f.algorithm),
+                retry_after_header_name: f.retry_after_header_name,
+                retry_after_variable_name: f.retry_after_variable_name,
+                remaining_tokens_header_name: f.remaining_tokens_header_name,
+                remaining_tokens_variable_name: f.remaining_tokens_variable_name,
+                tokens_consumed_header_name: f.tokens_consumed_header_name,
+                tokens_consumed_variable_name: f.tokens_consumed_variable_name,
+                remaining_quota_tokens_header_name: f.remaining_quota_tokens_header_name,
+                remaining_quota_tokens_variable_name: f.remaining_quota_tokens_variable_name,
+                ..RawLimit::default()
+            },
         }
     }
 }
@@ -207,7 +453,7 @@ impl ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % 1024 == 0 {
+        if self.0.is_multiple_of(1024) {
             write!(f, "{} KB", self.0 / 1024)
         } else {
             write!(f, "{} B", self.0)
@@ -342,7 +588,9 @@ impl TryFrom<TokenLimitFields> for TokenLimit {
         }
         match (f.token_quota, f.token_quota_period) {
             (Some(0), _) => Err("`token_quota` must be at least 1".into()),
-            (Some(_), None) => Err("`token_quota` needs `token_quota_period` (Hourly, Daily, Weekly, Monthly or Yearly)".into()),
+            (Some(_), None) => {
+                Err("`token_quota` needs `token_quota_period` (Hourly, Daily, Weekly, Monthly or Yearly)".into())
+            }
             (None, Some(_)) => Err("`token_quota_period` is set but `token_quota` is not".into()),
             _ => Ok(TokenLimit(f)),
         }

@@ -103,7 +103,8 @@ impl Default for EpochSeconds {
 
 impl Serialize for EpochSeconds {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let t = Utc.timestamp_opt(self.0, 0).single().ok_or_else(|| serde::ser::Error::custom("instant out of range"))?;
+        let t =
+            Utc.timestamp_opt(self.0, 0).single().ok_or_else(|| serde::ser::Error::custom("instant out of range"))?;
         s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
     }
 }
@@ -140,7 +141,9 @@ impl CalendarPeriod {
                 return (Nanos::from_utc(start), Nanos::from_utc(start + chrono::Duration::hours(1)));
             }
             CalendarPeriod::Daily => t.date_naive(),
-            CalendarPeriod::Weekly => t.date_naive() - chrono::Duration::days(t.weekday().num_days_from_monday() as i64),
+            CalendarPeriod::Weekly => {
+                t.date_naive() - chrono::Duration::days(t.weekday().num_days_from_monday() as i64)
+            }
             CalendarPeriod::Monthly => NaiveDate::from_ymd_opt(t.year(), t.month(), 1).expect("valid month"),
             CalendarPeriod::Yearly => NaiveDate::from_ymd_opt(t.year(), 1, 1).expect("valid year"),
         };

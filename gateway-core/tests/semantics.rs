@@ -90,7 +90,13 @@ fn deferred_increment_checks_on_the_way_in_and_counts_on_the_way_out() {
     // the third (11 s) is not, and the window runs from the response time.
     check(
         DEFERRED,
-        &[call(0, "a").latency(10_000), call(5_000, "a").status(Some(404)), call(11_000, "a"), call(69_999, "a"), call(70_000, "a")],
+        &[
+            call(0, "a").latency(10_000),
+            call(5_000, "a").status(Some(404)),
+            call(11_000, "a"),
+            call(69_999, "a"),
+            call(70_000, "a"),
+        ],
         &["ok", "ok", "429@0/59", "429@0/1", "ok"],
     );
 }
@@ -120,7 +126,17 @@ algorithm = "token-bucket"
     // Capacity 2, one call back every 5 s.
     check(
         policy,
-        &[call(0, "a"), call(0, "a"), call(0, "a"), call(4_999, "a"), call(5_000, "a"), call(5_000, "a"), call(20_000, "a"), call(20_000, "a"), call(20_000, "a")],
+        &[
+            call(0, "a"),
+            call(0, "a"),
+            call(0, "a"),
+            call(4_999, "a"),
+            call(5_000, "a"),
+            call(5_000, "a"),
+            call(20_000, "a"),
+            call(20_000, "a"),
+            call(20_000, "a"),
+        ],
         &["ok", "ok", "429@0/5", "429@0/1", "ok", "429@0/5", "ok", "ok", "429@0/5"],
     );
 }
@@ -149,15 +165,26 @@ fn quota_windows_are_fixed_and_aligned_to_first_period_start() {
     check_at(
         QUOTA_2_PER_HOUR,
         at("2024-01-01T00:30:00Z"),
-        &[call(0, "a"), call(1_000, "a"), call(2_000, "a"), call(1_800_000, "a"), call(1_800_000, "a"), call(1_800_000, "a")],
+        &[
+            call(0, "a"),
+            call(1_000, "a"),
+            call(2_000, "a"),
+            call(1_800_000, "a"),
+            call(1_800_000, "a"),
+            call(1_800_000, "a"),
+        ],
         &["ok", "ok", "403@0/1798", "ok", "ok", "403@0/3600"],
     );
 }
 
 #[test]
 fn quota_rejection_texts() {
-    let (_, headers) = run_at(QUOTA_2_PER_HOUR, at("2024-01-01T00:30:00Z"), &[call(0, "a"), call(0, "a"), call(0, "a")]);
-    assert_eq!(headers[2], vec![("Content-Type".into(), "application/json".into()), ("Retry-After".into(), "1800".into())]);
+    let (_, headers) =
+        run_at(QUOTA_2_PER_HOUR, at("2024-01-01T00:30:00Z"), &[call(0, "a"), call(0, "a"), call(0, "a")]);
+    assert_eq!(
+        headers[2],
+        vec![("Content-Type".into(), "application/json".into()), ("Retry-After".into(), "1800".into())]
+    );
     let mut gw = Gateway::new(&common::policy(QUOTA_2_PER_HOUR), 1);
     let req = common::request_for(&call(0, "a"));
     let now = at("2024-01-01T00:30:00Z");
@@ -166,17 +193,30 @@ fn quota_rejection_texts() {
         gw.handle_response(now, a.id, &ResponseInfo { status: Some(200), ..Default::default() }).unwrap();
     }
     let RequestDecision::Reject(r) = gw.handle_request(now, &req) else { panic!("rejected") };
-    assert_eq!(r.body, r#"{"statusCode": 403, "message": "Out of call volume quota. Quota will be replenished in 00:30:00."}"#);
+    assert_eq!(
+        r.body,
+        r#"{"statusCode": 403, "message": "Out of call volume quota. Quota will be replenished in 00:30:00."}"#
+    );
 }
 
 #[test]
 fn quota_default_first_period_start_is_year_one() {
     // 0001-01-01 is a whole number of days before 1970, so daily windows start at midnight UTC.
     let policy = "[[limits]]\ntype = \"quota-by-key\"\ncalls = 1\nrenewal_period = 86400\ncounter_key = \"ip\"\n";
-    check_at(policy, at("2024-03-05T23:59:58Z"), &[call(0, "a"), call(1_000, "a"), call(2_000, "a")], &["ok", "403@0/1", "ok"]);
+    check_at(
+        policy,
+        at("2024-03-05T23:59:58Z"),
+        &[call(0, "a"), call(1_000, "a"), call(2_000, "a")],
+        &["ok", "403@0/1", "ok"],
+    );
     // A first period start before 1970 that is not day-aligned shifts the windows.
     let shifted = format!("{policy}first_period_start = \"1969-12-31T12:00:00Z\"\n");
-    check_at(&shifted, at("2024-03-05T11:59:59Z"), &[call(0, "a"), call(0, "a"), call(1_000, "a")], &["ok", "403@0/1", "ok"]);
+    check_at(
+        &shifted,
+        at("2024-03-05T11:59:59Z"),
+        &[call(0, "a"), call(0, "a"), call(1_000, "a")],
+        &["ok", "403@0/1", "ok"],
+    );
 }
 
 #[test]
@@ -190,12 +230,18 @@ fn quota_with_period_zero_never_renews() {
 #[test]
 fn quota_that_starts_in_the_future_still_counts() {
     let policy = QUOTA_2_PER_HOUR.replace("2024-01-01", "2030-01-01");
-    check_at(&policy, at("2024-01-01T00:59:59Z"), &[call(0, "a"), call(0, "a"), call(0, "a"), call(1_000, "a")], &["ok", "ok", "403@0/1", "ok"]);
+    check_at(
+        &policy,
+        at("2024-01-01T00:59:59Z"),
+        &[call(0, "a"), call(0, "a"), call(0, "a"), call(1_000, "a")],
+        &["ok", "ok", "403@0/1", "ok"],
+    );
 }
 
 #[test]
 fn bandwidth_quota_counts_request_and_response_bytes_when_the_response_completes() {
-    let policy = "[[limits]]\ntype = \"quota-by-key\"\nbandwidth = \"1 KB\"\nrenewal_period = 60\ncounter_key = \"ip\"\n";
+    let policy =
+        "[[limits]]\ntype = \"quota-by-key\"\nbandwidth = \"1 KB\"\nrenewal_period = 60\ncounter_key = \"ip\"\n";
     // The first call's 2,000 bytes count only when its response completes at 5 s, so
     // the call at 1 s is admitted; at 6 s the window holds 2,100 bytes. The start
     // (1,700,000,000 s) is 20 s into a minute, so the window ends 40 s in.
@@ -208,13 +254,22 @@ fn bandwidth_quota_counts_request_and_response_bytes_when_the_response_completes
 
 #[test]
 fn bandwidth_rejection_text() {
-    let policy = "[[limits]]\ntype = \"quota-by-key\"\nbandwidth = \"1 KB\"\nrenewal_period = 60\ncounter_key = \"ip\"\n";
+    let policy =
+        "[[limits]]\ntype = \"quota-by-key\"\nbandwidth = \"1 KB\"\nrenewal_period = 60\ncounter_key = \"ip\"\n";
     let mut gw = Gateway::new(&common::policy(policy), 1);
     let req = common::request_for(&call(0, "a"));
     let RequestDecision::Forward(a) = gw.handle_request(Nanos::from_secs(60), &req) else { panic!() };
-    gw.handle_response(Nanos::from_secs(60), a.id, &ResponseInfo { status: Some(200), request_bytes: 24, response_bytes: 1000, ..Default::default() }).unwrap();
+    gw.handle_response(
+        Nanos::from_secs(60),
+        a.id,
+        &ResponseInfo { status: Some(200), request_bytes: 24, response_bytes: 1000, ..Default::default() },
+    )
+    .unwrap();
     let RequestDecision::Reject(r) = gw.handle_request(Nanos::from_secs(61), &req) else { panic!() };
-    assert_eq!(r.body, r#"{"statusCode": 403, "message": "Out of bandwidth quota. Quota will be replenished in 00:00:59."}"#);
+    assert_eq!(
+        r.body,
+        r#"{"statusCode": 403, "message": "Out of bandwidth quota. Quota will be replenished in 00:00:59."}"#
+    );
 }
 
 #[test]
@@ -246,7 +301,12 @@ first_period_start = "2024-01-01T00:00:00Z"
 "#;
     // The call at 1 s is rejected by the rate limit before the quota runs, so the
     // quota still admits the call at 61 s.
-    check_at(policy, at("2024-01-01T00:00:00Z"), &[call(0, "a"), call(1_000, "a"), call(61_000, "a"), call(122_000, "a")], &["ok", "429@0/59", "ok", "403@1/3478"]);
+    check_at(
+        policy,
+        at("2024-01-01T00:00:00Z"),
+        &[call(0, "a"), call(1_000, "a"), call(61_000, "a"), call(122_000, "a")],
+        &["ok", "429@0/59", "ok", "403@1/3478"],
+    );
 }
 
 const TPM_100: &str = r#"
@@ -263,7 +323,14 @@ fn tokens_are_counted_when_the_response_completes() {
     // Without an estimate a request is rejected only once counted tokens reach the limit.
     check(
         TPM_100,
-        &[call(0, "a").tokens(60).latency(3_000), call(1_000, "a").tokens(50), call(2_000, "a"), call(3_001, "a"), call(60_999, "a"), call(61_000, "a")],
+        &[
+            call(0, "a").tokens(60).latency(3_000),
+            call(1_000, "a").tokens(50),
+            call(2_000, "a"),
+            call(3_001, "a"),
+            call(60_999, "a"),
+            call(61_000, "a"),
+        ],
         &["ok", "ok", "ok", "429@0/58", "429@0/1", "ok"],
     );
 }
@@ -278,7 +345,12 @@ fn token_estimate_rejects_when_counted_plus_estimate_exceeds() {
     let policy = TPM_100.replace("tokens_per_minute = 100", "tokens_per_minute = 100\nestimate_prompt_tokens = true");
     check(
         &policy,
-        &[call(0, "a").tokens(60), call(1_000, "a").estimate(40).tokens(40), call(2_000, "a").estimate(1), call(2_000, "b").estimate(101)],
+        &[
+            call(0, "a").tokens(60),
+            call(1_000, "a").estimate(40).tokens(40),
+            call(2_000, "a").estimate(1),
+            call(2_000, "b").estimate(101),
+        ],
         &["ok", "ok", "429@0/58", "429@0/1"],
     );
 }
@@ -292,17 +364,29 @@ fn token_headers_carry_counts_after_this_request() {
 
 #[test]
 fn token_rejection_texts() {
-    let policy = TPM_100.replace("counter_key", "retry_after_header_name = \"x-retry\"\nretry_after_variable_name = \"wait\"\ncounter_key");
+    let policy = TPM_100.replace(
+        "counter_key",
+        "retry_after_header_name = \"x-retry\"\nretry_after_variable_name = \"wait\"\ncounter_key",
+    );
     let mut gw = Gateway::new(&common::policy(&policy), 1);
     let req = common::request_for(&call(0, "a"));
     let RequestDecision::Forward(a) = gw.handle_request(Nanos::from_secs(10), &req) else { panic!() };
-    gw.handle_response(Nanos::from_secs(10), a.id, &ResponseInfo { status: Some(200), total_tokens: 500, ..Default::default() }).unwrap();
+    gw.handle_response(
+        Nanos::from_secs(10),
+        a.id,
+        &ResponseInfo { status: Some(200), total_tokens: 500, ..Default::default() },
+    )
+    .unwrap();
     let RequestDecision::Reject(r) = gw.handle_request(Nanos::from_millis(10_500), &req) else { panic!() };
     assert_eq!(r.status, 429);
     assert_eq!(r.body, r#"{"statusCode": 429, "message": "Token limit is exceeded. Try again in 60 seconds."}"#);
     assert_eq!(
         r.headers,
-        vec![("Content-Type".into(), "application/json".into()), ("x-retry".into(), "60".into()), ("remaining-tokens".into(), "0".into())]
+        vec![
+            ("Content-Type".into(), "application/json".into()),
+            ("x-retry".into(), "60".into()),
+            ("remaining-tokens".into(), "0".into())
+        ]
     );
     assert_eq!(r.variables, vec![("wait".to_owned(), 60)]);
 }
@@ -312,7 +396,11 @@ fn token_bucket_goes_into_debt_and_repays_it() {
     let policy = TPM_100.replace("tokens_per_minute = 100", "tokens_per_minute = 100\nalgorithm = \"token-bucket\"");
     // 160 tokens take the bucket to -60: it refills 100 per 60 s, so it is above
     // zero again just after 36 s.
-    check(policy.as_str(), &[call(0, "a").tokens(160), call(1, "a"), call(36_000, "a"), call(36_001, "a")], &["ok", "429@0/36", "429@0/1", "ok"]);
+    check(
+        policy.as_str(),
+        &[call(0, "a").tokens(160), call(1, "a"), call(36_000, "a"), call(36_001, "a")],
+        &["ok", "429@0/36", "429@0/1", "ok"],
+    );
 }
 
 #[test]
@@ -326,7 +414,12 @@ token_quota_period = "Hourly"
 remaining_quota_tokens_header_name = "quota-left"
 "#;
     let start = at("2024-05-01T10:15:00Z");
-    check_at(policy, start, &[call(0, "a").tokens(100), call(1_000, "a"), call(2_700_000, "a")], &["ok", "403@0/2699", "ok"]);
+    check_at(
+        policy,
+        start,
+        &[call(0, "a").tokens(100), call(1_000, "a"), call(2_700_000, "a")],
+        &["ok", "403@0/2699", "ok"],
+    );
     let (_, headers) = run_at(policy, start, &[call(0, "a").tokens(40)]);
     assert_eq!(headers[0], vec![("quota-left".to_owned(), "60".to_owned())]);
 }
@@ -371,10 +464,17 @@ fn rate_limit_headers_and_variables() {
     assert_eq!(headers[1], vec![("x-left".into(), "0".into()), ("x-total".into(), "2".into())]);
     assert_eq!(
         headers[2],
-        vec![("Content-Type".into(), "application/json".into()), ("x-wait".into(), "60".into()), ("x-left".into(), "0".into()), ("x-total".into(), "2".into())]
+        vec![
+            ("Content-Type".into(), "application/json".into()),
+            ("x-wait".into(), "60".into()),
+            ("x-left".into(), "0".into()),
+            ("x-total".into(), "2".into())
+        ]
     );
     let mut gw = Gateway::new(&common::policy(&policy), 0);
-    let RequestDecision::Forward(a) = gw.handle_request(Nanos::ZERO, &common::request_for(&call(0, "a"))) else { panic!() };
+    let RequestDecision::Forward(a) = gw.handle_request(Nanos::ZERO, &common::request_for(&call(0, "a"))) else {
+        panic!()
+    };
     assert_eq!(a.variables, vec![("left".to_owned(), 1)]);
 }
 
@@ -384,7 +484,9 @@ fn policies_sharing_counter_key_and_kind_increment_once() {
     // If the request counted twice, the second call would already be rejected.
     check(&policy, &[call(0, "a"), call(1_000, "a"), call(2_000, "a")], &["ok", "ok", "429@0/58"]);
     // Different elements never share: a rate-limit-by-key and a quota-by-key both count.
-    let mixed = format!("{RATE_2_PER_60}\n[[limits]]\ntype = \"quota-by-key\"\ncalls = 1\nrenewal_period = 60\ncounter_key = \"ip\"\n");
+    let mixed = format!(
+        "{RATE_2_PER_60}\n[[limits]]\ntype = \"quota-by-key\"\ncalls = 1\nrenewal_period = 60\ncounter_key = \"ip\"\n"
+    );
     check_at(&mixed, Nanos::ZERO, &[call(0, "a"), call(1_000, "a")], &["ok", "403@1/59"]);
 }
 
@@ -407,11 +509,13 @@ fn idle_counters_are_evicted() {
         let req = RequestInfo { ip: format!("10.0.{}.{}", i / 256, i % 256), ..Default::default() };
         let now = Nanos::from_millis(i);
         let RequestDecision::Forward(a) = gw.handle_request(now, &req) else { panic!() };
-        gw.handle_response(now, a.id, &ResponseInfo { status: Some(200), total_tokens: 5, ..Default::default() }).unwrap();
+        gw.handle_response(now, a.id, &ResponseInfo { status: Some(200), total_tokens: 5, ..Default::default() })
+            .unwrap();
     }
     assert_eq!(gw.counter_count(), 2_000);
     assert_eq!(gw.in_flight_count(), 0);
-    assert_eq!(gw.poll_timeout(), Some(Nanos::ZERO));
+    // Each request evicts what came due, so only the last key waits for its first look.
+    assert_eq!(gw.poll_timeout(), Some(Nanos::from_millis(999)));
     gw.handle_timeout(Nanos::from_secs(30));
     assert_eq!(gw.counter_count(), 2_000, "windows still hold calls");
     assert_eq!(gw.poll_timeout(), Some(Nanos::from_secs(60)));
@@ -434,7 +538,10 @@ fn counter_keys_read_the_request() {
         ip: "203.0.113.9".into(),
         subscription: Some(Subscription { id: "sub-1".into(), key: "k1".into(), name: "team".into() }),
         product: Some("gold".into()),
-        headers: vec![("X-Team".into(), "blue".into()), ("authorization".into(), jwt(r#"{"sub":"alice","tid":42,"oid":null}"#))],
+        headers: vec![
+            ("X-Team".into(), "blue".into()),
+            ("authorization".into(), jwt(r#"{"sub":"alice","tid":42,"oid":null}"#)),
+        ],
         prompt_tokens_estimate: None,
     };
     let key = |toml_value: &str| -> String {

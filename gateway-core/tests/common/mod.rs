@@ -59,7 +59,11 @@ pub fn outcome(d: &RequestDecision) -> String {
 pub fn request_for(c: &Call) -> RequestInfo {
     RequestInfo {
         ip: c.caller.to_owned(),
-        subscription: Some(Subscription { id: format!("sub-{}", c.caller), key: format!("key-{}", c.caller), name: c.caller.to_owned() }),
+        subscription: Some(Subscription {
+            id: format!("sub-{}", c.caller),
+            key: format!("key-{}", c.caller),
+            name: c.caller.to_owned(),
+        }),
         product: Some("starter".to_owned()),
         headers: vec![],
         prompt_tokens_estimate: c.estimate,
@@ -98,7 +102,12 @@ pub fn run_at(policy_text: &str, start: Nanos, calls: &[Call]) -> (Vec<String>, 
                 RequestDecision::Reject(r) => headers[i] = r.headers,
             }
         } else {
-            let info = ResponseInfo { status: c.status, total_tokens: c.tokens, request_bytes: c.bytes / 2, response_bytes: c.bytes - c.bytes / 2 };
+            let info = ResponseInfo {
+                status: c.status,
+                total_tokens: c.tokens,
+                request_bytes: c.bytes / 2,
+                response_bytes: c.bytes - c.bytes / 2,
+            };
             headers[i] = gw.handle_response(now, ids[i].expect("admitted"), &info).expect("in flight").headers;
         }
     }
