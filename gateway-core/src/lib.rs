@@ -5,6 +5,7 @@ pub mod gateway;
 pub mod key;
 pub mod limiter;
 pub mod policy;
+pub mod routing;
 pub mod status;
 pub mod time;
 

@@ -1,0 +1,258 @@
+//! Retry, failover, pools and circuit breakers.
+
+use gateway_core::routing::{retry_wait, retry_wait_bounds, AttemptOutcome, Next, Retry, Router, Routing};
+use gateway_core::Nanos;
+use proptest::prelude::*;
+
+/// The seed article's `<backend>` section, in aigw's TOML.
+const SEED: &str = r#"
+set_backend = "primary"
+
+[[backends]]
+id = "primary"
+url = "https://primary.openai.azure.com/openai"
+
+[[backends]]
+id = "secondary"
+url = "https://secondary.openai.azure.com/openai"
+
+[retry]
+condition = "429, >=500"
+count = 5
+interval = 1
+delta = 1
+max_interval = 8
+first_fast_retry = false
+switch = [{ when = "429, >=500", backend = "secondary" }]
+"#;
+
+fn routing(text: &str) -> Routing {
+    toml::from_str(text).unwrap_or_else(|e| panic!("test routing does not parse: {e}"))
+}
+
+fn status(s: u16) -> AttemptOutcome {
+    AttemptOutcome::Response { status: s, retry_after: None }
+}
+
+/// Runs one request against backends that answer from `script` in order, and
+/// returns the backends tried with the wait before each retry.
+fn check(text: &str, script: &[AttemptOutcome], draw: u64, expected: &[(&str, Option<(f64, f64)>)]) {
+    let mut router = Router::new(routing(text)).unwrap();
+    let mut now = Nanos::from_secs(1_000);
+    let (mut route, mut attempt) = router.start(now, draw).unwrap();
+    let mut seen = vec![(attempt.backend.clone(), None)];
+    for outcome in script {
+        match router.handle_outcome(now, &mut route, &attempt.backend.clone(), *outcome, draw) {
+            Next::Retry { attempt: next, wait } => {
+                now = now + wait;
+                seen.push((next.backend.clone(), Some(wait)));
+                attempt = next;
+            }
+            Next::Respond | Next::Unavailable(_) => break,
+        }
+    }
+    assert_eq!(seen.len(), expected.len(), "attempts: {seen:?}");
+    for (i, ((backend, wait), (want_backend, bounds))) in seen.iter().zip(expected).enumerate() {
+        assert_eq!(backend, want_backend, "attempt {i}");
+        match (wait, bounds) {
+            (None, None) => {}
+            (Some(w), Some((low, high))) => {
+                let secs = w.as_secs_f64();
+                assert!(*low <= secs && secs <= *high, "attempt {i}: wait {secs} outside [{low}, {high}]");
+            }
+            _ => panic!("attempt {i}: wait {wait:?} vs bounds {bounds:?}"),
+        }
+    }
+}
+
+#[test]
+fn seed_failover_switches_to_secondary_and_backs_off_exponentially() {
+    let all_429 = [status(429); 10];
+    let expected = [
+        ("primary", None),
+        ("secondary", Some((1.0, 1.0))),
+        ("secondary", Some((1.8, 2.2))),
+        ("secondary", Some((3.4, 4.6))),
+        ("secondary", Some((6.6, 8.0))),
+        ("secondary", Some((8.0, 8.0))),
+    ];
+    for draw in [0, u64::MAX / 3, u64::MAX / 2, u64::MAX] {
+        check(SEED, &all_429, draw, &expected);
+    }
+}
+
+#[test]
+fn seed_failover_stops_at_the_first_success_and_ignores_4xx() {
+    check(SEED, &[status(503), status(200)], 0, &[("primary", None), ("secondary", Some((1.0, 1.0)))]);
+    check(SEED, &[status(400)], 0, &[("primary", None)]);
+    // Transport failures are not in the condition, so they are not retried.
+    check(SEED, &[AttemptOutcome::Timeout], 0, &[("primary", None)]);
+}
+
+#[test]
+fn retry_wait_formulas() {
+    let retry = |delta: Option<f64>, max: Option<f64>, fast: bool| Retry {
+        condition: gateway_core::StatusPredicate::parse("429").unwrap(),
+        on_transport_failure: false,
+        count: 10,
+        interval: 2.0,
+        delta,
+        max_interval: max,
+        first_fast_retry: fast,
+        switch: vec![],
+    };
+    let secs = |r: &Retry, n: u32, draw: u64| retry_wait(r, n, draw).as_secs_f64();
+    // Fixed.
+    assert_eq!((secs(&retry(None, None, false), 1, 0), secs(&retry(None, None, false), 7, 0)), (2.0, 2.0));
+    // Linear: interval + (n - 1)·delta.
+    assert_eq!(secs(&retry(Some(0.5), None, false), 4, 0), 3.5);
+    // First fast retry goes at once, later ones follow the formula.
+    assert_eq!(secs(&retry(Some(0.5), None, true), 1, 0), 0.0);
+    assert_eq!(secs(&retry(Some(0.5), None, true), 2, 0), 2.5);
+    // Exponential with jitter in [0.8, 1.2], capped.
+    let exp = retry(Some(1.0), Some(30.0), false);
+    // n = 3: 2 + 3·u, u in [0.8, 1.2): the largest draw lands one nanosecond short of 5.6 s.
+    assert_eq!(retry_wait_bounds(&exp, 3), (Nanos::from_millis(4_400), Nanos(5_599_999_999)));
+    assert_eq!(retry_wait_bounds(&exp, 10), (Nanos::from_secs(30), Nanos::from_secs(30)));
+}
+
+#[test]
+fn honoring_retry_after_waits_at_least_the_backends_advice() {
+    let text = format!("honor_retry_after = true\n{SEED}");
+    let mut router = Router::new(routing(&text)).unwrap();
+    let (mut route, _) = router.start(Nanos::ZERO, 0).unwrap();
+    let advice = AttemptOutcome::Response { status: 429, retry_after: Some(Nanos::from_secs(12)) };
+    let Next::Retry { wait, .. } = router.handle_outcome(Nanos::ZERO, &mut route, "primary", advice, 0) else {
+        panic!()
+    };
+    assert_eq!(wait, Nanos::from_secs(12));
+    let mut apim = Router::new(routing(SEED)).unwrap();
+    let (mut route, _) = apim.start(Nanos::ZERO, 0).unwrap();
+    let Next::Retry { wait, .. } = apim.handle_outcome(Nanos::ZERO, &mut route, "primary", advice, 0) else { panic!() };
+    assert_eq!(wait, Nanos::from_secs(1), "APIM-compatible mode ignores the advice");
+}
+
+const POOL: &str = r#"
+set_backend = "pool"
+
+[[backends]]
+id = "a"
+url = "http://a"
+circuit_breaker = { failure_count = 2, interval = 60, statuses = "429, >=500", trip_duration = 30 }
+
+[[backends]]
+id = "b"
+url = "http://b"
+circuit_breaker = { failure_count = 1, interval = 60, statuses = ">=500", trip_duration = 10, accept_retry_after = true }
+
+[[backends]]
+id = "c"
+url = "http://c"
+
+[[pools]]
+id = "pool"
+strategy = "priority"
+members = [{ backend = "a", priority = 0 }, { backend = "b", priority = 0, weight = 3 }, { backend = "c", priority = 1 }]
+"#;
+
+#[test]
+fn priority_pools_skip_tripped_members_and_fall_back_to_lower_priorities() {
+    let mut router = Router::new(routing(POOL)).unwrap();
+    let t = Nanos::from_secs(100);
+    // Weights 1:3 within priority 0: draws below a quarter pick `a`.
+    assert_eq!(router.start(t, 0).unwrap().1.backend, "a");
+    assert_eq!(router.start(t, u64::MAX).unwrap().1.backend, "b");
+    // Trip `b` with a 503 carrying Retry-After 20 s (accepted), `a` with two 429s.
+    let (mut route, _) = router.start(t, 0).unwrap();
+    router.handle_outcome(
+        t,
+        &mut route,
+        "b",
+        AttemptOutcome::Response { status: 503, retry_after: Some(Nanos::from_secs(20)) },
+        0,
+    );
+    assert!(!router.is_available(t, "b"));
+    assert_eq!(router.start(t, u64::MAX).unwrap().1.backend, "a");
+    router.handle_outcome(t, &mut route, "a", status(429), 0);
+    router.handle_outcome(t, &mut route, "a", status(429), 0);
+    // Every priority-0 member is tripped: priority 1 takes over.
+    assert_eq!(router.start(t, 0).unwrap().1.backend, "c");
+    // `b` comes back after its Retry-After (20 s), `a` after trip_duration (30 s).
+    assert_eq!(router.start(t + Nanos::from_secs(20), 0).unwrap().1.backend, "b");
+    assert_eq!(router.start(t + Nanos::from_secs(30), 0).unwrap().1.backend, "a");
+}
+
+#[test]
+fn a_pool_with_no_available_member_answers_unavailable_until_the_earliest_returns() {
+    let text = POOL.replace(", { backend = \"c\", priority = 1 }", "");
+    let mut router = Router::new(routing(&text)).unwrap();
+    let t = Nanos::from_secs(5);
+    let (mut route, _) = router.start(t, 0).unwrap();
+    router.handle_outcome(t, &mut route, "b", status(500), 0);
+    router.handle_outcome(t, &mut route, "a", status(500), 0);
+    router.handle_outcome(t, &mut route, "a", status(500), 0);
+    assert_eq!(router.start(t + Nanos::from_secs(4), 0).unwrap_err().retry_after, Nanos::from_secs(6));
+}
+
+#[test]
+fn round_robin_rotates_over_available_members() {
+    let text = POOL.replace("\"priority\"", "\"round-robin\"");
+    let mut router = Router::new(routing(&text)).unwrap();
+    let picks: Vec<String> = (0..6).map(|_| router.start(Nanos::ZERO, 0).unwrap().1.backend).collect();
+    assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
+}
+
+#[test]
+fn bad_routing_is_refused_with_a_clear_error() {
+    let cases = [
+        (SEED.replace("count = 5", "count = 0"), "`count` must be 1 to 50, got 0"),
+        (SEED.replace("count = 5", "count = 51"), "`count` must be 1 to 50, got 51"),
+        (POOL.replace("{ backend = \"c\", priority = 1 }", "{ backend = \"d\" }"), "member `d` is not a backend"),
+        (POOL.replace("weight = 3", "weight = 0"), "member `b` has weight 0"),
+        (POOL.replace("{ backend = \"c\", priority = 1 }", "{ backend = \"pool\" }"), "circular reference"),
+        (
+            SEED.replace("set_backend = \"primary\"", "set_backend = \"primry\""),
+            "`primry` is neither a backend nor a pool",
+        ),
+        (SEED.replace("backend = \"secondary\" }", "backend = \"tertiary\" }"), "switch to `tertiary`"),
+        (POOL.replace("failure_count = 2, ", ""), "needs `failure_count` or `failure_percent`"),
+    ];
+    for (text, needle) in cases {
+        let err = Router::new(routing(&text)).err().unwrap_or_else(|| panic!("accepted: {needle}"));
+        assert!(err.contains(needle), "`{err}` does not contain `{needle}`");
+    }
+}
+
+proptest! {
+    /// At most count + 1 attempts, every wait within the formula's bounds, and a
+    /// tripped backend never chosen before its open period ends.
+    #[test]
+    fn retries_are_bounded_and_breakers_respected(
+        count in 1u32..8, statuses in prop::collection::vec(prop::sample::select(vec![200u16, 429, 500, 503, 400]), 1..30),
+        draws in prop::collection::vec(any::<u64>(), 30),
+    ) {
+        let text = POOL.replace("set_backend = \"pool\"", &format!("set_backend = \"pool\"\n[retry]\ncondition = \"429, >=500\"\ncount = {count}\ninterval = 1\ndelta = 1\nmax_interval = 8\n"));
+        let mut router = Router::new(routing(&text)).unwrap();
+        let retry = router.config().retry.clone().unwrap();
+        let mut now = Nanos::from_secs(10);
+        let Ok((mut route, mut attempt)) = router.start(now, draws[0]) else { return Ok(()) };
+        let mut attempts = 1;
+        for (i, s) in statuses.iter().enumerate() {
+            let outcome = status(*s);
+            let before = router.is_available(now, &attempt.backend);
+            prop_assert!(before, "chose a tripped backend");
+            match router.handle_outcome(now, &mut route, &attempt.backend.clone(), outcome, draws[i % draws.len()]) {
+                Next::Retry { attempt: next, wait } => {
+                    let (low, high) = retry_wait_bounds(&retry, attempts);
+                    prop_assert!(low <= wait && wait <= high, "wait {:?} outside {:?}", wait, (low, high));
+                    attempts += 1;
+                    now = now + wait;
+                    prop_assert!(router.is_available(now, &next.backend));
+                    attempt = next;
+                }
+                Next::Respond | Next::Unavailable(_) => break,
+            }
+        }
+        prop_assert!(attempts <= count + 1);
+    }
+}
