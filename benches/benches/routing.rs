@@ -6,18 +6,7 @@ use gateway_core::routing::{AttemptOutcome, Next, Router, Routing};
 use gateway_core::Nanos;
 use std::hint::black_box;
 
-const SEED: &str = r#"
-set_backend = "primary"
-backends = [{ id = "primary", url = "https://primary.example/openai" }, { id = "secondary", url = "https://secondary.example/openai" }]
-
-[retry]
-condition = "429, >=500"
-count = 5
-interval = 1
-delta = 1
-max_interval = 8
-switch = [{ when = "429, >=500", backend = "secondary" }]
-"#;
+const SEED: &str = include_str!("../../policies/seed-failover-routing.toml");
 
 fn failover(c: &mut Criterion) {
     let routing: Routing = toml::from_str(SEED).expect("bench routing parses");

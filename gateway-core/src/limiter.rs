@@ -100,6 +100,13 @@ impl BucketShape {
     fn full(&self) -> i128 {
         self.capacity as i128 * self.unit()
     }
+
+    /// The time, rounded up to a nanosecond, to refill `deficit` micro-units.
+    fn refill_time(&self, deficit: i128) -> Nanos {
+        let capacity = self.capacity as i128;
+        let wait = deficit.div_euclid(capacity) + i128::from(deficit.rem_euclid(capacity) != 0);
+        Nanos(wait.clamp(0, u64::MAX as i128) as u64)
+    }
 }
 
 impl Bucket {
@@ -127,9 +134,7 @@ impl Bucket {
         if level >= needed {
             return Check::Admit;
         }
-        let deficit = needed - level;
-        let wait = deficit.div_euclid(shape.capacity as i128) + i128::from(deficit % shape.capacity as i128 != 0);
-        Check::Reject { retry_in: Nanos(wait.clamp(0, u64::MAX as i128) as u64) }
+        Check::Reject { retry_in: shape.refill_time(needed - level) }
     }
 
     /// Admits iff the bucket holds more than nothing (the debt-tolerant rule for tokens).
@@ -137,9 +142,7 @@ impl Bucket {
         if self.level > 0 {
             return Check::Admit;
         }
-        let deficit = 1 - self.level;
-        let wait = deficit.div_euclid(shape.capacity as i128) + i128::from(deficit % shape.capacity as i128 != 0);
-        Check::Reject { retry_in: Nanos(wait.clamp(0, u64::MAX as i128) as u64) }
+        Check::Reject { retry_in: shape.refill_time(1 - self.level) }
     }
 
     pub fn take(&mut self, shape: BucketShape, units: u64) {

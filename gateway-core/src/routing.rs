@@ -356,14 +356,14 @@ impl Router {
         draw: u64,
     ) -> Next {
         self.record(now, backend, outcome);
-        let Some(retry) = self.config.retry.clone() else { return Next::Respond };
+        let Some(retry) = &self.config.retry else { return Next::Respond };
         if !outcome.matches(&retry.condition, retry.on_transport_failure) || route.attempts > retry.count {
             return Next::Respond;
         }
         if let Some(s) = retry.switch.iter().find(|s| outcome.matches(&s.when, s.on_transport_failure)) {
             route.target = s.backend.clone();
         }
-        let mut wait = retry_wait(&retry, route.attempts, draw);
+        let mut wait = retry_wait(retry, route.attempts, draw);
         if let (true, AttemptOutcome::Response { retry_after: Some(advice), .. }) =
             (self.config.honor_retry_after, outcome)
         {
@@ -433,7 +433,8 @@ impl Router {
 
     fn record(&mut self, now: Nanos, backend: &str, outcome: AttemptOutcome) {
         let Some(i) = self.index_of(backend) else { return };
-        let Some(rule) = self.config.backends[i].circuit_breaker.clone() else { return };
+        // Borrow the rule and the state as disjoint fields: no clone per attempt.
+        let Some(rule) = &self.config.backends[i].circuit_breaker else { return };
         let failed = outcome.matches(&rule.statuses, rule.transport_failures);
         let state = &mut self.breakers[i];
         let interval = Nanos::from_secs(rule.interval);

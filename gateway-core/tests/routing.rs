@@ -4,27 +4,8 @@ use gateway_core::routing::{retry_wait, retry_wait_bounds, AttemptOutcome, Next,
 use gateway_core::Nanos;
 use proptest::prelude::*;
 
-/// The seed article's `<backend>` section, in aigw's TOML.
-const SEED: &str = r#"
-set_backend = "primary"
-
-[[backends]]
-id = "primary"
-url = "https://primary.openai.azure.com/openai"
-
-[[backends]]
-id = "secondary"
-url = "https://secondary.openai.azure.com/openai"
-
-[retry]
-condition = "429, >=500"
-count = 5
-interval = 1
-delta = 1
-max_interval = 8
-first_fast_retry = false
-switch = [{ when = "429, >=500", backend = "secondary" }]
-"#;
+/// The seed article's `<backend>` section, as shipped under `policies/`.
+const SEED: &str = include_str!("../../policies/seed-failover-routing.toml");
 
 fn routing(text: &str) -> Routing {
     toml::from_str(text).unwrap_or_else(|e| panic!("test routing does not parse: {e}"))
