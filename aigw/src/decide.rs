@@ -26,6 +26,7 @@ struct Line {
     #[serde(default)]
     latency_ms: u64,
     prompt_tokens: Option<u64>,
+    max_tokens: Option<u64>,
     #[serde(default)]
     bytes: u64,
 }
@@ -138,6 +139,7 @@ fn request(line: &Line) -> RequestInfo {
         product: line.product.clone(),
         headers: line.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         prompt_tokens_estimate: line.prompt_tokens,
+        max_tokens: line.max_tokens,
     }
 }
 

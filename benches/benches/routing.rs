@@ -1,9 +1,10 @@
-//! Criterion benchmark of the routing decisions of one request with one retry and
-//! a failover (the seed article's `<backend>` section), no I/O.
+//! Criterion benchmarks of one request with one retry and a failover (the seed
+//! article's `<backend>` section), no I/O: the router alone, and the whole
+//! lifecycle through `Pipeline` (limits, attempts, delivery, token books, record).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gateway_core::routing::{AttemptOutcome, Next, Router, Routing};
-use gateway_core::Nanos;
+use gateway_core::{Delivery, Nanos, Pipeline, Policy, RequestInfo, Step, Usage};
 use std::hint::black_box;
 
 const SEED: &str = include_str!("../../policies/seed-failover-routing.toml");
@@ -32,5 +33,52 @@ fn failover(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, failover);
+/// The seed article's per-IP limits and token limit in front of its failover.
+const SEED_LIMITS: &str = include_str!("../../policies/seed-ip-limits.toml");
+
+fn lifecycle(c: &mut Criterion) {
+    let routing: Routing = toml::from_str(SEED).expect("bench routing parses");
+    let policy = Policy::from_toml(SEED_LIMITS).expect("bench policy parses");
+    let mut pipeline = Pipeline::new(&policy, routing, 1).expect("valid");
+    let requests: Vec<RequestInfo> = (0..10_000u32)
+        .map(|i| RequestInfo {
+            ip: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+            prompt_tokens_estimate: Some(200),
+            ..Default::default()
+        })
+        .collect();
+    let mut group = c.benchmark_group("lifecycle");
+    group.throughput(Throughput::Elements(1));
+    // Criterion calls the routine once per sample: the clock lives outside it, as
+    // the pipeline's state does, so time keeps moving forward.
+    let mut now = Nanos::from_secs(1_700_000_000);
+    let mut draw = 0x9e37_79b9_7f4a_7c15u64;
+    let mut i = 0;
+    group.bench_function("request_with_one_failover_10k_keys", |b| {
+        b.iter(|| {
+            // Each key comes back every 10,000 requests (about 1,000 s): far below
+            // its limits, so every iteration runs the whole lifecycle.
+            now = now + Nanos::from_millis(100);
+            draw = draw.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            i = (i + 1) % requests.len();
+            let step = pipeline.handle_request(now, &requests[i], draw);
+            let Step::Forward { id, at, .. } = step else { unreachable!("each key is far below its limits: {step:?}") };
+            let throttled = AttemptOutcome::Response { status: 429, retry_after: None };
+            let Ok(Step::Forward { at, .. }) = pipeline.handle_attempt(at, id, throttled, Usage::default(), draw)
+            else {
+                unreachable!("429 is retried on the secondary")
+            };
+            let ok = AttemptOutcome::Response { status: 200, retry_after: None };
+            let Ok(Step::Deliver { .. }) = pipeline.handle_attempt(at, id, ok, Usage::default(), draw) else {
+                unreachable!("200 is delivered")
+            };
+            let usage = Usage { prompt_tokens: 200, completion_tokens: 100 };
+            now = at;
+            black_box(pipeline.handle_delivered(at, id, Delivery { usage, ..Default::default() }))
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, failover, lifecycle);
 criterion_main!(benches);

@@ -27,7 +27,8 @@ pub struct Admitted {
 }
 
 /// Why a limit rejected a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RejectReason {
     RateLimit,
     CallQuota,
@@ -83,12 +84,15 @@ pub struct Completed {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CoreError {
     UnknownRequest(RequestId),
+    /// An attempt reported while the response is being delivered, or the reverse.
+    WrongPhase(RequestId),
 }
 
 impl std::fmt::Display for CoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CoreError::UnknownRequest(id) => write!(f, "request {} is not in flight", id.0),
+            CoreError::WrongPhase(id) => write!(f, "request {} is not in the phase this event belongs to", id.0),
         }
     }
 }
@@ -124,6 +128,10 @@ enum Amount {
     Calls,
     Bytes,
     Tokens,
+    /// Tokens set aside at admission (reserve mode), settled on the way out.
+    Reserved,
+    /// A marker (amount 1): this request's tokens are settled on the counter.
+    Settled,
 }
 
 struct CompiledLimit {
@@ -189,6 +197,8 @@ impl Effects {
 struct Ledger {
     keys: KeyBook,
     effects: Effects,
+    /// When the request was admitted: the instant its reservations were stamped at.
+    admitted_at: Nanos,
 }
 
 impl Ledger {
@@ -251,6 +261,7 @@ impl Gateway {
         self.evict(now);
         let mut ledger = self.spare_ledgers.pop().unwrap_or_default();
         ledger.clear();
+        ledger.admitted_at = now;
         for (index, limit) in self.limits.iter().enumerate() {
             ledger.keys.push(&limit.key, req);
             if let Err(mut rejection) = check(limit, index, &mut self.classes, now, req, &mut ledger) {
@@ -358,8 +369,7 @@ fn check(
             check_quota(now, index, q, limit.primary.expect("quota counters"), classes, ledger)
         }
         Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
-            let estimate = if t.estimate_prompt_tokens { req.prompt_tokens_estimate.unwrap_or(0) } else { 0 };
-            check_tokens(now, index, t, (limit.primary, limit.token_quota), classes, ledger.keys.get(index), estimate)
+            check_tokens(now, index, t, (limit.primary, limit.token_quota), classes, ledger, token_estimate(t, req))
         }
     }
 }
@@ -458,18 +468,32 @@ fn check_quota(
 
 type TokenClasses = (Option<ClassId>, Option<ClassId>);
 
+/// What a token limit counts a request as before its usage is known: the prompt
+/// estimate (`estimate_prompt_tokens`), that plus the completion allowance (reserve
+/// mode), or nothing (APIM's default: only tokens already used count).
+fn token_estimate(t: &TokenLimit, req: &RequestInfo) -> Option<u64> {
+    let prompt = req.prompt_tokens_estimate.unwrap_or(0);
+    if t.reserve {
+        return Some(prompt.saturating_add(req.max_tokens.unwrap_or(t.reserve_default_max_tokens)));
+    }
+    t.estimate_prompt_tokens.then_some(prompt)
+}
+
 fn check_tokens(
     now: Nanos,
     index: usize,
     t: &TokenLimit,
     classes: TokenClasses,
     counters: &mut [Counters],
-    key: &str,
-    estimate: u64,
+    ledger: &mut Ledger,
+    estimate: Option<u64>,
 ) -> Result<(), Rejection> {
+    let Ledger { keys, effects, .. } = ledger;
+    let key = keys.get(index);
     if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
-        if let Check::Reject { retry_in } = counters[class].check_tpm(now, key, tpm, t.estimate_prompt_tokens, estimate)
-        {
+        // A counter shared with an earlier limit already holds this request's reservation.
+        let own = effects.added(keys, class, key, Amount::Reserved);
+        if let Check::Reject { retry_in } = counters[class].check_tpm(now, key, tpm, estimate, own) {
             return Err(token_rejection(RejectReason::TokensPerMinute, index, retry_in.retry_after_secs(), t));
         }
     }
@@ -478,13 +502,19 @@ fn check_tokens(
             unreachable!("token quotas are calendar counters")
         };
         let count = calendar_entry(map, *period, now, key);
-        let over = match t.estimate_prompt_tokens {
-            false => count.tokens >= quota,
-            true => count.tokens + estimate > quota,
+        let over = match estimate {
+            None => count.tokens >= quota,
+            Some(estimate) => count.tokens.saturating_add(estimate) > quota,
         };
         if over {
             let secs = count.period_end.saturating_sub(now).retry_after_secs();
             return Err(token_rejection(RejectReason::TokenQuota, index, secs, t));
+        }
+    }
+    if let (true, Some(class), Some(estimate)) = (t.reserve, classes.0, estimate) {
+        if effects.added(keys, class, key, Amount::Reserved) == 0 {
+            counters[class].reserve_tpm(now, key, estimate);
+            effects.note(class, index, Amount::Reserved, estimate);
         }
     }
     Ok(())
@@ -601,10 +631,18 @@ fn finish_tokens(
     let tokens = info.total_tokens;
     let key = ledger.keys.get(index);
     if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
-        let charge = if ledger.effects.added(&ledger.keys, class, key, Amount::Tokens) == 0 { tokens } else { 0 };
-        let remaining = counters[class].charge_tpm(now, key, tpm, charge);
+        // A counter shared by several limits of the request is settled once.
+        let settled = ledger.effects.added(&ledger.keys, class, key, Amount::Settled) > 0;
+        let (reserved, charge) = match settled {
+            true => (0, 0),
+            false => (ledger.effects.added(&ledger.keys, class, key, Amount::Reserved), tokens),
+        };
+        let remaining = counters[class].settle_tpm(now, key, tpm, (ledger.admitted_at, reserved), charge);
         let effects = &mut ledger.effects;
-        effects.note(class, index, Amount::Tokens, charge);
+        if !settled {
+            effects.note(class, index, Amount::Settled, 1);
+            effects.note(class, index, Amount::Tokens, tokens);
+        }
         push_header(&mut effects.headers, &t.remaining_tokens_header_name, remaining);
         set_var(&mut effects.variables, &t.remaining_tokens_variable_name, remaining as i64);
     }
@@ -718,15 +756,18 @@ impl Counters {
 
     /// The tokens-per-minute check: without an estimate, rejected iff the window
     /// already holds `tpm` tokens; with one, iff counted plus estimate exceeds `tpm`.
-    fn check_tpm(&mut self, now: Nanos, key: &str, tpm: u64, estimating: bool, estimate: u64) -> Check {
+    /// `credit` is what this same request already reserved on the counter.
+    fn check_tpm(&mut self, now: Nanos, key: &str, tpm: u64, estimate: Option<u64>, credit: u64) -> Check {
         match self {
             Counters::Sliding { period, map, .. } => {
                 let log = map.entry(now, key, SlidingLog::default);
                 log.expire(now, *period);
-                let (over, allowed) = match estimating {
-                    false => (log.total() >= tpm, tpm - 1),
-                    true => (log.total() + estimate > tpm, tpm.saturating_sub(estimate)),
+                let counted = log.total().saturating_sub(credit);
+                let (over, allowed) = match estimate {
+                    None => (counted >= tpm, tpm - 1),
+                    Some(estimate) => (counted.saturating_add(estimate) > tpm, tpm.saturating_sub(estimate)),
                 };
+                let allowed = allowed.saturating_add(credit);
                 match over {
                     false => Check::Admit,
                     true => Check::Reject { retry_in: log.wait_until_at_most(now, *period, allowed) },
@@ -735,33 +776,60 @@ impl Counters {
             Counters::Bucket { shape, map, .. } => {
                 let bucket = map.entry(now, key, || Bucket::full(*shape, now));
                 bucket.refill(*shape, now);
-                match estimating {
-                    false => bucket.check_positive(*shape),
+                match estimate {
+                    None => bucket.check_positive(*shape),
                     // An estimate larger than the bucket can never pass; the honest
                     // advice is to wait until the bucket is full.
-                    true if estimate > shape.capacity => {
+                    Some(estimate) if estimate > shape.capacity => {
                         Check::Reject { retry_in: bucket.idle_at(*shape).saturating_sub(now) }
                     }
-                    true => bucket.check(*shape, estimate, 0),
+                    Some(estimate) => bucket.check(*shape, estimate, credit),
                 }
             }
             _ => unreachable!("tokens per minute are sliding or bucket counters"),
         }
     }
 
-    /// Charges tokens and returns the tokens remaining in the minute.
-    fn charge_tpm(&mut self, now: Nanos, key: &str, tpm: u64, tokens: u64) -> u64 {
+    /// Sets tokens aside at admission (reserve mode), stamped at `now`.
+    fn reserve_tpm(&mut self, now: Nanos, key: &str, tokens: u64) {
         match self {
             Counters::Sliding { period, map, .. } => {
                 let log = map.entry(now, key, SlidingLog::default);
                 log.expire(now, *period);
                 log.add(now, tokens);
-                tpm.saturating_sub(log.total())
             }
             Counters::Bucket { shape, map, .. } => {
                 let bucket = map.entry(now, key, || Bucket::full(*shape, now));
                 bucket.refill(*shape, now);
                 bucket.take(*shape, tokens);
+            }
+            _ => unreachable!("tokens per minute are sliding or bucket counters"),
+        }
+    }
+
+    /// Charges a request's tokens, settling what it reserved (`reserved` tokens at
+    /// instant `reserved.0`): a reservation that was too large gives the difference
+    /// back where it was stamped, one too small charges the excess now. Returns the
+    /// tokens remaining in the minute.
+    fn settle_tpm(&mut self, now: Nanos, key: &str, tpm: u64, reserved: (Nanos, u64), tokens: u64) -> u64 {
+        let (reserved_at, reserved) = reserved;
+        match self {
+            Counters::Sliding { period, map, .. } => {
+                let log = map.entry(now, key, SlidingLog::default);
+                log.expire(now, *period);
+                match tokens.checked_sub(reserved) {
+                    Some(excess) => log.add(now, excess),
+                    None => log.refund(reserved_at, reserved - tokens),
+                }
+                tpm.saturating_sub(log.total())
+            }
+            Counters::Bucket { shape, map, .. } => {
+                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
+                bucket.refill(*shape, now);
+                match tokens.checked_sub(reserved) {
+                    Some(excess) => bucket.take(*shape, excess),
+                    None => bucket.give_back(*shape, reserved - tokens),
+                }
                 bucket.available(*shape).max(0) as u64
             }
             _ => unreachable!("tokens per minute are sliding or bucket counters"),

@@ -17,6 +17,8 @@ pub struct RequestInfo {
     pub headers: Vec<(String, String)>,
     /// The driver's estimate of the prompt's tokens, for `estimate_prompt_tokens`.
     pub prompt_tokens_estimate: Option<u64>,
+    /// The request's `max_tokens` (or `max_completion_tokens`), for reserve mode.
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 pub mod counters;
 pub mod gateway;
 pub mod key;
+pub mod lifecycle;
 pub mod limiter;
 pub mod policy;
 pub mod routing;
@@ -13,6 +14,10 @@ pub use gateway::{
     Admitted, Completed, CoreError, Gateway, RejectReason, Rejection, RequestDecision, RequestId, ResponseInfo,
 };
 pub use key::{KeyExpr, RequestInfo, Subscription};
+pub use lifecycle::{
+    AttemptRecord, AttemptResult, Delivery, FinalReason, Finished, GeneratedResponse, OutcomeRecord, Pipeline, Step,
+    Usage,
+};
 pub use policy::{Algorithm, ByteSize, Limit, Policy, Quota, RateLimit, TokenLimit};
 pub use status::StatusPredicate;
 pub use time::{CalendarPeriod, EpochSeconds, Nanos};

@@ -53,6 +53,15 @@ impl SlidingLog {
         }
     }
 
+    /// Takes back up to `amount` counted at instant `at` (a reservation settled for
+    /// less than it held). An entry that has left the window is gone and needs nothing.
+    pub fn refund(&mut self, at: Nanos, amount: u64) {
+        let Ok(i) = self.entries.binary_search_by_key(&at, |e| e.0) else { return };
+        let back = amount.min(self.entries[i].1);
+        self.entries[i].1 -= back;
+        self.total -= back;
+    }
+
     /// How long until the window total is at most `allowed`, if nothing else arrives.
     pub fn wait_until_at_most(&self, now: Nanos, period: Nanos, allowed: u64) -> Nanos {
         let mut total = self.total;
@@ -147,6 +156,11 @@ impl Bucket {
 
     pub fn take(&mut self, shape: BucketShape, units: u64) {
         self.level -= units as i128 * shape.unit();
+    }
+
+    /// Returns units taken earlier (a reservation settled for less); never above full.
+    pub fn give_back(&mut self, shape: BucketShape, units: u64) {
+        self.level = (self.level + units as i128 * shape.unit()).min(shape.full());
     }
 
     /// After this instant the bucket is full again, as a fresh one would be.

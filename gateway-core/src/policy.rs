@@ -110,6 +110,10 @@ struct RawLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     estimate_prompt_tokens: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    reserve: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reserve_default_max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     retry_after_header_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retry_after_variable_name: Option<String>,
@@ -173,6 +177,8 @@ const TOKEN_FIELDS: &[&str] = &[
     "token_quota",
     "token_quota_period",
     "estimate_prompt_tokens",
+    "reserve",
+    "reserve_default_max_tokens",
     "algorithm",
     "retry_after_header_name",
     "retry_after_variable_name",
@@ -280,6 +286,8 @@ fn tokens_from(r: RawLimit) -> Result<TokenLimit, String> {
         token_quota: r.token_quota,
         token_quota_period: r.token_quota_period,
         estimate_prompt_tokens: r.estimate_prompt_tokens.unwrap_or(false),
+        reserve: r.reserve.unwrap_or(false),
+        reserve_default_max_tokens: r.reserve_default_max_tokens.unwrap_or(DEFAULT_RESERVE_MAX_TOKENS),
         algorithm: r.algorithm.unwrap_or_default(),
         retry_after_header_name: r.retry_after_header_name,
         retry_after_variable_name: r.retry_after_variable_name,
@@ -336,6 +344,8 @@ impl From<Limit> for RawLimit {
                 token_quota: f.token_quota,
                 token_quota_period: f.token_quota_period,
                 estimate_prompt_tokens: Some(f.estimate_prompt_tokens),
+                reserve: Some(f.reserve),
+                reserve_default_max_tokens: Some(f.reserve_default_max_tokens),
                 algorithm: Some(f.algorithm),
                 retry_after_header_name: f.retry_after_header_name,
                 retry_after_variable_name: f.retry_after_variable_name,
@@ -557,6 +567,14 @@ pub struct TokenLimitFields {
     pub token_quota_period: Option<CalendarPeriod>,
     #[serde(default)]
     pub estimate_prompt_tokens: bool,
+    /// aigw option (off in APIM-compatible mode): reserve the prompt estimate plus
+    /// `max_tokens` when admitting and settle with the real usage afterwards, so
+    /// concurrent and streaming requests cannot overshoot `tokens_per_minute`.
+    #[serde(default)]
+    pub reserve: bool,
+    /// The completion allowance reserved when a request gives no `max_tokens`.
+    #[serde(default = "default_reserve_max_tokens")]
+    pub reserve_default_max_tokens: u64,
     #[serde(default)]
     pub algorithm: Algorithm,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -577,6 +595,14 @@ pub struct TokenLimitFields {
     pub remaining_quota_tokens_variable_name: Option<String>,
 }
 
+/// What reserve mode sets aside for the completion when a request names no
+/// `max_tokens` (configurable per limit as `reserve_default_max_tokens`).
+pub const DEFAULT_RESERVE_MAX_TOKENS: u64 = 4096;
+
+fn default_reserve_max_tokens() -> u64 {
+    DEFAULT_RESERVE_MAX_TOKENS
+}
+
 impl TryFrom<TokenLimitFields> for TokenLimit {
     type Error = String;
     fn try_from(f: TokenLimitFields) -> Result<TokenLimit, String> {
@@ -585,6 +611,9 @@ impl TryFrom<TokenLimitFields> for TokenLimit {
         }
         if f.tokens_per_minute == Some(0) {
             return Err("`tokens_per_minute` must be at least 1".into());
+        }
+        if f.reserve && f.tokens_per_minute.is_none() {
+            return Err("`reserve` sets tokens aside within `tokens_per_minute`, which is not set".into());
         }
         match (f.token_quota, f.token_quota_period) {
             (Some(0), _) => Err("`token_quota` must be at least 1".into()),

@@ -7,6 +7,7 @@ use crate::status::StatusPredicate;
 use crate::time::Nanos;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// A backend APIM can forward to. Credentials are opaque to the core.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -283,9 +284,26 @@ struct BreakerState {
     open_until: Nanos,
 }
 
-/// The routing state of one gateway: breakers and round-robin cursors.
+/// Where `set-backend-service` points: a backend or a pool, by index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Target {
+    #[default]
+    Unrouted,
+    Backend(usize),
+    Pool(usize),
+}
+
+/// The routing state of one gateway: breakers and round-robin cursors, with the
+/// configuration resolved to indices so a decision allocates nothing.
 pub struct Router {
     config: Routing,
+    names: Vec<Arc<str>>,
+    urls: Vec<Arc<str>>,
+    /// Per pool: (backend index, weight, priority) per member.
+    members: Vec<Vec<(usize, u32, u8)>>,
+    start: Target,
+    /// The target of each `retry.switch` entry.
+    switches: Vec<Target>,
     breakers: Vec<BreakerState>,
     cursors: Vec<usize>,
 }
@@ -295,8 +313,8 @@ pub struct Router {
 pub struct Attempt {
     /// 0 for the first attempt, n for retry n.
     pub number: u32,
-    pub backend: String,
-    pub url: String,
+    pub backend: Arc<str>,
+    pub url: Arc<str>,
     pub timeout: Nanos,
 }
 
@@ -321,18 +339,37 @@ pub enum Next {
 }
 
 /// Per-request routing state.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Route {
-    target: String,
+    target: Target,
     attempts: u32,
 }
 
 impl Router {
     pub fn new(config: Routing) -> Result<Router, String> {
         config.validate()?;
-        let breakers = vec![BreakerState::default(); config.backends.len()];
-        let cursors = vec![0; config.pools.len()];
-        Ok(Router { config, breakers, cursors })
+        let backend = |id: &str| config.backends.iter().position(|b| b.id == id).expect("validated: members exist");
+        let members = config
+            .pools
+            .iter()
+            .map(|p| p.members.iter().map(|m| (backend(&m.backend), m.weight, m.priority)).collect())
+            .collect();
+        let target = |id: &str| match config.backends.iter().position(|b| b.id == id) {
+            Some(i) => Target::Backend(i),
+            None => Target::Pool(config.pools.iter().position(|p| p.id == id).expect("validated: targets exist")),
+        };
+        let start = target(&config.set_backend);
+        let switches = config.retry.iter().flat_map(|r| &r.switch).map(|s| target(&s.backend)).collect();
+        Ok(Router {
+            names: config.backends.iter().map(|b| Arc::from(b.id.as_str())).collect(),
+            urls: config.backends.iter().map(|b| Arc::from(b.url.as_str())).collect(),
+            members,
+            start,
+            switches,
+            breakers: vec![BreakerState::default(); config.backends.len()],
+            cursors: vec![0; config.pools.len()],
+            config,
+        })
     }
 
     pub fn config(&self) -> &Routing {
@@ -341,7 +378,7 @@ impl Router {
 
     /// The first attempt of a request.
     pub fn start(&mut self, now: Nanos, draw: u64) -> Result<(Route, Attempt), Unavailable> {
-        let mut route = Route { target: self.config.set_backend.clone(), attempts: 0 };
+        let mut route = Route { target: self.start, attempts: 0 };
         let attempt = self.attempt(now, &mut route, draw)?;
         Ok((route, attempt))
     }
@@ -360,8 +397,8 @@ impl Router {
         if !outcome.matches(&retry.condition, retry.on_transport_failure) || route.attempts > retry.count {
             return Next::Respond;
         }
-        if let Some(s) = retry.switch.iter().find(|s| outcome.matches(&s.when, s.on_transport_failure)) {
-            route.target = s.backend.clone();
+        if let Some(i) = retry.switch.iter().position(|s| outcome.matches(&s.when, s.on_transport_failure)) {
+            route.target = self.switches[i];
         }
         let mut wait = retry_wait(retry, route.attempts, draw);
         if let (true, AttemptOutcome::Response { retry_after: Some(advice), .. }) =
@@ -385,12 +422,11 @@ impl Router {
     }
 
     fn attempt(&mut self, at: Nanos, route: &mut Route, draw: u64) -> Result<Attempt, Unavailable> {
-        let backend = self.choose(at, &route.target, draw)?;
-        let b = &self.config.backends[backend];
+        let backend = self.choose(at, route.target, draw)?;
         let attempt = Attempt {
             number: route.attempts,
-            backend: b.id.clone(),
-            url: b.url.clone(),
+            backend: self.names[backend].clone(),
+            url: self.urls[backend].clone(),
             timeout: Nanos::from_secs(self.config.timeout),
         };
         route.attempts += 1;
@@ -398,36 +434,31 @@ impl Router {
     }
 
     /// Picks an available backend of a target (a backend or a pool).
-    fn choose(&mut self, now: Nanos, target: &str, draw: u64) -> Result<usize, Unavailable> {
-        if let Some(i) = self.index_of(target) {
-            let open_until = self.breakers[i].open_until;
-            return if open_until <= now { Ok(i) } else { Err(Unavailable { retry_after: open_until - now }) };
-        }
-        let p = self.config.pools.iter().position(|p| p.id == target).expect("validated: targets exist");
-        let members: Vec<(usize, u32, u8)> = self.config.pools[p]
-            .members
-            .iter()
-            .map(|m| (self.index_of(&m.backend).expect("validated: members exist"), m.weight, m.priority))
-            .collect();
-        let available: Vec<(usize, u32, u8)> =
-            members.iter().copied().filter(|&(i, _, _)| self.breakers[i].open_until <= now).collect();
-        if available.is_empty() {
-            let earliest =
-                members.iter().map(|&(i, _, _)| self.breakers[i].open_until).min().expect("pools have members");
+    fn choose(&mut self, now: Nanos, target: Target, draw: u64) -> Result<usize, Unavailable> {
+        let p = match target {
+            Target::Pool(p) => p,
+            Target::Backend(i) => {
+                let open_until = self.breakers[i].open_until;
+                return if open_until <= now { Ok(i) } else { Err(Unavailable { retry_after: open_until - now }) };
+            }
+            Target::Unrouted => unreachable!("a route starts at the configured target"),
+        };
+        let breakers = &self.breakers;
+        let available = |m: &&(usize, u32, u8)| breakers[m.0].open_until <= now;
+        let members = &self.members[p];
+        let Some(best) = members.iter().filter(available).map(|m| m.2).min() else {
+            let earliest = members.iter().map(|m| breakers[m.0].open_until).min().expect("pools have members");
             return Err(Unavailable { retry_after: earliest - now });
-        }
+        };
         Ok(match self.config.pools[p].strategy {
             PoolStrategy::RoundRobin => {
-                let pick = available[self.cursors[p] % available.len()].0;
+                let count = members.iter().filter(available).count();
+                let pick = members.iter().filter(available).nth(self.cursors[p] % count).expect("within count").0;
                 self.cursors[p] = self.cursors[p].wrapping_add(1);
                 pick
             }
-            PoolStrategy::Weighted => weighted(&available, draw),
-            PoolStrategy::Priority => {
-                let best = available.iter().map(|m| m.2).min().expect("not empty");
-                let group: Vec<_> = available.into_iter().filter(|m| m.2 == best).collect();
-                weighted(&group, draw)
-            }
+            PoolStrategy::Weighted => weighted(members.iter().filter(available), draw),
+            PoolStrategy::Priority => weighted(members.iter().filter(available).filter(|m| m.2 == best), draw),
         })
     }
 
@@ -460,8 +491,9 @@ impl Router {
     }
 }
 
-fn weighted(members: &[(usize, u32, u8)], draw: u64) -> usize {
-    let total: u64 = members.iter().map(|m| u64::from(m.1)).sum();
+/// Picks a member with probability proportional to its weight; `draw` is uniform.
+fn weighted<'m>(members: impl Iterator<Item = &'m (usize, u32, u8)> + Clone, draw: u64) -> usize {
+    let total: u64 = members.clone().map(|m| u64::from(m.1)).sum();
     let mut point = ((draw as u128 * total as u128) >> 64) as u64;
     for m in members {
         if point < u64::from(m.1) {

@@ -34,7 +34,7 @@ fn check(text: &str, script: &[AttemptOutcome], draw: u64, expected: &[(&str, Op
     }
     assert_eq!(seen.len(), expected.len(), "attempts: {seen:?}");
     for (i, ((backend, wait), (want_backend, bounds))) in seen.iter().zip(expected).enumerate() {
-        assert_eq!(backend, want_backend, "attempt {i}");
+        assert_eq!(backend.as_ref(), *want_backend, "attempt {i}");
         match (wait, bounds) {
             (None, None) => {}
             (Some(w), Some((low, high))) => {
@@ -141,8 +141,8 @@ fn priority_pools_skip_tripped_members_and_fall_back_to_lower_priorities() {
     let mut router = Router::new(routing(POOL)).unwrap();
     let t = Nanos::from_secs(100);
     // Weights 1:3 within priority 0: draws below a quarter pick `a`.
-    assert_eq!(router.start(t, 0).unwrap().1.backend, "a");
-    assert_eq!(router.start(t, u64::MAX).unwrap().1.backend, "b");
+    assert_eq!(router.start(t, 0).unwrap().1.backend.as_ref(), "a");
+    assert_eq!(router.start(t, u64::MAX).unwrap().1.backend.as_ref(), "b");
     // Trip `b` with a 503 carrying Retry-After 20 s (accepted), `a` with two 429s.
     let (mut route, _) = router.start(t, 0).unwrap();
     router.handle_outcome(
@@ -153,14 +153,14 @@ fn priority_pools_skip_tripped_members_and_fall_back_to_lower_priorities() {
         0,
     );
     assert!(!router.is_available(t, "b"));
-    assert_eq!(router.start(t, u64::MAX).unwrap().1.backend, "a");
+    assert_eq!(router.start(t, u64::MAX).unwrap().1.backend.as_ref(), "a");
     router.handle_outcome(t, &mut route, "a", status(429), 0);
     router.handle_outcome(t, &mut route, "a", status(429), 0);
     // Every priority-0 member is tripped: priority 1 takes over.
-    assert_eq!(router.start(t, 0).unwrap().1.backend, "c");
+    assert_eq!(router.start(t, 0).unwrap().1.backend.as_ref(), "c");
     // `b` comes back after its Retry-After (20 s), `a` after trip_duration (30 s).
-    assert_eq!(router.start(t + Nanos::from_secs(20), 0).unwrap().1.backend, "b");
-    assert_eq!(router.start(t + Nanos::from_secs(30), 0).unwrap().1.backend, "a");
+    assert_eq!(router.start(t + Nanos::from_secs(20), 0).unwrap().1.backend.as_ref(), "b");
+    assert_eq!(router.start(t + Nanos::from_secs(30), 0).unwrap().1.backend.as_ref(), "a");
 }
 
 #[test]
@@ -179,7 +179,7 @@ fn a_pool_with_no_available_member_answers_unavailable_until_the_earliest_return
 fn round_robin_rotates_over_available_members() {
     let text = POOL.replace("\"priority\"", "\"round-robin\"");
     let mut router = Router::new(routing(&text)).unwrap();
-    let picks: Vec<String> = (0..6).map(|_| router.start(Nanos::ZERO, 0).unwrap().1.backend).collect();
+    let picks: Vec<String> = (0..6).map(|_| router.start(Nanos::ZERO, 0).unwrap().1.backend.to_string()).collect();
     assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
 }
 

@@ -543,6 +543,7 @@ fn counter_keys_read_the_request() {
             ("authorization".into(), jwt(r#"{"sub":"alice","tid":42,"oid":null}"#)),
         ],
         prompt_tokens_estimate: None,
+        max_tokens: None,
     };
     let key = |toml_value: &str| -> String {
         #[derive(serde::Deserialize)]

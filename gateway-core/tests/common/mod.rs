@@ -67,6 +67,7 @@ pub fn request_for(c: &Call) -> RequestInfo {
         product: Some("starter".to_owned()),
         headers: vec![],
         prompt_tokens_estimate: c.estimate,
+        max_tokens: None,
     }
 }
 

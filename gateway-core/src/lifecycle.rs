@@ -1,0 +1,411 @@
+//! The whole life of a client request: limits on the way in, attempts at backends
+//! with retry and failover, delivery, and the books on the way out.
+//!
+//! [`Pipeline`] joins the limit pipeline ([`Gateway`]) and the `<backend>` side
+//! ([`Router`]). The driver (simulator or proxy) feeds it events and performs the
+//! [`Step`]s it returns:
+//!
+//! ```text
+//! handle_request ──► Forward{attempt, at} ──(driver sends at `at`)──► handle_attempt
+//!        │                    ▲                                            │
+//!        │                    └──────────── Forward (retry) ◄──────────────┤
+//!        ▼                                                                 ▼
+//!   Respond(Finished)  ◄── Respond (503, 500, 504) ◄───────── Deliver ─► handle_delivered ─► Finished
+//! ```
+//!
+//! Every client request ends in exactly one [`Finished`], which carries its
+//! [`OutcomeRecord`] and charges its tokens once.
+
+use crate::gateway::{CoreError, Gateway, RejectReason, RequestDecision, RequestId, ResponseInfo};
+use crate::key::RequestInfo;
+use crate::policy::Policy;
+use crate::routing::{Attempt, AttemptOutcome, Next, Route, Router, Routing, Unavailable};
+use crate::time::Nanos;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// Tokens a response reported in `usage`, or the driver counted (prompt with the
+/// model's tokenizer, completion from the streamed text).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn total(self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+
+    fn add(&mut self, other: Usage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
+/// What the driver does next for a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send the request to `attempt.backend` at instant `at` (now, or after the
+    /// retry wait), then report with [`Pipeline::handle_attempt`].
+    Forward { id: RequestId, attempt: Attempt, at: Nanos },
+    /// Pass the backend's response to the client unchanged, then report what was
+    /// delivered with [`Pipeline::handle_delivered`].
+    Deliver { id: RequestId },
+    /// Answer the client with this; the request is over.
+    Respond(Finished),
+}
+
+/// The end of a client request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// A response the gateway made itself (rejection, 503, 500, 504); `None` when
+    /// the client got the backend's response.
+    pub generated: Option<GeneratedResponse>,
+    /// Headers the policy adds to the client response (remaining calls, tokens).
+    pub headers: Vec<(String, String)>,
+    pub variables: Vec<(String, i64)>,
+    pub record: OutcomeRecord,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeneratedResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// Why a request ended the way it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "detail")]
+pub enum FinalReason {
+    /// The client got a backend response (any status, after any retries).
+    Backend,
+    /// A limit rejected the request before any backend saw it.
+    Limited(RejectReason),
+    /// Every candidate backend's circuit breaker was open: 503.
+    Unavailable,
+    /// The last attempt timed out: 504.
+    Timeout,
+    /// The last attempt failed to connect or was reset: 500.
+    TransportFailure,
+}
+
+/// How one attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptResult {
+    Status(u16),
+    TransportFailure,
+    Timeout,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AttemptRecord {
+    pub backend: Arc<str>,
+    /// The retry wait before this attempt (zero for the first).
+    pub wait: Nanos,
+    pub started: Nanos,
+    pub ended: Nanos,
+    pub result: AttemptResult,
+    pub tokens: u64,
+}
+
+/// Everything the decision log, the proxy's logs and its metrics need about one
+/// client request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OutcomeRecord {
+    pub arrived: Nanos,
+    pub finished: Nanos,
+    pub attempts: Vec<AttemptRecord>,
+    /// The status the client received.
+    pub status: u16,
+    pub reason: FinalReason,
+    /// Tokens charged to the request's token counters: every attempt's usage plus
+    /// what was delivered, exactly once.
+    pub usage: Usage,
+}
+
+impl OutcomeRecord {
+    pub fn tokens_charged(&self) -> u64 {
+        self.usage.total()
+    }
+}
+
+/// What the driver knows once the delivered response is over (the body read, or
+/// the stream ended or broke).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// The usage of the delivered response: from `usage`, the final stream chunk,
+    /// or counted; for a broken stream, what was sent before it broke.
+    pub usage: Usage,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+enum Phase {
+    /// An attempt is on its way to a backend.
+    Attempting { attempt: Attempt, started: Nanos, wait: Nanos },
+    /// The backend's response with this status is being delivered.
+    Delivering { status: u16 },
+}
+
+struct Flight {
+    id: RequestId,
+    route: Route,
+    phase: Phase,
+    record: OutcomeRecord,
+}
+
+/// The sans-IO request lifecycle of one gateway: limits, routing and the books.
+pub struct Pipeline {
+    gateway: Gateway,
+    router: Router,
+    /// Indexed by the slot half of a `RequestId`, which the gateway keeps unique
+    /// among requests in flight.
+    flights: Vec<Option<Flight>>,
+}
+
+impl Pipeline {
+    /// Builds the pipeline; the routing is validated and an error names what is wrong.
+    pub fn new(policy: &Policy, routing: Routing, hash_seed: u64) -> Result<Pipeline, String> {
+        Ok(Pipeline { gateway: Gateway::new(policy, hash_seed), router: Router::new(routing)?, flights: Vec::new() })
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Requests between `handle_request` and their `Finished`.
+    pub fn in_flight_count(&self) -> usize {
+        self.gateway.in_flight_count()
+    }
+
+    /// A client request arrives. `draw` is a uniform `u64` from the driver's RNG.
+    pub fn handle_request(&mut self, now: Nanos, req: &RequestInfo, draw: u64) -> Step {
+        let mut record = OutcomeRecord {
+            arrived: now,
+            finished: now,
+            attempts: Vec::new(),
+            status: 0,
+            reason: FinalReason::Backend,
+            usage: Usage::default(),
+        };
+        let admitted = match self.gateway.handle_request(now, req) {
+            RequestDecision::Forward(admitted) => admitted,
+            RequestDecision::Reject(rejection) => {
+                record.status = rejection.status;
+                record.reason = FinalReason::Limited(rejection.reason);
+                let generated =
+                    GeneratedResponse { status: rejection.status, headers: rejection.headers, body: rejection.body };
+                return Step::Respond(Finished {
+                    generated: Some(generated),
+                    headers: Vec::new(),
+                    variables: rejection.variables,
+                    record,
+                });
+            }
+        };
+        let id = admitted.id;
+        match self.router.start(now, draw) {
+            Ok((route, attempt)) => {
+                let phase = Phase::Attempting { attempt: attempt.clone(), started: now, wait: Nanos::ZERO };
+                self.insert(Flight { id, route, phase, record });
+                Step::Forward { id, attempt, at: now }
+            }
+            Err(unavailable) => {
+                let flight = Flight { id, route: Route::default(), phase: Phase::Delivering { status: 503 }, record };
+                let response = unavailable_response(unavailable);
+                Step::Respond(self.finish_generated(
+                    now,
+                    flight,
+                    FinalReason::Unavailable,
+                    response,
+                    admitted.variables,
+                ))
+            }
+        }
+    }
+
+    /// An attempt ended: the backend answered (status known; for a response that
+    /// will not be delivered, `usage` is what its body reported), or failed, or
+    /// timed out. A response that comes after the attempt's timeout is a timeout.
+    pub fn handle_attempt(
+        &mut self,
+        now: Nanos,
+        id: RequestId,
+        outcome: AttemptOutcome,
+        usage: Usage,
+        draw: u64,
+    ) -> Result<Step, CoreError> {
+        let mut flight = self.take(id)?;
+        let Phase::Attempting { attempt, started, wait } = &flight.phase else {
+            self.insert(flight);
+            return Err(CoreError::WrongPhase(id));
+        };
+        let (attempt, started, wait) = (attempt.clone(), *started, *wait);
+        let outcome = match outcome {
+            AttemptOutcome::Response { .. } if now.saturating_sub(started) > attempt.timeout => AttemptOutcome::Timeout,
+            other => other,
+        };
+        flight.record.usage.add(usage);
+        flight.record.attempts.push(AttemptRecord {
+            backend: attempt.backend.clone(),
+            wait,
+            started,
+            ended: now,
+            result: result_of(outcome),
+            tokens: usage.total(),
+        });
+        match self.router.handle_outcome(now, &mut flight.route, &attempt.backend, outcome, draw) {
+            Next::Retry { attempt, wait } => {
+                let at = now + wait;
+                flight.phase = Phase::Attempting { attempt: attempt.clone(), started: at, wait };
+                self.insert(flight);
+                Ok(Step::Forward { id, attempt, at })
+            }
+            Next::Respond => Ok(self.respond(now, flight, outcome)),
+            Next::Unavailable(unavailable) => {
+                let response = unavailable_response(unavailable);
+                Ok(Step::Respond(self.finish_generated(now, flight, FinalReason::Unavailable, response, Vec::new())))
+            }
+        }
+    }
+
+    /// The delivered response is over; charges the request's tokens once.
+    pub fn handle_delivered(&mut self, now: Nanos, id: RequestId, delivery: Delivery) -> Result<Finished, CoreError> {
+        let mut flight = self.take(id)?;
+        let Phase::Delivering { status } = flight.phase else {
+            self.insert(flight);
+            return Err(CoreError::WrongPhase(id));
+        };
+        flight.record.usage.add(delivery.usage);
+        if let Some(last) = flight.record.attempts.last_mut() {
+            last.tokens += delivery.usage.total();
+        }
+        let info = ResponseInfo {
+            status: Some(status),
+            total_tokens: flight.record.usage.total(),
+            request_bytes: delivery.request_bytes,
+            response_bytes: delivery.response_bytes,
+        };
+        let completed = self.gateway.handle_response(now, id, &info)?;
+        flight.record.status = status;
+        flight.record.reason = FinalReason::Backend;
+        flight.record.finished = now;
+        Ok(Finished {
+            generated: None,
+            headers: completed.headers,
+            variables: completed.variables,
+            record: flight.record,
+        })
+    }
+
+    /// The next instant the core has timed work (idle counters to evict).
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        self.gateway.poll_timeout()
+    }
+
+    pub fn handle_timeout(&mut self, now: Nanos) {
+        self.gateway.handle_timeout(now);
+    }
+
+    /// The client gets the last attempt's result: a response is delivered, a
+    /// transport failure or timeout becomes the gateway's own error response.
+    fn respond(&mut self, now: Nanos, mut flight: Flight, outcome: AttemptOutcome) -> Step {
+        let id = flight.id;
+        match outcome {
+            AttemptOutcome::Response { status, .. } => {
+                flight.phase = Phase::Delivering { status };
+                self.insert(flight);
+                Step::Deliver { id }
+            }
+            AttemptOutcome::TransportFailure => {
+                let response = gateway_error(500, "Internal server error");
+                Step::Respond(self.finish_generated(now, flight, FinalReason::TransportFailure, response, Vec::new()))
+            }
+            AttemptOutcome::Timeout => {
+                let response = gateway_error(504, "Gateway timeout");
+                Step::Respond(self.finish_generated(now, flight, FinalReason::Timeout, response, Vec::new()))
+            }
+        }
+    }
+
+    fn finish_generated(
+        &mut self,
+        now: Nanos,
+        mut flight: Flight,
+        reason: FinalReason,
+        generated: GeneratedResponse,
+        mut variables: Vec<(String, i64)>,
+    ) -> Finished {
+        flight.record.reason = reason;
+        let info = ResponseInfo {
+            status: Some(generated.status),
+            total_tokens: flight.record.usage.total(),
+            ..ResponseInfo::default()
+        };
+        let completed =
+            self.gateway.handle_response(now, flight.id, &info).expect("a flight is admitted by the gateway");
+        variables.extend(completed.variables);
+        flight.record.status = generated.status;
+        flight.record.finished = now;
+        Finished { generated: Some(generated), headers: completed.headers, variables, record: flight.record }
+    }
+
+    fn slot(id: RequestId) -> usize {
+        (id.0 & 0xffff_ffff) as usize
+    }
+
+    fn insert(&mut self, flight: Flight) {
+        let slot = Self::slot(flight.id);
+        if self.flights.len() <= slot {
+            self.flights.resize_with(slot + 1, || None);
+        }
+        debug_assert!(self.flights[slot].is_none(), "the gateway hands out each live slot once");
+        self.flights[slot] = Some(flight);
+    }
+
+    fn take(&mut self, id: RequestId) -> Result<Flight, CoreError> {
+        let slot = self.flights.get_mut(Self::slot(id)).ok_or(CoreError::UnknownRequest(id))?;
+        match slot {
+            Some(flight) if flight.id == id => Ok(slot.take().expect("just matched")),
+            _ => Err(CoreError::UnknownRequest(id)),
+        }
+    }
+}
+
+fn result_of(outcome: AttemptOutcome) -> AttemptResult {
+    match outcome {
+        AttemptOutcome::Response { status, .. } => AttemptResult::Status(status),
+        AttemptOutcome::TransportFailure => AttemptResult::TransportFailure,
+        AttemptOutcome::Timeout => AttemptResult::Timeout,
+    }
+}
+
+/// APIM's answer when a circuit breaker (or every pool member's) is open.
+fn unavailable_response(unavailable: Unavailable) -> GeneratedResponse {
+    let secs = unavailable.retry_after.retry_after_secs();
+    GeneratedResponse {
+        status: 503,
+        headers: vec![
+            ("Content-Type".to_owned(), "application/json".to_owned()),
+            ("Retry-After".to_owned(), secs.to_string()),
+        ],
+        body: format!(
+            "{{\"statusCode\": 503, \"message\": \"Service Unavailable: no backend is available. Try again in {secs} seconds.\"}}"
+        ),
+    }
+}
+
+fn gateway_error(status: u16, message: &str) -> GeneratedResponse {
+    GeneratedResponse {
+        status,
+        headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
+        body: format!("{{\"statusCode\": {status}, \"message\": \"{message}\"}}"),
+    }
+}

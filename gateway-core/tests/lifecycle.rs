@@ -1,0 +1,513 @@
+//! The whole life of a request through `Pipeline`: limits, attempts, retries,
+//! failover, delivery, and tokens charged exactly once.
+
+use gateway_core::routing::{AttemptOutcome, Routing};
+use gateway_core::{
+    Delivery, FinalReason, Finished, Gateway, Nanos, Pipeline, Policy, RequestDecision, RequestInfo, ResponseInfo,
+    Step, Usage,
+};
+use proptest::prelude::*;
+
+const SEED: &str = include_str!("../../policies/seed-failover-routing.toml");
+
+fn routing(text: &str) -> Routing {
+    toml::from_str(text).unwrap_or_else(|e| panic!("test routing does not parse: {e}"))
+}
+
+fn policy(text: &str) -> Policy {
+    Policy::from_toml(text).unwrap_or_else(|e| panic!("test policy does not parse: {e}"))
+}
+
+fn outcome(word: &str) -> AttemptOutcome {
+    match word {
+        "timeout" => AttemptOutcome::Timeout,
+        "reset" => AttemptOutcome::TransportFailure,
+        status => AttemptOutcome::Response { status: status.parse().unwrap(), retry_after: None },
+    }
+}
+
+fn usage(total: u64) -> Usage {
+    Usage { prompt_tokens: total / 2, completion_tokens: total - total / 2 }
+}
+
+/// Runs one request whose attempts end as `script` says (each attempt takes
+/// `latency_ms`, each reports 10 tokens, the delivered body 100) and returns a
+/// trace: `backend+wait:result` per attempt, then `=> status reason tokens`.
+fn run(pipeline: &mut Pipeline, start: Nanos, script: &[&str], latency_ms: u64) -> String {
+    let req = RequestInfo { ip: "10.0.0.1".into(), ..Default::default() };
+    let mut trace = Vec::new();
+    let mut step = pipeline.handle_request(start, &req, 0);
+    let mut script = script.iter();
+    let mut now = start;
+    let finished: Finished = loop {
+        match step {
+            Step::Forward { id, attempt, at } => {
+                let word = script.next().unwrap_or_else(|| panic!("script ran out: {trace:?}"));
+                trace.push(format!("{}+{}s:{word}", attempt.backend, (at - start).as_secs_f64()));
+                now = at + Nanos::from_millis(latency_ms);
+                step = pipeline.handle_attempt(now, id, outcome(word), usage(10), 0).unwrap();
+            }
+            Step::Deliver { id } => {
+                let delivery = Delivery { usage: usage(100), ..Default::default() };
+                break pipeline.handle_delivered(now + Nanos::from_millis(10), id, delivery).unwrap();
+            }
+            Step::Respond(finished) => break finished,
+        }
+    };
+    let record = &finished.record;
+    let reason = match record.reason {
+        FinalReason::Backend => "backend".to_owned(),
+        other => format!("{other:?}").to_lowercase(),
+    };
+    format!("{} => {} {reason} {}", trace.join(" "), record.status, record.tokens_charged())
+}
+
+fn check(routing_text: &str, script: &[&str], expected: &str) {
+    let mut pipeline = Pipeline::new(&Policy::default(), routing(routing_text), 0).unwrap();
+    let trace = run(&mut pipeline, Nanos::from_secs(1_000), script, 100);
+    assert_eq!(trace, expected, "script {script:?}");
+    assert_eq!(pipeline.in_flight_count(), 0, "the request is over");
+}
+
+#[test]
+fn seed_failover_policy_through_the_whole_lifecycle() {
+    // Retry n waits min(8, 1 + (2^(n-1) - 1)·u) after the failed attempt; draw 0 is u = 0.8.
+    check(
+        SEED,
+        &["429"; 6],
+        "primary+0s:429 secondary+1.1s:429 secondary+3s:429 secondary+6.5s:429 secondary+13.2s:429 \
+         secondary+21.3s:429 => 429 backend 160",
+    );
+    check(SEED, &["503", "200"], "primary+0s:503 secondary+1.1s:200 => 200 backend 120");
+    check(SEED, &["200"], "primary+0s:200 => 200 backend 110");
+    check(SEED, &["400"], "primary+0s:400 => 400 backend 110");
+    // The seed's condition names statuses only: a timeout is not retried.
+    check(SEED, &["timeout"], "primary+0s:timeout => 504 timeout 10");
+    check(SEED, &["reset"], "primary+0s:reset => 500 transportfailure 10");
+    let with_transport =
+        SEED.replace("first_fast_retry = false", "first_fast_retry = true\non_transport_failure = true");
+    check(
+        &with_transport,
+        &["reset", "timeout", "200"],
+        "primary+0s:reset primary+0.1s:timeout primary+2s:200 => 200 backend 130",
+    );
+}
+
+#[test]
+fn a_response_after_the_attempt_timeout_is_a_timeout() {
+    let text = SEED.replace("set_backend = \"primary\"", "set_backend = \"primary\"\ntimeout = 2");
+    let mut pipeline = Pipeline::new(&Policy::default(), routing(&text), 0).unwrap();
+    let trace = run(&mut pipeline, Nanos::from_secs(1_000), &["200"], 2_001);
+    assert_eq!(trace, "primary+0s:200 => 504 timeout 10");
+}
+
+const BREAKER: &str = r#"
+set_backend = "only"
+
+[[backends]]
+id = "only"
+url = "http://only"
+circuit_breaker = { failure_count = 1, interval = 60, statuses = ">=500", trip_duration = 30 }
+"#;
+
+#[test]
+fn an_open_breaker_answers_503_with_retry_after() {
+    let mut pipeline = Pipeline::new(&Policy::default(), routing(BREAKER), 0).unwrap();
+    let t = Nanos::from_secs(1_000);
+    assert_eq!(run(&mut pipeline, t, &["500"], 100), "only+0s:500 => 500 backend 110");
+    let req = RequestInfo::default();
+    let Step::Respond(finished) = pipeline.handle_request(t + Nanos::from_secs(10), &req, 0) else {
+        panic!("a tripped backend must not be tried")
+    };
+    let generated = finished.generated.unwrap();
+    assert_eq!(generated.status, 503);
+    // Tripped at t + 0.1 s for 30 s: 20.1 s remain, rounded up.
+    assert!(generated.headers.contains(&("Retry-After".to_owned(), "21".to_owned())), "{:?}", generated.headers);
+    assert_eq!(finished.record.reason, FinalReason::Unavailable);
+    assert_eq!(run(&mut pipeline, t + Nanos::from_secs(31), &["200"], 100), "only+0s:200 => 200 backend 110");
+}
+
+#[test]
+fn limits_reject_before_any_backend_and_headers_come_back_on_delivery() {
+    let policy = policy(
+        r#"
+        [[limits]]
+        type = "rate-limit-by-key"
+        calls = 1
+        renewal_period = 60
+        counter_key = "ip"
+        remaining_calls_header_name = "x-remaining"
+        "#,
+    );
+    let mut pipeline = Pipeline::new(&policy, routing(SEED), 0).unwrap();
+    let t = Nanos::from_secs(1_000);
+    let req = RequestInfo { ip: "10.0.0.1".into(), ..Default::default() };
+    let Step::Forward { id, .. } = pipeline.handle_request(t, &req, 0) else { panic!() };
+    assert!(matches!(pipeline.handle_attempt(t, id, outcome("200"), Usage::default(), 0), Ok(Step::Deliver { .. })));
+    let finished = pipeline.handle_delivered(t, id, Delivery::default()).unwrap();
+    assert_eq!(finished.headers, [("x-remaining".to_owned(), "0".to_owned())]);
+    let Step::Respond(rejected) = pipeline.handle_request(t, &req, 0) else { panic!() };
+    assert_eq!(rejected.record.status, 429);
+    assert!(rejected.record.attempts.is_empty());
+    assert_eq!(
+        rejected.generated.unwrap().body,
+        r#"{"statusCode": 429, "message": "Rate limit is exceeded. Try again in 60 seconds."}"#
+    );
+}
+
+#[test]
+fn events_out_of_phase_or_for_unknown_requests_are_errors_not_panics() {
+    let mut pipeline = Pipeline::new(&Policy::default(), routing(SEED), 0).unwrap();
+    let t = Nanos::from_secs(1);
+    let Step::Forward { id, .. } = pipeline.handle_request(t, &RequestInfo::default(), 0) else { panic!() };
+    assert!(pipeline.handle_delivered(t, id, Delivery::default()).is_err(), "no response to deliver yet");
+    let Ok(Step::Deliver { .. }) = pipeline.handle_attempt(t, id, outcome("200"), Usage::default(), 0) else {
+        panic!()
+    };
+    assert!(pipeline.handle_attempt(t, id, outcome("200"), Usage::default(), 0).is_err(), "already delivering");
+    pipeline.handle_delivered(t, id, Delivery::default()).unwrap();
+    assert!(pipeline.handle_delivered(t, id, Delivery::default()).is_err(), "finished twice");
+}
+
+const TOKENS: &str = r#"
+[[limits]]
+type = "azure-openai-token-limit"
+counter_key = { const = "all" }
+tokens_per_minute = 1000000000
+remaining_tokens_header_name = "x-remaining-tokens"
+
+[[limits]]
+type = "llm-token-limit"
+counter_key = { const = "all" }
+tokens_per_minute = 1000000000
+token_quota = 1000000000
+token_quota_period = "Daily"
+"#;
+
+const FAST_RETRY: &str = r#"
+set_backend = "pool"
+
+[[backends]]
+id = "a"
+url = "http://a"
+
+[[backends]]
+id = "b"
+url = "http://b"
+
+[[pools]]
+id = "pool"
+strategy = "round-robin"
+members = [{ backend = "a" }, { backend = "b" }]
+
+[retry]
+condition = "429, >=500"
+on_transport_failure = true
+count = 3
+interval = 0.05
+"#;
+
+#[derive(Clone, Debug)]
+struct Script {
+    /// (result, tokens its response reported) per attempt, as many as the request needs.
+    attempts: Vec<(&'static str, u64)>,
+    /// Tokens the delivered body or stream carried (what was sent, if it broke).
+    delivered: u64,
+}
+
+fn script() -> impl Strategy<Value = Script> {
+    let result = prop::sample::select(vec!["200", "429", "500", "503", "400", "timeout", "reset"]);
+    (prop::collection::vec((result, 0u64..400), 4), 0u64..2_000)
+        .prop_map(|(attempts, delivered)| Script { attempts, delivered })
+}
+
+proptest! {
+    /// Whatever the interleaving of requests, responses, retries and broken
+    /// streams, every token reported is charged exactly once: per request, in
+    /// total, and in the token counters.
+    #[test]
+    fn every_token_is_charged_exactly_once(
+        scripts in prop::collection::vec(script(), 1..10),
+        picks in prop::collection::vec(any::<u64>(), 80),
+    ) {
+        let mut pipeline = Pipeline::new(&policy(TOKENS), routing(FAST_RETRY), 7).unwrap();
+        let mut now = Nanos::from_secs(1_000);
+        // Per request: (step awaiting the driver, attempts made, tokens reported).
+        let mut live: Vec<(usize, Step, usize, u64)> = Vec::new();
+        let mut finished: Vec<(usize, Finished, u64)> = Vec::new();
+        for (i, _) in scripts.iter().enumerate() {
+            let step = pipeline.handle_request(now, &RequestInfo::default(), picks[i % picks.len()]);
+            live.push((i, step, 0, 0));
+        }
+        let mut k = 0;
+        while !live.is_empty() {
+            let pick = (picks[k % picks.len()] as usize + k) % live.len();
+            k += 1;
+            now = now + Nanos::from_millis(1);
+            let (i, step, made, reported) = live.swap_remove(pick);
+            let script = &scripts[i];
+            let next = match step {
+                Step::Forward { id, at, .. } => {
+                    now = now.max(at);
+                    let (word, tokens) = script.attempts[made.min(script.attempts.len() - 1)];
+                    let step = pipeline.handle_attempt(now, id, outcome(word), usage(tokens), k as u64).unwrap();
+                    Some((step, made + 1, reported + tokens))
+                }
+                Step::Deliver { id } => {
+                    let delivery = Delivery { usage: usage(script.delivered), ..Default::default() };
+                    let f = pipeline.handle_delivered(now, id, delivery).unwrap();
+                    finished.push((i, f, reported + script.delivered));
+                    None
+                }
+                Step::Respond(f) => {
+                    finished.push((i, f, reported));
+                    None
+                }
+            };
+            if let Some((step, made, reported)) = next {
+                prop_assert!(made <= 4, "at most count + 1 attempts");
+                live.push((i, step, made, reported));
+            }
+        }
+        prop_assert_eq!(pipeline.in_flight_count(), 0);
+        let mut total = 0;
+        for (i, f, reported) in &finished {
+            prop_assert_eq!(f.record.tokens_charged(), *reported, "request {}", i);
+            prop_assert_eq!(f.record.attempts.iter().map(|a| a.tokens).sum::<u64>(), *reported);
+            total += reported;
+        }
+        // The request that finished last read the counter after every charge (all
+        // within one minute), so the counter holds exactly the tokens reported.
+        let last = &finished.iter().max_by_key(|f| f.1.record.finished).expect("at least one request").1;
+        let remaining: u64 = last.headers[0].1.parse().unwrap();
+        prop_assert_eq!(1_000_000_000 - remaining, total);
+    }
+
+    /// Reserve mode: the tokens a key is charged, stamped when each request was
+    /// admitted, never exceed `tokens_per_minute` in any 60-second window, however
+    /// many requests run at once and however long they take.
+    #[test]
+    fn reserve_mode_never_exceeds_tokens_per_minute(
+        requests in prop::collection::vec((0u64..180_000, 0u64..800, 1u64..1_200, 0u64..=100, 1u64..90_000), 1..60),
+    ) {
+        let tpm = 4_000;
+        let text = format!(
+            "[[limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = {tpm}\nreserve = true\n"
+        );
+        let mut gw = Gateway::new(&policy(&text), 3);
+        let start = Nanos::from_secs(1_000);
+        // Events in time order: arrivals (kind 1) after completions (kind 0) at the same instant.
+        let mut events: Vec<(u64, u8, usize)> = Vec::new();
+        for (i, &(arrive, _, _, _, duration)) in requests.iter().enumerate() {
+            events.push((arrive, 1, i));
+            events.push((arrive + duration, 0, i));
+        }
+        events.sort();
+        let mut ids = vec![None; requests.len()];
+        let mut charged: Vec<(u64, u64)> = Vec::new();
+        for (t, kind, i) in events {
+            let (arrive, prompt, max_tokens, used_pct, _) = requests[i];
+            let now = start + Nanos::from_millis(t);
+            let req = RequestInfo { ip: "k".into(), prompt_tokens_estimate: Some(prompt), max_tokens: Some(max_tokens), ..Default::default() };
+            if kind == 1 {
+                if let RequestDecision::Forward(a) = gw.handle_request(now, &req) {
+                    ids[i] = Some(a.id);
+                }
+            } else if let Some(id) = ids[i] {
+                let total = prompt + max_tokens * used_pct / 100;
+                gw.handle_response(now, id, &ResponseInfo { status: Some(200), total_tokens: total, ..Default::default() }).unwrap();
+                charged.push((arrive, total));
+            }
+        }
+        // Window sums only change at admissions, so checking the minute ending at
+        // each admission checks every window.
+        for &(t, _) in &charged {
+            let window: u64 = charged.iter().filter(|&&(s, _)| s + 60_000 > t && s <= t).map(|c| c.1).sum();
+            prop_assert!(window <= tpm, "{} tokens in the minute ending at {} ms", window, t);
+        }
+    }
+}
+
+#[test]
+fn without_reserve_concurrent_requests_overshoot_and_with_it_they_cannot() {
+    let overshoot = |reserve: bool| -> u64 {
+        let text = format!(
+            "[[limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = 1000\nreserve = {reserve}\n"
+        );
+        let mut gw = Gateway::new(&policy(&text), 0);
+        let req = RequestInfo {
+            ip: "k".into(),
+            prompt_tokens_estimate: Some(100),
+            max_tokens: Some(400),
+            ..Default::default()
+        };
+        let t = Nanos::from_secs(1);
+        // Ten requests arrive together; each will use 500 tokens.
+        let ids: Vec<_> = (0..10)
+            .filter_map(|_| match gw.handle_request(t, &req) {
+                RequestDecision::Forward(a) => Some(a.id),
+                RequestDecision::Reject(_) => None,
+            })
+            .collect();
+        let info = ResponseInfo { status: Some(200), total_tokens: 500, ..Default::default() };
+        ids.iter().map(|&id| gw.handle_response(t + Nanos::from_secs(5), id, &info).unwrap().tokens_charged).sum()
+    };
+    assert_eq!(overshoot(false), 5_000, "APIM's rule admits all ten: five times the limit");
+    assert_eq!(overshoot(true), 1_000, "reserve admits two");
+}
+
+#[test]
+fn reserve_settles_to_the_real_usage_and_charges_an_excess() {
+    let text = "[[limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = 1000\nreserve = true\nremaining_tokens_header_name = \"r\"\n";
+    let mut gw = Gateway::new(&policy(text), 0);
+    let t = Nanos::from_secs(1);
+    let req =
+        |max| RequestInfo { ip: "k".into(), prompt_tokens_estimate: Some(100), max_tokens: max, ..Default::default() };
+    let admit = |gw: &mut Gateway, r: &RequestInfo| match gw.handle_request(t, r) {
+        RequestDecision::Forward(a) => a.id,
+        RequestDecision::Reject(r) => panic!("rejected: {}", r.body),
+    };
+    let remaining = |gw: &mut Gateway, id, tokens| {
+        let info = ResponseInfo { status: Some(200), total_tokens: tokens, ..Default::default() };
+        gw.handle_response(t, id, &info).unwrap().headers[0].1.clone()
+    };
+    let a = admit(&mut gw, &req(Some(500)));
+    // Reserved 600; used 150: 850 remain.
+    assert_eq!(remaining(&mut gw, a, 150), "850");
+    // No max_tokens: the default allowance (4096) is more than a minute holds.
+    assert!(matches!(gw.handle_request(t, &req(None)), RequestDecision::Reject(_)));
+    let b = admit(&mut gw, &req(Some(300)));
+    // Reserved 400 but used 700 (a prompt estimate too low): the excess is charged, not lost.
+    assert_eq!(remaining(&mut gw, b, 700), "150");
+}
+
+const PRIORITY_POOL: &str = r#"
+set_backend = "pool"
+
+[[backends]]
+id = "a"
+url = "http://a"
+circuit_breaker = { failure_count = 2, interval = 10, statuses = "429, >=500", trip_duration = 5 }
+
+[[backends]]
+id = "b"
+url = "http://b"
+circuit_breaker = { failure_percent = 50, interval = 10, statuses = ">=500", trip_duration = 8 }
+
+[[backends]]
+id = "c"
+url = "http://c"
+circuit_breaker = { failure_count = 1, interval = 10, statuses = "429, >=500", trip_duration = 3 }
+
+[[backends]]
+id = "d"
+url = "http://d"
+circuit_breaker = { failure_count = 1, interval = 10, statuses = ">=500", trip_duration = 20 }
+
+[[pools]]
+id = "pool"
+strategy = "priority"
+members = [
+    { backend = "a", priority = 0 },
+    { backend = "b", priority = 0, weight = 3 },
+    { backend = "c", priority = 1 },
+    { backend = "d", priority = 2 },
+]
+
+[retry]
+condition = "429, >=500"
+on_transport_failure = true
+count = 3
+interval = 0.5
+"#;
+
+/// The reference circuit breaker: the rule written out plainly.
+#[derive(Clone, Debug, Default)]
+struct RefBreaker {
+    log: Vec<(u64, bool)>,
+    open_until: u64,
+}
+
+impl RefBreaker {
+    /// (failure_count, failure_percent, counts 429, trip ms) per backend a, b, c, d.
+    const RULES: [(Option<u64>, Option<u64>, bool, u64); 4] = [
+        (Some(2), None, true, 5_000),
+        (None, Some(50), false, 8_000),
+        (Some(1), None, true, 3_000),
+        (Some(1), None, false, 20_000),
+    ];
+
+    fn record(&mut self, rule: usize, t: u64, result: &str) {
+        let (count, percent, counts_429, trip) = Self::RULES[rule];
+        let failed = match result {
+            "429" => counts_429,
+            "timeout" | "reset" => true,
+            status => status.parse::<u16>().unwrap() >= 500,
+        };
+        self.log.retain(|&(s, _)| s + 10_000 > t);
+        self.log.push((t, failed));
+        let failures = self.log.iter().filter(|e| e.1).count() as u64;
+        let total = self.log.len() as u64;
+        let tripped = count.is_some_and(|n| failures >= n) || percent.is_some_and(|p| failures * 100 >= p * total);
+        if failed && tripped {
+            self.open_until = t + trip;
+            self.log.clear();
+        }
+    }
+}
+
+proptest! {
+    /// Requests one after another through a priority pool with breakers, against
+    /// a reference model: a tripped backend is never chosen before its open
+    /// period ends, a lower priority is used only when every higher member is
+    /// tripped, at most count + 1 attempts, and a 503 only when nothing is available.
+    #[test]
+    fn pools_and_breakers_match_the_reference(
+        results in prop::collection::vec(prop::sample::select(vec!["200", "200", "429", "500", "503", "timeout", "reset"]), 1..120),
+        gaps_ms in prop::collection::vec(0u64..3_000, 120),
+        latencies_ms in prop::collection::vec(0u64..2_000, 120),
+        draws in prop::collection::vec(any::<u64>(), 120),
+    ) {
+        let mut pipeline = Pipeline::new(&Policy::default(), routing(PRIORITY_POOL), 0).unwrap();
+        let ids = ["a", "b", "c", "d"];
+        let priority = [0, 0, 1, 2];
+        let mut reference = vec![RefBreaker::default(); 4];
+        let mut results = results.iter();
+        let mut t_ms = 0u64;
+        let base = Nanos::from_secs(1_000);
+        let ms = |n: Nanos| (n - base).0 / 1_000_000;
+        for k in 0..120 {
+            t_ms += gaps_ms[k];
+            let mut step = pipeline.handle_request(base + Nanos::from_millis(t_ms), &RequestInfo::default(), draws[k]);
+            let mut attempts = 0;
+            loop {
+                match step {
+                    Step::Forward { id, attempt, at } => {
+                        attempts += 1;
+                        prop_assert!(attempts <= 4);
+                        let at_ms = ms(at);
+                        let i = ids.iter().position(|b| *b == &*attempt.backend).unwrap();
+                        prop_assert!(reference[i].open_until <= at_ms, "{} chosen while tripped", ids[i]);
+                        let best = (0..4).filter(|&j| reference[j].open_until <= at_ms).map(|j| priority[j]).min();
+                        prop_assert_eq!(Some(priority[i]), best, "priority order at {} ms", at_ms);
+                        let Some(result) = results.next() else { return Ok(()) };
+                        t_ms = at_ms + latencies_ms[k];
+                        reference[i].record(i, t_ms, result);
+                        let now = base + Nanos::from_millis(t_ms);
+                        step = pipeline.handle_attempt(now, id, outcome(result), Usage::default(), draws[(k + attempts) % 120]).unwrap();
+                    }
+                    Step::Deliver { id } => {
+                        pipeline.handle_delivered(base + Nanos::from_millis(t_ms), id, Delivery::default()).unwrap();
+                        break;
+                    }
+                    Step::Respond(finished) => {
+                        if finished.record.reason == FinalReason::Unavailable && attempts == 0 {
+                            prop_assert!((0..4).all(|j| reference[j].open_until > t_ms), "503 with a member available");
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
