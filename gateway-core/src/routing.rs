@@ -15,8 +15,40 @@ use std::sync::Arc;
 pub struct Backend {
     pub id: String,
     pub url: String,
+    /// How the driver authenticates to the backend; the core never reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<Credential>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// A backend credential, opaque to the core: the proxy sends it as `api-key` or
+/// `Authorization: Bearer`, taken from the config or from an environment variable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Credential {
+    ApiKey(String),
+    ApiKeyEnv(String),
+    Bearer(String),
+    BearerEnv(String),
+}
+
+/// The backend's advice on when to come back, from its response headers:
+/// `retry-after-ms`, then `x-ms-retry-after-ms`, then `Retry-After` (delta seconds
+/// or an HTTP date, read against `now`). Names compare case-insensitively.
+pub fn parse_retry_after(headers: &[(String, String)], now: Nanos) -> Option<Nanos> {
+    let get = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim());
+    for name in ["retry-after-ms", "x-ms-retry-after-ms"] {
+        if let Some(ms) = get(name).and_then(|v| v.parse::<f64>().ok()).filter(|ms| ms.is_finite() && *ms >= 0.0) {
+            return Some(Nanos((ms * 1e6).round() as u64));
+        }
+    }
+    let value = get("retry-after")?;
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Nanos::from_secs(secs));
+    }
+    let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    Some(Nanos::from_utc(date.with_timezone(&chrono::Utc)).saturating_sub(now))
 }
 
 /// A circuit-breaker rule, as APIM defines it on a backend entity.

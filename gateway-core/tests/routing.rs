@@ -237,3 +237,20 @@ proptest! {
         prop_assert!(attempts <= count + 1);
     }
 }
+
+#[test]
+fn retry_after_headers_are_read_in_order_of_precision() {
+    use gateway_core::routing::parse_retry_after;
+    let now = gateway_core::time::parse_rfc3339("2015-10-21T07:27:00Z").unwrap();
+    let check = |headers: &[(&str, &str)], expected: Option<Nanos>| {
+        let headers: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+        assert_eq!(parse_retry_after(&headers, now), expected, "{headers:?}");
+    };
+    check(&[("Retry-After", "7"), ("retry-after-ms", "1500")], Some(Nanos::from_millis(1_500)));
+    check(&[("x-ms-retry-after-ms", "250.5")], Some(Nanos(250_500_000)));
+    check(&[("retry-after", "3")], Some(Nanos::from_secs(3)));
+    check(&[("Retry-After", "Wed, 21 Oct 2015 07:28:00 GMT")], Some(Nanos::from_secs(60)));
+    check(&[("Retry-After", "Wed, 21 Oct 2015 07:26:00 GMT")], Some(Nanos::ZERO));
+    check(&[("Retry-After", "soon"), ("retry-after-ms", "-1")], None);
+    check(&[], None);
+}
