@@ -1,6 +1,7 @@
 //! `aigw`: one thin CLI over the aigw crates.
 
 mod decide;
+mod mock;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -23,12 +24,22 @@ enum Command {
         /// `headers`, `status`, `total_tokens`, `latency_ms`, `prompt_tokens`, `bytes`.
         requests: PathBuf,
     },
+    /// Serves a mock Azure OpenAI: real wire formats, Azure's TPM/RPM limits and 429s, faults.
+    Mock {
+        /// A mock config (see `mocks/`); without it, a built-in example.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on; port 0 picks a free one (the line printed on start says which).
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Decide { policy, requests } => decide::run(&policy, &requests),
+        Command::Mock { config, listen } => mock::run(config.as_deref(), &listen),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,6 +41,16 @@ impl Policy {
     }
 }
 
+/// A TOML reading error as `FILE:LINE:COLUMN: message`, followed by the offending
+/// line, so the user sees the field and value in question.
+pub fn describe_toml_error(path: &str, text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    let Some(span) = error.span() else { return format!("{path}: {message}") };
+    let (line, column) = line_column(text, span.start);
+    let source = text.lines().nth(line - 1).unwrap_or("").trim_end();
+    format!("{path}:{line}:{column}: {message}\n    {source}")
+}
+
 /// The 1-based line and column of a byte offset in `text`.
 pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];

@@ -175,3 +175,70 @@ pub fn parse_rfc3339(text: &str) -> Result<Nanos, String> {
     }
     Ok(Nanos::from_utc(t.with_timezone(&Utc)))
 }
+
+/// Parses a human-readable duration: `"250ms"`, `"90s"`, `"1.5s"`, `"5m"`, `"1h"`,
+/// `"2d"`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Nanos, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 =
+        number.parse().map_err(|_| format!("`{text}` is not a duration like \"90s\", \"5m\" or \"1h\""))?;
+    let unit_ns = match unit.trim() {
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "" | "s" => 1e9,
+        "m" | "min" => 60e9,
+        "h" => 3_600e9,
+        "d" => 86_400e9,
+        other => return Err(format!("`{other}` is not a duration unit; use ms, s, m, h or d")),
+    };
+    let ns = value * unit_ns;
+    if !ns.is_finite() || ns > u64::MAX as f64 {
+        return Err(format!("`{text}` is too long a duration"));
+    }
+    Ok(Nanos(ns.round() as u64))
+}
+
+/// A duration written for people in config files: `"90s"`, `"1h"`, or a number of seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HumanDuration(pub Nanos);
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ns = self.0 .0;
+        match ns.is_multiple_of(1_000_000) {
+            true if ns.is_multiple_of(NANOS_PER_SEC) => s.serialize_str(&format!("{}s", ns / NANOS_PER_SEC)),
+            true => s.serialize_str(&format!("{}ms", ns / 1_000_000)),
+            false => s.serialize_str(&format!("{ns}ns")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like \"90s\", \"5m\", \"1h\" or a number of seconds")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                parse_duration(v).map(HumanDuration).map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HumanDuration, E> {
+                Ok(HumanDuration(Nanos::from_secs(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HumanDuration, E> {
+                u64::try_from(v)
+                    .map(|v| HumanDuration(Nanos::from_secs(v)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<HumanDuration, E> {
+                parse_duration(&v.to_string()).map(HumanDuration).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}

@@ -1,0 +1,311 @@
+//! The behaviour of one Azure OpenAI deployment, sans-IO: the simulator calls it
+//! directly with simulated time, the server with wall time. Same config, seed and
+//! request sequence: same responses.
+//!
+//! Admission follows Azure's documented rules: a request costs its prompt tokens
+//! plus `max_tokens` (times `best_of`; the configured default when absent), tokens
+//! are limited over a sliding 60 s and requests over a sliding 10 s window
+//! (`rpm / 6`). Provisioned deployments limit by utilisation instead: tokens
+//! actually processed in the last 60 s against the provisioned TPM.
+
+use crate::config::{DeploymentConfig, Faults, OutageMode};
+use gateway_core::limiter::SlidingLog;
+use gateway_core::Nanos;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+const MINUTE: Nanos = Nanos::from_secs(60);
+const TEN_SECONDS: Nanos = Nanos::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Operation {
+    /// The operation name Azure's 429 message quotes.
+    pub fn azure_name(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "ChatCompletions_Create",
+            Operation::Completions => "Completions_Create",
+            Operation::Embeddings => "Embeddings_Create",
+        }
+    }
+}
+
+/// What the model needs to know about a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelRequest {
+    pub operation: Operation,
+    /// Prompt tokens as the service counts them.
+    pub prompt_tokens: u64,
+    pub max_tokens: Option<u64>,
+    pub best_of: Option<u64>,
+    pub stream: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKind {
+    Tokens,
+    Requests,
+    /// A provisioned deployment at 100% utilisation.
+    Utilization,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Throttle {
+    pub limit: LimitKind,
+    pub retry_after: Nanos,
+    pub remaining_requests: u64,
+    pub remaining_tokens: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub prompt_tokens: u64,
+    /// Zero for embeddings.
+    pub completion_tokens: u64,
+    pub finish_reason: FinishReason,
+    pub time_to_first_token: Nanos,
+    pub time_per_token: Nanos,
+    /// For a stream that breaks midway: the completion tokens sent before it breaks.
+    pub break_after: Option<u64>,
+    pub remaining_requests: u64,
+    pub remaining_tokens: u64,
+}
+
+impl Completion {
+    /// When the last token is out, counted from the request's arrival.
+    pub fn duration(&self) -> Nanos {
+        let tokens = self.break_after.unwrap_or(self.completion_tokens);
+        self.time_to_first_token + Nanos(self.time_per_token.0.saturating_mul(tokens.saturating_sub(1)))
+    }
+}
+
+/// The model's answer to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelResponse {
+    Complete(Completion),
+    /// 429, with Azure's headers.
+    Throttled(Throttle),
+    /// An injected 5xx, answered after the time to first token.
+    Fault {
+        status: u16,
+        after: Nanos,
+    },
+    /// The connection is reset before any response.
+    Reset,
+    /// No response ever (an outage in `hang` mode).
+    Hang,
+}
+
+/// Counts for `GET /_mock/stats` and the simulator's report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub requests: u64,
+    pub completed: u64,
+    pub throttled: u64,
+    pub faults: u64,
+    pub resets: u64,
+    pub hangs: u64,
+    pub broken_streams: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+pub struct DeploymentModel {
+    config: DeploymentConfig,
+    /// Where fault schedules count from.
+    start: Nanos,
+    seed: u64,
+    tokens: SlidingLog,
+    requests: SlidingLog,
+    stats: Stats,
+}
+
+impl DeploymentModel {
+    /// `seed` should differ per deployment; `start` is the instant schedules count from.
+    pub fn new(config: DeploymentConfig, seed: u64, start: Nanos) -> DeploymentModel {
+        DeploymentModel {
+            config,
+            start,
+            seed,
+            tokens: SlidingLog::default(),
+            requests: SlidingLog::default(),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &DeploymentConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Replaces the faults; their schedule counts from `origin`.
+    pub fn set_faults(&mut self, faults: Faults, origin: Nanos) {
+        self.config.faults = faults;
+        self.start = origin;
+    }
+
+    /// Decides the fate of a request arriving at `now`. Each request draws from
+    /// its own RNG stream (seed, request number), so changing one fault rate does
+    /// not reshuffle the draws of every later request.
+    pub fn handle_request(&mut self, now: Nanos, req: &ModelRequest) -> ModelResponse {
+        self.stats.requests += 1;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(self.stats.requests);
+        let since_start = now.saturating_sub(self.start);
+        let faults = &self.config.faults;
+        if let Some(outage) = faults.outages.iter().find(|o| o.start.0 <= since_start && since_start < o.end.0) {
+            return match outage.mode {
+                OutageMode::Hang => self.count(ModelResponse::Hang),
+                OutageMode::Fail => self.count(ModelResponse::Fault { status: outage.status, after: Nanos::ZERO }),
+            };
+        }
+        if rng.random::<f64>() < faults.connection_reset.0 {
+            return self.count(ModelResponse::Reset);
+        }
+        if let Err(throttle) = self.admit(now, req) {
+            return self.count(ModelResponse::Throttled(throttle));
+        }
+        let response = self.complete(now, since_start, req, &mut rng);
+        self.count(response)
+    }
+
+    fn count(&mut self, response: ModelResponse) -> ModelResponse {
+        let stats = &mut self.stats;
+        match response {
+            ModelResponse::Complete(c) => {
+                stats.completed += 1;
+                stats.prompt_tokens += c.prompt_tokens;
+                stats.completion_tokens += c.break_after.unwrap_or(c.completion_tokens);
+                stats.broken_streams += u64::from(c.break_after.is_some());
+            }
+            ModelResponse::Throttled(_) => stats.throttled += 1,
+            ModelResponse::Fault { .. } => stats.faults += 1,
+            ModelResponse::Reset => stats.resets += 1,
+            ModelResponse::Hang => stats.hangs += 1,
+        }
+        response
+    }
+
+    /// The tokens a request is counted as for admission.
+    pub fn cost(&self, req: &ModelRequest) -> u64 {
+        if req.operation == Operation::Embeddings {
+            return req.prompt_tokens;
+        }
+        let completion = req.max_tokens.unwrap_or(self.config.default_max_tokens);
+        req.prompt_tokens.saturating_add(completion.saturating_mul(req.best_of.unwrap_or(1).max(1)))
+    }
+
+    fn admit(&mut self, now: Nanos, req: &ModelRequest) -> Result<(), Throttle> {
+        self.tokens.expire(now, MINUTE);
+        self.requests.expire(now, TEN_SECONDS);
+        let tpm = self.config.tpm;
+        if self.config.provisioned {
+            // Utilisation: tokens processed in the last minute, charged on completion.
+            if self.tokens.total() >= tpm {
+                let retry_after = self.tokens.wait_until_at_most(now, MINUTE, tpm - 1);
+                return Err(self.throttle(LimitKind::Utilization, retry_after));
+            }
+            return Ok(());
+        }
+        let cost = self.cost(req);
+        let per_10s = self.config.requests_per_10s();
+        if self.requests.total() + 1 > per_10s {
+            let retry_after = self.requests.wait_until_at_most(now, TEN_SECONDS, per_10s - 1);
+            return Err(self.throttle(LimitKind::Requests, retry_after));
+        }
+        if self.tokens.total().saturating_add(cost) > tpm {
+            // A request that costs more than a whole minute's tokens never fits;
+            // the honest advice is a full minute.
+            let retry_after = match cost <= tpm {
+                true => self.tokens.wait_until_at_most(now, MINUTE, tpm - cost),
+                false => MINUTE,
+            };
+            return Err(self.throttle(LimitKind::Tokens, retry_after));
+        }
+        self.requests.add(now, 1);
+        self.tokens.add(now, cost);
+        Ok(())
+    }
+
+    fn throttle(&self, limit: LimitKind, retry_after: Nanos) -> Throttle {
+        Throttle {
+            limit,
+            retry_after: retry_after.max(Nanos::from_millis(1)),
+            remaining_requests: self.remaining_requests(),
+            remaining_tokens: self.config.tpm.saturating_sub(self.tokens.total()),
+        }
+    }
+
+    fn remaining_requests(&self) -> u64 {
+        self.config.requests_per_10s().saturating_sub(self.requests.total())
+    }
+
+    fn complete(&mut self, now: Nanos, since_start: Nanos, req: &ModelRequest, rng: &mut ChaCha8Rng) -> ModelResponse {
+        let spike_ms: f64 = self
+            .config
+            .faults
+            .latency_spikes
+            .iter()
+            .filter(|s| s.start.0 <= since_start && since_start < s.end.0)
+            .map(|s| s.extra_ms)
+            .sum();
+        let ms = |v: f64| Nanos((v * 1e6).round() as u64);
+        let time_to_first_token = ms(self.config.latency.ttft_ms.sample(rng) + spike_ms);
+        let time_per_token = ms(self.config.latency.per_token_ms.sample(rng));
+        let fault_draw = rng.random::<f64>();
+        let mut threshold = 0.0;
+        for (status, p) in &self.config.faults.error_rates {
+            threshold += p.0;
+            if fault_draw < threshold {
+                return ModelResponse::Fault { status: status.0, after: time_to_first_token };
+            }
+        }
+        let (completion_tokens, finish_reason) = self.completion_length(req, rng);
+        let break_after = match req.stream && rng.random::<f64>() < self.config.faults.broken_stream.0 {
+            true => Some(rng.random_range(0..completion_tokens.max(1))),
+            false => None,
+        };
+        if self.config.provisioned {
+            self.tokens.add(now, req.prompt_tokens + completion_tokens);
+        }
+        ModelResponse::Complete(Completion {
+            prompt_tokens: req.prompt_tokens,
+            completion_tokens,
+            finish_reason,
+            time_to_first_token,
+            time_per_token,
+            break_after,
+            remaining_requests: self.remaining_requests(),
+            remaining_tokens: self.config.tpm.saturating_sub(self.tokens.total()),
+        })
+    }
+
+    fn completion_length(&self, req: &ModelRequest, rng: &mut ChaCha8Rng) -> (u64, FinishReason) {
+        if req.operation == Operation::Embeddings {
+            return (0, FinishReason::Stop);
+        }
+        let drawn = (self.config.completion_tokens.sample(rng).round() as u64).max(1);
+        match req.max_tokens {
+            Some(max) if drawn >= max => (max, FinishReason::Length),
+            _ => (drawn, FinishReason::Stop),
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The HTTP server: Azure OpenAI's endpoints over the behaviour model, with its
+//! errors, headers, SSE streams and timings, plus `/_mock` control endpoints.
+
+use crate::config::{Faults, MockConfig};
+use crate::model::{Completion, DeploymentModel, ModelRequest, ModelResponse, Operation, Throttle};
+use crate::wire::{self, ChatStream, Meta, ParsedRequest};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use gateway_core::Nanos;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+struct MockState {
+    config: MockConfig,
+    models: BTreeMap<String, DeploymentModel>,
+    epoch: Instant,
+    epoch_unix: Nanos,
+    served: u64,
+}
+
+#[derive(Clone)]
+pub struct Mock {
+    state: Arc<Mutex<MockState>>,
+}
+
+impl Mock {
+    pub fn new(config: MockConfig) -> Mock {
+        let epoch_unix = Nanos(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+        let models = config
+            .deployments
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.name.clone(), DeploymentModel::new(d.clone(), config.seed ^ (i as u64) << 32, epoch_unix)))
+            .collect();
+        let state = MockState { config, models, epoch: Instant::now(), epoch_unix, served: 0 };
+        Mock { state: Arc::new(Mutex::new(state)) }
+    }
+
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/openai/deployments/{deployment}/chat/completions", post(chat))
+            .route("/openai/deployments/{deployment}/completions", post(completions))
+            .route("/openai/deployments/{deployment}/embeddings", post(embeddings))
+            .route("/_mock/stats", get(stats))
+            .route("/_mock/faults", post(set_faults))
+            .with_state(self)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MockState> {
+        // A panic while holding the lock cannot leave the model half-updated in a way
+        // that matters to a mock; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Serves until `shutdown` completes, then finishes the requests in progress.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: MockConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, Mock::new(config).router()).with_graceful_shutdown(shutdown).await
+}
+
+async fn chat(
+    mock: State<Mock>,
+    path: Path<String>,
+    query: Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(mock.0, Operation::ChatCompletions, path.0, query.0, headers, body).await
+}
+
+async fn completions(
+    mock: State<Mock>,
+    path: Path<String>,
+    query: Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(mock.0, Operation::Completions, path.0, query.0, headers, body).await
+}
+
+async fn embeddings(
+    mock: State<Mock>,
+    path: Path<String>,
+    query: Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(mock.0, Operation::Embeddings, path.0, query.0, headers, body).await
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], wire::error_body(code, message)).into_response()
+}
+
+fn refuse(status: StatusCode, code: &str, message: &str) -> Box<Response> {
+    Box::new(error(status, code, message))
+}
+
+/// Everything a handler learns before the model decides.
+struct Admission {
+    meta: Meta,
+    parsed: ParsedRequest,
+    response: ModelResponse,
+    api_version: String,
+    dimensions: usize,
+    seed: u64,
+}
+
+async fn handle(
+    mock: Mock,
+    operation: Operation,
+    deployment: String,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let admission = match admit(&mock, operation, &deployment, &query, &headers, &body) {
+        Ok(a) => a,
+        Err(response) => return *response,
+    };
+    match admission.response {
+        ModelResponse::Throttled(t) => throttled(operation, &admission.api_version, &t),
+        ModelResponse::Fault { status, after } => {
+            tokio::time::sleep(duration(after)).await;
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            (status, [(header::CONTENT_TYPE, "application/json")], wire::fault_body(status.as_u16())).into_response()
+        }
+        ModelResponse::Reset => reset(),
+        ModelResponse::Hang => std::future::pending().await,
+        ModelResponse::Complete(c) => complete(operation, admission, c).await,
+    }
+}
+
+fn admit(
+    mock: &Mock,
+    operation: Operation,
+    deployment: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Admission, Box<Response>> {
+    let Some(api_version) = query.get("api-version").cloned() else {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        ));
+    };
+    let mut state = mock.lock();
+    if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, headers) {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "401",
+            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key \
+             for an active subscription and use a correct regional API endpoint for your resource.",
+        ));
+    }
+    let now = state.epoch_unix + Nanos(state.epoch.elapsed().as_nanos() as u64);
+    state.served += 1;
+    let served = state.served;
+    let Some(model) = state.models.get_mut(deployment) else {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            "DeploymentNotFound",
+            "The API deployment for this resource does not exist. If you created the deployment within the last 5 \
+             minutes, please wait a moment and try again.",
+        ));
+    };
+    let model_name = model.config().model.clone();
+    let parsed = wire::parse_request(operation, &model_name, body)
+        .map_err(|message| refuse(StatusCode::BAD_REQUEST, "BadRequest", &message))?;
+    let request = ModelRequest {
+        operation,
+        prompt_tokens: parsed.prompt_tokens,
+        max_tokens: parsed.max_tokens,
+        best_of: parsed.best_of,
+        stream: parsed.stream && operation != Operation::Embeddings,
+    };
+    let response = model.handle_request(now, &request);
+    let dimensions = model.config().embedding_dimensions();
+    let prefix = match operation {
+        Operation::ChatCompletions => "chatcmpl",
+        Operation::Completions => "cmpl",
+        Operation::Embeddings => "emb",
+    };
+    let meta = Meta { id: format!("{prefix}-aigw{served:012x}"), created: now.0 / 1_000_000_000, model: model_name };
+    Ok(Admission { meta, parsed, response, api_version, dimensions, seed: state.config.seed })
+}
+
+fn authorized(keys: &[String], headers: &HeaderMap) -> bool {
+    let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());
+    let bearer =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    [api_key, bearer].into_iter().flatten().any(|given| keys.iter().any(|k| k == given))
+}
+
+fn throttled(operation: Operation, api_version: &str, t: &Throttle) -> Response {
+    let mut response = (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::CONTENT_TYPE, "application/json")],
+        wire::throttle_body(operation, api_version, t),
+    )
+        .into_response();
+    let h = response.headers_mut();
+    insert(h, "retry-after", t.retry_after.retry_after_secs());
+    insert(h, "retry-after-ms", t.retry_after.0.div_ceil(1_000_000));
+    insert(h, "x-ratelimit-remaining-requests", t.remaining_requests);
+    insert(h, "x-ratelimit-remaining-tokens", t.remaining_tokens);
+    response
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: impl ToString) {
+    if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+        headers.insert(name, v);
+    }
+}
+
+/// A connection reset before any response: the body fails before its first
+/// byte, so the server aborts the connection without completing a response.
+fn reset() -> Response {
+    let failing = stream::once(async { Err::<Bytes, _>(std::io::Error::other("injected connection reset")) });
+    Response::new(Body::from_stream(failing))
+}
+
+fn duration(n: Nanos) -> Duration {
+    Duration::from_nanos(n.0)
+}
+
+async fn complete(operation: Operation, admission: Admission, c: Completion) -> Response {
+    let Admission { meta, parsed, dimensions, seed, .. } = admission;
+    let request_id = meta.id.clone();
+    let mut response = match (operation, parsed.stream) {
+        (Operation::Embeddings, _) => {
+            tokio::time::sleep(duration(c.time_to_first_token)).await;
+            Json(wire::embeddings_response(&meta, &parsed, dimensions, seed)).into_response()
+        }
+        (_, true) => {
+            let events = sse_events(operation, meta, c, parsed.include_usage);
+            let mut r = Response::new(Body::from_stream(events));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
+        (Operation::ChatCompletions, false) => {
+            tokio::time::sleep(duration(c.duration())).await;
+            Json(wire::chat_response(&meta, &c)).into_response()
+        }
+        (Operation::Completions, false) => {
+            tokio::time::sleep(duration(c.duration())).await;
+            Json(wire::completions_response(&meta, &c)).into_response()
+        }
+    };
+    let h = response.headers_mut();
+    insert(h, "x-ratelimit-remaining-requests", c.remaining_requests);
+    insert(h, "x-ratelimit-remaining-tokens", c.remaining_tokens);
+    insert(h, "apim-request-id", request_id);
+    response
+}
+
+/// One SSE event per chunk, paced by the latency model; a stream that breaks
+/// midway ends with an error after `break_after` tokens, aborting the connection.
+fn sse_events(
+    operation: Operation,
+    meta: Meta,
+    c: Completion,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    let event = |v: Value| Ok(Bytes::from(format!("data: {v}\n\n")));
+    let mut head: Vec<Result<Bytes, std::io::Error>> = Vec::new();
+    let mut tail: Vec<Result<Bytes, std::io::Error>> = Vec::new();
+    let chat = ChatStream { meta: &meta, completion: &c };
+    if operation == Operation::ChatCompletions {
+        head.push(event(chat.prelude()));
+        head.push(event(chat.role()));
+    }
+    let sent = c.break_after.unwrap_or(c.completion_tokens);
+    let tokens: Vec<Bytes> = (0..sent)
+        .map(|i| match operation {
+            Operation::ChatCompletions => chat.token(i),
+            _ => wire::completions_chunk(&meta, crate::tokens::completion_word(i), None),
+        })
+        .map(|v| Bytes::from(format!("data: {v}\n\n")))
+        .collect();
+    match c.break_after {
+        Some(_) => tail.push(Err(std::io::Error::other("injected broken stream"))),
+        None => {
+            let last = match operation {
+                Operation::ChatCompletions => chat.finish(),
+                _ => wire::completions_chunk(&meta, "", Some(c.finish_reason)),
+            };
+            tail.push(event(last));
+            if include_usage {
+                let usage = match operation {
+                    Operation::ChatCompletions => chat.usage(),
+                    _ => wire::completions_usage_chunk(&meta, &c),
+                };
+                tail.push(event(usage));
+            }
+            tail.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+        }
+    }
+    let (ttft, per_token) = (duration(c.time_to_first_token), duration(c.time_per_token));
+    let paced = stream::iter(tokens.into_iter().enumerate()).then(move |(i, chunk)| async move {
+        let wait = if i == 0 { ttft } else { per_token };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(chunk)
+    });
+    stream::iter(head).chain(paced).chain(stream::iter(tail))
+}
+
+async fn stats(State(mock): State<Mock>) -> Json<Value> {
+    let state = mock.lock();
+    let deployments: BTreeMap<&str, Value> =
+        state.models.iter().map(|(name, m)| (name.as_str(), json!(m.stats()))).collect();
+    Json(json!({ "deployments": deployments }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsChange {
+    deployment: String,
+    faults: Faults,
+}
+
+/// Replaces a deployment's faults at run time, so a test can script an outage;
+/// the new schedule counts from the change.
+async fn set_faults(State(mock): State<Mock>, body: Bytes) -> Response {
+    let change: FaultsChange = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "BadRequest", &format!("invalid faults: {e}")),
+    };
+    let mut state = mock.lock();
+    let now = state.epoch_unix + Nanos(state.epoch.elapsed().as_nanos() as u64);
+    let Some(model) = state.models.get_mut(&change.deployment) else {
+        return error(StatusCode::NOT_FOUND, "DeploymentNotFound", &format!("no deployment `{}`", change.deployment));
+    };
+    model.set_faults(change.faults, now);
+    Json(json!({ "deployment": change.deployment, "faults": model.config().faults })).into_response()
+}

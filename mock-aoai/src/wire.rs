@@ -1,0 +1,283 @@
+//! Azure OpenAI's wire formats: request fields the mock reads, response bodies,
+//! stream chunks and error bodies.
+
+use crate::model::{Completion, FinishReason, Operation, Throttle};
+use crate::tokens;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Map, Value};
+
+/// The request fields that matter to the model, read from the JSON body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParsedRequest {
+    pub prompt_tokens: u64,
+    pub max_tokens: Option<u64>,
+    pub best_of: Option<u64>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Embeddings: the inputs, and whether vectors go back as base64.
+    pub inputs: Vec<String>,
+    pub base64: bool,
+}
+
+/// Reads and checks a request body; the error names the field.
+pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<ParsedRequest, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    let Value::Object(obj) = value else { return Err("the body must be a JSON object".into()) };
+    let (prompt_tokens, inputs) = match operation {
+        Operation::ChatCompletions => (chat_prompt(model, &obj)?, Vec::new()),
+        Operation::Completions => {
+            let prompts = strings(&obj, "prompt")?;
+            (prompts.iter().map(|p| tokens::count(model, p)).sum(), Vec::new())
+        }
+        Operation::Embeddings => {
+            let inputs = strings(&obj, "input")?;
+            (inputs.iter().map(|p| tokens::count(model, p)).sum(), inputs)
+        }
+    };
+    let max_tokens = match uint(&obj, "max_completion_tokens")? {
+        Some(n) => Some(n),
+        None => uint(&obj, "max_tokens")?,
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("`stream` must be a boolean".into()),
+    };
+    let include_usage = obj.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool);
+    let base64 = match obj.get("encoding_format").and_then(Value::as_str) {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => return Err(format!("`encoding_format` must be \"float\" or \"base64\", not \"{other}\"")),
+    };
+    Ok(ParsedRequest {
+        prompt_tokens,
+        max_tokens,
+        best_of: uint(&obj, "best_of")?,
+        stream,
+        include_usage: include_usage.unwrap_or(false),
+        inputs,
+        base64,
+    })
+}
+
+fn chat_prompt(model: &str, obj: &Map<String, Value>) -> Result<u64, String> {
+    let Some(Value::Array(messages)) = obj.get("messages") else {
+        return Err("`messages` is required: an array of chat messages".into());
+    };
+    if messages.is_empty() {
+        return Err("`messages` must not be empty".into());
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if m.get("role").and_then(Value::as_str).is_none() {
+            return Err(format!("`messages[{i}].role` is required: \"system\", \"user\", \"assistant\" or \"tool\""));
+        }
+    }
+    Ok(tokens::count_chat(model, messages))
+}
+
+fn strings(obj: &Map<String, Value>, field: &str) -> Result<Vec<String>, String> {
+    match obj.get(field) {
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| format!("`{field}` must hold strings")))
+            .collect(),
+        _ => Err(format!("`{field}` is required: a string or a non-empty array of strings")),
+    }
+}
+
+fn uint(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("`{field}` must be a whole number, 0 or more")),
+    }
+}
+
+/// Azure's error body.
+pub fn error_body(code: &str, message: &str) -> String {
+    json!({ "error": { "code": code, "message": message } }).to_string()
+}
+
+/// Azure's 429 message, with the operation and the limit that was hit.
+pub fn throttle_body(operation: Operation, api_version: &str, throttle: &Throttle) -> String {
+    let secs = throttle.retry_after.retry_after_secs();
+    let message = match throttle.limit {
+        crate::model::LimitKind::Utilization => format!(
+            "Requests to the {} Operation under Azure OpenAI API version {api_version} have exceeded the \
+             provisioned throughput capacity of this deployment. Please retry after {secs} seconds.",
+            operation.azure_name()
+        ),
+        limit => format!(
+            "Requests to the {} Operation under Azure OpenAI API version {api_version} have exceeded {} rate limit \
+             of your current OpenAI S0 pricing tier. Please retry after {secs} seconds. Please go here: \
+             https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit.",
+            operation.azure_name(),
+            if limit == crate::model::LimitKind::Tokens { "token" } else { "call" }
+        ),
+    };
+    error_body("429", &message)
+}
+
+/// The body of an injected 5xx.
+pub fn fault_body(status: u16) -> String {
+    match status {
+        500 => error_body(
+            "InternalServerError",
+            "The server had an error while processing your request. Sorry about that!",
+        ),
+        502 => error_body("BadGateway", "Bad gateway."),
+        504 => error_body("GatewayTimeout", "The operation was timeout."),
+        _ => error_body(
+            "ServiceUnavailable",
+            "The service is temporarily unable to process your request. Please try again later.",
+        ),
+    }
+}
+
+fn filter_results() -> Value {
+    let safe = json!({ "filtered": false, "severity": "safe" });
+    json!({ "hate": safe, "self_harm": safe, "sexual": safe, "violence": safe })
+}
+
+fn prompt_filter_results() -> Value {
+    json!([{ "prompt_index": 0, "content_filter_results": filter_results() }])
+}
+
+fn finish(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage(c: &Completion) -> Value {
+    json!({
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+    })
+}
+
+/// Identity of one response: id, creation time and model.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+pub fn chat_response(meta: &Meta, c: &Completion) -> Value {
+    json!({
+        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+        "system_fingerprint": "fp_aigw_mock",
+        "prompt_filter_results": prompt_filter_results(),
+        "choices": [{
+            "index": 0, "finish_reason": finish(c.finish_reason), "logprobs": null,
+            "message": { "role": "assistant", "content": tokens::completion_text(c.completion_tokens), "refusal": null },
+            "content_filter_results": filter_results(),
+        }],
+        "usage": usage(c),
+    })
+}
+
+pub fn completions_response(meta: &Meta, c: &Completion) -> Value {
+    json!({
+        "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+        "prompt_filter_results": prompt_filter_results(),
+        "choices": [{
+            "index": 0, "finish_reason": finish(c.finish_reason), "logprobs": null,
+            "text": tokens::completion_text(c.completion_tokens),
+            "content_filter_results": filter_results(),
+        }],
+        "usage": usage(c),
+    })
+}
+
+/// Deterministic unit vectors: the same input gives the same embedding.
+pub fn embeddings_response(meta: &Meta, req: &ParsedRequest, dimensions: usize, seed: u64) -> Value {
+    let data: Vec<Value> = req
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let vector = embedding(input, dimensions, seed);
+            let embedding = match req.base64 {
+                true => Value::String(base64_f32(&vector)),
+                false => json!(vector),
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    json!({
+        "object": "list", "model": meta.model, "data": data,
+        "usage": { "prompt_tokens": req.prompt_tokens, "total_tokens": req.prompt_tokens },
+    })
+}
+
+fn embedding(input: &str, dimensions: usize, seed: u64) -> Vec<f32> {
+    // FNV-1a of the input picks the stream: stable across runs and platforms.
+    let hash = input.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ hash);
+    let raw: Vec<f32> = (0..dimensions).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+    let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    raw.into_iter().map(|x| x / norm).collect()
+}
+
+fn base64_f32(vector: &[f32]) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The stream chunks of a chat completion, in order, without the `data: ` framing.
+/// `tokens_sent` limits the content chunks (a stream that breaks midway).
+pub struct ChatStream<'a> {
+    pub meta: &'a Meta,
+    pub completion: &'a Completion,
+}
+
+impl ChatStream<'_> {
+    /// Azure's first chunk: empty choices and the prompt filter results.
+    pub fn prelude(&self) -> Value {
+        json!({ "id": "", "object": "", "created": 0, "model": "", "choices": [], "prompt_filter_results": prompt_filter_results() })
+    }
+
+    fn chunk(&self, choice: Value) -> Value {
+        json!({
+            "id": self.meta.id, "object": "chat.completion.chunk", "created": self.meta.created,
+            "model": self.meta.model, "system_fingerprint": "fp_aigw_mock", "choices": [choice],
+        })
+    }
+
+    pub fn role(&self) -> Value {
+        self.chunk(json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null, "content_filter_results": {} }))
+    }
+
+    pub fn token(&self, i: u64) -> Value {
+        self.chunk(json!({ "index": 0, "delta": { "content": tokens::completion_word(i) }, "finish_reason": null, "logprobs": null, "content_filter_results": filter_results() }))
+    }
+
+    pub fn finish(&self) -> Value {
+        self.chunk(json!({ "index": 0, "delta": {}, "finish_reason": finish(self.completion.finish_reason), "logprobs": null, "content_filter_results": {} }))
+    }
+
+    pub fn usage(&self) -> Value {
+        json!({
+            "id": self.meta.id, "object": "chat.completion.chunk", "created": self.meta.created,
+            "model": self.meta.model, "system_fingerprint": "fp_aigw_mock", "choices": [], "usage": usage(self.completion),
+        })
+    }
+}
+
+/// Stream chunks of a (legacy) completion.
+pub fn completions_chunk(meta: &Meta, text: &str, finish_reason: Option<FinishReason>) -> Value {
+    json!({
+        "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+        "choices": [{ "index": 0, "text": text, "finish_reason": finish_reason.map(finish), "logprobs": null }],
+    })
+}
+
+pub fn completions_usage_chunk(meta: &Meta, c: &Completion) -> Value {
+    json!({ "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model, "choices": [], "usage": usage(c) })
+}
