@@ -254,3 +254,36 @@ fn retry_after_headers_are_read_in_order_of_precision() {
     check(&[("Retry-After", "soon"), ("retry-after-ms", "-1")], None);
     check(&[], None);
 }
+
+proptest! {
+    /// Every wait against the formulas, written out in floating point:
+    /// fixed, linear (capped), exponential with u in [0.8, 1.2], first fast retry.
+    #[test]
+    fn waits_follow_apims_formulas(
+        interval in 0u32..20, delta in prop::option::of(0u32..10), max in prop::option::of(0u32..120),
+        fast in any::<bool>(), n in 1u32..12, draw in any::<u64>(),
+    ) {
+        let retry = Retry {
+            condition: gateway_core::StatusPredicate::parse("429").unwrap(),
+            on_transport_failure: false,
+            count: 50,
+            interval: f64::from(interval),
+            delta: delta.map(f64::from),
+            max_interval: max.map(f64::from),
+            first_fast_retry: fast,
+            switch: vec![],
+        };
+        let wait = retry_wait(&retry, n, draw).as_secs_f64();
+        let (i, cap) = (f64::from(interval), max.map_or(f64::INFINITY, f64::from));
+        let (low, high) = match (delta.map(f64::from), max) {
+            _ if fast && n == 1 => (0.0, 0.0),
+            (None, _) => (i, i),
+            (Some(d), None) => (i + f64::from(n - 1) * d, i + f64::from(n - 1) * d),
+            (Some(d), Some(_)) => {
+                let steps = 2f64.powi(n as i32 - 1) - 1.0;
+                ((i + steps * d * 0.8).min(cap), (i + steps * d * 1.2).min(cap))
+            }
+        };
+        prop_assert!(low - 1e-9 <= wait && wait <= high + 1e-9, "retry {}: {} outside [{}, {}]", n, wait, low, high);
+    }
+}

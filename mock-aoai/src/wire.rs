@@ -238,9 +238,13 @@ pub struct ChatStream<'a> {
 }
 
 impl ChatStream<'_> {
-    /// Azure's first chunk: empty choices and the prompt filter results.
+    /// Azure's first chunk: empty choices and the prompt filter results (Azure
+    /// leaves its other fields empty; the spec asks for them, so they are filled).
     pub fn prelude(&self) -> Value {
-        json!({ "id": "", "object": "", "created": 0, "model": "", "choices": [], "prompt_filter_results": prompt_filter_results() })
+        json!({
+            "id": self.meta.id, "object": "chat.completion.chunk", "created": self.meta.created,
+            "model": self.meta.model, "choices": [], "prompt_filter_results": prompt_filter_results(),
+        })
     }
 
     fn chunk(&self, choice: Value) -> Value {

@@ -1,0 +1,332 @@
+//! Contract tests: a real server on a real socket, a real HTTP client, and every
+//! response body (stream chunks included) validated against Azure OpenAI's
+//! published inference spec (`../shared/specs/aoai-inference-2024-10-21.json`).
+
+use mock_aoai::MockConfig;
+use serde_json::{json, Value};
+use std::path::Path;
+
+const SPEC: &str = "../../shared/specs/aoai-inference-2024-10-21.json";
+
+/// The spec's schemas, with OpenAPI 3.0's `nullable: true` turned into JSON
+/// Schema's `"type": [T, "null"]`, validated as draft 2020-12.
+struct Spec {
+    root: Value,
+}
+
+impl Spec {
+    fn load() -> Spec {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(SPEC);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let mut root: Value = serde_json::from_str(&text).expect("the spec is JSON");
+        nullable_to_null(&mut root);
+        // The embeddings response is written inline in the path; give it a name.
+        let embeddings = root["paths"]["/deployments/{deployment-id}/embeddings"]["post"]["responses"]["200"]
+            ["content"]["application/json"]["schema"]
+            .clone();
+        root["components"]["schemas"]["aigwEmbeddingsResponse"] = embeddings;
+        Spec { root }
+    }
+
+    fn check(&self, schema: &str, instance: &Value) {
+        let mut root = self.root.clone();
+        root["$ref"] = json!(format!("#/components/schemas/{schema}"));
+        let validator = jsonschema::options()
+            .with_draft(jsonschema::Draft::Draft202012)
+            .build(&root)
+            .unwrap_or_else(|e| panic!("schema {schema}: {e}"));
+        let errors: Vec<String> =
+            validator.iter_errors(instance).map(|e| format!("{e} at {}", e.instance_path())).collect();
+        assert!(errors.is_empty(), "{schema}: {errors:#?}\n{instance:#}");
+    }
+}
+
+fn nullable_to_null(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if map.remove("nullable") == Some(Value::Bool(true)) {
+                // OpenAPI 3.0: `nullable` admits null, also past an `enum`.
+                if let Some(Value::Array(values)) = map.get_mut("enum") {
+                    values.push(Value::Null);
+                }
+                match map.get("type").cloned() {
+                    Some(Value::String(t)) => {
+                        map.insert("type".into(), json!([t, "null"]));
+                    }
+                    _ => {
+                        let inner = Value::Object(std::mem::take(map));
+                        map.insert("anyOf".into(), json!([inner, { "type": "null" }]));
+                    }
+                }
+            }
+            map.values_mut().for_each(nullable_to_null);
+        }
+        Value::Array(items) => items.iter_mut().for_each(nullable_to_null),
+        _ => {}
+    }
+}
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Server {
+    async fn start(config: &str) -> Server {
+        let config = MockConfig::from_toml("test", config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(mock_aoai::server::serve(listener, config, std::future::pending()));
+        Server { base, client: reqwest::Client::new() }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.client.post(format!("{}{path}", self.base)).json(&body).send().await.unwrap()
+    }
+}
+
+const CONFIG: &str = r#"
+seed = 7
+
+[[deployments]]
+name = "chat"
+model = "gpt-4o"
+tpm = 1000000
+completion_tokens = { fixed = 12 }
+latency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 0 } }
+
+[[deployments]]
+name = "old"
+model = "gpt-35-turbo-instruct"
+tpm = 1000000
+completion_tokens = { fixed = 5 }
+latency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 0 } }
+
+[[deployments]]
+name = "embed"
+model = "text-embedding-3-small"
+tpm = 1000000
+latency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 0 } }
+
+[[deployments]]
+name = "tiny"
+model = "gpt-4o"
+tpm = 1000
+rpm = 600
+completion_tokens = { fixed = 5 }
+latency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 0 } }
+"#;
+
+const V: &str = "?api-version=2024-10-21";
+
+fn events(body: &str) -> Vec<&str> {
+    body.split("\n\n").filter(|e| !e.is_empty()).map(|e| e.strip_prefix("data: ").expect("SSE data lines")).collect()
+}
+
+#[tokio::test]
+async fn chat_completions_match_the_spec_plain_and_streamed() {
+    let spec = Spec::load();
+    let server = Server::start(CONFIG).await;
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]);
+    let r = server.post(&format!("/openai/deployments/chat/chat/completions{V}"), json!({"messages": messages})).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-ratelimit-remaining-tokens"));
+    assert!(r.headers().contains_key("x-ratelimit-remaining-requests"));
+    let body: Value = r.json().await.unwrap();
+    spec.check("createChatCompletionResponse", &body);
+    assert_eq!(body["usage"]["completion_tokens"], 12);
+    // 3 priming + (3 + "system" + "Be brief.") + (3 + "user" + "Hello there") in o200k_base.
+    assert_eq!(body["usage"]["prompt_tokens"], 3 + (3 + 1 + 3) + (3 + 1 + 2));
+
+    let streamed =
+        json!({"messages": messages, "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 4});
+    let r = server.post(&format!("/openai/deployments/chat/chat/completions{V}"), streamed).await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream; charset=utf-8");
+    let text = r.text().await.unwrap();
+    let events = events(&text);
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    for chunk in &chunks {
+        spec.check("createChatCompletionStreamResponse", chunk);
+    }
+    let content: String =
+        chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_owned)).collect();
+    assert_eq!(mock_aoai::tokens::count("gpt-4o", &content), 4, "the streamed text has max_tokens tokens");
+    let finish = chunks.iter().find_map(|c| c["choices"].get(0)?["finish_reason"].as_str().map(str::to_owned));
+    assert_eq!(finish.as_deref(), Some("length"));
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 4);
+}
+
+#[tokio::test]
+async fn completions_and_embeddings_match_the_spec() {
+    let spec = Spec::load();
+    let server = Server::start(CONFIG).await;
+    let r =
+        server.post(&format!("/openai/deployments/old/completions{V}"), json!({"prompt": "Say this is a test"})).await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    spec.check("createCompletionResponse", &body);
+    assert_eq!(body["usage"]["prompt_tokens"], 5);
+
+    let r =
+        server.post(&format!("/openai/deployments/old/completions{V}"), json!({"prompt": "x", "stream": true})).await;
+    let text = r.text().await.unwrap();
+    let events = events(&text);
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    for e in &events[..events.len() - 1] {
+        let mut chunk: Value = serde_json::from_str(e).unwrap();
+        // The service sends `"finish_reason": null` until the last chunk, which the
+        // spec (written for whole responses) does not allow; everything else must match.
+        if chunk["choices"][0]["finish_reason"].is_null() {
+            chunk["choices"][0]["finish_reason"] = json!("stop");
+        }
+        spec.check("createCompletionResponse", &chunk);
+    }
+
+    let r = server.post(&format!("/openai/deployments/embed/embeddings{V}"), json!({"input": ["a", "b c"]})).await;
+    let body: Value = r.json().await.unwrap();
+    spec.check("aigwEmbeddingsResponse", &body);
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    assert_eq!(body["data"][0]["embedding"].as_array().unwrap().len(), 1536);
+    assert_eq!(body["usage"]["prompt_tokens"], 3);
+}
+
+#[tokio::test]
+async fn azure_errors_have_azure_shapes() {
+    let spec = Spec::load();
+    let keyed = format!("api_keys = [\"secret\"]\n{CONFIG}");
+    let server = Server::start(&keyed).await;
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let check = |status: u16, code: &'static str| {
+        let spec = &spec;
+        move |r: (u16, Value)| {
+            assert_eq!(r.0, status, "{}", r.1);
+            assert_eq!(r.1["error"]["code"], code);
+            spec.check("errorResponse", &r.1);
+        }
+    };
+    let send = |path: String, body: Value, key: Option<&'static str>| {
+        let mut request = server.client.post(format!("{}{path}", server.base)).json(&body);
+        if let Some(key) = key {
+            request = request.header("api-key", key);
+        }
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    check(401, "401")(send(format!("/openai/deployments/chat/chat/completions{V}"), chat.clone(), None).await);
+    check(401, "401")(send(format!("/openai/deployments/chat/chat/completions{V}"), chat.clone(), Some("wrong")).await);
+    check(400, "BadRequest")(
+        send("/openai/deployments/chat/chat/completions".into(), chat.clone(), Some("secret")).await,
+    );
+    check(404, "DeploymentNotFound")(
+        send(format!("/openai/deployments/nope/chat/completions{V}"), chat.clone(), Some("secret")).await,
+    );
+    let bad =
+        send(format!("/openai/deployments/chat/chat/completions{V}"), json!({"messages": "hi"}), Some("secret")).await;
+    assert!(bad.1["error"]["message"].as_str().unwrap().contains("`messages`"));
+    check(400, "BadRequest")(bad);
+    let bad = send(
+        format!("/openai/deployments/chat/chat/completions{V}"),
+        json!({"messages": [{"role": "user"}], "max_tokens": -1}),
+        Some("secret"),
+    )
+    .await;
+    assert!(bad.1["error"]["message"].as_str().unwrap().contains("`max_tokens`"));
+    let bearer = server
+        .client
+        .post(format!("{}/openai/deployments/chat/chat/completions{V}", server.base))
+        .bearer_auth("secret")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), 200);
+}
+
+#[tokio::test]
+async fn throttling_is_azures_429_exactly() {
+    let spec = Spec::load();
+    let server = Server::start(CONFIG).await;
+    // tpm 1000: a request costing prompt + 600 fits once, not twice.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600});
+    let ok = server.post(&format!("/openai/deployments/tiny/chat/completions{V}"), body.clone()).await;
+    assert_eq!(ok.status(), 200);
+    let r = server.post(&format!("/openai/deployments/tiny/chat/completions{V}"), body).await;
+    assert_eq!(r.status(), 429);
+    let h = r.headers().clone();
+    let secs: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    let ms: u64 = h["retry-after-ms"].to_str().unwrap().parse().unwrap();
+    assert!((59..=60).contains(&secs) && ms.div_ceil(1000) == secs, "retry-after {secs} s, {ms} ms");
+    assert!(h.contains_key("x-ratelimit-remaining-requests"));
+    assert_eq!(h["x-ratelimit-remaining-tokens"], (1000 - 600 - 8).to_string().as_str());
+    let body: Value = r.json().await.unwrap();
+    spec.check("errorResponse", &body);
+    assert_eq!(body["error"]["code"], "429");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have \
+             exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after "
+        ),
+        "{message}"
+    );
+    assert!(message.contains(&format!("Please retry after {secs} seconds.")));
+}
+
+#[tokio::test]
+async fn faults_can_be_scripted_at_run_time_and_are_counted() {
+    let server = Server::start(CONFIG).await;
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let outage = json!({"deployment": "chat", "faults": {"outages": [{"start": "0s", "end": "1h", "status": 503}]}});
+    let r = server.client.post(format!("{}/_mock/faults", server.base)).json(&outage).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = server.post(&format!("/openai/deployments/chat/chat/completions{V}"), chat.clone()).await;
+    assert_eq!(r.status(), 503);
+    let bad = json!({"deployment": "chat", "faults": {"broken_stream": 1.5}});
+    let r = server.client.post(format!("{}/_mock/faults", server.base)).json(&bad).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let stats: Value =
+        server.client.get(format!("{}/_mock/stats", server.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(stats["deployments"]["chat"]["faults"], 1);
+    assert_eq!(stats["deployments"]["chat"]["requests"], 1);
+}
+
+#[tokio::test]
+async fn broken_streams_and_resets_fail_the_transport() {
+    let config = CONFIG.replacen(
+        "completion_tokens = { fixed = 12 }",
+        "completion_tokens = { fixed = 12 }\nfaults = { broken_stream = 1.0 }",
+        1,
+    );
+    let server = Server::start(&config).await;
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let sent = server
+        .client
+        .post(format!("{}/openai/deployments/chat/chat/completions{V}", server.base))
+        .json(&body)
+        .send()
+        .await;
+    // With no latency the break may come before the headers are flushed.
+    let broke = match sent {
+        Err(_) => true,
+        Ok(r) => r.text().await.is_err(),
+    };
+    assert!(broke, "the stream breaks before [DONE]");
+
+    let config = CONFIG.replacen("tpm = 1000000\n", "tpm = 1000000\nfaults = { connection_reset = 1.0 }\n", 1);
+    let server = Server::start(&config).await;
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let sent = server
+        .client
+        .post(format!("{}/openai/deployments/chat/chat/completions{V}", server.base))
+        .json(&chat)
+        .send()
+        .await;
+    let failed = match sent {
+        Err(_) => true,
+        Ok(r) => r.bytes().await.is_err(),
+    };
+    assert!(failed, "a reset gives the client no complete response");
+}

@@ -1,0 +1,92 @@
+"""The official `openai` package (AzureOpenAI client) against `aigw mock`.
+
+Usage: python tests/sdk/openai_sdk.py path/to/aigw
+Starts `aigw mock --config mocks/sdk.toml --listen 127.0.0.1:0`, reads the port from
+its first line, and checks chat (plain and streamed), completions, embeddings, and
+that the SDK's own retry honours the mock's 429 headers. Exits non-zero on failure.
+"""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+from openai import AzureOpenAI
+
+
+def start(aigw):
+    proc = subprocess.Popen(
+        [aigw, "mock", "--config", "mocks/sdk.toml", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline().strip()
+    assert line.startswith("listening on http://"), f"unexpected first line: {line!r}"
+    return proc, line.removeprefix("listening on ")
+
+
+def stats(base):
+    with urllib.request.urlopen(f"{base}/_mock/stats") as r:
+        return json.load(r)["deployments"]
+
+
+def main():
+    proc, base = start(sys.argv[1])
+    try:
+        client = AzureOpenAI(azure_endpoint=base, api_key="test-key", api_version="2024-10-21", max_retries=2)
+        messages = [{"role": "user", "content": "Say hello"}]
+
+        chat = client.chat.completions.create(model="gpt-4o", messages=messages)
+        assert chat.choices[0].message.role == "assistant"
+        assert chat.usage.completion_tokens == 16, chat.usage
+        assert chat.usage.total_tokens == chat.usage.prompt_tokens + 16
+
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=messages, stream=True, stream_options={"include_usage": True}, max_tokens=5
+        )
+        text, usage, finish = "", None, None
+        for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        assert finish == "length", finish
+        assert usage.completion_tokens == 5 and text.startswith("The quick"), (usage, text)
+
+        completion = client.completions.create(model="gpt-35-turbo-instruct", prompt="Say this is a test")
+        assert completion.choices[0].text and completion.usage.completion_tokens == 8, completion
+
+        embeddings = client.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
+        assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) == 1536
+        again = client.embeddings.create(model="text-embedding-3-small", input=["one"])
+        assert again.data[0].embedding == embeddings.data[0].embedding, "embeddings are deterministic"
+
+        try:
+            AzureOpenAI(azure_endpoint=base, api_key="wrong", api_version="2024-10-21").chat.completions.create(
+                model="gpt-4o", messages=messages
+            )
+            raise AssertionError("a wrong key must be refused")
+        except openai.AuthenticationError:
+            pass
+
+        # rpm 6: the second call in a row is throttled for about 10 s; the SDK must
+        # wait what `retry-after-ms` says (its own backoff would be under 1 s).
+        client.chat.completions.create(model="throttled", messages=messages)
+        started = time.monotonic()
+        client.chat.completions.create(model="throttled", messages=messages)
+        waited = time.monotonic() - started
+        counts = stats(base)["throttled"]
+        assert counts["throttled"] == 1 and counts["completed"] == 2, counts
+        assert 9.0 <= waited <= 12.0, f"waited {waited:.1f} s"
+        print(f"openai {openai.__version__}: chat, stream, completions, embeddings, auth and 429 retry ok "
+              f"(retry waited {waited:.1f} s)")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
