@@ -2,6 +2,7 @@
 
 mod decide;
 mod mock;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -24,6 +25,20 @@ enum Command {
         /// `headers`, `status`, `total_tokens`, `latency_ms`, `prompt_tokens`, `bytes`.
         requests: PathBuf,
     },
+    /// Replays a traffic scenario through the gateway core and mock backends, in simulated time.
+    Simulate {
+        /// A scenario file (see `scenarios/`).
+        scenario: PathBuf,
+        /// Overrides the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Where to write `report.json` (default `reports/<scenario name>/`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Writes one JSON line per request that reached the gateway.
+        #[arg(long)]
+        decisions: Option<PathBuf>,
+    },
     /// Serves a mock Azure OpenAI: real wire formats, Azure's TPM/RPM limits and 429s, faults.
     Mock {
         /// A mock config (see `mocks/`); without it, a built-in example.
@@ -39,6 +54,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Decide { policy, requests } => decide::run(&policy, &requests),
+        Command::Simulate { scenario, seed, out, decisions } => simulate::run(&scenario, seed, out, decisions),
         Command::Mock { config, listen } => mock::run(config.as_deref(), &listen),
     };
     match result {

@@ -59,6 +59,8 @@ pub enum Step {
 /// The end of a client request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finished {
+    /// The request's id; `None` when a limit rejected it on arrival.
+    pub id: Option<RequestId>,
     /// A response the gateway made itself (rejection, 503, 500, 504); `None` when
     /// the client got the backend's response.
     pub generated: Option<GeneratedResponse>,
@@ -203,6 +205,7 @@ impl Pipeline {
                 let generated =
                     GeneratedResponse { status: rejection.status, headers: rejection.headers, body: rejection.body };
                 return Step::Respond(Finished {
+                    id: None,
                     generated: Some(generated),
                     headers: Vec::new(),
                     variables: rejection.variables,
@@ -298,6 +301,7 @@ impl Pipeline {
         flight.record.reason = FinalReason::Backend;
         flight.record.finished = now;
         Ok(Finished {
+            id: Some(id),
             generated: None,
             headers: completed.headers,
             variables: completed.variables,
@@ -354,7 +358,13 @@ impl Pipeline {
         variables.extend(completed.variables);
         flight.record.status = generated.status;
         flight.record.finished = now;
-        Finished { generated: Some(generated), headers: completed.headers, variables, record: flight.record }
+        Finished {
+            id: Some(flight.id),
+            generated: Some(generated),
+            headers: completed.headers,
+            variables,
+            record: flight.record,
+        }
     }
 
     fn slot(id: RequestId) -> usize {

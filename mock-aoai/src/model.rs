@@ -46,6 +46,10 @@ pub struct ModelRequest {
     pub max_tokens: Option<u64>,
     pub best_of: Option<u64>,
     pub stream: bool,
+    /// The completion length the caller will get (before `max_tokens`), when the
+    /// driver decides it (the simulator's clients, trace replay); else the
+    /// deployment's distribution draws it.
+    pub completion_tokens: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -302,7 +306,10 @@ impl DeploymentModel {
         if req.operation == Operation::Embeddings {
             return (0, FinishReason::Stop);
         }
-        let drawn = (self.config.completion_tokens.sample(rng).round() as u64).max(1);
+        let drawn = match req.completion_tokens {
+            Some(n) => n,
+            None => (self.config.completion_tokens.sample(rng).round() as u64).max(1),
+        };
         match req.max_tokens {
             Some(max) if drawn >= max => (max, FinishReason::Length),
             _ => (drawn, FinishReason::Stop),

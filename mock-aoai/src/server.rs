@@ -187,6 +187,7 @@ fn admit(
         max_tokens: parsed.max_tokens,
         best_of: parsed.best_of,
         stream: parsed.stream && operation != Operation::Embeddings,
+        completion_tokens: None,
     };
     let response = model.handle_request(now, &request);
     let dimensions = model.config().embedding_dimensions();

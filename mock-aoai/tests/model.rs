@@ -14,7 +14,14 @@ fn deployment(extra: &str) -> DeploymentModel {
 }
 
 fn chat(prompt_tokens: u64, max_tokens: Option<u64>) -> ModelRequest {
-    ModelRequest { operation: Operation::ChatCompletions, prompt_tokens, max_tokens, best_of: None, stream: false }
+    ModelRequest {
+        operation: Operation::ChatCompletions,
+        prompt_tokens,
+        max_tokens,
+        best_of: None,
+        stream: false,
+        completion_tokens: None,
+    }
 }
 
 proptest! {

@@ -1,0 +1,453 @@
+//! The discrete-event engine: a queue of events ordered by (time, sequence), the
+//! gateway replicas (`gateway-core`), the backends (`mock-aoai`'s model) and the
+//! clients. No wall clock and no threads: the same scenario and seed give the same
+//! events in the same order.
+
+use crate::report::{Decision, Recorder};
+use crate::scenario::{Arrival, Client, CounterSharing, Identity, Scenario};
+use crate::trace::{self, TraceLine};
+use gateway_core::routing::{AttemptOutcome, Routing};
+use gateway_core::{
+    Delivery, FinalReason, Finished, Nanos, Pipeline, RequestId, RequestInfo, Step, Subscription, Usage,
+};
+use mock_aoai::model::{ModelRequest, ModelResponse, Operation};
+use mock_aoai::DeploymentModel;
+use rand::{Rng, RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::path::Path;
+
+/// One client call (an SDK retry is a new call with `attempt + 1`).
+#[derive(Clone, Debug)]
+struct Call {
+    client: usize,
+    /// Trace line, or a sequence number.
+    request: u64,
+    attempt: u32,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    max_tokens: Option<u64>,
+    stream: bool,
+    info: RequestInfo,
+}
+
+#[derive(Debug)]
+enum Event {
+    /// The next arrival of a generated client.
+    Generate { client: usize },
+    /// A call reaches the gateway.
+    Arrive(Box<Call>),
+    /// The gateway sends an attempt to a backend.
+    Send { replica: usize, id: RequestId, backend: usize },
+    /// An attempt's response head (or failure) is back at the gateway.
+    AttemptEnd { replica: usize, id: RequestId, outcome: AttemptOutcome },
+    /// The delivered response is over.
+    Delivered { replica: usize, id: RequestId, usage: Usage },
+}
+
+struct InFlight {
+    call: Call,
+    /// The call's place in arrival order, for the decision log.
+    order: u64,
+    arrived: Nanos,
+    /// The model's decision for the current attempt, once sent.
+    completion: Option<mock_aoai::model::Completion>,
+}
+
+pub struct Engine<'s> {
+    scenario: &'s Scenario,
+    start: Nanos,
+    end: Nanos,
+    queue: BinaryHeap<Reverse<(Nanos, u64, usize)>>,
+    /// Events by sequence number; the heap holds (time, seq, slot).
+    events: Vec<Option<Event>>,
+    free: Vec<usize>,
+    seq: u64,
+    replicas: Vec<Pipeline>,
+    next_replica: usize,
+    backends: Vec<DeploymentModel>,
+    backend_index: BTreeMap<String, usize>,
+    flights: BTreeMap<(usize, RequestId), InFlight>,
+    rng: ChaCha8Rng,
+    client_rngs: Vec<ChaCha8Rng>,
+    sequence: u64,
+    arrivals: u64,
+    traces: Vec<Option<Vec<TraceLine>>>,
+    pub recorder: Recorder,
+}
+
+impl<'s> Engine<'s> {
+    pub fn new(scenario: &'s Scenario, base: &Path, seed: u64, keep_decisions: bool) -> Result<Engine<'s>, String> {
+        let start = scenario.start_nanos();
+        let routing: &Routing = &scenario.gateway.routing;
+        let replica_count = match scenario.gateway.counters {
+            CounterSharing::Shared => 1,
+            CounterSharing::Local => scenario.gateway.replicas,
+        };
+        let replicas = (0..replica_count)
+            .map(|i| Pipeline::new(&scenario.gateway.policy, routing.clone(), seed ^ (i as u64 + 1)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let backends: Vec<DeploymentModel> = scenario
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DeploymentModel::new(d.clone(), seed.wrapping_mul(31).wrapping_add(i as u64), start))
+            .collect();
+        let backend_index = scenario.backends.iter().enumerate().map(|(i, d)| (d.name.clone(), i)).collect();
+        let client_rngs = (0..scenario.clients.len())
+            .map(|i| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(1000 + i as u64);
+                rng
+            })
+            .collect();
+        let traces = scenario
+            .clients
+            .iter()
+            .map(|c| match &c.arrival {
+                Arrival::Trace { path } => trace::load(&base.join(path)).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(1);
+        let mut engine = Engine {
+            scenario,
+            start,
+            end: start + scenario.duration.0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            free: Vec::new(),
+            seq: 0,
+            replicas,
+            next_replica: 0,
+            backends,
+            backend_index,
+            flights: BTreeMap::new(),
+            rng,
+            client_rngs,
+            sequence: 0,
+            arrivals: 0,
+            traces,
+            recorder: Recorder::new(scenario, keep_decisions),
+        };
+        engine.schedule_clients();
+        Ok(engine)
+    }
+
+    fn schedule_clients(&mut self) {
+        for (i, client) in self.scenario.clients.iter().enumerate() {
+            match &client.arrival {
+                Arrival::Trace { .. } => {
+                    let lines = self.traces[i].take().unwrap_or_default();
+                    for line in lines {
+                        let call = self.trace_call(i, &line);
+                        self.push(self.start + Nanos::from_millis(line.t_ms), Event::Arrive(Box::new(call)));
+                    }
+                }
+                _ => {
+                    let first = self.start + self.next_gap(i, self.start);
+                    self.push(first, Event::Generate { client: i });
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, at: Nanos, event: Event) {
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.events[s] = Some(event);
+                s
+            }
+            None => {
+                self.events.push(Some(event));
+                self.events.len() - 1
+            }
+        };
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq, slot)));
+    }
+
+    /// Runs to the end of the scenario; requests in flight then are left unfinished.
+    pub fn run(&mut self) {
+        while let Some(Reverse((now, _, slot))) = self.queue.pop() {
+            if now >= self.end {
+                break;
+            }
+            let event = self.events[slot].take().expect("a queued event");
+            self.free.push(slot);
+            self.handle(now, event);
+        }
+    }
+
+    fn handle(&mut self, now: Nanos, event: Event) {
+        match event {
+            Event::Generate { client } => self.generate(now, client),
+            Event::Arrive(call) => self.arrive(now, *call),
+            Event::Send { replica, id, backend } => self.send(now, replica, id, backend),
+            Event::AttemptEnd { replica, id, outcome } => {
+                let draw = self.rng.next_u64();
+                let step = self.replicas[replica].handle_attempt(now, id, outcome, Usage::default(), draw);
+                self.follow(now, replica, step.expect("the engine reports each attempt once"));
+            }
+            Event::Delivered { replica, id, usage } => {
+                let delivery = Delivery { usage, ..Delivery::default() };
+                let finished = self.replicas[replica].handle_delivered(now, id, delivery);
+                self.finish(now, replica, Some(id), finished.expect("the engine delivers each response once"));
+            }
+        }
+    }
+
+    fn next_gap(&mut self, client: usize, now: Nanos) -> Nanos {
+        let c = &self.scenario.clients[client];
+        let rng = &mut self.client_rngs[client];
+        let exp = |rng: &mut ChaCha8Rng, rate: f64| -(1.0 - rng.random::<f64>()).ln() / rate;
+        let secs = match &c.arrival {
+            Arrival::Constant { rate_per_s } => 1.0 / rate_per_s,
+            Arrival::Poisson { rate_per_s } => exp(rng, *rate_per_s),
+            Arrival::Bursts { rate_per_s, on, off } => {
+                let cycle = on.0 .0 + off.0 .0;
+                let gap = exp(rng, *rate_per_s);
+                let next = now.saturating_sub(self.start).0 + (gap * 1e9) as u64;
+                // A gap that lands in the silent part moves to the next burst.
+                match cycle == 0 || next % cycle < on.0 .0 {
+                    true => gap,
+                    false => ((next / cycle + 1) * cycle - now.saturating_sub(self.start).0) as f64 / 1e9,
+                }
+            }
+            Arrival::Trace { .. } => unreachable!("traces are scheduled up front"),
+        };
+        Nanos((secs * 1e9).round().max(1.0) as u64)
+    }
+
+    fn generate(&mut self, now: Nanos, client: usize) {
+        let c: &Client = &self.scenario.clients[client];
+        let rng = &mut self.client_rngs[client];
+        let caller = rng.random_range(0..c.callers);
+        let prompt_tokens = c.prompt_tokens.sample(rng).round() as u64;
+        let completion_tokens = (c.completion_tokens.sample(rng).round() as u64).max(1);
+        let stream = rng.random::<f64>() < c.stream_share;
+        self.sequence += 1;
+        let call = Call {
+            client,
+            request: self.sequence - 1,
+            attempt: 0,
+            prompt_tokens,
+            completion_tokens,
+            max_tokens: c.max_tokens,
+            stream,
+            info: identity(client, caller, &c.identity, prompt_tokens, c.max_tokens),
+        };
+        self.arrive(now, call);
+        let gap = self.next_gap(client, now);
+        self.push(now + gap, Event::Generate { client });
+    }
+
+    fn trace_call(&self, client: usize, line: &TraceLine) -> Call {
+        let c = &self.scenario.clients[client];
+        let max_tokens = line.max_tokens.or(c.max_tokens);
+        let prompt_tokens = line.prompt_tokens.unwrap_or(c.prompt_tokens.mean().round() as u64);
+        let mut info = RequestInfo {
+            ip: line.ip.clone().unwrap_or_default(),
+            subscription: line.subscription.as_ref().map(|s| Subscription {
+                id: s.clone(),
+                key: s.clone(),
+                name: s.clone(),
+            }),
+            product: line.product.clone(),
+            headers: line.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            prompt_tokens_estimate: Some(prompt_tokens),
+            max_tokens,
+        };
+        if info.ip.is_empty() {
+            info.ip = "0.0.0.0".into();
+        }
+        Call {
+            client,
+            request: line.line,
+            attempt: 0,
+            prompt_tokens,
+            completion_tokens: line.completion_tokens.unwrap_or(c.completion_tokens.mean().round() as u64),
+            max_tokens,
+            stream: line.stream.unwrap_or(false),
+            info,
+        }
+    }
+
+    fn arrive(&mut self, now: Nanos, call: Call) {
+        let order = self.arrivals;
+        self.arrivals += 1;
+        let replica = self.next_replica % self.replicas.len();
+        self.next_replica += 1;
+        let draw = self.rng.next_u64();
+        let step = self.replicas[replica].handle_request(now, &call.info, draw);
+        let id = match &step {
+            Step::Forward { id, .. } | Step::Deliver { id } => Some(*id),
+            Step::Respond(_) => None,
+        };
+        match id {
+            Some(id) => {
+                self.flights.insert((replica, id), InFlight { call, order, arrived: now, completion: None });
+                self.follow(now, replica, step);
+            }
+            None => {
+                let Step::Respond(finished) = step else { unreachable!() };
+                self.record(now, order, &call, now, &finished);
+            }
+        }
+    }
+
+    /// Carries out what the gateway decided.
+    fn follow(&mut self, now: Nanos, replica: usize, step: Step) {
+        match step {
+            Step::Forward { id, attempt, at } => {
+                let backend = self.backend_index[&*attempt.backend];
+                self.push(at, Event::Send { replica, id, backend });
+            }
+            Step::Deliver { id } => {
+                let flight = self.flights.get(&(replica, id)).expect("in flight");
+                // An error response (429, 5xx) carries no usage and is over at once.
+                let (rest, usage) = match flight.completion {
+                    None => (Nanos::ZERO, Usage::default()),
+                    Some(c) => {
+                        let sent = c.break_after.unwrap_or(c.completion_tokens);
+                        let usage = Usage { prompt_tokens: c.prompt_tokens, completion_tokens: sent };
+                        let head = if flight.call.stream { c.time_to_first_token } else { c.duration() };
+                        (c.duration().saturating_sub(head), usage)
+                    }
+                };
+                self.push(now + rest, Event::Delivered { replica, id, usage });
+            }
+            Step::Respond(finished) => self.finish(now, replica, finished.id, finished),
+        }
+    }
+
+    fn send(&mut self, now: Nanos, replica: usize, id: RequestId, backend: usize) {
+        let timeout = Nanos::from_secs(self.scenario.gateway.routing.timeout);
+        let flight = self.flights.get_mut(&(replica, id)).expect("in flight");
+        let call = &flight.call;
+        let request = ModelRequest {
+            operation: Operation::ChatCompletions,
+            prompt_tokens: call.prompt_tokens,
+            max_tokens: call.max_tokens,
+            best_of: None,
+            stream: call.stream,
+            completion_tokens: Some(call.completion_tokens),
+        };
+        flight.completion = None;
+        let (after, outcome) = match self.backends[backend].handle_request(now, &request) {
+            ModelResponse::Complete(c) => {
+                flight.completion = Some(c);
+                let head = if call.stream { c.time_to_first_token } else { c.duration() };
+                (head, AttemptOutcome::Response { status: 200, retry_after: None })
+            }
+            ModelResponse::Throttled(t) => {
+                (Nanos::ZERO, AttemptOutcome::Response { status: 429, retry_after: Some(t.retry_after) })
+            }
+            ModelResponse::Fault { status, after } => (after, AttemptOutcome::Response { status, retry_after: None }),
+            ModelResponse::Reset => (Nanos::ZERO, AttemptOutcome::TransportFailure),
+            ModelResponse::Hang => (timeout, AttemptOutcome::Timeout),
+        };
+        let (after, outcome) = match after > timeout {
+            true => {
+                flight.completion = None;
+                (timeout, AttemptOutcome::Timeout)
+            }
+            false => (after, outcome),
+        };
+        self.recorder.backend_attempt(backend, now - self.start, &outcome);
+        self.push(now + after, Event::AttemptEnd { replica, id, outcome });
+    }
+
+    fn finish(&mut self, now: Nanos, replica: usize, id: Option<RequestId>, finished: Finished) {
+        let Some(flight) = id.and_then(|id| self.flights.remove(&(replica, id))) else {
+            unreachable!("a finished request was in flight")
+        };
+        self.record(now, flight.order, &flight.call, flight.arrived, &finished);
+    }
+
+    fn record(&mut self, now: Nanos, order: u64, call: &Call, arrived: Nanos, finished: &Finished) {
+        let record = &finished.record;
+        let backends: Vec<String> = record.attempts.iter().map(|a| a.backend.to_string()).collect();
+        let decision = Decision {
+            request: call.request,
+            client: self.scenario.clients[call.client].name.clone(),
+            key: key_values(&call.info),
+            attempt: call.attempt,
+            arrival_ms: (arrived - self.start).0 as f64 / 1e6,
+            status: record.status,
+            reason: reason(record.reason, record.status),
+            backends,
+            latency_ms: (now - arrived).0 as f64 / 1e6,
+            prompt_tokens: record.usage.prompt_tokens,
+            completion_tokens: record.usage.completion_tokens,
+        };
+        self.recorder.request(call.client, now - self.start, order, record, &decision);
+        self.sdk_retry(now, call, finished);
+    }
+
+    /// The client SDK's own retry, like the `openai` SDKs'.
+    fn sdk_retry(&mut self, now: Nanos, call: &Call, finished: &Finished) {
+        let status = finished.record.status;
+        let retryable = status == 408 || status == 409 || status == 429 || status >= 500;
+        if !retryable || call.attempt >= self.scenario.clients[call.client].retries.max_retries {
+            return;
+        }
+        let advice = finished.generated.as_ref().and_then(|g| {
+            gateway_core::routing::parse_retry_after(&g.headers, now).filter(|w| *w <= Nanos::from_secs(60))
+        });
+        let wait = advice.unwrap_or_else(|| {
+            let base = (0.5 * 2f64.powi(call.attempt as i32)).min(8.0);
+            let jitter = 1.0 - 0.25 * self.client_rngs[call.client].random::<f64>();
+            Nanos((base * jitter * 1e9) as u64)
+        });
+        let mut next = call.clone();
+        next.attempt += 1;
+        self.recorder.sdk_retry(call.client);
+        self.push(now + wait, Event::Arrive(Box::new(next)));
+    }
+}
+
+fn identity(client: usize, caller: usize, identity: &Identity, prompt: u64, max_tokens: Option<u64>) -> RequestInfo {
+    let ip = format!("10.{}.{}.{}", client % 256, caller / 256 % 256, caller % 256);
+    let who = format!("c{client}-{caller}");
+    let mut info = RequestInfo { ip, prompt_tokens_estimate: Some(prompt), max_tokens, ..RequestInfo::default() };
+    match identity {
+        Identity::Ip => {}
+        Identity::Subscription { product } => {
+            info.subscription = Some(Subscription { id: who.clone(), key: format!("key-{who}"), name: who });
+            info.product = Some(product.clone());
+        }
+        Identity::Header { name } => info.headers.push((name.clone(), who)),
+        Identity::Jwt => info.headers.push(("Authorization".into(), trace::jwt_for(&who))),
+    }
+    info
+}
+
+fn key_values(info: &RequestInfo) -> BTreeMap<String, String> {
+    let mut keys = BTreeMap::new();
+    keys.insert("ip".to_owned(), info.ip.clone());
+    if let Some(s) = &info.subscription {
+        keys.insert("subscription".to_owned(), s.id.clone());
+    }
+    if let Some(p) = &info.product {
+        keys.insert("product".to_owned(), p.clone());
+    }
+    keys
+}
+
+/// The decision log's reason names.
+pub fn reason(reason: FinalReason, status: u16) -> &'static str {
+    use gateway_core::RejectReason::*;
+    match reason {
+        FinalReason::Backend if status < 400 => "ok",
+        FinalReason::Backend => "backend",
+        FinalReason::Limited(RateLimit) => "rate-limit",
+        FinalReason::Limited(CallQuota | BandwidthQuota) => "quota",
+        FinalReason::Limited(TokensPerMinute) => "token-limit",
+        FinalReason::Limited(TokenQuota) => "token-quota",
+        FinalReason::Unavailable => "no-backend",
+        FinalReason::Timeout | FinalReason::TransportFailure => "timeout",
+    }
+}

@@ -1,0 +1,29 @@
+//! The simulator: seeded discrete-event replay of traffic scenarios through
+//! `gateway-core` and `mock-aoai`'s deployment model.
+
+pub mod engine;
+pub mod report;
+pub mod scenario;
+pub mod trace;
+
+use std::path::Path;
+
+pub use report::{Decision, Report};
+pub use scenario::Scenario;
+
+/// What one run produced.
+pub struct Outcome {
+    pub report: Report,
+    pub decisions: Vec<Decision>,
+}
+
+/// Runs a scenario; `seed` overrides the scenario's. Paths in the scenario (traces)
+/// are relative to `base`, the scenario file's folder.
+pub fn run(scenario: &Scenario, base: &Path, seed: Option<u64>, keep_decisions: bool) -> Result<Outcome, String> {
+    let seed = seed.unwrap_or(scenario.seed);
+    let mut engine = engine::Engine::new(scenario, base, seed, keep_decisions)?;
+    engine.run();
+    let report = engine.recorder.report(scenario, seed);
+    let decisions = engine.recorder.decisions();
+    Ok(Outcome { report, decisions })
+}

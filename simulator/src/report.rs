@@ -1,0 +1,287 @@
+//! Streaming statistics of a run and the report written from them. Memory does not
+//! grow with the run's length except for the per-minute series (and the decision
+//! log, only when asked for).
+
+use crate::scenario::Scenario;
+use gateway_core::routing::AttemptOutcome;
+use gateway_core::{FinalReason, Nanos, OutcomeRecord};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// The report's schema version; bump it when a field changes meaning.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One line of the decision log.
+#[derive(Clone, Debug, Serialize)]
+pub struct Decision {
+    pub request: u64,
+    pub client: String,
+    pub key: BTreeMap<String, String>,
+    pub attempt: u32,
+    pub arrival_ms: f64,
+    pub status: u16,
+    pub reason: &'static str,
+    pub backends: Vec<String>,
+    pub latency_ms: f64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+struct ClientStats {
+    name: String,
+    requests: u64,
+    by_reason: BTreeMap<&'static str, u64>,
+    by_status: BTreeMap<u16, u64>,
+    sdk_retries: u64,
+    gateway_retries: u64,
+    failovers: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    latency_us: Histogram<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BackendStats {
+    pub name: String,
+    pub attempts: u64,
+    pub ok: u64,
+    pub throttled: u64,
+    pub errors_5xx: u64,
+    pub timeouts: u64,
+    pub transport_failures: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MinuteStats {
+    pub minute: u64,
+    pub ok: u64,
+    pub rejected: u64,
+    pub backend_errors: u64,
+    pub tokens: u64,
+    pub backend_throttled: u64,
+}
+
+pub struct Recorder {
+    clients: Vec<ClientStats>,
+    backends: Vec<BackendStats>,
+    minutes: Vec<MinuteStats>,
+    /// (arrival order, decision), when a decision log is asked for.
+    decisions: Option<Vec<(u64, Decision)>>,
+}
+
+impl Recorder {
+    pub fn new(scenario: &Scenario, keep_decisions: bool) -> Recorder {
+        let clients = scenario
+            .clients
+            .iter()
+            .map(|c| ClientStats {
+                name: c.name.clone(),
+                requests: 0,
+                by_reason: BTreeMap::new(),
+                by_status: BTreeMap::new(),
+                sdk_retries: 0,
+                gateway_retries: 0,
+                failovers: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            })
+            .collect();
+        let backends =
+            scenario.backends.iter().map(|b| BackendStats { name: b.name.clone(), ..Default::default() }).collect();
+        Recorder { clients, backends, minutes: Vec::new(), decisions: keep_decisions.then(Vec::new) }
+    }
+
+    fn minute(&mut self, since_start: Nanos) -> &mut MinuteStats {
+        let m = (since_start.0 / 60_000_000_000) as usize;
+        while self.minutes.len() <= m {
+            let minute = self.minutes.len() as u64;
+            self.minutes.push(MinuteStats { minute, ..Default::default() });
+        }
+        &mut self.minutes[m]
+    }
+
+    pub fn request(
+        &mut self,
+        client: usize,
+        since_start: Nanos,
+        order: u64,
+        record: &OutcomeRecord,
+        decision: &Decision,
+    ) {
+        let c = &mut self.clients[client];
+        c.requests += 1;
+        *c.by_reason.entry(decision.reason).or_default() += 1;
+        *c.by_status.entry(record.status).or_default() += 1;
+        c.gateway_retries += record.attempts.len().saturating_sub(1) as u64;
+        let first = record.attempts.first().map(|a| &a.backend);
+        c.failovers += u64::from(record.attempts.iter().any(|a| Some(&a.backend) != first));
+        c.prompt_tokens += record.usage.prompt_tokens;
+        c.completion_tokens += record.usage.completion_tokens;
+        c.latency_us.saturating_record(((decision.latency_ms * 1000.0) as u64).max(1));
+        let limited = matches!(record.reason, FinalReason::Limited(_));
+        let tokens = record.usage.total();
+        let m = self.minute(since_start);
+        match (limited, decision.reason) {
+            (true, _) => m.rejected += 1,
+            (false, "ok") => m.ok += 1,
+            _ => m.backend_errors += 1,
+        }
+        m.tokens += tokens;
+        if let Some(log) = &mut self.decisions {
+            log.push((order, decision.clone()));
+        }
+    }
+
+    pub fn sdk_retry(&mut self, client: usize) {
+        self.clients[client].sdk_retries += 1;
+    }
+
+    pub fn backend_attempt(&mut self, backend: usize, since_start: Nanos, outcome: &AttemptOutcome) {
+        let b = &mut self.backends[backend];
+        b.attempts += 1;
+        let throttled = matches!(outcome, AttemptOutcome::Response { status: 429, .. });
+        match outcome {
+            AttemptOutcome::Response { status, .. } if *status < 400 => b.ok += 1,
+            AttemptOutcome::Response { status: 429, .. } => b.throttled += 1,
+            AttemptOutcome::Response { status, .. } if *status >= 500 => b.errors_5xx += 1,
+            AttemptOutcome::Response { .. } => {}
+            AttemptOutcome::Timeout => b.timeouts += 1,
+            AttemptOutcome::TransportFailure => b.transport_failures += 1,
+        }
+        if throttled {
+            self.minute(since_start).backend_throttled += 1;
+        }
+    }
+
+    /// The decision log in arrival order.
+    pub fn decisions(&self) -> Vec<Decision> {
+        let mut log = self.decisions.clone().unwrap_or_default();
+        log.sort_by_key(|e| e.0);
+        log.into_iter().map(|e| e.1).collect()
+    }
+
+    pub fn report(&self, scenario: &Scenario, seed: u64) -> Report {
+        Report {
+            schema_version: SCHEMA_VERSION,
+            scenario: scenario.name.clone(),
+            seed,
+            start: scenario.start.clone(),
+            duration_s: scenario.duration.0.as_secs_f64(),
+            clients: self.clients.iter().map(ClientReport::from).collect(),
+            backends: self.backends.clone(),
+            minutes: self.minutes.clone(),
+        }
+    }
+}
+
+/// `report.json`: every figure of the summary, and the per-minute series.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub scenario: String,
+    pub seed: u64,
+    pub start: String,
+    pub duration_s: f64,
+    pub clients: Vec<ClientReport>,
+    pub backends: Vec<BackendStats>,
+    pub minutes: Vec<MinuteStats>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientReport {
+    pub name: String,
+    /// Calls that reached the gateway, SDK retries included.
+    pub requests: u64,
+    /// Calls by reason: `ok`, `rate-limit`, `quota`, `token-limit`, `token-quota`,
+    /// `backend` (a backend error delivered), `no-backend`, `timeout`.
+    pub by_reason: BTreeMap<&'static str, u64>,
+    pub by_status: BTreeMap<u16, u64>,
+    pub rejected_ratio: f64,
+    pub sdk_retries: u64,
+    pub gateway_retries: u64,
+    pub failovers: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
+}
+
+impl From<&ClientStats> for ClientReport {
+    fn from(c: &ClientStats) -> ClientReport {
+        let q = |p: f64| if c.requests == 0 { 0.0 } else { c.latency_us.value_at_quantile(p) as f64 / 1000.0 };
+        let ok = c.by_reason.get("ok").copied().unwrap_or(0);
+        ClientReport {
+            name: c.name.clone(),
+            requests: c.requests,
+            by_reason: c.by_reason.clone(),
+            by_status: c.by_status.clone(),
+            rejected_ratio: if c.requests == 0 { 0.0 } else { (c.requests - ok) as f64 / c.requests as f64 },
+            sdk_retries: c.sdk_retries,
+            gateway_retries: c.gateway_retries,
+            failovers: c.failovers,
+            prompt_tokens: c.prompt_tokens,
+            completion_tokens: c.completion_tokens,
+            latency_ms_p50: q(0.50),
+            latency_ms_p95: q(0.95),
+            latency_ms_p99: q(0.99),
+            latency_ms_max: if c.requests == 0 { 0.0 } else { c.latency_us.max() as f64 / 1000.0 },
+        }
+    }
+}
+
+impl Report {
+    /// The summary table printed after a run.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let _ =
+            writeln!(out, "scenario {} (seed {}), {} s from {}", self.scenario, self.seed, self.duration_s, self.start);
+        let _ = writeln!(
+            out,
+            "{:<14} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+            "client",
+            "requests",
+            "ok",
+            "rate-lim",
+            "quota",
+            "tok-lim",
+            "tok-quo",
+            "backend",
+            "no-back",
+            "timeout",
+            "sdk-retry",
+            "failover",
+            "tokens",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms"
+        );
+        for c in &self.clients {
+            let n = |r: &str| c.by_reason.get(r).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "{:<14} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9.1} {:>9.1} {:>9.1}",
+                c.name, c.requests, n("ok"), n("rate-limit"), n("quota"), n("token-limit"), n("token-quota"),
+                n("backend"), n("no-backend"), n("timeout"), c.sdk_retries, c.failovers,
+                c.prompt_tokens + c.completion_tokens, c.latency_ms_p50, c.latency_ms_p95, c.latency_ms_p99
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{:<14} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}",
+            "backend", "attempts", "ok", "429", "5xx", "timeout", "reset"
+        );
+        for b in &self.backends {
+            let _ = writeln!(
+                out,
+                "{:<14} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}",
+                b.name, b.attempts, b.ok, b.throttled, b.errors_5xx, b.timeouts, b.transport_failures
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,179 @@
+//! Scenario files: traffic, the gateway's policy and routing, and the backends.
+
+use gateway_core::routing::Routing;
+use gateway_core::time::{parse_rfc3339, HumanDuration};
+use gateway_core::{Nanos, Policy};
+use mock_aoai::{DeploymentConfig, Dist};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// RFC 3339; calendar-aligned quotas depend on it.
+    pub start: String,
+    pub duration: HumanDuration,
+    #[serde(default)]
+    pub seed: u64,
+    pub gateway: GatewayConfig,
+    pub backends: Vec<DeploymentConfig>,
+    pub clients: Vec<Client>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[serde(default)]
+    pub policy: Policy,
+    pub routing: Routing,
+    /// Gateway replicas; requests are spread over them round-robin.
+    #[serde(default = "one")]
+    pub replicas: usize,
+    #[serde(default)]
+    pub counters: CounterSharing,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// How replicas count: alone (in-memory gateways) or in one shared store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CounterSharing {
+    Local,
+    #[default]
+    Shared,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Client {
+    pub name: String,
+    /// Distinct callers; each has its own identity.
+    #[serde(default = "one")]
+    pub callers: usize,
+    #[serde(default)]
+    pub identity: Identity,
+    pub arrival: Arrival,
+    #[serde(default = "default_prompt")]
+    pub prompt_tokens: Dist,
+    #[serde(default = "default_completion")]
+    pub completion_tokens: Dist,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// Share of requests sent with `"stream": true`.
+    #[serde(default)]
+    pub stream_share: f64,
+    #[serde(default)]
+    pub retries: SdkRetries,
+}
+
+fn default_prompt() -> Dist {
+    Dist::Fixed(200.0)
+}
+
+fn default_completion() -> Dist {
+    Dist::Fixed(100.0)
+}
+
+/// What identifies a caller to the gateway.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Identity {
+    /// `10.<client>.<caller>` style addresses.
+    #[default]
+    Ip,
+    /// A subscription key per caller, used under this product.
+    Subscription { product: String },
+    /// A header with a value per caller.
+    Header { name: String },
+    /// A JWT in `Authorization: Bearer` whose subject is per caller.
+    Jwt,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Arrival {
+    /// Evenly spaced, `rate_per_s` over all callers.
+    Constant { rate_per_s: f64 },
+    /// Poisson arrivals at `rate_per_s` over all callers.
+    Poisson { rate_per_s: f64 },
+    /// Poisson at `rate_per_s` during `on`, silent during `off`, repeating.
+    Bursts { rate_per_s: f64, on: HumanDuration, off: HumanDuration },
+    /// A JSONL trace, relative to the scenario file.
+    Trace { path: PathBuf },
+}
+
+/// The client SDK's own retries, by default like the `openai` SDKs: 2 retries,
+/// honour `retry-after-ms` then `retry-after` up to 60 s, else exponential backoff
+/// from 0.5 s with jitter, capped at 8 s.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdkRetries {
+    #[serde(default = "two")]
+    pub max_retries: u32,
+}
+
+fn two() -> u32 {
+    2
+}
+
+impl Default for SdkRetries {
+    fn default() -> SdkRetries {
+        SdkRetries { max_retries: 2 }
+    }
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        Scenario::from_toml(&path.display().to_string(), &text)
+    }
+
+    pub fn from_toml(path: &str, text: &str) -> Result<Scenario, String> {
+        let scenario: Scenario =
+            toml::from_str(text).map_err(|e| gateway_core::policy::describe_toml_error(path, text, &e))?;
+        scenario.validate().map_err(|e| format!("{path}: {e}"))?;
+        Ok(scenario)
+    }
+
+    pub fn start_nanos(&self) -> Nanos {
+        parse_rfc3339(&self.start).expect("validated")
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        parse_rfc3339(&self.start).map_err(|e| format!("`start`: {e}"))?;
+        self.gateway.routing.validate().map_err(|e| format!("`gateway.routing`: {e}"))?;
+        for b in &self.gateway.routing.backends {
+            if !self.backends.iter().any(|d| d.name == b.id) {
+                let names: Vec<&str> = self.backends.iter().map(|d| d.name.as_str()).collect();
+                return Err(format!(
+                    "`gateway.routing` backend `{}` has no `[[backends]]` entry named so; backends: {}",
+                    b.id,
+                    names.join(", ")
+                ));
+            }
+        }
+        if self.gateway.replicas == 0 {
+            return Err("`gateway.replicas` must be at least 1".into());
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if c.callers == 0 || !(0.0..=1.0).contains(&c.stream_share) {
+                return Err(format!("clients[{i}] (`{}`): need `callers` >= 1 and `stream_share` 0 to 1", c.name));
+            }
+            let rate = match &c.arrival {
+                Arrival::Constant { rate_per_s } | Arrival::Poisson { rate_per_s } => Some(*rate_per_s),
+                Arrival::Bursts { rate_per_s, .. } => Some(*rate_per_s),
+                Arrival::Trace { .. } => None,
+            };
+            if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                return Err(format!("clients[{i}] (`{}`): `rate_per_s` must be above 0", c.name));
+            }
+        }
+        Ok(())
+    }
+}
