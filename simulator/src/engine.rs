@@ -43,7 +43,7 @@ enum Event {
     /// An attempt's response head (or failure) is back at the gateway.
     AttemptEnd { replica: usize, id: RequestId, outcome: AttemptOutcome },
     /// The delivered response is over.
-    Delivered { replica: usize, id: RequestId, usage: Usage },
+    Delivered { replica: usize, id: RequestId, usage: Usage, bytes: (u64, u64) },
 }
 
 struct InFlight {
@@ -191,8 +191,8 @@ impl<'s> Engine<'s> {
                 let step = self.replicas[replica].handle_attempt(now, id, outcome, Usage::default(), draw);
                 self.follow(now, replica, step.expect("the engine reports each attempt once"));
             }
-            Event::Delivered { replica, id, usage } => {
-                let delivery = Delivery { usage, ..Delivery::default() };
+            Event::Delivered { replica, id, usage, bytes } => {
+                let delivery = Delivery { usage, request_bytes: bytes.0, response_bytes: bytes.1 };
                 let finished = self.replicas[replica].handle_delivered(now, id, delivery);
                 self.finish(now, replica, Some(id), finished.expect("the engine delivers each response once"));
             }
@@ -237,7 +237,7 @@ impl<'s> Engine<'s> {
             completion_tokens,
             max_tokens: c.max_tokens,
             stream,
-            info: identity(client, caller, &c.identity, prompt_tokens, c.max_tokens),
+            info: identity(client, caller, c, prompt_tokens),
         };
         self.arrive(now, call);
         let gap = self.next_gap(client, now);
@@ -317,7 +317,7 @@ impl<'s> Engine<'s> {
                         (c.duration().saturating_sub(head), usage)
                     }
                 };
-                self.push(now + rest, Event::Delivered { replica, id, usage });
+                self.push(now + rest, Event::Delivered { replica, id, usage, bytes: wire_bytes(&flight.call, usage) });
             }
             Step::Respond(finished) => self.finish(now, replica, finished.id, finished),
         }
@@ -409,11 +409,15 @@ impl<'s> Engine<'s> {
     }
 }
 
-fn identity(client: usize, caller: usize, identity: &Identity, prompt: u64, max_tokens: Option<u64>) -> RequestInfo {
-    let ip = format!("10.{}.{}.{}", client % 256, caller / 256 % 256, caller % 256);
-    let who = format!("c{client}-{caller}");
-    let mut info = RequestInfo { ip, prompt_tokens_estimate: Some(prompt), max_tokens, ..RequestInfo::default() };
-    match identity {
+fn identity(client: usize, caller: usize, c: &Client, prompt: u64) -> RequestInfo {
+    let ip = match &c.ip {
+        Some(ip) => ip.clone(),
+        None => format!("10.{}.{}.{}", client % 256, caller / 256 % 256, caller % 256),
+    };
+    let who = format!("{}-{caller}", c.name);
+    let mut info =
+        RequestInfo { ip, prompt_tokens_estimate: Some(prompt), max_tokens: c.max_tokens, ..RequestInfo::default() };
+    match &c.identity {
         Identity::Ip => {}
         Identity::Subscription { product } => {
             info.subscription = Some(Subscription { id: who.clone(), key: format!("key-{who}"), name: who });
@@ -423,6 +427,12 @@ fn identity(client: usize, caller: usize, identity: &Identity, prompt: u64, max_
         Identity::Jwt => info.headers.push(("Authorization".into(), trace::jwt_for(&who))),
     }
     info
+}
+
+/// Body sizes for bandwidth quotas: about 4 bytes of JSON per token plus the
+/// envelope (a chat request's framing, a response's ids and filter results).
+fn wire_bytes(call: &Call, usage: Usage) -> (u64, u64) {
+    (200 + 4 * call.prompt_tokens, if usage.total() == 0 { 150 } else { 800 + 4 * usage.completion_tokens })
 }
 
 fn key_values(info: &RequestInfo) -> BTreeMap<String, String> {

@@ -58,6 +58,9 @@ pub struct Client {
     pub callers: usize,
     #[serde(default)]
     pub identity: Identity,
+    /// One address for all callers (an office behind NAT); else one per caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     pub arrival: Arrival,
     #[serde(default = "default_prompt")]
     pub prompt_tokens: Dist,
