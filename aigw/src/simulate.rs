@@ -10,11 +10,8 @@ pub fn run(scenario_path: &Path, seed: Option<u64>, out: Option<PathBuf>, decisi
     let outcome = simulator::run(&scenario, base, seed, decisions.is_some()).map_err(anyhow::Error::msg)?;
     print!("{}", outcome.report.summary());
     let dir = out.unwrap_or_else(|| Path::new("reports").join(&scenario.name));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let report_path = dir.join("report.json");
-    let json = serde_json::to_string_pretty(&outcome.report)? + "\n";
-    std::fs::write(&report_path, json).with_context(|| format!("cannot write {}", report_path.display()))?;
-    println!("report: {}", report_path.display());
+    simulator::output::write_report(&dir, &scenario, &outcome.report).map_err(anyhow::Error::msg)?;
+    println!("report: {} (report.json, report.html, plots as SVG and PNG)", dir.display());
     if let Some(path) = decisions {
         let mut file = std::io::BufWriter::new(
             std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,

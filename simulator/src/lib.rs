@@ -2,6 +2,8 @@
 //! `gateway-core` and `mock-aoai`'s deployment model.
 
 pub mod engine;
+pub mod output;
+pub mod plots;
 pub mod report;
 pub mod scenario;
 pub mod trace;

@@ -53,14 +53,20 @@ pub struct BackendStats {
     pub transport_failures: u64,
 }
 
+/// One minute of the run (minute 0 starts at the scenario's start).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct MinuteStats {
     pub minute: u64,
-    pub ok: u64,
-    pub rejected: u64,
-    pub backend_errors: u64,
-    pub tokens: u64,
-    pub backend_throttled: u64,
+    /// Finished calls by the decision log's reasons.
+    pub by_reason: BTreeMap<&'static str, u64>,
+    /// Tokens charged per client, in scenario order.
+    pub client_tokens: Vec<u64>,
+    /// Per backend, in scenario order: tokens delivered, 429s, 5xx.
+    pub backend_tokens: Vec<u64>,
+    pub backend_throttled: Vec<u64>,
+    pub backend_5xx: Vec<u64>,
+    /// Requests that tried more than one backend.
+    pub failovers: u64,
 }
 
 pub struct Recorder {
@@ -98,7 +104,16 @@ impl Recorder {
         let m = (since_start.0 / 60_000_000_000) as usize;
         while self.minutes.len() <= m {
             let minute = self.minutes.len() as u64;
-            self.minutes.push(MinuteStats { minute, ..Default::default() });
+            let (c, b) = (self.clients.len(), self.backends.len());
+            self.minutes.push(MinuteStats {
+                minute,
+                by_reason: BTreeMap::new(),
+                client_tokens: vec![0; c],
+                backend_tokens: vec![0; b],
+                backend_throttled: vec![0; b],
+                backend_5xx: vec![0; b],
+                failovers: 0,
+            });
         }
         &mut self.minutes[m]
     }
@@ -121,15 +136,20 @@ impl Recorder {
         c.prompt_tokens += record.usage.prompt_tokens;
         c.completion_tokens += record.usage.completion_tokens;
         c.latency_us.saturating_record(((decision.latency_ms * 1000.0) as u64).max(1));
-        let limited = matches!(record.reason, FinalReason::Limited(_));
+        let failover = record.attempts.iter().any(|a| Some(&a.backend) != first);
         let tokens = record.usage.total();
+        let delivered_by = match record.reason {
+            FinalReason::Backend => record.attempts.last().map(|a| a.backend.clone()),
+            _ => None,
+        };
+        let backend = delivered_by.and_then(|name| self.backends.iter().position(|b| *b.name == *name));
         let m = self.minute(since_start);
-        match (limited, decision.reason) {
-            (true, _) => m.rejected += 1,
-            (false, "ok") => m.ok += 1,
-            _ => m.backend_errors += 1,
+        *m.by_reason.entry(decision.reason).or_default() += 1;
+        m.client_tokens[client] += tokens;
+        m.failovers += u64::from(failover);
+        if let Some(b) = backend {
+            m.backend_tokens[b] += tokens;
         }
-        m.tokens += tokens;
         if let Some(log) = &mut self.decisions {
             log.push((order, decision.clone()));
         }
@@ -143,6 +163,7 @@ impl Recorder {
         let b = &mut self.backends[backend];
         b.attempts += 1;
         let throttled = matches!(outcome, AttemptOutcome::Response { status: 429, .. });
+        let error = matches!(outcome, AttemptOutcome::Response { status, .. } if *status >= 500);
         match outcome {
             AttemptOutcome::Response { status, .. } if *status < 400 => b.ok += 1,
             AttemptOutcome::Response { status: 429, .. } => b.throttled += 1,
@@ -151,9 +172,9 @@ impl Recorder {
             AttemptOutcome::Timeout => b.timeouts += 1,
             AttemptOutcome::TransportFailure => b.transport_failures += 1,
         }
-        if throttled {
-            self.minute(since_start).backend_throttled += 1;
-        }
+        let m = self.minute(since_start);
+        m.backend_throttled[backend] += u64::from(throttled);
+        m.backend_5xx[backend] += u64::from(error);
     }
 
     /// The decision log in arrival order.
@@ -209,7 +230,14 @@ pub struct ClientReport {
     pub latency_ms_p95: f64,
     pub latency_ms_p99: f64,
     pub latency_ms_max: f64,
+    /// (quantile, latency ms) pairs for the CDF plot.
+    pub latency_ms_cdf: Vec<(f64, f64)>,
 }
+
+const CDF_QUANTILES: [f64; 26] = [
+    0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925,
+    0.95, 0.975, 0.99, 0.995, 0.999, 1.0,
+];
 
 impl From<&ClientStats> for ClientReport {
     fn from(c: &ClientStats) -> ClientReport {
@@ -230,6 +258,7 @@ impl From<&ClientStats> for ClientReport {
             latency_ms_p95: q(0.95),
             latency_ms_p99: q(0.99),
             latency_ms_max: if c.requests == 0 { 0.0 } else { c.latency_us.max() as f64 / 1000.0 },
+            latency_ms_cdf: CDF_QUANTILES.iter().map(|&p| (p, q(p))).collect(),
         }
     }
 }

@@ -1,0 +1,184 @@
+//! The report's plots, drawn with plotters as SVG (inlined in the HTML) and PNG.
+
+use crate::report::Report;
+use crate::scenario::Scenario;
+use gateway_core::Limit;
+use plotters::prelude::*;
+use std::path::Path;
+
+/// A line chart: named series of (x, y) points, and named horizontal limit lines.
+pub struct Chart {
+    pub file: &'static str,
+    pub title: String,
+    pub x_label: &'static str,
+    pub y_label: &'static str,
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+    pub limits: Vec<(String, f64)>,
+}
+
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The font is compiled in, so text renders the same on every machine.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+impl Chart {
+    fn draw<DB: DrawingBackend>(&self, root: DrawingArea<DB, plotters::coord::Shift>) -> Result<(), String> {
+        let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+        root.fill(&WHITE).map_err(err)?;
+        let points = self.series.iter().flat_map(|s| s.1.iter());
+        let x_max = points.clone().map(|p| p.0).fold(1e-9, f64::max);
+        let limit_max = self.limits.iter().map(|l| l.1).fold(0.0, f64::max);
+        let y_max = points.map(|p| p.1).fold(limit_max, f64::max).max(1e-9) * 1.1;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(&self.title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(self.x_label)
+            .y_desc(self.y_label)
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(err)?;
+        for (i, (name, points)) in self.series.iter().enumerate() {
+            let color = Palette99::pick(i).stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), color))
+                .map_err(err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], Palette99::pick(i).stroke_width(2)));
+        }
+        for (name, y) in &self.limits {
+            let line = RED.stroke_width(1);
+            chart
+                .draw_series(LineSeries::new([(0.0, *y), (x_max, *y)], line))
+                .map_err(err)?
+                .label(format!("limit: {name}"))
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)
+    }
+
+    /// Writes `<file>.svg` and `<file>.png` into `dir` and returns the SVG text.
+    pub fn render(&self, dir: &Path) -> Result<String, String> {
+        register_font();
+        let mut svg = String::new();
+        self.draw(SVGBackend::with_string(&mut svg, (900, 420)).into_drawing_area())?;
+        let svg_path = dir.join(format!("{}.svg", self.file));
+        std::fs::write(&svg_path, &svg).map_err(|e| format!("{}: {e}", svg_path.display()))?;
+        let png_path = dir.join(format!("{}.png", self.file));
+        self.draw(BitMapBackend::new(&png_path, (900, 420)).into_drawing_area())?;
+        Ok(svg)
+    }
+}
+
+/// The report's charts, in the order the HTML shows them.
+pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
+    let minute = |m: &crate::report::MinuteStats| m.minute as f64;
+    let reasons = ["ok", "rate-limit", "quota", "token-limit", "token-quota", "backend", "no-backend", "timeout"];
+    let by_reason = reasons
+        .iter()
+        .filter(|r| report.minutes.iter().any(|m| m.by_reason.contains_key(*r)))
+        .map(|r| {
+            let points = report
+                .minutes
+                .iter()
+                .map(|m| (minute(m), m.by_reason.get(r).copied().unwrap_or(0) as f64 / 60.0))
+                .collect();
+            (r.to_string(), points)
+        })
+        .collect();
+    let per_backend = |pick: fn(&crate::report::MinuteStats) -> &Vec<u64>| {
+        report
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(b, stats)| {
+                (stats.name.clone(), report.minutes.iter().map(|m| (minute(m), pick(m)[b] as f64)).collect())
+            })
+            .collect::<Vec<_>>()
+    };
+    let client_tokens = report
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(c, stats)| {
+            (stats.name.clone(), report.minutes.iter().map(|m| (minute(m), m.client_tokens[c] as f64)).collect())
+        })
+        .collect();
+    let key_limits = scenario
+        .gateway
+        .policy
+        .limits
+        .iter()
+        .filter_map(|l| match l {
+            Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
+                t.tokens_per_minute.map(|tpm| (format!("{} per key", l.element()), tpm as f64))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut failures = per_backend(|m| &m.backend_throttled);
+    failures.iter_mut().for_each(|s| s.0 = format!("{} 429", s.0));
+    let mut errors = per_backend(|m| &m.backend_5xx);
+    errors.iter_mut().for_each(|s| s.0 = format!("{} 5xx", s.0));
+    failures.extend(errors);
+    failures.push(("failovers".into(), report.minutes.iter().map(|m| (minute(m), m.failovers as f64)).collect()));
+    vec![
+        Chart {
+            file: "requests",
+            title: "Client calls per second by outcome".into(),
+            x_label: "minute",
+            y_label: "calls per second",
+            series: by_reason,
+            limits: Vec::new(),
+        },
+        Chart {
+            file: "client-tokens",
+            title: "Tokens per minute per client (all its keys)".into(),
+            x_label: "minute",
+            y_label: "tokens per minute",
+            series: client_tokens,
+            limits: key_limits,
+        },
+        Chart {
+            file: "backend-tokens",
+            title: "Tokens per minute per backend".into(),
+            x_label: "minute",
+            y_label: "tokens per minute",
+            series: per_backend(|m| &m.backend_tokens),
+            limits: scenario.backends.iter().map(|b| (format!("{} TPM", b.name), b.tpm as f64)).collect(),
+        },
+        Chart {
+            file: "latency-cdf",
+            title: "Latency CDF per client".into(),
+            x_label: "latency (ms)",
+            y_label: "share of calls",
+            series: report.clients.iter().map(|c| (c.name.clone(), c.latency_ms_cdf.iter().map(|&(q, ms)| (ms, q)).collect())).collect(),
+            limits: Vec::new(),
+        },
+        Chart {
+            file: "backend-failures",
+            title: "Backend 429s, 5xx and failovers per minute".into(),
+            x_label: "minute",
+            y_label: "per minute",
+            series: failures,
+            limits: Vec::new(),
+        },
+    ]
+}
