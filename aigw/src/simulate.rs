@@ -7,7 +7,17 @@ use std::path::{Path, PathBuf};
 pub fn run(scenario_path: &Path, seed: Option<u64>, out: Option<PathBuf>, decisions: Option<PathBuf>) -> Result<()> {
     let scenario = simulator::Scenario::load(scenario_path).map_err(anyhow::Error::msg)?;
     let base = scenario_path.parent().unwrap_or(Path::new("."));
-    let outcome = simulator::run(&scenario, base, seed, decisions.is_some()).map_err(anyhow::Error::msg)?;
+    let bar = progress_bar();
+    let mut progress = |done: f64| {
+        if let Some(bar) = &bar {
+            bar.set_position((done * 1000.0) as u64);
+        }
+    };
+    let outcome = simulator::run_with_progress(&scenario, base, seed, decisions.is_some(), &mut progress)
+        .map_err(anyhow::Error::msg)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     print!("{}", outcome.report.summary());
     let dir = out.unwrap_or_else(|| Path::new("reports").join(&scenario.name));
     simulator::output::write_report(&dir, &scenario, &outcome.report).map_err(anyhow::Error::msg)?;
@@ -24,4 +34,18 @@ pub fn run(scenario_path: &Path, seed: Option<u64>, out: Option<PathBuf>, decisi
         println!("decisions: {} ({} lines)", path.display(), outcome.decisions.len());
     }
     Ok(())
+}
+
+/// A progress bar on a terminal, in thousandths of the simulated duration; none
+/// when stderr is not a terminal (CI logs, pipes).
+fn progress_bar() -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(1000);
+    let style = indicatif::ProgressStyle::with_template("simulating {bar:40} {percent:>3}% (about {eta} left)")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    Some(bar)
 }

@@ -170,10 +170,16 @@ impl<'s> Engine<'s> {
     }
 
     /// Runs to the end of the scenario; requests in flight then are left unfinished.
-    pub fn run(&mut self) {
+    /// `progress` hears the share of simulated time done, now and then.
+    pub fn run(&mut self, progress: &mut dyn FnMut(f64)) {
+        let mut handled = 0u64;
         while let Some(Reverse((now, _, slot))) = self.queue.pop() {
             if now >= self.end {
                 break;
+            }
+            handled += 1;
+            if handled.is_multiple_of(65_536) {
+                progress((now - self.start).as_secs_f64() / (self.end - self.start).as_secs_f64().max(1e-9));
             }
             let event = self.events[slot].take().expect("a queued event");
             self.free.push(slot);
@@ -369,21 +375,24 @@ impl<'s> Engine<'s> {
 
     fn record(&mut self, now: Nanos, order: u64, call: &Call, arrived: Nanos, finished: &Finished) {
         let record = &finished.record;
-        let backends: Vec<String> = record.attempts.iter().map(|a| a.backend.to_string()).collect();
-        let decision = Decision {
+        let reason = reason(record.reason, record.status);
+        let latency = now - arrived;
+        // The full decision line (strings, keys) is built only for a decision log.
+        let decision = || Decision {
             request: call.request,
             client: self.scenario.clients[call.client].name.clone(),
             key: key_values(&call.info),
             attempt: call.attempt,
             arrival_ms: (arrived - self.start).0 as f64 / 1e6,
             status: record.status,
-            reason: reason(record.reason, record.status),
-            backends,
-            latency_ms: (now - arrived).0 as f64 / 1e6,
+            reason,
+            backends: record.attempts.iter().map(|a| a.backend.to_string()).collect(),
+            latency_ms: latency.0 as f64 / 1e6,
             prompt_tokens: record.usage.prompt_tokens,
             completion_tokens: record.usage.completion_tokens,
         };
-        self.recorder.request(call.client, now - self.start, order, record, &decision);
+        let line = self.recorder.wants_decisions().then(decision);
+        self.recorder.request(call.client, now - self.start, order, record, reason, latency, line);
         self.sdk_retry(now, call, finished);
     }
 

@@ -41,14 +41,19 @@ pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> 
     let _ = writeln!(
         out,
         "<p>seed {}, {} s of simulated time from {}; report schema version {}.</p>",
-        report.seed, report.duration_s, escape(&report.start), report.schema_version
+        report.seed,
+        report.duration_s,
+        escape(&report.start),
+        report.schema_version
     );
     let reasons = ["ok", "rate-limit", "quota", "token-limit", "token-quota", "backend", "no-backend", "timeout"];
     out.push_str("<h2>Clients</h2>\n<table><tr><th>client</th><th>calls</th>");
     for r in reasons {
         let _ = write!(out, "<th>{r}</th>");
     }
-    out.push_str("<th>SDK retries</th><th>failovers</th><th>tokens</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th></tr>\n");
+    out.push_str(
+        "<th>SDK retries</th><th>failovers</th><th>tokens</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th></tr>\n",
+    );
     for c in &report.clients {
         let _ = write!(out, "<tr><td>{}</td><td>{}</td>", escape(&c.name), c.requests);
         for r in reasons {

@@ -169,7 +169,11 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             title: "Latency CDF per client".into(),
             x_label: "latency (ms)",
             y_label: "share of calls",
-            series: report.clients.iter().map(|c| (c.name.clone(), c.latency_ms_cdf.iter().map(|&(q, ms)| (ms, q)).collect())).collect(),
+            series: report
+                .clients
+                .iter()
+                .map(|c| (c.name.clone(), c.latency_ms_cdf.iter().map(|&(q, ms)| (ms, q)).collect()))
+                .collect(),
             limits: Vec::new(),
         },
         Chart {

@@ -118,24 +118,31 @@ impl Recorder {
         &mut self.minutes[m]
     }
 
+    pub fn wants_decisions(&self) -> bool {
+        self.decisions.is_some()
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn request(
         &mut self,
         client: usize,
         since_start: Nanos,
         order: u64,
         record: &OutcomeRecord,
-        decision: &Decision,
+        reason: &'static str,
+        latency: Nanos,
+        decision: Option<Decision>,
     ) {
         let c = &mut self.clients[client];
         c.requests += 1;
-        *c.by_reason.entry(decision.reason).or_default() += 1;
+        *c.by_reason.entry(reason).or_default() += 1;
         *c.by_status.entry(record.status).or_default() += 1;
         c.gateway_retries += record.attempts.len().saturating_sub(1) as u64;
         let first = record.attempts.first().map(|a| &a.backend);
         c.failovers += u64::from(record.attempts.iter().any(|a| Some(&a.backend) != first));
         c.prompt_tokens += record.usage.prompt_tokens;
         c.completion_tokens += record.usage.completion_tokens;
-        c.latency_us.saturating_record(((decision.latency_ms * 1000.0) as u64).max(1));
+        c.latency_us.saturating_record((latency.0 / 1000).max(1));
         let failover = record.attempts.iter().any(|a| Some(&a.backend) != first);
         let tokens = record.usage.total();
         let delivered_by = match record.reason {
@@ -144,14 +151,14 @@ impl Recorder {
         };
         let backend = delivered_by.and_then(|name| self.backends.iter().position(|b| *b.name == *name));
         let m = self.minute(since_start);
-        *m.by_reason.entry(decision.reason).or_default() += 1;
+        *m.by_reason.entry(reason).or_default() += 1;
         m.client_tokens[client] += tokens;
         m.failovers += u64::from(failover);
         if let Some(b) = backend {
             m.backend_tokens[b] += tokens;
         }
-        if let Some(log) = &mut self.decisions {
-            log.push((order, decision.clone()));
+        if let (Some(log), Some(decision)) = (&mut self.decisions, decision) {
+            log.push((order, decision));
         }
     }
 

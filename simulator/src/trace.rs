@@ -32,8 +32,12 @@ pub fn load(path: &Path) -> Result<Vec<TraceLine>, String> {
         if raw.trim().is_empty() {
             continue;
         }
-        let mut line: TraceLine =
-            serde_json::from_str(raw).map_err(|e| format!("{}:{}:{}: {e}", path.display(), i + 1, e.column()))?;
+        let mut line: TraceLine = serde_json::from_str(raw).map_err(|e| {
+            let message = e.to_string();
+            let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+            let hint = gateway_core::policy::suggestion(&message).map(|n| format!("; did you mean `{n}`?"));
+            format!("{}:{}:{}: {message}{}", path.display(), i + 1, e.column(), hint.unwrap_or_default())
+        })?;
         line.line = i as u64;
         lines.push(line);
     }

@@ -38,3 +38,37 @@ fn another_seed_gives_another_run() {
     let b = simulator::run(&scenario, path.parent().unwrap(), Some(2), false).unwrap();
     assert_ne!(serde_json::to_string(&a.report).unwrap(), serde_json::to_string(&b.report).unwrap());
 }
+
+/// The committed example report (`examples/reports/seed-ip-limits/report.json`)
+/// is what the simulator produces today, byte for byte; regenerate it with
+/// `aigw simulate scenarios/seed-ip-limits.toml --out examples/reports/seed-ip-limits`
+/// when a change is meant to alter results.
+#[test]
+fn the_committed_example_report_is_reproduced() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join("scenarios/seed-ip-limits.toml");
+    let scenario = simulator::Scenario::load(&path).unwrap();
+    let outcome = simulator::run(&scenario, path.parent().unwrap(), None, false).unwrap();
+    let fresh = serde_json::to_string_pretty(&outcome.report).unwrap() + "\n";
+    let committed = std::fs::read_to_string(root.join("examples/reports/seed-ip-limits/report.json")).unwrap();
+    assert!(fresh == committed, "report.json differs from the committed example; regenerate it if that is intended");
+}
+
+#[test]
+fn the_report_files_are_written_with_their_plots() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join("scenarios/replicas-local.toml");
+    let scenario = simulator::Scenario::load(&path).unwrap();
+    let outcome = simulator::run(&scenario, path.parent().unwrap(), None, false).unwrap();
+    let dir = std::env::temp_dir().join(format!("aigw-report-test-{}", std::process::id()));
+    simulator::output::write_report(&dir, &scenario, &outcome.report).unwrap();
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 5, "five inline plots");
+    assert!(!html.contains("<script") && !html.contains("src=\"http"), "self-contained");
+    for plot in ["requests", "client-tokens", "backend-tokens", "latency-cdf", "backend-failures"] {
+        let png = std::fs::read(dir.join(format!("{plot}.png"))).unwrap();
+        assert_eq!(&png[1..4], b"PNG", "{plot}.png is a PNG");
+        assert!(dir.join(format!("{plot}.svg")).exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

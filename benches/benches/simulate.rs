@@ -1,0 +1,37 @@
+//! Simulated requests per second of wall time, on one core, and peak memory, for
+//! `benches/throughput.toml` (1,000 requests/s through the seed policy).
+//!
+//! `cargo bench -p aigw-benches --bench simulate [-- DURATION]` (default 1h; the
+//! issue's figure is for 24h).
+
+use std::path::Path;
+use std::time::Instant;
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    kib / 1024.0
+}
+
+fn main() {
+    let duration = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_else(|| "1h".to_owned());
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("throughput.toml");
+    let text = std::fs::read_to_string(&path).expect("the bench scenario");
+    let text = text.replacen("duration = \"1h\"", &format!("duration = \"{duration}\""), 1);
+    let scenario = simulator::Scenario::from_toml(&path.display().to_string(), &text).expect("valid");
+    let started = Instant::now();
+    let outcome = simulator::run(&scenario, path.parent().expect("a folder"), None, false).expect("runs");
+    let wall = started.elapsed().as_secs_f64();
+    let requests: u64 = outcome.report.clients.iter().map(|c| c.requests).sum();
+    let attempts: u64 = outcome.report.backends.iter().map(|b| b.attempts).sum();
+    println!(
+        "simulate {duration}: {requests} client calls ({attempts} backend attempts) in {wall:.2} s of wall time: \
+         {:.0} simulated requests/s; peak memory {:.1} MiB",
+        requests as f64 / wall,
+        peak_rss_mib()
+    );
+}

@@ -1,0 +1,51 @@
+//! Bad scenarios and traces: the file, line, column and field, and a suggestion.
+
+use std::path::Path;
+
+fn error(text: &str) -> String {
+    simulator::Scenario::from_toml("scenarios/bad.toml", text).unwrap_err()
+}
+
+const GOOD: &str = include_str!("../../scenarios/replicas-local.toml");
+
+#[test]
+fn the_shipped_example_is_good() {
+    simulator::Scenario::from_toml("replicas-local.toml", GOOD).unwrap();
+}
+
+#[test]
+fn errors_name_the_place_and_suggest_the_closest_name() {
+    let check = |text: String, needles: &[&str]| {
+        let err = error(&text);
+        for needle in needles {
+            assert!(err.contains(needle), "`{err}` lacks `{needle}`");
+        }
+    };
+    check(
+        GOOD.replace("callers = 1", "calers = 1"),
+        &["scenarios/bad.toml:", "unknown field `calers`", "did you mean `callers`?"],
+    );
+    check(GOOD.replace("constant = {", "constnat = {"), &["unknown variant `constnat`", "did you mean `constant`?"]);
+    check(GOOD.replace("tpm = 1000000", "tpm = -1"), &["scenarios/bad.toml:", "tpm = -1"]);
+    check(
+        GOOD.replace("duration = \"10m\"", "duration = \"10 parsecs\""),
+        &["scenarios/bad.toml:7:12:", "duration unit"],
+    );
+    check(
+        GOOD.replace("set_backend = \"aoai\"", "set_backend = \"aoia\""),
+        &["`aoia` is neither a backend nor a pool"],
+    );
+    check(GOOD.replace("rate_per_s = 1", "rate_per_s = 0"), &["`rate_per_s` must be above 0"]);
+}
+
+#[test]
+fn trace_errors_name_the_line_and_field() {
+    let dir = std::env::temp_dir().join(format!("aigw-trace-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("t.jsonl");
+    std::fs::write(&trace, "{\"t_ms\": 1, \"ip\": \"a\"}\n{\"t_ms\": 2, \"prompt_tokns\": 5}\n").unwrap();
+    let err = simulator::trace::load(&trace).unwrap_err();
+    assert!(err.contains("t.jsonl:2:") && err.contains("unknown field `prompt_tokns`"), "{err}");
+    assert!(err.contains("did you mean `prompt_tokens`?"), "{err}");
+    std::fs::remove_dir_all(Path::new(&dir)).unwrap();
+}
