@@ -222,6 +222,21 @@ impl<'s> Engine<'s> {
                     false => ((next / cycle + 1) * cycle - now.saturating_sub(self.start).0) as f64 / 1e9,
                 }
             }
+            Arrival::Ramp { from_per_s, to_per_s } => {
+                let duration = self.scenario.duration.0.as_secs_f64().max(1e-9);
+                let rate = |t: f64| from_per_s + (to_per_s - from_per_s) * (t / duration).clamp(0.0, 1.0);
+                thinned(rng, now.saturating_sub(self.start).as_secs_f64(), from_per_s.max(*to_per_s), rate)
+            }
+            Arrival::Daily { peak_per_s, trough_per_s, peak_hour } => {
+                // The hour of day in UTC of the scenario's own clock.
+                let day_start = now.0 / 86_400_000_000_000 * 86_400_000_000_000;
+                let rate = |t: f64| {
+                    let hours = ((day_start as f64 / 1e9 + t) / 3600.0) % 24.0;
+                    let phase = std::f64::consts::TAU * (hours - peak_hour) / 24.0;
+                    trough_per_s + (peak_per_s - trough_per_s) * (1.0 + phase.cos()) / 2.0
+                };
+                thinned(rng, (now.0 - day_start) as f64 / 1e9, *peak_per_s, rate)
+            }
             Arrival::Trace { .. } => unreachable!("traces are scheduled up front"),
         };
         Nanos((secs * 1e9).round().max(1.0) as u64)
@@ -436,6 +451,19 @@ fn identity(client: usize, caller: usize, c: &Client, prompt: u64) -> RequestInf
         Identity::Jwt => info.headers.push(("Authorization".into(), trace::jwt_for(&who))),
     }
     info
+}
+
+/// The gap to the next arrival of a Poisson process whose rate changes with time
+/// (`rate(t)` at most `max`), by thinning: candidates at rate `max`, each kept with
+/// probability `rate(t) / max`.
+fn thinned(rng: &mut ChaCha8Rng, t0: f64, max: f64, rate: impl Fn(f64) -> f64) -> f64 {
+    let mut t = t0;
+    loop {
+        t += -(1.0 - rng.random::<f64>()).ln() / max;
+        if rng.random::<f64>() * max < rate(t) {
+            return t - t0;
+        }
+    }
 }
 
 /// Body sizes for bandwidth quotas: about 4 bytes of JSON per token plus the

@@ -107,7 +107,13 @@ pub enum Arrival {
     Poisson { rate_per_s: f64 },
     /// Poisson at `rate_per_s` during `on`, silent during `off`, repeating.
     Bursts { rate_per_s: f64, on: HumanDuration, off: HumanDuration },
-    /// A JSONL trace, relative to the scenario file.
+    /// Poisson arrivals whose rate goes linearly from `from_per_s` at the start to
+    /// `to_per_s` at the end.
+    Ramp { from_per_s: f64, to_per_s: f64 },
+    /// Poisson arrivals following a daily curve (UTC): `peak_per_s` at `peak_hour`,
+    /// `trough_per_s` twelve hours away, a cosine in between.
+    Daily { peak_per_s: f64, trough_per_s: f64, peak_hour: f64 },
+    /// A JSONL or CSV trace (by extension), relative to the scenario file.
     Trace { path: PathBuf },
 }
 
@@ -168,13 +174,20 @@ impl Scenario {
             if c.callers == 0 || !(0.0..=1.0).contains(&c.stream_share) {
                 return Err(format!("clients[{i}] (`{}`): need `callers` >= 1 and `stream_share` 0 to 1", c.name));
             }
-            let rate = match &c.arrival {
-                Arrival::Constant { rate_per_s } | Arrival::Poisson { rate_per_s } => Some(*rate_per_s),
-                Arrival::Bursts { rate_per_s, .. } => Some(*rate_per_s),
-                Arrival::Trace { .. } => None,
+            let rates = match &c.arrival {
+                Arrival::Constant { rate_per_s } | Arrival::Poisson { rate_per_s } => vec![*rate_per_s],
+                Arrival::Bursts { rate_per_s, .. } => vec![*rate_per_s],
+                Arrival::Ramp { from_per_s, to_per_s } => vec![from_per_s.max(*to_per_s)],
+                Arrival::Daily { peak_per_s, trough_per_s, .. } if trough_per_s <= peak_per_s => vec![*peak_per_s],
+                Arrival::Daily { .. } => vec![-1.0],
+                Arrival::Trace { .. } => vec![],
             };
-            if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-                return Err(format!("clients[{i}] (`{}`): `rate_per_s` must be above 0", c.name));
+            if rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+                return Err(format!(
+                    "clients[{i}] (`{}`): arrival rates must be above 0 (`rate_per_s`; the larger of a ramp's; \
+                     a daily curve's `peak_per_s`, at least its `trough_per_s`)",
+                    c.name
+                ));
             }
         }
         Ok(())

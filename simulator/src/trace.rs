@@ -24,9 +24,71 @@ pub struct TraceLine {
     pub stream: Option<bool>,
 }
 
-/// Reads a JSONL trace; an error names the file, line, column and field.
+/// Reads a trace, JSONL or (by the `.csv` extension) CSV; an error names the file,
+/// line, column and field.
 pub fn load(path: &Path) -> Result<Vec<TraceLine>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read the trace: {e}", path.display()))?;
+    let mut lines = match path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+        true => load_csv(path, &text)?,
+        false => load_jsonl(path, &text)?,
+    };
+    lines.sort_by_key(|l| (l.t_ms, l.line));
+    Ok(lines)
+}
+
+/// CSV with a header row naming the JSONL fields (`t_ms`, `ip`, `subscription`,
+/// `product`, `prompt_tokens`, `max_tokens`, `completion_tokens`, `stream`), and
+/// `header:NAME` columns for request headers. Empty cells are absent values.
+fn load_csv(path: &Path, text: &str) -> Result<Vec<TraceLine>, String> {
+    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(text.as_bytes());
+    let names: Vec<String> =
+        reader.headers().map_err(|e| format!("{}:1: {e}", path.display()))?.iter().map(str::to_owned).collect();
+    const FIELDS: [&str; 8] =
+        ["t_ms", "ip", "subscription", "product", "prompt_tokens", "max_tokens", "completion_tokens", "stream"];
+    if let Some(bad) = names.iter().find(|n| !FIELDS.contains(&n.as_str()) && !n.starts_with("header:")) {
+        let message = format!("unknown field `{bad}`, expected one of {}", FIELDS.map(|f| format!("`{f}`")).join(", "));
+        let hint = gateway_core::policy::suggestion(&message).map(|n| format!("; did you mean `{n}`?"));
+        return Err(format!("{}:1: {message}{}", path.display(), hint.unwrap_or_default()));
+    }
+    let mut lines = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| format!("{}: {e}", path.display()))?;
+        let line_no = record.position().map_or(0, |p| p.line());
+        let mut line = TraceLine { line: line_no.saturating_sub(1), ..TraceLine::default() };
+        for (name, value) in names.iter().zip(record.iter()) {
+            csv_field(&mut line, name, value).map_err(|e| format!("{}:{line_no}: `{name}`: {e}", path.display()))?;
+        }
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
+fn csv_field(line: &mut TraceLine, name: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return match name {
+            "t_ms" => Err("is required".into()),
+            _ => Ok(()),
+        };
+    }
+    let number = || value.parse::<u64>().map_err(|_| format!("`{value}` is not a whole number"));
+    match name {
+        "t_ms" => line.t_ms = number()?,
+        "ip" => line.ip = Some(value.to_owned()),
+        "subscription" => line.subscription = Some(value.to_owned()),
+        "product" => line.product = Some(value.to_owned()),
+        "prompt_tokens" => line.prompt_tokens = Some(number()?),
+        "max_tokens" => line.max_tokens = Some(number()?),
+        "completion_tokens" => line.completion_tokens = Some(number()?),
+        "stream" => line.stream = Some(value.parse().map_err(|_| format!("`{value}` is not true or false"))?),
+        header => {
+            let header = header.strip_prefix("header:").expect("checked against the header row");
+            line.headers.insert(header.to_owned(), value.to_owned());
+        }
+    }
+    Ok(())
+}
+
+fn load_jsonl(path: &Path, text: &str) -> Result<Vec<TraceLine>, String> {
     let mut lines = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         if raw.trim().is_empty() {
@@ -41,7 +103,6 @@ pub fn load(path: &Path) -> Result<Vec<TraceLine>, String> {
         line.line = i as u64;
         lines.push(line);
     }
-    lines.sort_by_key(|l| (l.t_ms, l.line));
     Ok(lines)
 }
 

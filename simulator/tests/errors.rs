@@ -35,7 +35,7 @@ fn errors_name_the_place_and_suggest_the_closest_name() {
         GOOD.replace("set_backend = \"aoai\"", "set_backend = \"aoia\""),
         &["`aoia` is neither a backend nor a pool"],
     );
-    check(GOOD.replace("rate_per_s = 1", "rate_per_s = 0"), &["`rate_per_s` must be above 0"]);
+    check(GOOD.replace("rate_per_s = 1", "rate_per_s = 0"), &["arrival rates must be above 0"]);
 }
 
 #[test]
