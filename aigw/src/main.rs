@@ -2,6 +2,7 @@
 
 mod decide;
 mod mock;
+mod proxy;
 mod simulate;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,27 @@ enum Command {
         #[arg(long)]
         decisions: Option<PathBuf>,
     },
+    /// Runs the gateway: the policy's limits, retry and failover in front of real backends.
+    Proxy {
+        /// A proxy config (see `examples/proxy.toml`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides the config's `listen` address; port 0 picks a free one.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Overrides the config's `admin` address (metrics, health).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Overrides a backend's URL: `--backend primary=http://127.0.0.1:8081`.
+        #[arg(long = "backend", value_name = "NAME=URL")]
+        backends: Vec<String>,
+        /// Logs as JSON lines, one record per request.
+        #[arg(long)]
+        log_json: bool,
+        /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
+        #[arg(long, default_value_t = 30)]
+        shutdown_grace_secs: u64,
+    },
     /// Serves a mock Azure OpenAI: real wire formats, Azure's TPM/RPM limits and 429s, faults.
     Mock {
         /// A mock config (see `mocks/`); without it, a built-in example.
@@ -55,6 +77,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Decide { policy, requests } => decide::run(&policy, &requests),
         Command::Simulate { scenario, seed, out, decisions } => simulate::run(&scenario, seed, out, decisions),
+        Command::Proxy { config, listen, admin, backends, log_json, shutdown_grace_secs } => proxy::run(proxy::Options {
+            config: &config,
+            listen,
+            admin,
+            backends,
+            log_json,
+            shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
+        }),
         Command::Mock { config, listen } => mock::run(config.as_deref(), &listen),
     };
     match result {

@@ -29,6 +29,11 @@ impl Nanos {
         Nanos(ms.saturating_mul(1_000_000))
     }
 
+    /// The span as a standard duration, for drivers that sleep.
+    pub fn into_std(self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.0)
+    }
+
     pub fn as_secs_f64(self) -> f64 {
         self.0 as f64 / NANOS_PER_SEC as f64
     }

@@ -1,0 +1,122 @@
+//! The proxy's configuration: addresses, subscriptions and products with their
+//! policies, and the routing (backends, retry, pools, breakers) of gateway-core.
+
+use gateway_core::routing::Routing;
+use gateway_core::time::HumanDuration;
+use gateway_core::{Nanos, Policy};
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_admin")]
+    pub admin: String,
+    /// Peers whose `X-Forwarded-For` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Larger request bodies get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How long a client may take to send its request.
+    #[serde(default = "default_client_timeout")]
+    pub client_timeout: HumanDuration,
+    #[serde(default = "default_key_header")]
+    pub subscription_key_header: String,
+    #[serde(default = "default_key_query")]
+    pub subscription_key_query: String,
+    pub subscriptions: Vec<SubscriptionConfig>,
+    pub products: Vec<ProductConfig>,
+    pub routing: Routing,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:9090".into()
+}
+
+fn default_max_body() -> usize {
+    10 * 1024 * 1024
+}
+
+fn default_client_timeout() -> HumanDuration {
+    HumanDuration(Nanos::from_secs(60))
+}
+
+fn default_key_header() -> String {
+    "Ocp-Apim-Subscription-Key".into()
+}
+
+fn default_key_query() -> String {
+    "subscription-key".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    /// `context.Subscription.Id`.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The key, or the environment variable that holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    /// Products the subscription may use; the first is the default.
+    pub products: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductConfig {
+    pub name: String,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+impl ProxyConfig {
+    pub fn from_toml(path: &str, text: &str) -> Result<ProxyConfig, String> {
+        let config: ProxyConfig =
+            toml::from_str(text).map_err(|e| gateway_core::policy::describe_toml_error(path, text, &e))?;
+        config.validate().map_err(|e| format!("{path}: {e}"))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.routing.validate().map_err(|e| format!("`routing`: {e}"))?;
+        if self.products.is_empty() {
+            return Err("`products`: configure at least one product".into());
+        }
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            if s.key.is_none() == s.key_env.is_none() {
+                return Err(format!("subscriptions[{i}] (`{}`): give exactly one of `key` and `key_env`", s.id));
+            }
+            if s.products.is_empty() {
+                return Err(format!("subscriptions[{i}] (`{}`): `products` must name at least one product", s.id));
+            }
+            if let Some(p) = s.products.iter().find(|p| !self.products.iter().any(|q| &q.name == *p)) {
+                return Err(format!("subscriptions[{i}] (`{}`): no product named `{p}`", s.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Overrides a backend's URL (`--backend NAME=URL`).
+    pub fn override_backend(&mut self, spec: &str) -> Result<(), String> {
+        let (name, url) = spec.split_once('=').ok_or_else(|| format!("`{spec}`: use --backend NAME=URL"))?;
+        let backend = self
+            .routing
+            .backends
+            .iter_mut()
+            .find(|b| b.id == name)
+            .ok_or_else(|| format!("--backend {spec}: no backend named `{name}`"))?;
+        backend.url = url.trim_end_matches('/').to_owned();
+        Ok(())
+    }
+}

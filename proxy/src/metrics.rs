@@ -1,0 +1,139 @@
+//! Prometheus metrics of the proxy, rendered in the text exposition format.
+
+use crate::config::ProxyConfig;
+use gateway_core::{FinalReason, OutcomeRecord};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Latency buckets in seconds.
+const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn record(&mut self, secs: f64) {
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += secs;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str) {
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", self.count, self.sum, self.count);
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (status, reason, product, backend) → requests.
+    requests: BTreeMap<(u16, String, String, String), u64>,
+    /// Requests refused before the pipeline (401, 404, 408, 413) by status.
+    refused: BTreeMap<u16, u64>,
+    /// (subscription id, backend, kind) → tokens.
+    tokens: BTreeMap<(String, String, &'static str), u64>,
+    attempts: BTreeMap<String, u64>,
+    retries: u64,
+    failovers: u64,
+    total: Histogram,
+    added: Histogram,
+}
+
+pub struct Metrics {
+    inner: Mutex<Inner>,
+    backends: Vec<String>,
+}
+
+fn reason(record: &OutcomeRecord) -> String {
+    match record.reason {
+        FinalReason::Backend => "backend".into(),
+        FinalReason::Limited(r) => format!("{r:?}").to_lowercase(),
+        FinalReason::Unavailable => "no_backend".into(),
+        FinalReason::Timeout => "timeout".into(),
+        FinalReason::TransportFailure => "transport_failure".into(),
+    }
+}
+
+impl Metrics {
+    pub fn new(config: &ProxyConfig) -> Metrics {
+        let backends = config.routing.backends.iter().map(|b| b.id.clone()).collect();
+        Metrics { inner: Mutex::new(Inner::default()), backends }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn refused(&self, status: u16) {
+        *self.lock().refused.entry(status).or_default() += 1;
+    }
+
+    pub fn attempt(&self, backend: &str) {
+        *self.lock().attempts.entry(backend.to_owned()).or_default() += 1;
+    }
+
+    /// One finished request: its outcome record and its wall time since arrival.
+    pub fn finished(&self, product: &str, subscription: &str, record: &OutcomeRecord, started: Instant) {
+        let total = started.elapsed().as_secs_f64();
+        let backend_time: u64 = record.attempts.iter().map(|a| (a.ended - a.started).0 + a.wait.0).sum();
+        let added = (total - backend_time as f64 / 1e9).max(0.0);
+        let backend = record.attempts.last().map_or(String::new(), |a| a.backend.to_string());
+        let mut m = self.lock();
+        *m.requests.entry((record.status, reason(record), product.to_owned(), backend.clone())).or_default() += 1;
+        m.retries += record.attempts.len().saturating_sub(1) as u64;
+        let first = record.attempts.first().map(|a| &a.backend);
+        m.failovers += u64::from(record.attempts.iter().any(|a| Some(&a.backend) != first));
+        for (kind, n) in [("prompt", record.usage.prompt_tokens), ("completion", record.usage.completion_tokens)] {
+            if n > 0 {
+                *m.tokens.entry((subscription.to_owned(), backend.clone(), kind)).or_default() += n;
+            }
+        }
+        m.total.record(total);
+        m.added.record(added);
+    }
+
+    /// The text exposition; `available` says whether a backend's breaker is closed.
+    pub fn render(&self, available: impl Fn(&str) -> bool) -> String {
+        let m = self.lock();
+        let mut out = String::new();
+        out.push_str("# HELP aigw_requests_total Client requests by final status, reason, product and last backend.\n# TYPE aigw_requests_total counter\n");
+        for ((status, reason, product, backend), n) in &m.requests {
+            let _ = writeln!(out, "aigw_requests_total{{status=\"{status}\",reason=\"{reason}\",product=\"{product}\",backend=\"{backend}\"}} {n}");
+        }
+        out.push_str("# HELP aigw_refused_total Requests refused before the policy (missing or invalid key, too large).\n# TYPE aigw_refused_total counter\n");
+        for (status, n) in &m.refused {
+            let _ = writeln!(out, "aigw_refused_total{{status=\"{status}\"}} {n}");
+        }
+        out.push_str("# HELP aigw_tokens_total Tokens charged, by subscription, backend and kind.\n# TYPE aigw_tokens_total counter\n");
+        for ((key, backend, kind), n) in &m.tokens {
+            let _ = writeln!(out, "aigw_tokens_total{{key=\"{key}\",backend=\"{backend}\",kind=\"{kind}\"}} {n}");
+        }
+        out.push_str("# HELP aigw_backend_attempts_total Attempts sent to each backend.\n# TYPE aigw_backend_attempts_total counter\n");
+        for (backend, n) in &m.attempts {
+            let _ = writeln!(out, "aigw_backend_attempts_total{{backend=\"{backend}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP aigw_retries_total Retries decided by the policy.\n# TYPE aigw_retries_total counter\naigw_retries_total {}", m.retries);
+        let _ = writeln!(out, "# HELP aigw_failovers_total Requests that tried more than one backend.\n# TYPE aigw_failovers_total counter\naigw_failovers_total {}", m.failovers);
+        out.push_str("# HELP aigw_circuit_open Whether a backend's circuit breaker is open (1) or closed (0).\n# TYPE aigw_circuit_open gauge\n");
+        for backend in &self.backends {
+            let _ = writeln!(out, "aigw_circuit_open{{backend=\"{backend}\"}} {}", u8::from(!available(backend)));
+        }
+        out.push_str("# HELP aigw_request_duration_seconds Time from request to response end.\n# TYPE aigw_request_duration_seconds histogram\n");
+        m.total.render(&mut out, "aigw_request_duration_seconds");
+        out.push_str("# HELP aigw_gateway_added_seconds Time the gateway added: total minus backend attempts and retry waits.\n# TYPE aigw_gateway_added_seconds histogram\n");
+        m.added.render(&mut out, "aigw_gateway_added_seconds");
+        out
+    }
+}

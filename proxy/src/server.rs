@@ -1,0 +1,487 @@
+//! The front end: subscription keys, the request body, and the driver loop that
+//! carries out what `gateway-core`'s `Pipeline` decides, attempt by attempt.
+
+use crate::config::ProxyConfig;
+use crate::metrics::Metrics;
+use crate::usage::{self, StreamTracker};
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use futures_util::StreamExt;
+use gateway_core::routing::{parse_retry_after, Attempt, AttemptOutcome, Credential};
+use gateway_core::{
+    Delivery, Finished, GeneratedResponse, Nanos, Pipeline, RequestId, RequestInfo, Step, Subscription, Usage,
+};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The largest non-streamed backend body the proxy reads to find its usage.
+const MAX_BACKEND_BODY: usize = 64 * 1024 * 1024;
+
+pub struct Proxy {
+    config: ProxyConfig,
+    /// One pipeline per product, in config order.
+    pipelines: Vec<Mutex<Pipeline>>,
+    /// (key, subscription index), looked up by key.
+    keys: Vec<(String, usize)>,
+    client: HttpsClient,
+    epoch: Instant,
+    epoch_unix: Nanos,
+    pub metrics: Metrics,
+}
+
+/// What a request is, once its key and body are read.
+struct Admitted {
+    product: usize,
+    subscription: String,
+    info: RequestInfo,
+    parts: axum::http::request::Parts,
+    body: Bytes,
+    model: String,
+    prompt_tokens: u64,
+    started: Instant,
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig) -> Result<Proxy, String> {
+        let pipelines = config
+            .products
+            .iter()
+            .map(|p| Pipeline::new(&p.policy, config.routing.clone(), rand::random()).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let keys = config
+            .subscriptions
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let key = match (&s.key, &s.key_env) {
+                    (Some(k), _) => Ok(k.clone()),
+                    (None, Some(var)) => std::env::var(var)
+                        .map_err(|_| format!("subscription `{}`: environment variable `{var}` is not set", s.id)),
+                    (None, None) => unreachable!("validated"),
+                };
+                key.map(|k| (k, i))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        let epoch_unix = Nanos(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+        let metrics = Metrics::new(&config);
+        Ok(Proxy { config, pipelines, keys, client, epoch: Instant::now(), epoch_unix, metrics })
+    }
+
+    fn now(&self) -> Nanos {
+        self.epoch_unix + Nanos(self.epoch.elapsed().as_nanos() as u64)
+    }
+
+    fn instant_of(&self, at: Nanos) -> tokio::time::Instant {
+        let offset = at.saturating_sub(self.epoch_unix);
+        tokio::time::Instant::from_std(self.epoch + std::time::Duration::from_nanos(offset.0))
+    }
+
+    fn pipeline(&self, product: usize) -> std::sync::MutexGuard<'_, Pipeline> {
+        self.pipelines[product].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn apim_error(status: StatusCode, message: &str) -> Response<Body> {
+    // APIM's own error bodies: `statusCode` first, with its spacing.
+    let message = serde_json::Value::String(message.to_owned());
+    let body = format!("{{\"statusCode\": {}, \"message\": {message}}}", status.as_u16());
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+pub async fn handle(
+    State(proxy): State<Arc<Proxy>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request<Body>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let admitted = match admit(&proxy, peer, request).await {
+        Ok(a) => a,
+        Err(response) => {
+            proxy.metrics.refused(response.status().as_u16());
+            return response;
+        }
+    };
+    let _ = started;
+    drive(proxy, admitted).await
+}
+
+async fn admit(proxy: &Proxy, peer: SocketAddr, request: Request<Body>) -> Result<Admitted, Response<Body>> {
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    if !parts.uri.path().starts_with("/openai/") {
+        return Err(apim_error(StatusCode::NOT_FOUND, "Resource not found"));
+    }
+    let (subscription, product) = subscription(proxy, &parts.headers, &parts.uri)?;
+    let limit = proxy.config.max_body_bytes;
+    let read = tokio::time::timeout(proxy.config.client_timeout.0.into_std(), axum::body::to_bytes(body, limit));
+    let body = match read.await {
+        Err(_) => return Err(apim_error(StatusCode::REQUEST_TIMEOUT, "Request timed out")),
+        Ok(Err(_)) => return Err(apim_error(StatusCode::PAYLOAD_TOO_LARGE, "Request entity too large")),
+        Ok(Ok(body)) => body,
+    };
+    let model = deployment_model(parts.uri.path());
+    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let prompt_tokens = json.as_ref().map_or(0, |v| prompt_tokens(&model, v));
+    let max_tokens = json.as_ref().and_then(|v| {
+        v.get("max_completion_tokens").or_else(|| v.get("max_tokens")).and_then(serde_json::Value::as_u64)
+    });
+    let s = &proxy.config.subscriptions[subscription];
+    let info = RequestInfo {
+        ip: client_ip(&proxy.config.trusted_proxies, peer, &parts.headers),
+        subscription: Some(Subscription {
+            id: s.id.clone(),
+            key: proxy.keys.iter().find(|k| k.1 == subscription).map(|k| k.0.clone()).unwrap_or_default(),
+            name: s.name.clone().unwrap_or_else(|| s.id.clone()),
+        }),
+        product: Some(proxy.config.products[product].name.clone()),
+        headers: parts
+            .headers
+            .iter()
+            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
+            .collect(),
+        prompt_tokens_estimate: Some(prompt_tokens),
+        max_tokens,
+    };
+    let subscription = s.id.clone();
+    Ok(Admitted { product, subscription, info, parts, body, model, prompt_tokens, started })
+}
+
+/// The subscription and product of a request, from the key header (with APIM's
+/// `;product=NAME` suffix), the `api-key` header or the query parameter.
+fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(usize, usize), Response<Body>> {
+    let from_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let from_query = uri.query().and_then(|q| {
+        q.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == proxy.config.subscription_key_query))
+    });
+    let given = from_header(&proxy.config.subscription_key_header)
+        .or_else(|| from_header("api-key"))
+        .or_else(|| from_query.map(|(_, v)| v.to_owned()));
+    let Some(given) = given else {
+        return Err(apim_error(
+            StatusCode::UNAUTHORIZED,
+            "Access denied due to missing subscription key. Make sure to include subscription key when making \
+             requests to an API.",
+        ));
+    };
+    let (key, wanted_product) = match given.split_once(";product=") {
+        Some((k, p)) => (k.to_owned(), Some(p.to_owned())),
+        None => (given, None),
+    };
+    let invalid = || {
+        apim_error(
+            StatusCode::UNAUTHORIZED,
+            "Access denied due to invalid subscription key. Make sure to provide a valid key for an active \
+             subscription.",
+        )
+    };
+    let Some(&(_, index)) = proxy.keys.iter().find(|(k, _)| *k == key) else { return Err(invalid()) };
+    let s = &proxy.config.subscriptions[index];
+    let name = match &wanted_product {
+        Some(p) if s.products.contains(p) => p,
+        Some(_) => return Err(invalid()),
+        None => &s.products[0],
+    };
+    let product = proxy.config.products.iter().position(|p| &p.name == name).expect("validated");
+    Ok((index, product))
+}
+
+fn client_ip(trusted: &[std::net::IpAddr], peer: SocketAddr, headers: &HeaderMap) -> String {
+    if trusted.contains(&peer.ip()) {
+        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        // The right-most address not a trusted proxy is the client.
+        if let Some(ip) = forwarded.and_then(|f| {
+            f.rsplit(',').map(str::trim).find(|a| a.parse().is_ok_and(|ip| !trusted.contains(&ip)))
+        }) {
+            return ip.to_owned();
+        }
+    }
+    peer.ip().to_string()
+}
+
+/// The tokenizer to count with: the deployment name often is the model's.
+fn deployment_model(path: &str) -> String {
+    let deployment = path.strip_prefix("/openai/deployments/").and_then(|p| p.split('/').next()).unwrap_or("gpt-4o");
+    if deployment.contains("35") || deployment.starts_with("gpt-4-") || deployment == "gpt-4" {
+        return deployment.to_owned();
+    }
+    "gpt-4o".to_owned()
+}
+
+fn prompt_tokens(model: &str, body: &serde_json::Value) -> u64 {
+    if let Some(messages) = body.get("messages").and_then(serde_json::Value::as_array) {
+        return mock_aoai::tokens::count_chat(model, messages);
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => mock_aoai::tokens::count(model, s),
+        serde_json::Value::Array(items) => {
+            items.iter().filter_map(|i| i.as_str()).map(|s| mock_aoai::tokens::count(model, s)).sum()
+        }
+        _ => 0,
+    };
+    body.get("prompt").or_else(|| body.get("input")).map_or(0, text)
+}
+
+/// Carries out the pipeline's steps until the client has its answer.
+async fn drive(proxy: Arc<Proxy>, req: Admitted) -> Response<Body> {
+    let mut step = proxy.pipeline(req.product).handle_request(proxy.now(), &req.info, rand::random());
+    loop {
+        match step {
+            Step::Respond(finished) => return proxy.respond_generated(&req, finished),
+            Step::Deliver { .. } => unreachable!("a response is delivered only after an attempt"),
+            Step::Forward { id, attempt, at } => {
+                tokio::time::sleep_until(proxy.instant_of(at)).await;
+                let (outcome, response) = send(&proxy, &req, &attempt).await;
+                let next = proxy.pipeline(req.product).handle_attempt(
+                    proxy.now(),
+                    id,
+                    outcome,
+                    Usage::default(),
+                    rand::random(),
+                );
+                match next {
+                    Ok(Step::Deliver { id }) => {
+                        let response = response.expect("a delivered attempt has a response");
+                        return deliver(proxy, req, id, attempt, response).await;
+                    }
+                    Ok(other) => step = other,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the pipeline refused an attempt's outcome");
+                        return apim_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hop-by-hop headers and the client's credentials never reach a backend.
+fn forwardable(name: &HeaderName, key_header: &str) -> bool {
+    const DROP: [&str; 11] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "host",
+        "content-length",
+        "api-key",
+        "authorization",
+    ];
+    !DROP.contains(&name.as_str()) && !name.as_str().eq_ignore_ascii_case(key_header)
+}
+
+async fn send(
+    proxy: &Proxy,
+    req: &Admitted,
+    attempt: &Attempt,
+) -> (AttemptOutcome, Option<hyper::Response<hyper::body::Incoming>>) {
+    let Some(request) = backend_request(proxy, req, attempt) else {
+        return (AttemptOutcome::TransportFailure, None);
+    };
+    proxy.metrics.attempt(&attempt.backend);
+    match tokio::time::timeout(attempt.timeout.into_std(), proxy.client.request(request)).await {
+        Err(_) => (AttemptOutcome::Timeout, None),
+        Ok(Err(e)) => {
+            tracing::warn!(backend = %attempt.backend, error = %e, "backend transport failure");
+            (AttemptOutcome::TransportFailure, None)
+        }
+        Ok(Ok(response)) => {
+            let retry_after = parse_retry_after(&header_pairs(response.headers()), proxy.now());
+            (AttemptOutcome::Response { status: response.status().as_u16(), retry_after }, Some(response))
+        }
+    }
+}
+
+fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers.iter().filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned()))).collect()
+}
+
+fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<hyper::Request<Full<Bytes>>> {
+    let base = attempt.url.trim_end_matches('/');
+    let mut path = req.parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // A backend URL may already end in `/openai`, as APIM's often do.
+    if base.ends_with("/openai") {
+        path = path.strip_prefix("/openai").unwrap_or(path);
+    }
+    let uri: Uri = format!("{base}{path}").parse().ok()?;
+    let mut builder = hyper::Request::builder().method(req.parts.method.clone()).uri(uri);
+    let key_header = &proxy.config.subscription_key_header;
+    for (name, value) in req.parts.headers.iter().filter(|(n, _)| forwardable(n, key_header)) {
+        builder = builder.header(name, value);
+    }
+    let backend = proxy.config.routing.backends.iter().find(|b| *b.id == *attempt.backend)?;
+    builder = match &backend.credential {
+        None => builder,
+        Some(Credential::ApiKey(k)) => builder.header("api-key", k),
+        Some(Credential::ApiKeyEnv(var)) => builder.header("api-key", std::env::var(var).unwrap_or_default()),
+        Some(Credential::Bearer(t)) => builder.header(header::AUTHORIZATION, format!("Bearer {t}")),
+        Some(Credential::BearerEnv(var)) => {
+            builder.header(header::AUTHORIZATION, format!("Bearer {}", std::env::var(var).unwrap_or_default()))
+        }
+    };
+    builder.body(Full::new(req.body.clone())).ok()
+}
+
+async fn deliver(
+    proxy: Arc<Proxy>,
+    req: Admitted,
+    id: RequestId,
+    attempt: Attempt,
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let streaming = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut out = Response::new(Body::empty());
+    *out.status_mut() = parts.status;
+    for (name, value) in parts.headers.iter().filter(|(n, _)| forwardable(n, "")) {
+        out.headers_mut().append(name, value.clone());
+    }
+    if streaming {
+        let charge = Charge::new(proxy, req, id, attempt);
+        *out.body_mut() = Body::from_stream(charged_stream(body, charge));
+        return out;
+    }
+    let read = tokio::time::timeout(attempt.timeout.into_std(), http_body_util::Limited::new(body, MAX_BACKEND_BODY).collect());
+    let bytes = match read.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => {
+            // The body broke or never ended: nothing was delivered, and that is charged.
+            let finished = proxy.finish_delivery(&req, id, Usage::default(), 0);
+            proxy.metrics.finished(&proxy.config.products[req.product].name, &req.subscription, &finished.record, req.started);
+            tracing::warn!(backend = %attempt.backend, "backend body broken; answering 502");
+            return apim_error(StatusCode::BAD_GATEWAY, "Bad gateway: the backend's response was incomplete");
+        }
+    };
+    let usage = usage::from_json(&bytes).unwrap_or_default();
+    let finished = proxy.finish_delivery(&req, id, usage, bytes.len() as u64);
+    for (name, value) in &finished.headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+            out.headers_mut().insert(n, v);
+        }
+    }
+    proxy.metrics.finished(&proxy.config.products[req.product].name, &req.subscription, &finished.record, req.started);
+    *out.body_mut() = Body::from(bytes);
+    out
+}
+
+impl Proxy {
+    fn finish_delivery(&self, req: &Admitted, id: RequestId, usage: Usage, response_bytes: u64) -> Finished {
+        let delivery = Delivery { usage, request_bytes: req.body.len() as u64, response_bytes };
+        let finished = self.pipeline(req.product).handle_delivered(self.now(), id, delivery);
+        let finished = finished.expect("each delivery is reported once");
+        log_request(&finished);
+        finished
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let now = self.now();
+        self.metrics.render(|backend| self.pipeline(0).router().is_available(now, backend))
+    }
+
+    fn respond_generated(&self, req: &Admitted, finished: Finished) -> Response<Body> {
+        log_request(&finished);
+        self.metrics.finished(&self.config.products[req.product].name, &req.subscription, &finished.record, req.started);
+        let generated = finished.generated.unwrap_or_else(|| GeneratedResponse {
+            status: 500,
+            headers: Vec::new(),
+            body: String::new(),
+        });
+        let mut out = Response::new(Body::from(generated.body));
+        *out.status_mut() = StatusCode::from_u16(generated.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        for (name, value) in generated.headers.iter().chain(&finished.headers) {
+            if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+                out.headers_mut().insert(n, v);
+            }
+        }
+        out
+    }
+}
+
+fn log_request(finished: &Finished) {
+    let record = serde_json::to_string(&finished.record).unwrap_or_default();
+    tracing::info!(target: "aigw::request", status = finished.record.status, record = %record, "request");
+}
+
+/// Charges a streamed response's tokens exactly once: when the stream ends,
+/// breaks, or the client goes away (the body is dropped).
+struct Charge {
+    proxy: Arc<Proxy>,
+    req: Admitted,
+    id: RequestId,
+    tracker: StreamTracker,
+    response_bytes: u64,
+    done: bool,
+}
+
+impl Charge {
+    fn new(proxy: Arc<Proxy>, req: Admitted, id: RequestId, _attempt: Attempt) -> Charge {
+        let tracker = StreamTracker::new(&req.model);
+        Charge { proxy, req, id, tracker, response_bytes: 0, done: false }
+    }
+
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let usage = self.tracker.usage(self.req.prompt_tokens);
+        let finished = self.proxy.finish_delivery(&self.req, self.id, usage, self.response_bytes);
+        let product = &self.proxy.config.products[self.req.product].name;
+        self.proxy.metrics.finished(product, &self.req.subscription, &finished.record, self.req.started);
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn charged_stream(
+    body: hyper::body::Incoming,
+    charge: Charge,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    let frames = http_body_util::BodyStream::new(body);
+    futures_util::stream::unfold((frames, charge), |(mut frames, mut charge)| async move {
+        loop {
+            match frames.next().await {
+                None => {
+                    charge.finish();
+                    return None;
+                }
+                Some(Err(e)) => {
+                    charge.finish();
+                    return Some((Err(std::io::Error::other(e)), (frames, charge)));
+                }
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    charge.tracker.feed(&data);
+                    charge.response_bytes += data.len() as u64;
+                    return Some((Ok(data), (frames, charge)));
+                }
+            }
+        }
+    })
+}
