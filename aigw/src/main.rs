@@ -77,14 +77,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Decide { policy, requests } => decide::run(&policy, &requests),
         Command::Simulate { scenario, seed, out, decisions } => simulate::run(&scenario, seed, out, decisions),
-        Command::Proxy { config, listen, admin, backends, log_json, shutdown_grace_secs } => proxy::run(proxy::Options {
-            config: &config,
-            listen,
-            admin,
-            backends,
-            log_json,
-            shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
-        }),
+        Command::Proxy { config, listen, admin, backends, log_json, shutdown_grace_secs } => {
+            proxy::run(proxy::Options {
+                config: &config,
+                listen,
+                admin,
+                backends,
+                log_json,
+                shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
+            })
+        }
         Command::Mock { config, listen } => mock::run(config.as_deref(), &listen),
     };
     match result {

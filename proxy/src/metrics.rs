@@ -32,7 +32,11 @@ impl Histogram {
         for (i, le) in BUCKETS.iter().enumerate() {
             let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {}", self.counts[i]);
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", self.count, self.sum, self.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            self.count, self.sum, self.count
+        );
     }
 }
 

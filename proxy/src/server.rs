@@ -78,6 +78,9 @@ impl Proxy {
         let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         let epoch_unix = Nanos(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
         let metrics = Metrics::new(&config);
+        // Load both vocabularies now, not on the first request (they take a while).
+        mock_aoai::tokens::count("gpt-4o", "warm up");
+        mock_aoai::tokens::count("gpt-35-turbo", "warm up");
         Ok(Proxy { config, pipelines, keys, client, epoch: Instant::now(), epoch_unix, metrics })
     }
 
@@ -128,7 +131,7 @@ async fn admit(proxy: &Proxy, peer: SocketAddr, request: Request<Body>) -> Resul
     if !parts.uri.path().starts_with("/openai/") {
         return Err(apim_error(StatusCode::NOT_FOUND, "Resource not found"));
     }
-    let (subscription, product) = subscription(proxy, &parts.headers, &parts.uri)?;
+    let (subscription, product) = subscription(proxy, &parts.headers, &parts.uri).map_err(KeyRefusal::response)?;
     let limit = proxy.config.max_body_bytes;
     let read = tokio::time::timeout(proxy.config.client_timeout.0.into_std(), axum::body::to_bytes(body, limit));
     let body = match read.await {
@@ -165,7 +168,29 @@ async fn admit(proxy: &Proxy, peer: SocketAddr, request: Request<Body>) -> Resul
 
 /// The subscription and product of a request, from the key header (with APIM's
 /// `;product=NAME` suffix), the `api-key` header or the query parameter.
-fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(usize, usize), Response<Body>> {
+/// Why a request has no usable subscription.
+enum KeyRefusal {
+    Missing,
+    Invalid,
+}
+
+impl KeyRefusal {
+    fn response(self) -> Response<Body> {
+        let message = match self {
+            KeyRefusal::Missing => {
+                "Access denied due to missing subscription key. Make sure to include subscription key when making \
+                 requests to an API."
+            }
+            KeyRefusal::Invalid => {
+                "Access denied due to invalid subscription key. Make sure to provide a valid key for an active \
+                 subscription."
+            }
+        };
+        apim_error(StatusCode::UNAUTHORIZED, message)
+    }
+}
+
+fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(usize, usize), KeyRefusal> {
     let from_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let from_query = uri.query().and_then(|q| {
         q.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == proxy.config.subscription_key_query))
@@ -173,29 +198,16 @@ fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(usize,
     let given = from_header(&proxy.config.subscription_key_header)
         .or_else(|| from_header("api-key"))
         .or_else(|| from_query.map(|(_, v)| v.to_owned()));
-    let Some(given) = given else {
-        return Err(apim_error(
-            StatusCode::UNAUTHORIZED,
-            "Access denied due to missing subscription key. Make sure to include subscription key when making \
-             requests to an API.",
-        ));
-    };
+    let Some(given) = given else { return Err(KeyRefusal::Missing) };
     let (key, wanted_product) = match given.split_once(";product=") {
         Some((k, p)) => (k.to_owned(), Some(p.to_owned())),
         None => (given, None),
     };
-    let invalid = || {
-        apim_error(
-            StatusCode::UNAUTHORIZED,
-            "Access denied due to invalid subscription key. Make sure to provide a valid key for an active \
-             subscription.",
-        )
-    };
-    let Some(&(_, index)) = proxy.keys.iter().find(|(k, _)| *k == key) else { return Err(invalid()) };
+    let Some(&(_, index)) = proxy.keys.iter().find(|(k, _)| *k == key) else { return Err(KeyRefusal::Invalid) };
     let s = &proxy.config.subscriptions[index];
     let name = match &wanted_product {
         Some(p) if s.products.contains(p) => p,
-        Some(_) => return Err(invalid()),
+        Some(_) => return Err(KeyRefusal::Invalid),
         None => &s.products[0],
     };
     let product = proxy.config.products.iter().position(|p| &p.name == name).expect("validated");
@@ -206,9 +218,9 @@ fn client_ip(trusted: &[std::net::IpAddr], peer: SocketAddr, headers: &HeaderMap
     if trusted.contains(&peer.ip()) {
         let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
         // The right-most address not a trusted proxy is the client.
-        if let Some(ip) = forwarded.and_then(|f| {
-            f.rsplit(',').map(str::trim).find(|a| a.parse().is_ok_and(|ip| !trusted.contains(&ip)))
-        }) {
+        if let Some(ip) = forwarded
+            .and_then(|f| f.rsplit(',').map(str::trim).find(|a| a.parse().is_ok_and(|ip| !trusted.contains(&ip))))
+        {
             return ip.to_owned();
         }
     }
@@ -364,13 +376,21 @@ async fn deliver(
         *out.body_mut() = Body::from_stream(charged_stream(body, charge));
         return out;
     }
-    let read = tokio::time::timeout(attempt.timeout.into_std(), http_body_util::Limited::new(body, MAX_BACKEND_BODY).collect());
+    let read = tokio::time::timeout(
+        attempt.timeout.into_std(),
+        http_body_util::Limited::new(body, MAX_BACKEND_BODY).collect(),
+    );
     let bytes = match read.await {
         Ok(Ok(collected)) => collected.to_bytes(),
         _ => {
             // The body broke or never ended: nothing was delivered, and that is charged.
             let finished = proxy.finish_delivery(&req, id, Usage::default(), 0);
-            proxy.metrics.finished(&proxy.config.products[req.product].name, &req.subscription, &finished.record, req.started);
+            proxy.metrics.finished(
+                &proxy.config.products[req.product].name,
+                &req.subscription,
+                &finished.record,
+                req.started,
+            );
             tracing::warn!(backend = %attempt.backend, "backend body broken; answering 502");
             return apim_error(StatusCode::BAD_GATEWAY, "Bad gateway: the backend's response was incomplete");
         }
@@ -403,7 +423,12 @@ impl Proxy {
 
     fn respond_generated(&self, req: &Admitted, finished: Finished) -> Response<Body> {
         log_request(&finished);
-        self.metrics.finished(&self.config.products[req.product].name, &req.subscription, &finished.record, req.started);
+        self.metrics.finished(
+            &self.config.products[req.product].name,
+            &req.subscription,
+            &finished.record,
+            req.started,
+        );
         let generated = finished.generated.unwrap_or_else(|| GeneratedResponse {
             status: 500,
             headers: Vec::new(),

@@ -77,7 +77,10 @@ mod tests {
         assert_eq!(t.usage(7), Usage { prompt_tokens: 7, completion_tokens: 3 });
         t.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4,\"total_tokens\":13}}\n\ndata: [DONE]\n\n");
         assert_eq!(t.usage(7), Usage { prompt_tokens: 9, completion_tokens: 4 });
-        assert_eq!(from_json(br#"{"usage":{"prompt_tokens":5,"completion_tokens":2}}"#), Some(Usage { prompt_tokens: 5, completion_tokens: 2 }));
+        assert_eq!(
+            from_json(br#"{"usage":{"prompt_tokens":5,"completion_tokens":2}}"#),
+            Some(Usage { prompt_tokens: 5, completion_tokens: 2 })
+        );
         assert_eq!(from_json(b"not json"), None);
     }
 }

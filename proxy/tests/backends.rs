@@ -1,0 +1,211 @@
+//! The proxy against scripted backends (wiremock, and the mock's broken streams):
+//! retry waits, failover, circuit breaking, timeouts and final statuses are the
+//! core's decisions, carried out over real HTTP.
+
+use proxy::server::Proxy;
+use proxy::ProxyConfig;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wiremock::matchers::{method, path_regex};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+struct Running {
+    base: String,
+    admin: String,
+    client: reqwest::Client,
+}
+
+async fn start(config: &str) -> Running {
+    let config = ProxyConfig::from_toml("test.toml", config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let admin_base = format!("http://{}", admin.local_addr().unwrap());
+    let proxy = Arc::new(Proxy::new(config).unwrap());
+    tokio::spawn(proxy::serve(proxy, listener, admin, std::future::pending()));
+    Running { base, admin: admin_base, client: reqwest::Client::new() }
+}
+
+impl Running {
+    async fn chat(&self, body: Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", self.base))
+            .header("api-key", "k")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        self.client.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
+    }
+}
+
+fn config(primary: &str, secondary: &str, routing_extra: &str, limits: &str) -> String {
+    format!(
+        r#"
+[[subscriptions]]
+id = "s"
+key = "k"
+products = ["p"]
+
+[[products]]
+name = "p"
+{limits}
+
+[routing]
+set_backend = "primary"
+backends = [
+    {{ id = "primary", url = "{primary}" {breaker} }},
+    {{ id = "secondary", url = "{secondary}" }},
+]
+{routing_extra}
+"#,
+        breaker = if routing_extra.contains("#breaker") {
+            ", circuit_breaker = { failure_count = 2, interval = 60, statuses = \">=500\", trip_duration = 30 }"
+        } else {
+            ""
+        }
+    )
+}
+
+const RETRY: &str = "retry = { condition = \"429, >=500\", count = 3, interval = 0.2, switch = [{ when = \"429, >=500\", backend = \"secondary\" }] }";
+
+fn ok_body() -> Value {
+    json!({"id": "x", "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+}
+
+#[tokio::test]
+async fn a_429_fails_over_to_the_secondary_after_the_retry_interval() {
+    let (primary, secondary) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST"))
+        .and(path_regex("/openai/.*"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1"))
+        .expect(1)
+        .mount(&primary)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok_body()))
+        .expect(1)
+        .mount(&secondary)
+        .await;
+    let proxy = start(&config(&primary.uri(), &secondary.uri(), RETRY, "")).await;
+    let started = Instant::now();
+    let r = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}]})).await;
+    let waited = started.elapsed();
+    assert_eq!(r.status(), 200);
+    assert!(waited >= Duration::from_millis(200), "the retry interval is waited: {waited:?}");
+    let m = proxy.metrics().await;
+    assert!(waited < Duration::from_millis(900), "APIM-compatible mode ignores Retry-After: {waited:?}\n{m}");
+    let metrics = proxy.metrics().await;
+    assert!(metrics.contains("aigw_failovers_total 1"), "{metrics}");
+    assert!(metrics.contains("aigw_tokens_total{key=\"s\",backend=\"secondary\",kind=\"prompt\"} 10"), "{metrics}");
+}
+
+#[tokio::test]
+async fn honoring_retry_after_waits_the_backends_advice() {
+    let (primary, secondary) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after-ms", "700"))
+        .mount(&primary)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok_body()))
+        .mount(&secondary)
+        .await;
+    let routing = format!("honor_retry_after = true\n{RETRY}");
+    let proxy = start(&config(&primary.uri(), &secondary.uri(), &routing, "")).await;
+    let started = Instant::now();
+    assert_eq!(proxy.chat(json!({"messages": []})).await.status(), 200);
+    assert!(started.elapsed() >= Duration::from_millis(700), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn when_retries_run_out_the_client_gets_the_last_response_unchanged() {
+    let (primary, secondary) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("primary down"))
+        .expect(1)
+        .mount(&primary)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("secondary busy").insert_header("x-from", "secondary"))
+        .expect(3)
+        .mount(&secondary)
+        .await;
+    let proxy = start(&config(&primary.uri(), &secondary.uri(), RETRY, "")).await;
+    let r = proxy.chat(json!({"messages": []})).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-from"], "secondary");
+    assert_eq!(r.text().await.unwrap(), "secondary busy");
+}
+
+#[tokio::test]
+async fn a_tripped_breaker_answers_503_without_calling_the_backend() {
+    let (primary, secondary) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(500)).expect(2).mount(&primary).await;
+    let proxy = start(&config(&primary.uri(), &secondary.uri(), "#breaker", "")).await;
+    assert_eq!(proxy.chat(json!({})).await.status(), 500);
+    assert_eq!(proxy.chat(json!({})).await.status(), 500);
+    let r = proxy.chat(json!({})).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 29);
+    assert!(proxy.metrics().await.contains("aigw_circuit_open{backend=\"primary\"} 1"));
+}
+
+#[tokio::test]
+async fn a_slow_backend_times_out_with_504() {
+    let (primary, secondary) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok_body()).set_delay(Duration::from_millis(2500)))
+        .mount(&primary)
+        .await;
+    let proxy = start(&config(&primary.uri(), &secondary.uri(), "timeout = 1", "")).await;
+    let started = Instant::now();
+    let r = proxy.chat(json!({})).await;
+    assert_eq!(r.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(2000));
+}
+
+#[tokio::test]
+async fn a_broken_stream_is_charged_for_what_was_sent() {
+    // A real mock deployment whose streams always break midway.
+    let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\
+                completion_tokens = { fixed = 400 }\nlatency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 1 } }\n\
+                faults = { broken_stream = 1.0 }\n";
+    let mock = mock_aoai::MockConfig::from_toml("mock.toml", text).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(mock_aoai::server::serve(listener, mock, std::future::pending()));
+    let limits = "[[products.policy.limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = 100000\nremaining_tokens_header_name = \"remaining\"\n";
+    let proxy = start(&config(&mock_url, &mock_url, "", limits)).await;
+    let streamed = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})).await;
+    assert_eq!(streamed.status(), 200);
+    // Read chunk by chunk: what arrived before the break is what the client got.
+    let mut chunks = streamed.bytes_stream();
+    let mut received = Vec::new();
+    while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut chunks).await {
+        received.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8_lossy(&received).into_owned();
+    assert!(!text.contains("[DONE]"), "the stream broke");
+    let sent: String = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    let sent_tokens = mock_aoai::tokens::count("gpt-4o", &sent);
+    // The charge happens when the proxy sees the stream end; give it a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let metrics = proxy.metrics().await;
+    let prompt = 8; // 3 + (3 + "user" + "hi") in o200k_base
+    assert!(sent_tokens > 0, "the mock's seed breaks this stream after some tokens");
+    assert!(
+        metrics.contains(&format!("kind=\"completion\"}} {sent_tokens}")),
+        "charged completion tokens = streamed ({sent_tokens}):\n{metrics}"
+    );
+    assert!(metrics.contains(&format!("kind=\"prompt\"}} {prompt}")), "{metrics}");
+}
