@@ -1,0 +1,144 @@
+//! End to end: `aigw mock` (two of them) and `aigw proxy` as real processes,
+//! driven by a real HTTP client, with the shipped `examples/proxy.toml`.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// A child process killed when the test ends, and the URLs it printed.
+struct Process {
+    child: Child,
+    urls: Vec<String>,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str], lines: usize) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aigw"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("aigw starts");
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let urls = (0..lines)
+        .map(|_| {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("a line");
+            let url = line.trim().rsplit(' ').next().unwrap_or_default().to_owned();
+            assert!(url.starts_with("http://"), "unexpected line {line:?} from aigw {args:?}");
+            url
+        })
+        .collect();
+    Process { child, urls }
+}
+
+struct Stack {
+    primary: Process,
+    secondary: Process,
+    proxy: Process,
+    client: reqwest::Client,
+}
+
+fn stack() -> Stack {
+    let primary = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1);
+    let secondary = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1);
+    let p = format!("primary={}", primary.urls[0]);
+    let s = format!("secondary={}", secondary.urls[0]);
+    let proxy = spawn(
+        &[
+            "proxy",
+            "--config",
+            "examples/proxy.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--backend",
+            &p,
+            "--backend",
+            &s,
+        ],
+        2,
+    );
+    Stack { primary, secondary, proxy, client: reqwest::Client::new() }
+}
+
+const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+
+impl Stack {
+    async fn chat(&self, body: Value) -> reqwest::Response {
+        let url = format!("{}{CHAT}", self.proxy.urls[0]);
+        self.client.post(url).header("api-key", "demo-key").json(&body).send().await.unwrap()
+    }
+}
+
+fn hello() -> Value {
+    json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 20})
+}
+
+#[tokio::test]
+async fn the_eleventh_call_in_a_minute_gets_apims_429() {
+    let stack = stack();
+    for i in 0..10 {
+        assert_eq!(stack.chat(hello()).await.status(), 200, "call {}", i + 1);
+    }
+    let r = stack.chat(hello()).await;
+    assert_eq!(r.status(), 429);
+    let secs: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((58..=60).contains(&secs), "retry-after {secs}");
+    assert_eq!(
+        r.text().await.unwrap(),
+        format!("{{\"statusCode\": 429, \"message\": \"Rate limit is exceeded. Try again in {secs} seconds.\"}}")
+    );
+}
+
+#[tokio::test]
+async fn usage_of_plain_and_streamed_calls_lands_in_the_token_counter() {
+    let stack = stack();
+    let r = stack.chat(hello()).await;
+    let consumed: u64 = r.headers()["consumed-tokens"].to_str().unwrap().parse().unwrap();
+    let remaining: u64 = r.headers()["remaining-tokens"].to_str().unwrap().parse().unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(consumed, body["usage"]["total_tokens"].as_u64().unwrap());
+    assert_eq!(remaining, 5000 - consumed);
+    // A stream with its usage chunk, and one without (counted from the text).
+    for include_usage in [true, false] {
+        let mut streamed = hello();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": include_usage});
+        let text = stack.chat(streamed).await.text().await.unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"));
+    }
+    let r = stack.chat(hello()).await;
+    let after: u64 = r.headers()["remaining-tokens"].to_str().unwrap().parse().unwrap();
+    // Each call: 8 prompt tokens ("Hello" framed) and 20 completion tokens (mocks/fast.toml).
+    assert_eq!(after, 5000 - 4 * 28, "two plain and two streamed calls of 28 tokens each");
+}
+
+#[tokio::test]
+async fn a_primary_outage_fails_over_to_the_secondary_and_no_key_is_401() {
+    let stack = stack();
+    let outage = json!({"deployment": "gpt-4o", "faults": {"outages": [{"start": "0s", "end": "1h", "status": 503}]}});
+    let r = stack.client.post(format!("{}/_mock/faults", stack.primary.urls[0])).json(&outage).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(stack.chat(hello()).await.status(), 200);
+    let stats = |url: String| async { stack.client.get(url).send().await.unwrap().json::<Value>().await.unwrap() };
+    let primary = stats(format!("{}/_mock/stats", stack.primary.urls[0])).await;
+    let secondary = stats(format!("{}/_mock/stats", stack.secondary.urls[0])).await;
+    assert_eq!(primary["deployments"]["gpt-4o"]["faults"], 1);
+    assert_eq!(secondary["deployments"]["gpt-4o"]["completed"], 1);
+    let metrics =
+        stack.client.get(format!("{}/metrics", stack.proxy.urls[1])).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("aigw_failovers_total 1"), "{metrics}");
+
+    let keyless = stack.client.post(format!("{}{CHAT}", stack.proxy.urls[0])).json(&hello()).send().await.unwrap();
+    assert_eq!(keyless.status(), 401);
+    assert!(keyless.text().await.unwrap().contains("missing subscription key"));
+}

@@ -1,0 +1,71 @@
+"""The official `openai` package (AzureOpenAI, api_key="demo-key") through `aigw proxy`.
+
+Usage: python tests/sdk/openai_proxy.py path/to/aigw
+Starts two `aigw mock` (mocks/fast.toml) as `primary` and `secondary` and `aigw proxy
+--config examples/proxy.toml` in front of them, then checks chat (plain and
+streamed), the policy's headers, and the 429 the SDK sees past the rate limit.
+"""
+
+import subprocess
+import sys
+
+import openai
+from openai import AzureOpenAI
+
+
+def start(args, lines):
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    urls = [proc.stdout.readline().strip().rsplit(" ", 1)[-1] for _ in range(lines)]
+    assert all(u.startswith("http://") for u in urls), urls
+    return proc, urls
+
+
+def main():
+    aigw = sys.argv[1]
+    procs = []
+    try:
+        mock = [aigw, "mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"]
+        p1, (primary,) = start(mock, 1)
+        p2, (secondary,) = start(mock, 1)
+        procs += [p1, p2]
+        p3, (front, admin) = start(
+            [aigw, "proxy", "--config", "examples/proxy.toml", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+             "--backend", f"primary={primary}", "--backend", f"secondary={secondary}"],
+            2,
+        )
+        procs.append(p3)
+        client = AzureOpenAI(azure_endpoint=front, api_key="demo-key", api_version="2024-10-21", max_retries=0)
+        messages = [{"role": "user", "content": "Say hello"}]
+
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
+        chat = raw.parse()
+        assert chat.usage.total_tokens == int(raw.headers["consumed-tokens"]), raw.headers
+        assert int(raw.headers["remaining-tokens"]) == 5000 - chat.usage.total_tokens
+
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        usage = None
+        text = ""
+        for chunk in stream:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+        assert usage.completion_tokens == 20 and text.startswith("The quick"), (usage, text)
+
+        for _ in range(8):
+            client.chat.completions.create(model="gpt-4o", messages=messages)
+        try:
+            client.chat.completions.create(model="gpt-4o", messages=messages)
+            raise AssertionError("the 11th call in a minute must be refused")
+        except openai.RateLimitError as e:
+            assert e.status_code == 429 and "Rate limit is exceeded" in str(e), e
+        print(f"openai {openai.__version__} through aigw proxy: chat, stream, token headers and the 429 ok")
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
