@@ -42,12 +42,13 @@ impl Histogram {
 
 #[derive(Default)]
 struct Inner {
-    /// (status, reason, product, backend) → requests.
-    requests: BTreeMap<(u16, String, String, String), u64>,
+    /// (status, reason, product, backend) → requests; names by config index, and
+    /// backend `usize::MAX` when no backend was tried.
+    requests: BTreeMap<(u16, &'static str, usize, usize), u64>,
     /// Requests refused before the pipeline (401, 404, 408, 413) by status.
     refused: BTreeMap<u16, u64>,
-    /// (subscription id, backend, kind) → tokens.
-    tokens: BTreeMap<(String, String, &'static str), u64>,
+    /// (subscription, backend, kind) → tokens, by config index.
+    tokens: BTreeMap<(usize, usize, &'static str), u64>,
     attempts: BTreeMap<String, u64>,
     retries: u64,
     failovers: u64,
@@ -57,23 +58,34 @@ struct Inner {
 
 pub struct Metrics {
     inner: Mutex<Inner>,
+    products: Vec<String>,
+    subscriptions: Vec<String>,
     backends: Vec<String>,
 }
 
-fn reason(record: &OutcomeRecord) -> String {
+fn reason(record: &OutcomeRecord) -> &'static str {
+    use gateway_core::RejectReason::*;
     match record.reason {
-        FinalReason::Backend => "backend".into(),
-        FinalReason::Limited(r) => format!("{r:?}").to_lowercase(),
-        FinalReason::Unavailable => "no_backend".into(),
-        FinalReason::Timeout => "timeout".into(),
-        FinalReason::TransportFailure => "transport_failure".into(),
+        FinalReason::Backend => "backend",
+        FinalReason::Limited(RateLimit) => "rate_limit",
+        FinalReason::Limited(CallQuota) => "call_quota",
+        FinalReason::Limited(BandwidthQuota) => "bandwidth_quota",
+        FinalReason::Limited(TokensPerMinute) => "tokens_per_minute",
+        FinalReason::Limited(TokenQuota) => "token_quota",
+        FinalReason::Unavailable => "no_backend",
+        FinalReason::Timeout => "timeout",
+        FinalReason::TransportFailure => "transport_failure",
     }
 }
 
 impl Metrics {
     pub fn new(config: &ProxyConfig) -> Metrics {
-        let backends = config.routing.backends.iter().map(|b| b.id.clone()).collect();
-        Metrics { inner: Mutex::new(Inner::default()), backends }
+        Metrics {
+            inner: Mutex::new(Inner::default()),
+            products: config.products.iter().map(|p| p.name.clone()).collect(),
+            subscriptions: config.subscriptions.iter().map(|s| s.id.clone()).collect(),
+            backends: config.routing.backends.iter().map(|b| b.id.clone()).collect(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -89,19 +101,24 @@ impl Metrics {
     }
 
     /// One finished request: its outcome record and its wall time since arrival.
-    pub fn finished(&self, product: &str, subscription: &str, record: &OutcomeRecord, started: Instant) {
+    /// `product` and `subscription` are indices in the config.
+    pub fn finished(&self, product: usize, subscription: usize, record: &OutcomeRecord, started: Instant) {
         let total = started.elapsed().as_secs_f64();
         let backend_time: u64 = record.attempts.iter().map(|a| (a.ended - a.started).0 + a.wait.0).sum();
         let added = (total - backend_time as f64 / 1e9).max(0.0);
-        let backend = record.attempts.last().map_or(String::new(), |a| a.backend.to_string());
+        let backend = record
+            .attempts
+            .last()
+            .and_then(|a| self.backends.iter().position(|b| *b == *a.backend))
+            .unwrap_or(usize::MAX);
         let mut m = self.lock();
-        *m.requests.entry((record.status, reason(record), product.to_owned(), backend.clone())).or_default() += 1;
+        *m.requests.entry((record.status, reason(record), product, backend)).or_default() += 1;
         m.retries += record.attempts.len().saturating_sub(1) as u64;
         let first = record.attempts.first().map(|a| &a.backend);
         m.failovers += u64::from(record.attempts.iter().any(|a| Some(&a.backend) != first));
         for (kind, n) in [("prompt", record.usage.prompt_tokens), ("completion", record.usage.completion_tokens)] {
             if n > 0 {
-                *m.tokens.entry((subscription.to_owned(), backend.clone(), kind)).or_default() += n;
+                *m.tokens.entry((subscription, backend, kind)).or_default() += n;
             }
         }
         m.total.record(total);
@@ -113,7 +130,9 @@ impl Metrics {
         let m = self.lock();
         let mut out = String::new();
         out.push_str("# HELP aigw_requests_total Client requests by final status, reason, product and last backend.\n# TYPE aigw_requests_total counter\n");
+        let backend_name = |i: usize| self.backends.get(i).map_or("", String::as_str);
         for ((status, reason, product, backend), n) in &m.requests {
+            let (product, backend) = (&self.products[*product], backend_name(*backend));
             let _ = writeln!(out, "aigw_requests_total{{status=\"{status}\",reason=\"{reason}\",product=\"{product}\",backend=\"{backend}\"}} {n}");
         }
         out.push_str("# HELP aigw_refused_total Requests refused before the policy (missing or invalid key, too large).\n# TYPE aigw_refused_total counter\n");
@@ -122,6 +141,7 @@ impl Metrics {
         }
         out.push_str("# HELP aigw_tokens_total Tokens charged, by subscription, backend and kind.\n# TYPE aigw_tokens_total counter\n");
         for ((key, backend, kind), n) in &m.tokens {
+            let (key, backend) = (&self.subscriptions[*key], backend_name(*backend));
             let _ = writeln!(out, "aigw_tokens_total{{key=\"{key}\",backend=\"{backend}\",kind=\"{kind}\"}} {n}");
         }
         out.push_str("# HELP aigw_backend_attempts_total Attempts sent to each backend.\n# TYPE aigw_backend_attempts_total counter\n");

@@ -28,6 +28,9 @@ pub struct Proxy {
     config: ProxyConfig,
     /// One pipeline per product, in config order.
     pipelines: Vec<Mutex<Pipeline>>,
+    /// Per product: whether a limit reads the prompt estimate (so it is counted
+    /// before forwarding rather than only when a stream needs it).
+    needs_estimate: Vec<bool>,
     /// (key, subscription index), looked up by key.
     keys: Vec<(String, usize)>,
     client: HttpsClient,
@@ -39,12 +42,15 @@ pub struct Proxy {
 /// What a request is, once its key and body are read.
 struct Admitted {
     product: usize,
-    subscription: String,
+    /// Index of the subscription in the config.
+    subscription: usize,
     info: RequestInfo,
     parts: axum::http::request::Parts,
     body: Bytes,
     model: String,
-    prompt_tokens: u64,
+    /// The prompt's tokens, counted with the model's tokenizer, when the policy
+    /// needed an estimate; else counted only if a stream ends without usage.
+    prompt_tokens: Option<u64>,
     started: Instant,
 }
 
@@ -78,10 +84,22 @@ impl Proxy {
         let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         let epoch_unix = Nanos(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
         let metrics = Metrics::new(&config);
+        let needs_estimate = config
+            .products
+            .iter()
+            .map(|p| {
+                p.policy.limits.iter().any(|l| match l {
+                    gateway_core::Limit::AzureOpenAiTokenLimit(t) | gateway_core::Limit::LlmTokenLimit(t) => {
+                        t.estimate_prompt_tokens || t.reserve
+                    }
+                    _ => false,
+                })
+            })
+            .collect();
         // Load both vocabularies now, not on the first request (they take a while).
         mock_aoai::tokens::count("gpt-4o", "warm up");
         mock_aoai::tokens::count("gpt-35-turbo", "warm up");
-        Ok(Proxy { config, pipelines, keys, client, epoch: Instant::now(), epoch_unix, metrics })
+        Ok(Proxy { needs_estimate, config, pipelines, keys, client, epoch: Instant::now(), epoch_unix, metrics })
     }
 
     fn now(&self) -> Nanos {
@@ -140,11 +158,15 @@ async fn admit(proxy: &Proxy, peer: SocketAddr, request: Request<Body>) -> Resul
         Ok(Ok(body)) => body,
     };
     let model = deployment_model(parts.uri.path());
-    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
-    let prompt_tokens = json.as_ref().map_or(0, |v| prompt_tokens(&model, v));
-    let max_tokens = json.as_ref().and_then(|v| {
-        v.get("max_completion_tokens").or_else(|| v.get("max_tokens")).and_then(serde_json::Value::as_u64)
-    });
+    // Only the fields the pipeline reads; the rest of the body is skipped.
+    #[derive(serde::Deserialize, Default)]
+    struct Fields {
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+    }
+    let fields: Fields = serde_json::from_slice(&body).unwrap_or_default();
+    let max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
+    let prompt_tokens = proxy.needs_estimate[product].then(|| count_prompt(&model, &body));
     let s = &proxy.config.subscriptions[subscription];
     let info = RequestInfo {
         ip: client_ip(&proxy.config.trusted_proxies, peer, &parts.headers),
@@ -159,10 +181,9 @@ async fn admit(proxy: &Proxy, peer: SocketAddr, request: Request<Body>) -> Resul
             .iter()
             .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
             .collect(),
-        prompt_tokens_estimate: Some(prompt_tokens),
+        prompt_tokens_estimate: prompt_tokens,
         max_tokens,
     };
-    let subscription = s.id.clone();
     Ok(Admitted { product, subscription, info, parts, body, model, prompt_tokens, started })
 }
 
@@ -236,6 +257,11 @@ fn deployment_model(path: &str) -> String {
     "gpt-4o".to_owned()
 }
 
+/// The prompt's tokens as the service counts them (0 for a body that is not JSON).
+fn count_prompt(model: &str, body: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(body).map_or(0, |v| prompt_tokens(model, &v))
+}
+
 fn prompt_tokens(model: &str, body: &serde_json::Value) -> u64 {
     if let Some(messages) = body.get("messages").and_then(serde_json::Value::as_array) {
         return mock_aoai::tokens::count_chat(model, messages);
@@ -258,7 +284,11 @@ async fn drive(proxy: Arc<Proxy>, req: Admitted) -> Response<Body> {
             Step::Respond(finished) => return proxy.respond_generated(&req, finished),
             Step::Deliver { .. } => unreachable!("a response is delivered only after an attempt"),
             Step::Forward { id, attempt, at } => {
-                tokio::time::sleep_until(proxy.instant_of(at)).await;
+                // Only a retry waits; a timer for an instant already past would
+                // still cost a tick of the timer wheel (a millisecond).
+                if at > proxy.now() {
+                    tokio::time::sleep_until(proxy.instant_of(at)).await;
+                }
                 let (outcome, response) = send(&proxy, &req, &attempt).await;
                 let next = proxy.pipeline(req.product).handle_attempt(
                     proxy.now(),
@@ -385,12 +415,7 @@ async fn deliver(
         _ => {
             // The body broke or never ended: nothing was delivered, and that is charged.
             let finished = proxy.finish_delivery(&req, id, Usage::default(), 0);
-            proxy.metrics.finished(
-                &proxy.config.products[req.product].name,
-                &req.subscription,
-                &finished.record,
-                req.started,
-            );
+            proxy.metrics.finished(req.product, req.subscription, &finished.record, req.started);
             tracing::warn!(backend = %attempt.backend, "backend body broken; answering 502");
             return apim_error(StatusCode::BAD_GATEWAY, "Bad gateway: the backend's response was incomplete");
         }
@@ -402,7 +427,7 @@ async fn deliver(
             out.headers_mut().insert(n, v);
         }
     }
-    proxy.metrics.finished(&proxy.config.products[req.product].name, &req.subscription, &finished.record, req.started);
+    proxy.metrics.finished(req.product, req.subscription, &finished.record, req.started);
     *out.body_mut() = Body::from(bytes);
     out
 }
@@ -423,12 +448,7 @@ impl Proxy {
 
     fn respond_generated(&self, req: &Admitted, finished: Finished) -> Response<Body> {
         log_request(&finished);
-        self.metrics.finished(
-            &self.config.products[req.product].name,
-            &req.subscription,
-            &finished.record,
-            req.started,
-        );
+        self.metrics.finished(req.product, req.subscription, &finished.record, req.started);
         let generated = finished.generated.unwrap_or_else(|| GeneratedResponse {
             status: 500,
             headers: Vec::new(),
@@ -446,6 +466,10 @@ impl Proxy {
 }
 
 fn log_request(finished: &Finished) {
+    // The record is serialized only when someone reads request logs.
+    if !tracing::enabled!(target: "aigw::request", tracing::Level::INFO) {
+        return;
+    }
     let record = serde_json::to_string(&finished.record).unwrap_or_default();
     tracing::info!(target: "aigw::request", status = finished.record.status, record = %record, "request");
 }
@@ -471,10 +495,10 @@ impl Charge {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let usage = self.tracker.usage(self.req.prompt_tokens);
+        let prompt = self.req.prompt_tokens.unwrap_or_else(|| count_prompt(&self.req.model, &self.req.body));
+        let usage = self.tracker.usage(prompt);
         let finished = self.proxy.finish_delivery(&self.req, self.id, usage, self.response_bytes);
-        let product = &self.proxy.config.products[self.req.product].name;
-        self.proxy.metrics.finished(product, &self.req.subscription, &finished.record, self.req.started);
+        self.proxy.metrics.finished(self.req.product, self.req.subscription, &finished.record, self.req.started);
     }
 }
 

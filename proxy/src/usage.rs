@@ -4,10 +4,21 @@
 use gateway_core::Usage;
 use serde_json::Value;
 
-/// `usage` of a JSON response body, if it has one.
+/// `usage` of a JSON response body, if it has one; the rest of the body is
+/// skipped, not built.
 pub fn from_json(body: &[u8]) -> Option<Usage> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    usage_of(&value)
+    #[derive(serde::Deserialize)]
+    struct Body {
+        usage: Option<Counts>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Counts {
+        prompt_tokens: u64,
+        #[serde(default)]
+        completion_tokens: u64,
+    }
+    let usage = serde_json::from_slice::<Body>(body).ok()?.usage?;
+    Some(Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens })
 }
 
 fn usage_of(value: &Value) -> Option<Usage> {
