@@ -49,6 +49,8 @@ pub enum KeyExpr {
     SubscriptionId,
     /// `context.Subscription.Key`.
     SubscriptionKey,
+    /// `context.Subscription.Name`.
+    SubscriptionName,
     /// `context.Product.Name`.
     #[serde(alias = "product_name")]
     Product,
@@ -87,6 +89,7 @@ impl KeyExpr {
             KeyExpr::Ip => out.push_str(&req.ip),
             KeyExpr::SubscriptionId => out.push_str(req.subscription.as_ref().map_or("", |s| &s.id)),
             KeyExpr::SubscriptionKey => out.push_str(req.subscription.as_ref().map_or("", |s| &s.key)),
+            KeyExpr::SubscriptionName => out.push_str(req.subscription.as_ref().map_or("", |s| &s.name)),
             KeyExpr::Product => out.push_str(req.product.as_deref().unwrap_or("")),
             KeyExpr::Header { name, default } => out.push_str(req.header(name).unwrap_or(default)),
             KeyExpr::Jwt { claim, header, default } => match req.header(header).and_then(|v| jwt_claim(v, claim)) {

@@ -22,6 +22,16 @@ impl StatusPredicate {
         StatusPredicate { ranges: vec![(low, high)] }
     }
 
+    /// The predicate matching exactly these inclusive ranges (none: matches nothing).
+    pub fn from_ranges(ranges: Vec<(u16, u16)>) -> StatusPredicate {
+        assert!(ranges.iter().all(|r| r.0 <= r.1), "an empty status range is a construction bug");
+        StatusPredicate { ranges }
+    }
+
+    pub fn ranges(&self) -> &[(u16, u16)] {
+        &self.ranges
+    }
+
     pub fn matches(&self, status: u16) -> bool {
         self.ranges.iter().any(|&(low, high)| low <= status && status <= high)
     }

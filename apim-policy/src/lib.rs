@@ -1,0 +1,9 @@
+//! APIM policy XML: read `<policies>` documents into gateway-core's types, and
+//! write them back.
+
+pub mod expr;
+pub mod read;
+pub mod write;
+
+pub use read::{read, Diagnostic, PolicyDocument, ReadOptions};
+pub use write::write;
