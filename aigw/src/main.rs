@@ -2,6 +2,7 @@
 
 mod decide;
 mod mock;
+mod policy;
 mod proxy;
 mod simulate;
 
@@ -61,6 +62,11 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         shutdown_grace_secs: u64,
     },
+    /// Reads APIM policy XML: `check` says what aigw understood, `import` prints native TOML.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Serves a mock Azure OpenAI: real wire formats, Azure's TPM/RPM limits and 429s, faults.
     Mock {
         /// A mock config (see `mocks/`); without it, a built-in example.
@@ -72,9 +78,47 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Checks policy files: a summary of each pipeline, or FILE:LINE:COL errors (exit 2).
+    Check {
+        files: Vec<PathBuf>,
+        /// Elements aigw does not model are errors, not warnings.
+        #[arg(long)]
+        strict: bool,
+        /// An APIM named value for `{{NAME}}`: `--named-value backend-id=primary`.
+        #[arg(long = "named-value", value_name = "NAME=VALUE")]
+        named_values: Vec<String>,
+    },
+    /// Prints the native TOML equivalent of a policy file.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        strict: bool,
+        #[arg(long = "named-value", value_name = "NAME=VALUE")]
+        named_values: Vec<String>,
+    },
+}
+
+fn policy_command(command: PolicyCommand) -> anyhow::Result<bool> {
+    match command {
+        PolicyCommand::Check { files, strict, named_values } => {
+            policy::check(&files, &policy::options(strict, &named_values)?)
+        }
+        PolicyCommand::Import { file, strict, named_values } => {
+            policy::import(&file, &policy::options(strict, &named_values)?)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Policy { command } => match policy_command(command) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
         Command::Decide { policy, requests } => decide::run(&policy, &requests),
         Command::Simulate { scenario, seed, out, decisions } => simulate::run(&scenario, seed, out, decisions),
         Command::Proxy { config, listen, admin, backends, log_json, shutdown_grace_secs } => {

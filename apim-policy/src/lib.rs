@@ -3,7 +3,9 @@
 
 pub mod expr;
 pub mod read;
+pub mod source;
 pub mod write;
 
 pub use read::{read, Diagnostic, PolicyDocument, ReadOptions};
+pub use source::PolicySource;
 pub use write::write;

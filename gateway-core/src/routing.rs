@@ -151,7 +151,9 @@ pub struct Routing {
     pub backends: Vec<Backend>,
     #[serde(default)]
     pub pools: Vec<Pool>,
-    /// `set-backend-service backend-id`: a backend or a pool.
+    /// `set-backend-service backend-id`: a backend or a pool (may come from a
+    /// policy file's `<set-backend-service>` instead).
+    #[serde(default)]
     pub set_backend: String,
     /// `forward-request timeout`, seconds (APIM's default: 300).
     #[serde(default = "default_timeout")]
@@ -205,6 +207,12 @@ impl Routing {
                     ));
                 }
             }
+        }
+        if self.set_backend.is_empty() {
+            return Err(format!(
+                "no backend is chosen: set `set_backend` (or use a policy with <set-backend-service>); known backends: {}",
+                self.backend_ids()
+            ));
         }
         if !target_exists(&self.set_backend) {
             return Err(format!(

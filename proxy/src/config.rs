@@ -1,10 +1,12 @@
 //! The proxy's configuration: addresses, subscriptions and products with their
 //! policies, and the routing (backends, retry, pools, breakers) of gateway-core.
 
+use apim_policy::PolicySource;
 use gateway_core::routing::Routing;
 use gateway_core::time::HumanDuration;
 use gateway_core::{Nanos, Policy};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -30,6 +32,9 @@ pub struct ProxyConfig {
     pub subscriptions: Vec<SubscriptionConfig>,
     pub products: Vec<ProductConfig>,
     pub routing: Routing,
+    /// APIM named values for `{{name}}` in policy files.
+    #[serde(default)]
+    pub named_values: BTreeMap<String, String>,
 }
 
 fn default_listen() -> String {
@@ -76,14 +81,32 @@ pub struct SubscriptionConfig {
 #[serde(deny_unknown_fields)]
 pub struct ProductConfig {
     pub name: String,
+    /// Inline native TOML, or a policy file: `policy = "../policies/seed-ip-limits.xml"`.
     #[serde(default)]
-    pub policy: Policy,
+    pub policy: PolicySource,
+}
+
+impl ProductConfig {
+    /// The policy, read from its file when the config named one.
+    pub fn policy(&self) -> &Policy {
+        match &self.policy {
+            PolicySource::Inline(p) => p,
+            PolicySource::File(_) => unreachable!("policy files are read when the config is loaded"),
+        }
+    }
 }
 
 impl ProxyConfig {
     pub fn from_toml(path: &str, text: &str) -> Result<ProxyConfig, String> {
-        let config: ProxyConfig =
+        let mut config: ProxyConfig =
             toml::from_str(text).map_err(|e| gateway_core::policy::describe_toml_error(path, text, &e))?;
+        let base = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("."));
+        for product in &mut config.products {
+            // A policy file's backend side (set-backend-service, retry) goes into the shared routing.
+            let (policy, warnings) = product.policy.resolve(base, &config.named_values, &mut config.routing)?;
+            warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+            product.policy = PolicySource::Inline(policy);
+        }
         config.validate().map_err(|e| format!("{path}: {e}"))?;
         Ok(config)
     }

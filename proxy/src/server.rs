@@ -59,7 +59,7 @@ impl Proxy {
         let pipelines = config
             .products
             .iter()
-            .map(|p| Pipeline::new(&p.policy, config.routing.clone(), rand::random()).map(Mutex::new))
+            .map(|p| Pipeline::new(p.policy(), config.routing.clone(), rand::random()).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         let keys = config
             .subscriptions
@@ -88,7 +88,7 @@ impl Proxy {
             .products
             .iter()
             .map(|p| {
-                p.policy.limits.iter().any(|l| match l {
+                p.policy().limits.iter().any(|l| match l {
                     gateway_core::Limit::AzureOpenAiTokenLimit(t) | gateway_core::Limit::LlmTokenLimit(t) => {
                         t.estimate_prompt_tokens || t.reserve
                     }

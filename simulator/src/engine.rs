@@ -86,7 +86,7 @@ impl<'s> Engine<'s> {
             CounterSharing::Local => scenario.gateway.replicas,
         };
         let replicas = (0..replica_count)
-            .map(|i| Pipeline::new(&scenario.gateway.policy, routing.clone(), seed ^ (i as u64 + 1)))
+            .map(|i| Pipeline::new(scenario.gateway.policy(), routing.clone(), seed ^ (i as u64 + 1)))
             .collect::<Result<Vec<_>, _>>()?;
         let backends: Vec<DeploymentModel> = scenario
             .backends

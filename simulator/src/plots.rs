@@ -123,7 +123,7 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
         .collect();
     let key_limits = scenario
         .gateway
-        .policy
+        .policy()
         .limits
         .iter()
         .filter_map(|l| match l {

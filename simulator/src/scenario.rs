@@ -1,10 +1,12 @@
 //! Scenario files: traffic, the gateway's policy and routing, and the backends.
 
+use apim_policy::PolicySource;
 use gateway_core::routing::Routing;
 use gateway_core::time::{parse_rfc3339, HumanDuration};
 use gateway_core::{Nanos, Policy};
 use mock_aoai::{DeploymentConfig, Dist};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -21,13 +23,20 @@ pub struct Scenario {
     pub gateway: GatewayConfig,
     pub backends: Vec<DeploymentConfig>,
     pub clients: Vec<Client>,
+    /// Elements of a policy file that aigw does not model, with their lines.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
+    /// Inline native TOML, or a policy file: `policy = "../policies/seed-ip-limits.xml"`.
     #[serde(default)]
-    pub policy: Policy,
+    pub policy: PolicySource,
+    /// APIM named values for `{{name}}` in a policy file.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub named_values: BTreeMap<String, String>,
     pub routing: Routing,
     /// Gateway replicas; requests are spread over them round-robin.
     #[serde(default = "one")]
@@ -137,6 +146,16 @@ impl Default for SdkRetries {
     }
 }
 
+impl GatewayConfig {
+    /// The policy, read from its file when the scenario named one.
+    pub fn policy(&self) -> &Policy {
+        match &self.policy {
+            PolicySource::Inline(p) => p,
+            PolicySource::File(_) => unreachable!("policy files are read when the scenario is loaded"),
+        }
+    }
+}
+
 impl Scenario {
     pub fn load(path: &Path) -> Result<Scenario, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
@@ -144,8 +163,13 @@ impl Scenario {
     }
 
     pub fn from_toml(path: &str, text: &str) -> Result<Scenario, String> {
-        let scenario: Scenario =
+        let mut scenario: Scenario =
             toml::from_str(text).map_err(|e| gateway_core::policy::describe_toml_error(path, text, &e))?;
+        let base = Path::new(path).parent().unwrap_or(Path::new("."));
+        let gateway = &mut scenario.gateway;
+        let (policy, warnings) = gateway.policy.resolve(base, &gateway.named_values, &mut gateway.routing)?;
+        gateway.policy = PolicySource::Inline(policy);
+        scenario.warnings = warnings;
         scenario.validate().map_err(|e| format!("{path}: {e}"))?;
         Ok(scenario)
     }
