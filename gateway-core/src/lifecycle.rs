@@ -91,6 +91,8 @@ pub enum FinalReason {
     Timeout,
     /// The last attempt failed to connect or was reset: 500.
     TransportFailure,
+    /// The last attempt's answer was not valid HTTP: 502.
+    BadResponse,
 }
 
 /// How one attempt ended.
@@ -99,6 +101,7 @@ pub enum FinalReason {
 pub enum AttemptResult {
     Status(u16),
     TransportFailure,
+    BadResponse,
     Timeout,
 }
 
@@ -332,6 +335,10 @@ impl Pipeline {
                 let response = gateway_error(500, "Internal server error");
                 Step::Respond(self.finish_generated(now, flight, FinalReason::TransportFailure, response, Vec::new()))
             }
+            AttemptOutcome::BadResponse => {
+                let response = gateway_error(502, "Bad gateway: the backend's answer was not valid HTTP");
+                Step::Respond(self.finish_generated(now, flight, FinalReason::BadResponse, response, Vec::new()))
+            }
             AttemptOutcome::Timeout => {
                 let response = gateway_error(504, "Gateway timeout");
                 Step::Respond(self.finish_generated(now, flight, FinalReason::Timeout, response, Vec::new()))
@@ -393,6 +400,7 @@ fn result_of(outcome: AttemptOutcome) -> AttemptResult {
     match outcome {
         AttemptOutcome::Response { status, .. } => AttemptResult::Status(status),
         AttemptOutcome::TransportFailure => AttemptResult::TransportFailure,
+        AttemptOutcome::BadResponse => AttemptResult::BadResponse,
         AttemptOutcome::Timeout => AttemptResult::Timeout,
     }
 }

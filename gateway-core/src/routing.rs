@@ -276,6 +276,8 @@ pub enum AttemptOutcome {
     Response { status: u16, retry_after: Option<Nanos> },
     /// Connection refused, reset, or a stream broken before the response began.
     TransportFailure,
+    /// The backend answered something that is not HTTP (a malformed response).
+    BadResponse,
     /// No response within the per-attempt timeout.
     Timeout,
 }
@@ -284,7 +286,7 @@ impl AttemptOutcome {
     fn matches(&self, statuses: &StatusPredicate, transport: bool) -> bool {
         match self {
             AttemptOutcome::Response { status, .. } => statuses.matches(*status),
-            AttemptOutcome::TransportFailure | AttemptOutcome::Timeout => transport,
+            AttemptOutcome::TransportFailure | AttemptOutcome::BadResponse | AttemptOutcome::Timeout => transport,
         }
     }
 }

@@ -75,6 +75,7 @@ fn reason(record: &OutcomeRecord) -> &'static str {
         FinalReason::Unavailable => "no_backend",
         FinalReason::Timeout => "timeout",
         FinalReason::TransportFailure => "transport_failure",
+        FinalReason::BadResponse => "bad_response",
     }
 }
 

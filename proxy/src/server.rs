@@ -343,14 +343,29 @@ async fn send(
     match tokio::time::timeout(attempt.timeout.into_std(), proxy.client.request(request)).await {
         Err(_) => (AttemptOutcome::Timeout, None),
         Ok(Err(e)) => {
-            tracing::warn!(backend = %attempt.backend, error = %e, "backend transport failure");
-            (AttemptOutcome::TransportFailure, None)
+            // A connection that opened but answered something that is not HTTP is a
+            // bad gateway, not a transport failure.
+            let malformed = !e.is_connect() && error_chain_has_parse_error(&e);
+            tracing::warn!(backend = %attempt.backend, error = %e, malformed, "backend attempt failed");
+            let outcome = if malformed { AttemptOutcome::BadResponse } else { AttemptOutcome::TransportFailure };
+            (outcome, None)
         }
         Ok(Ok(response)) => {
             let retry_after = parse_retry_after(&header_pairs(response.headers()), proxy.now());
             (AttemptOutcome::Response { status: response.status().as_u16(), retry_after }, Some(response))
         }
     }
+}
+
+fn error_chain_has_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse) {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {

@@ -209,3 +209,77 @@ async fn a_broken_stream_is_charged_for_what_was_sent() {
     );
     assert!(metrics.contains(&format!("kind=\"prompt\"}} {prompt}")), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_malformed_backend_answer_becomes_502() {
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", garbage.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = garbage.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(b"this is not HTTP at all\r\n\r\n").await;
+        }
+    });
+    let proxy = start(&config(&url, &url, "", "")).await;
+    let r = proxy.chat(json!({})).await;
+    assert_eq!(r.status(), 502);
+    assert!(r.text().await.unwrap().contains("not valid HTTP"));
+    assert!(proxy.metrics().await.contains("reason=\"bad_response\""));
+}
+
+#[tokio::test]
+async fn trusted_proxies_name_the_client_by_x_forwarded_for() {
+    let backend = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
+    let limits = "[[products.policy.limits]]\ntype = \"rate-limit-by-key\"\ncalls = 1\nrenewal_period = 60\ncounter_key = \"ip\"\n";
+    let send = |proxy: &Running, forwarded: &'static str| {
+        let request = proxy
+            .client
+            .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base))
+            .header("api-key", "k")
+            .header("x-forwarded-for", forwarded)
+            .json(&json!({}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let trusting =
+        start(&format!("trusted_proxies = [\"127.0.0.1\"]\n{}", config(&backend.uri(), &backend.uri(), "", limits)))
+            .await;
+    assert_eq!(send(&trusting, "203.0.113.5").await, 200);
+    assert_eq!(send(&trusting, "203.0.113.5").await, 429, "the same client");
+    assert_eq!(
+        send(&trusting, "198.51.100.7, 203.0.113.5").await,
+        429,
+        "the right-most untrusted address is the client"
+    );
+    assert_eq!(send(&trusting, "203.0.113.9").await, 200, "another client");
+    let untrusting = start(&config(&backend.uri(), &backend.uri(), "", limits)).await;
+    assert_eq!(send(&untrusting, "203.0.113.5").await, 200);
+    assert_eq!(send(&untrusting, "203.0.113.9").await, 429, "the header is ignored: both are 127.0.0.1");
+}
+
+#[tokio::test]
+async fn clients_may_speak_http2() {
+    let backend = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let r = h2
+        .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base))
+        .header("api-key", "k")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let backend = MockServer::start().await;
+    let proxy = start(&format!("max_body_bytes = 1000\n{}", config(&backend.uri(), &backend.uri(), "", ""))).await;
+    let r = proxy.chat(json!({"messages": [{"role": "user", "content": "x".repeat(2000)}]})).await;
+    assert_eq!(r.status(), 413);
+}

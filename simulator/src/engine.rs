@@ -495,6 +495,6 @@ pub fn reason(reason: FinalReason, status: u16) -> &'static str {
         FinalReason::Limited(TokensPerMinute) => "token-limit",
         FinalReason::Limited(TokenQuota) => "token-quota",
         FinalReason::Unavailable => "no-backend",
-        FinalReason::Timeout | FinalReason::TransportFailure => "timeout",
+        FinalReason::Timeout | FinalReason::TransportFailure | FinalReason::BadResponse => "timeout",
     }
 }

@@ -177,7 +177,7 @@ impl Recorder {
             AttemptOutcome::Response { status, .. } if *status >= 500 => b.errors_5xx += 1,
             AttemptOutcome::Response { .. } => {}
             AttemptOutcome::Timeout => b.timeouts += 1,
-            AttemptOutcome::TransportFailure => b.transport_failures += 1,
+            AttemptOutcome::TransportFailure | AttemptOutcome::BadResponse => b.transport_failures += 1,
         }
         let m = self.minute(since_start);
         m.backend_throttled[backend] += u64::from(throttled);
