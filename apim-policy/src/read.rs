@@ -35,6 +35,8 @@ impl fmt::Display for Diagnostic {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SetHeader {
+    /// `inbound` (on the request to the backend) or `outbound` (on the response).
+    pub section: String,
     pub name: String,
     pub exists_action: String,
     pub values: Vec<String>,
@@ -99,6 +101,8 @@ struct Reader<'a, 'input> {
     doc: &'a Document<'input>,
     options: &'a ReadOptions,
     out: PolicyDocument,
+    /// The section being read.
+    current: String,
 }
 
 /// APIM accepts C# in attribute values as written (`"`, `&&` and `<` unescaped),
@@ -161,7 +165,7 @@ pub fn read(text: &str, options: &ReadOptions) -> Result<PolicyDocument, Diagnos
         Diagnostic { line: pos.row, column: pos.col, message: format!("malformed XML: {e}") }
     })?;
     let root = doc.root_element();
-    let mut reader = Reader { doc: &doc, options, out: PolicyDocument::default() };
+    let mut reader = Reader { doc: &doc, options, out: PolicyDocument::default(), current: String::new() };
     if root.tag_name().name() != "policies" {
         return Err(reader.at(root, format!("the root element is <{}>, not <policies>", root.tag_name().name())));
     }
@@ -194,6 +198,7 @@ impl Reader<'_, '_> {
     }
 
     fn section(&mut self, section: Node<'_, '_>) -> Result<(), Diagnostic> {
+        self.current = section.tag_name().name().to_owned();
         for node in section.children().filter(Node::is_element) {
             self.element(node)?;
         }
@@ -448,7 +453,7 @@ impl Reader<'_, '_> {
         let exists_action = self.value(node, "exists-action")?.map_or("override".to_owned(), |v| v.0);
         let values =
             node.children().filter(|c| c.has_tag_name("value")).map(|v| v.text().unwrap_or("").to_owned()).collect();
-        self.out.set_headers.push(SetHeader { name, exists_action, values });
+        self.out.set_headers.push(SetHeader { section: self.current.clone(), name, exists_action, values });
         Ok(())
     }
 

@@ -60,19 +60,39 @@ impl PolicySource {
         named_values: &BTreeMap<String, String>,
         routing: &mut Routing,
     ) -> Result<(Policy, Vec<String>), String> {
+        self.resolve_all(base, named_values, routing).map(|r| (r.policy, r.warnings))
+    }
+
+    /// `resolve`, also giving the file's `set-header` elements.
+    pub fn resolve_all(
+        &self,
+        base: &Path,
+        named_values: &BTreeMap<String, String>,
+        routing: &mut Routing,
+    ) -> Result<Resolved, String> {
         let path = match self {
-            PolicySource::Inline(p) => return Ok((p.clone(), Vec::new())),
+            PolicySource::Inline(p) => {
+                return Ok(Resolved { policy: p.clone(), set_headers: Vec::new(), warnings: Vec::new() })
+            }
             PolicySource::File(path) => base.join(path),
         };
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{shown}: cannot read the policy: {e}"))?;
         if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
-            return Policy::from_toml(&text).map(|p| (p, Vec::new())).map_err(|e| format!("{shown}: {e}"));
+            let policy = Policy::from_toml(&text).map_err(|e| format!("{shown}: {e}"))?;
+            return Ok(Resolved { policy, set_headers: Vec::new(), warnings: Vec::new() });
         }
         let options = ReadOptions { strict: false, named_values: named_values.clone() };
         let doc: PolicyDocument = read(&text, &options).map_err(|d| format!("{shown}:{d}"))?;
         doc.apply_to(routing).map_err(|e| format!("{shown}: the policy's backend side: {e}"))?;
         let warnings = doc.warnings.iter().map(|w| format!("{shown}:{w}")).collect();
-        Ok((doc.policy, warnings))
+        Ok(Resolved { policy: doc.policy, set_headers: doc.set_headers, warnings })
     }
+}
+
+/// What a policy source comes to.
+pub struct Resolved {
+    pub policy: Policy,
+    pub set_headers: Vec<crate::read::SetHeader>,
+    pub warnings: Vec<String>,
 }

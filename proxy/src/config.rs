@@ -84,6 +84,9 @@ pub struct ProductConfig {
     /// Inline native TOML, or a policy file: `policy = "../policies/seed-ip-limits.xml"`.
     #[serde(default)]
     pub policy: PolicySource,
+    /// The policy file's `set-header` elements with literal values.
+    #[serde(skip)]
+    pub set_headers: Vec<apim_policy::read::SetHeader>,
 }
 
 impl ProductConfig {
@@ -103,9 +106,19 @@ impl ProxyConfig {
         let base = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("."));
         for product in &mut config.products {
             // A policy file's backend side (set-backend-service, retry) goes into the shared routing.
-            let (policy, warnings) = product.policy.resolve(base, &config.named_values, &mut config.routing)?;
-            warnings.iter().for_each(|w| eprintln!("warning: {w}"));
-            product.policy = PolicySource::Inline(policy);
+            let resolved = product.policy.resolve_all(base, &config.named_values, &mut config.routing)?;
+            resolved.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+            product.policy = PolicySource::Inline(resolved.policy);
+            for header in resolved.set_headers {
+                match header.values.iter().any(|v| v.trim_start().starts_with("@(")) {
+                    true => eprintln!(
+                        "warning: product `{}`: set-header `{}` has an expression value, which aigw does not \
+                         evaluate; the header is left as it is (backend credentials come from `routing.backends`)",
+                        product.name, header.name
+                    ),
+                    false => product.set_headers.push(header),
+                }
+            }
         }
         config.validate().map_err(|e| format!("{path}: {e}"))?;
         Ok(config)

@@ -368,6 +368,29 @@ fn error_chain_has_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The policy's literal `set-header`s of one section, with APIM's `exists-action`.
+fn apply_set_headers(headers: &mut HeaderMap, set: &[apim_policy::read::SetHeader], section: &str) {
+    for h in set.iter().filter(|h| h.section == section) {
+        let Ok(name) = HeaderName::try_from(h.name.as_str()) else { continue };
+        let values = h.values.iter().filter_map(|v| HeaderValue::from_str(v).ok());
+        match h.exists_action.as_str() {
+            "delete" => {
+                headers.remove(&name);
+            }
+            "skip" if headers.contains_key(&name) => {}
+            "append" => values.for_each(|v| {
+                headers.append(&name, v);
+            }),
+            _ => {
+                headers.remove(&name);
+                values.for_each(|v| {
+                    headers.append(&name, v);
+                });
+            }
+        }
+    }
+}
+
 fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
     headers.iter().filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned()))).collect()
 }
@@ -386,6 +409,10 @@ fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<h
         builder = builder.header(name, value);
     }
     let backend = proxy.config.routing.backends.iter().find(|b| *b.id == *attempt.backend)?;
+    let product = &proxy.config.products[req.product];
+    if let Some(headers) = builder.headers_mut() {
+        apply_set_headers(headers, &product.set_headers, "inbound");
+    }
     builder = match &backend.credential {
         None => builder,
         Some(Credential::ApiKey(k)) => builder.header("api-key", k),
@@ -416,6 +443,7 @@ async fn deliver(
     for (name, value) in parts.headers.iter().filter(|(n, _)| forwardable(n, "")) {
         out.headers_mut().append(name, value.clone());
     }
+    apply_set_headers(out.headers_mut(), &proxy.config.products[req.product].set_headers, "outbound");
     if streaming {
         let charge = Charge::new(proxy, req, id, attempt);
         *out.body_mut() = Body::from_stream(charged_stream(body, charge));

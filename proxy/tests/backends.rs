@@ -283,3 +283,35 @@ async fn oversized_bodies_get_413() {
     let r = proxy.chat(json!({"messages": [{"role": "user", "content": "x".repeat(2000)}]})).await;
     assert_eq!(r.status(), 413);
 }
+
+#[tokio::test]
+async fn a_policy_files_set_headers_apply_to_the_backend_request_and_the_response() {
+    use wiremock::matchers::header;
+    let backend = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(header("x-team", "blue"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok_body()))
+        .expect(1)
+        .mount(&backend)
+        .await;
+    let dir = std::env::temp_dir().join(format!("aigw-set-header-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let xml = dir.join("policy.xml");
+    std::fs::write(
+        &xml,
+        r#"<policies>
+  <inbound><base /><set-header name="X-Team" exists-action="override"><value>blue</value></set-header></inbound>
+  <backend><base /></backend>
+  <outbound><base /><set-header name="X-Served-By" exists-action="override"><value>aigw</value></set-header></outbound>
+  <on-error><base /></on-error>
+</policies>"#,
+    )
+    .unwrap();
+    let text = config(&backend.uri(), &backend.uri(), "", "")
+        .replace("name = \"p\"\n", &format!("name = \"p\"\npolicy = {:?}\n", xml.display().to_string()));
+    let proxy = start(&text).await;
+    let r = proxy.chat(json!({})).await;
+    assert_eq!(r.status(), 200, "the backend saw X-Team: blue");
+    assert_eq!(r.headers()["x-served-by"], "aigw");
+    std::fs::remove_dir_all(dir).unwrap();
+}
