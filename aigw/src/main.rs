@@ -61,6 +61,9 @@ enum Command {
         /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
         #[arg(long, default_value_t = 30)]
         shutdown_grace_secs: u64,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Reads APIM policy XML: `check` says what aigw understood, `import` prints native TOML.
     Policy {
@@ -121,8 +124,9 @@ fn main() -> ExitCode {
         },
         Command::Decide { policy, requests } => decide::run(&policy, &requests),
         Command::Simulate { scenario, seed, out, decisions } => simulate::run(&scenario, seed, out, decisions),
-        Command::Proxy { config, listen, admin, backends, log_json, shutdown_grace_secs } => {
+        Command::Proxy { config, listen, admin, backends, log_json, shutdown_grace_secs, threads } => {
             proxy::run(proxy::Options {
+                threads,
                 config: &config,
                 listen,
                 admin,

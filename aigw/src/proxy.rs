@@ -14,6 +14,8 @@ pub struct Options<'a> {
     pub backends: Vec<String>,
     pub log_json: bool,
     pub shutdown_grace: Duration,
+    /// Runtime worker threads; `None`: one per core.
+    pub threads: Option<usize>,
 }
 
 pub fn run(options: Options<'_>) -> Result<()> {
@@ -30,7 +32,11 @@ pub fn run(options: Options<'_>) -> Result<()> {
         config.admin = admin;
     }
     init_logs(options.log_json);
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = options.threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = builder.enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(serve(config, options.shutdown_grace))
 }
 
