@@ -5,6 +5,7 @@ mod mock;
 mod policy;
 mod proxy;
 mod simulate;
+mod sweep;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -70,6 +71,28 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Runs a scenario over a grid of values and seeds, and recommends the cheapest point meeting the SLOs.
+    Sweep {
+        scenario: PathBuf,
+        /// PATH=VALUES: `backends.primary.tpm=10000,20000` or `clients.chat.rate_per_s=1..10:1`.
+        #[arg(long, required = true)]
+        vary: Vec<String>,
+        /// Seeds 1..=N per grid point.
+        #[arg(long, default_value_t = 10)]
+        seeds: u64,
+        /// FIGURE<=BOUND: `rejected_ratio<=0.01`, `client.chat.latency_ms_p99<=4000`, `backend.primary.throttled_ratio<=0.05`.
+        #[arg(long)]
+        slo: Vec<String>,
+        /// Output folder (default `reports/<scenario>-sweep/`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Threads (default: one per core); results do not depend on it.
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// A point passes when every SLO holds on at least this share of seeds.
+        #[arg(long, default_value_t = 0.95)]
+        pass_share: f64,
+    },
     /// Serves a mock Azure OpenAI: real wire formats, Azure's TPM/RPM limits and 429s, faults.
     Mock {
         /// A mock config (see `mocks/`); without it, a built-in example.
@@ -134,6 +157,9 @@ fn main() -> ExitCode {
                 log_json,
                 shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
             })
+        }
+        Command::Sweep { scenario, vary, seeds, slo, out, jobs, pass_share } => {
+            sweep::run(sweep::Args { scenario, vary, seeds, slo, out, jobs, pass_share })
         }
         Command::Mock { config, listen } => mock::run(config.as_deref(), &listen),
     };

@@ -6,6 +6,7 @@ pub mod output;
 pub mod plots;
 pub mod report;
 pub mod scenario;
+pub mod sweep;
 pub mod trace;
 
 use std::path::Path;

@@ -92,3 +92,128 @@ pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> 
     out.push_str("</body></html>\n");
     out
 }
+
+/// Writes a sweep's files into `dir`: `sweep.json`, `sweep.csv`, the plots and `sweep.html`.
+pub fn write_sweep(dir: &Path, result: &crate::sweep::SweepResult) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let json = serde_json::to_string_pretty(result).map_err(|e| e.to_string())? + "\n";
+    std::fs::write(dir.join("sweep.json"), json).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("sweep.csv"), sweep_csv(result)).map_err(|e| e.to_string())?;
+    let svgs = sweep_plots(dir, result)?;
+    std::fs::write(dir.join("sweep.html"), sweep_html(result, &svgs)).map_err(|e| e.to_string())
+}
+
+fn sweep_csv(result: &crate::sweep::SweepResult) -> String {
+    let names: Vec<&String> = result.points.first().map(|p| p.figures.keys().collect()).unwrap_or_default();
+    let mut out = String::new();
+    let mut header: Vec<String> = result.varies.iter().map(|v| v.path.clone()).collect();
+    for n in &names {
+        header.extend([format!("{n}_mean"), format!("{n}_min"), format!("{n}_max")]);
+    }
+    header.extend(["slo_pass_rate".to_owned(), "passes".to_owned()]);
+    out.push_str(&header.join(","));
+    out.push('\n');
+    for p in &result.points {
+        let mut row: Vec<String> = p.values.iter().map(|v| v.to_string()).collect();
+        for n in &names {
+            let s = &p.figures[*n];
+            row.extend([s.mean.to_string(), s.min.to_string(), s.max.to_string()]);
+        }
+        row.extend([p.slo_pass_rate.to_string(), p.passes.to_string()]);
+        out.push_str(&row.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn sweep_plots(dir: &Path, result: &crate::sweep::SweepResult) -> Result<Vec<(String, String)>, String> {
+    let mut figures: Vec<(String, Option<f64>)> =
+        result.slos.iter().map(|s| (s.figure.clone(), Some(s.bound))).collect();
+    if figures.is_empty() {
+        figures.push(("rejected_ratio".into(), None));
+    }
+    match result.varies.len() {
+        1 => figures
+            .iter()
+            .enumerate()
+            .map(|(i, (figure, bound))| {
+                let series = |pick: fn(&crate::sweep::Spread) -> f64, name: &str| {
+                    let points = result.points.iter().map(|p| (p.values[0], pick(&p.figures[figure]))).collect();
+                    (name.to_owned(), points)
+                };
+                let chart = plots::Chart {
+                    file: format!("sweep-{i}"),
+                    title: format!("{figure} against {}", result.varies[0].path),
+                    x_label: result.varies[0].path.clone(),
+                    y_label: figure.clone(),
+                    series: vec![series(|s| s.mean, "mean"), series(|s| s.min, "min"), series(|s| s.max, "max")],
+                    limits: bound.map(|b| ("SLO".to_owned(), b)).into_iter().collect(),
+                };
+                chart.render(dir).map(|svg| (chart.title.clone(), svg))
+            })
+            .collect(),
+        2 => {
+            let (x, y) = (&result.varies[0], &result.varies[1]);
+            let rate = |i: usize, j: usize| result.points[i * y.values.len() + j].slo_pass_rate;
+            let svg = plots::heatmap(dir, "sweep-pass-rate", (&x.path, &x.values), (&y.path, &y.values), &rate)?;
+            Ok(vec![("SLO pass rate".to_owned(), svg)])
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+fn sweep_html(result: &crate::sweep::SweepResult, svgs: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let title = format!("aigw sweep: {}", escape(&result.scenario));
+    let _ = write!(
+        out,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\n<style>\
+         body{{font-family:sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse}} \
+         th,td{{border:1px solid #ccc;padding:4px 8px;text-align:right}} .pass{{background:#e6f4e6}} \
+         svg{{max-width:100%;height:auto}}</style></head><body>\n<h1>{title}</h1>\n"
+    );
+    let slos: Vec<String> = result.slos.iter().map(|s| escape(&s.text)).collect();
+    let _ = writeln!(
+        out,
+        "<p>{} seeds per point; SLOs: {}; a point passes when every SLO holds on at least {:.0}% of seeds.</p>",
+        result.seeds,
+        if slos.is_empty() { "none".into() } else { slos.join(", ") },
+        result.pass_share * 100.0
+    );
+    let answer = match result.recommended {
+        Some(i) => format!("Recommended: {}", point_text(result, i)),
+        None => "No point meets the SLOs.".to_owned(),
+    };
+    let _ = writeln!(out, "<p><strong>{}</strong></p>\n<table><tr>", escape(&answer));
+    for v in &result.varies {
+        let _ = write!(out, "<th>{}</th>", escape(&v.path));
+    }
+    out.push_str("<th>SLO pass rate</th></tr>\n");
+    for p in &result.points {
+        let class = if p.passes { " class=\"pass\"" } else { "" };
+        let _ = write!(out, "<tr{class}>");
+        for v in &p.values {
+            let _ = write!(out, "<td>{v}</td>");
+        }
+        let _ = writeln!(out, "<td>{:.0}%</td></tr>", p.slo_pass_rate * 100.0);
+    }
+    out.push_str("</table>\n");
+    for (title, svg) in svgs {
+        let svg = svg.find("<svg").map_or(svg.as_str(), |i| &svg[i..]);
+        let _ = writeln!(out, "<figure>{svg}<figcaption>{}</figcaption></figure>", escape(title));
+    }
+    out.push_str("</body></html>\n");
+    out
+}
+
+/// `path = value, ...` of a grid point, with each SLO's worst margin.
+pub fn point_text(result: &crate::sweep::SweepResult, i: usize) -> String {
+    let p = &result.points[i];
+    let values: Vec<String> = result.varies.iter().zip(&p.values).map(|(v, x)| format!("{} = {x}", v.path)).collect();
+    let margins: Vec<String> =
+        result.slos.iter().zip(&p.margins).map(|(s, m)| format!("{} (worst margin {m:.4})", s.text)).collect();
+    match margins.is_empty() {
+        true => values.join(", "),
+        false => format!("{}; {}", values.join(", "), margins.join(", ")),
+    }
+}

@@ -8,10 +8,10 @@ use std::path::Path;
 
 /// A line chart: named series of (x, y) points, and named horizontal limit lines.
 pub struct Chart {
-    pub file: &'static str,
+    pub file: String,
     pub title: String,
-    pub x_label: &'static str,
-    pub y_label: &'static str,
+    pub x_label: String,
+    pub y_label: String,
     pub series: Vec<(String, Vec<(f64, f64)>)>,
     pub limits: Vec<(String, f64)>,
 }
@@ -43,8 +43,8 @@ impl Chart {
             .map_err(err)?;
         chart
             .configure_mesh()
-            .x_desc(self.x_label)
-            .y_desc(self.y_label)
+            .x_desc(self.x_label.as_str())
+            .y_desc(self.y_label.as_str())
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(err)?;
@@ -141,34 +141,34 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
     failures.push(("failovers".into(), report.minutes.iter().map(|m| (minute(m), m.failovers as f64)).collect()));
     vec![
         Chart {
-            file: "requests",
+            file: "requests".into(),
             title: "Client calls per second by outcome".into(),
-            x_label: "minute",
-            y_label: "calls per second",
+            x_label: "minute".into(),
+            y_label: "calls per second".into(),
             series: by_reason,
             limits: Vec::new(),
         },
         Chart {
-            file: "client-tokens",
+            file: "client-tokens".into(),
             title: "Tokens per minute per client (all its keys)".into(),
-            x_label: "minute",
-            y_label: "tokens per minute",
+            x_label: "minute".into(),
+            y_label: "tokens per minute".into(),
             series: client_tokens,
             limits: key_limits,
         },
         Chart {
-            file: "backend-tokens",
+            file: "backend-tokens".into(),
             title: "Tokens per minute per backend".into(),
-            x_label: "minute",
-            y_label: "tokens per minute",
+            x_label: "minute".into(),
+            y_label: "tokens per minute".into(),
             series: per_backend(|m| &m.backend_tokens),
             limits: scenario.backends.iter().map(|b| (format!("{} TPM", b.name), b.tpm as f64)).collect(),
         },
         Chart {
-            file: "latency-cdf",
+            file: "latency-cdf".into(),
             title: "Latency CDF per client".into(),
-            x_label: "latency (ms)",
-            y_label: "share of calls",
+            x_label: "latency (ms)".into(),
+            y_label: "share of calls".into(),
             series: report
                 .clients
                 .iter()
@@ -177,12 +177,70 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             limits: Vec::new(),
         },
         Chart {
-            file: "backend-failures",
+            file: "backend-failures".into(),
             title: "Backend 429s, 5xx and failovers per minute".into(),
-            x_label: "minute",
-            y_label: "per minute",
+            x_label: "minute".into(),
+            y_label: "per minute".into(),
             series: failures,
             limits: Vec::new(),
         },
     ]
+}
+
+/// A heatmap of the SLO pass rate over two varied parameters, as SVG and PNG.
+pub fn heatmap(
+    dir: &Path,
+    file: &str,
+    x: (&str, &[f64]),
+    y: (&str, &[f64]),
+    rate: &dyn Fn(usize, usize) -> f64,
+) -> Result<String, String> {
+    register_font();
+    let draw = |root: DrawingArea<_, _>| -> Result<(), String> { draw_heatmap(root, x, y, rate) };
+    let mut svg = String::new();
+    draw(SVGBackend::with_string(&mut svg, (900, 600)).into_drawing_area())?;
+    std::fs::write(dir.join(format!("{file}.svg")), &svg).map_err(|e| e.to_string())?;
+    let png = dir.join(format!("{file}.png"));
+    draw_heatmap(BitMapBackend::new(&png, (900, 600)).into_drawing_area(), x, y, rate)?;
+    Ok(svg)
+}
+
+fn draw_heatmap<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    x: (&str, &[f64]),
+    y: (&str, &[f64]),
+    rate: &dyn Fn(usize, usize) -> f64,
+) -> Result<(), String> {
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("SLO pass rate over seeds", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(50)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0..x.1.len(), 0..y.1.len())
+        .map_err(err)?;
+    let xs = x.1.to_vec();
+    let ys = y.1.to_vec();
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc(x.0)
+        .y_desc(y.0)
+        .x_labels(xs.len().min(12))
+        .y_labels(ys.len().min(12))
+        .x_label_formatter(&|i| xs.get(*i).map_or(String::new(), |v| format!("{v}")))
+        .y_label_formatter(&|i| ys.get(*i).map_or(String::new(), |v| format!("{v}")))
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(err)?;
+    for i in 0..x.1.len() {
+        for j in 0..y.1.len() {
+            let r = rate(i, j);
+            // Red (0%) to green (100%).
+            let color = RGBColor((255.0 * (1.0 - r)) as u8, (200.0 * r) as u8, 60);
+            chart.draw_series([Rectangle::new([(i, j), (i + 1, j + 1)], color.filled())]).map_err(err)?;
+        }
+    }
+    root.present().map_err(err)
 }

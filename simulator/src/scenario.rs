@@ -178,7 +178,7 @@ impl Scenario {
         parse_rfc3339(&self.start).expect("validated")
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         parse_rfc3339(&self.start).map_err(|e| format!("`start`: {e}"))?;
         self.gateway.routing.validate().map_err(|e| format!("`gateway.routing`: {e}"))?;
         for b in &self.gateway.routing.backends {

@@ -1,0 +1,85 @@
+//! `aigw sweep`: a scenario over a grid of values and many seeds, against SLOs.
+
+use anyhow::{Context, Result};
+use simulator::sweep::{self, SweepOptions};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct Args {
+    pub scenario: PathBuf,
+    pub vary: Vec<String>,
+    pub seeds: u64,
+    pub slo: Vec<String>,
+    pub out: Option<PathBuf>,
+    pub jobs: Option<usize>,
+    pub pass_share: f64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let scenario = simulator::Scenario::load(&args.scenario).map_err(anyhow::Error::msg)?;
+    let base = args.scenario.parent().unwrap_or(Path::new("."));
+    let varies =
+        args.vary.iter().map(|v| sweep::parse_vary(v)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(!varies.is_empty(), "give at least one --vary PATH=VALUES");
+    let slos =
+        args.slo.iter().map(|s| sweep::parse_slo(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    sweep::check_slos(&scenario, &slos).map_err(anyhow::Error::msg)?;
+    // Every path is tried on the scenario first, so a typo fails before any run.
+    for v in &varies {
+        sweep::apply(&scenario, &v.path, v.values[0]).map_err(anyhow::Error::msg)?;
+    }
+    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = SweepOptions { varies, seeds: args.seeds, slos, jobs, pass_share: args.pass_share };
+    let bar = progress_bar();
+    let progress = |done: usize, total: usize| {
+        if let Some(bar) = &bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+    };
+    let started = Instant::now();
+    let result = sweep::sweep(&scenario, base, &options, &progress).map_err(anyhow::Error::msg)?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let simulated: u64 = result.points.iter().map(|p| p.simulated_requests).sum();
+    let dir = args.out.unwrap_or_else(|| Path::new("reports").join(format!("{}-sweep", scenario.name)));
+    simulator::output::write_sweep(&dir, &result).map_err(anyhow::Error::msg).context("writing the sweep")?;
+    print_table(&result);
+    match result.recommended {
+        Some(i) => println!("recommended: {}", simulator::output::point_text(&result, i)),
+        None => println!("no point meets the SLOs on {:.0}% of seeds", result.pass_share * 100.0),
+    }
+    println!(
+        "{} runs ({} points x {} seeds) in {wall:.1} s on {jobs} threads: {simulated} simulated requests, {:.0} per second",
+        result.points.len() as u64 * result.seeds,
+        result.points.len(),
+        result.seeds,
+        simulated as f64 / wall
+    );
+    println!("sweep: {} (sweep.json, sweep.csv, sweep.html, plots)", dir.display());
+    Ok(())
+}
+
+fn print_table(result: &sweep::SweepResult) {
+    let header: Vec<&str> = result.varies.iter().map(|v| v.path.as_str()).collect();
+    println!("{}  {:>10}", header.join("  "), "SLO pass");
+    for p in &result.points {
+        let values: Vec<String> =
+            p.values.iter().zip(&header).map(|(v, h)| format!("{v:>width$}", width = h.len())).collect();
+        println!("{}  {:>9.0}%{}", values.join("  "), p.slo_pass_rate * 100.0, if p.passes { "  pass" } else { "" });
+    }
+}
+
+fn progress_bar() -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(1);
+    let style = indicatif::ProgressStyle::with_template("sweeping {bar:40} {pos}/{len} runs (about {eta} left)")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    Some(bar)
+}
