@@ -1,5 +1,6 @@
 //! `aigw`: one thin CLI over the aigw crates.
 
+mod check;
 mod decide;
 mod mock;
 mod policy;
@@ -93,6 +94,19 @@ enum Command {
         #[arg(long, default_value_t = 0.95)]
         pass_share: f64,
     },
+    /// Tests the scenario's [[expect]] promises against perturbed runs; exit 1 with the smallest failing case.
+    Check {
+        scenario: PathBuf,
+        /// Perturbed cases to run.
+        #[arg(long, default_value_t = 100)]
+        cases: u32,
+        /// Seeds the search, so a CI run is repeatable.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where the failing case is written (default `reports/<scenario>-check/`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Serves a mock Azure OpenAI: real wire formats, Azure's TPM/RPM limits and 429s, faults.
     Mock {
         /// A mock config (see `mocks/`); without it, a built-in example.
@@ -138,6 +152,13 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
+    // Piped into `head`, a command should stop quietly, as other Unix tools do,
+    // rather than panic on a closed stdout.
+    #[cfg(unix)]
+    // SAFETY: restoring the default action of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy { command } => match policy_command(command) {
@@ -161,6 +182,11 @@ fn main() -> ExitCode {
         Command::Sweep { scenario, vary, seeds, slo, out, jobs, pass_share } => {
             sweep::run(sweep::Args { scenario, vary, seeds, slo, out, jobs, pass_share })
         }
+        Command::Check { scenario, cases, seed, out } => match check::run(&scenario, cases, seed, out) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Mock { config, listen } => mock::run(config.as_deref(), &listen),
     };
     match result {

@@ -1,6 +1,7 @@
 //! The simulator: seeded discrete-event replay of traffic scenarios through
 //! `gateway-core` and `mock-aoai`'s deployment model.
 
+pub mod check;
 pub mod engine;
 pub mod output;
 pub mod plots;

@@ -23,6 +23,12 @@ pub struct Scenario {
     pub gateway: GatewayConfig,
     pub backends: Vec<DeploymentConfig>,
     pub clients: Vec<Client>,
+    /// Promises `aigw check` tests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect: Vec<crate::check::Expect>,
+    /// How far `aigw check` may perturb the scenario.
+    #[serde(default)]
+    pub check: crate::check::CheckBounds,
     /// Elements of a policy file that aigw does not model, with their lines.
     #[serde(skip)]
     pub warnings: Vec<String>,

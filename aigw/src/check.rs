@@ -1,0 +1,43 @@
+//! `aigw check`: the scenario's promises against perturbed runs.
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+/// `Ok(true)`: every promise held; `Ok(false)`: one broke (exit 1).
+pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<bool> {
+    let scenario = simulator::Scenario::load(path).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(!scenario.expect.is_empty(), "{}: no [[expect]] promises to check", path.display());
+    let base = path.parent().unwrap_or(Path::new("."));
+    let b = &scenario.check;
+    println!(
+        "checking {}: {} promises, {cases} cases (seed {seed}), rate x [{}, {}], tokens x [{}, {}]",
+        path.display(),
+        scenario.expect.len(),
+        b.rate_scale[0],
+        b.rate_scale[1],
+        b.token_scale[0],
+        b.token_scale[1]
+    );
+    for e in &scenario.expect {
+        println!("  promise: {}", e.describe());
+    }
+    let Some(failure) = simulator::check::check(&scenario, base, cases, seed).map_err(anyhow::Error::msg)? else {
+        println!("ok: every promise held in every case");
+        return Ok(true);
+    };
+    let dir = out.unwrap_or_else(|| Path::new("reports").join(format!("{}-check", scenario.name)));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let file = dir.join("failing-case.toml");
+    let header = format!(
+        "# Written by `aigw check {}`: the smallest case found that breaks\n# \"{}\" (measured {}).\n",
+        path.display(),
+        failure.promise,
+        failure.measured
+    );
+    std::fs::write(&file, header + &failure.scenario).with_context(|| format!("cannot write {}", file.display()))?;
+    let c = failure.case;
+    println!("FAILED: {} (measured {})", failure.promise, failure.measured);
+    println!("  smallest case: rate x {}, tokens x {}, seed {}", c.rate_scale, c.token_scale, c.seed);
+    println!("  reproduce: aigw simulate {}", file.display());
+    Ok(false)
+}

@@ -1,0 +1,62 @@
+//! `aigw sweep` and `aigw check` as users and CI run them.
+
+use std::process::Command;
+
+fn aigw(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_aigw"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("aigw runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn check_exits_0_when_promises_hold_1_when_one_breaks_2_on_bad_input() {
+    let dir = std::env::temp_dir().join(format!("aigw-check-cli-{}", std::process::id()));
+    let out = dir.to_str().unwrap();
+    let (code, stdout, _) = aigw(&["check", "scenarios/tenant-tpm.toml", "--cases", "20", "--out", out]);
+    assert_eq!(code, 0, "{stdout}");
+    let (code, stdout, _) = aigw(&["check", "scenarios/tenant-tpm-raised.toml", "--cases", "20", "--out", out]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("FAILED: client.chat-") && stdout.contains("reproduce: aigw simulate"), "{stdout}");
+    let (code, reproduced, _) = aigw(&["simulate", &format!("{out}/failing-case.toml"), "--out", out]);
+    assert_eq!(code, 0, "{reproduced}");
+    let (code, _, err) = aigw(&["check", "scenarios/seed-ip-limits.toml"]);
+    assert_eq!(code, 2, "no promises is bad input");
+    assert!(err.contains("no [[expect]] promises"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_sweep_of_ten_values_and_ten_seeds_recommends_a_point() {
+    let dir = std::env::temp_dir().join(format!("aigw-sweep-cli-{}", std::process::id()));
+    let out = dir.to_str().unwrap();
+    let (code, stdout, err) = aigw(&[
+        "sweep",
+        "scenarios/seed-ip-limits.toml",
+        "--vary",
+        "backends.primary.tpm=10000..100000:10000",
+        "--seeds",
+        "10",
+        "--slo",
+        "backend.primary.throttled_ratio<=0.05",
+        "--out",
+        out,
+    ]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("recommended: backends.primary.tpm = "), "{stdout}");
+    for file in ["sweep.json", "sweep.csv", "sweep.html", "sweep-0.svg", "sweep-0.png"] {
+        assert!(dir.join(file).exists(), "{file}");
+    }
+    let csv = std::fs::read_to_string(dir.join("sweep.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 11, "a header and one row per grid point");
+    let (code, _, err) = aigw(&["sweep", "scenarios/seed-ip-limits.toml", "--vary", "backends.primry.tpm=1,2"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("backends.primary.tpm"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,221 @@
+//! `aigw check`: the scenario's promises (`[[expect]]`) against many perturbed
+//! runs, with proptest's search and shrinking, so a failure comes back as the
+//! smallest perturbation found that breaks a promise.
+
+use crate::scenario::{Arrival, Scenario};
+use crate::sweep;
+use mock_aoai::Dist;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A promise: a report figure stays within bounds in every run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Sugar for `figure = "client.NAME.rejected_ratio"`, `at_most = 0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub never_rejected: Option<String>,
+    /// A figure as `aigw sweep` names them: `rejected_ratio`,
+    /// `client.batch.rejected_ratio`, `client.chat.latency_ms_p99`,
+    /// `backend.primary.throttled_ratio`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figure: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_most: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_least: Option<f64>,
+}
+
+impl Expect {
+    fn figure(&self) -> String {
+        match (&self.never_rejected, &self.figure) {
+            (Some(client), _) => format!("client.{client}.rejected_ratio"),
+            (None, Some(f)) => f.replace("latency_p99_ms", "latency_ms_p99"),
+            (None, None) => String::new(),
+        }
+    }
+
+    fn bounds(&self) -> (f64, f64) {
+        match &self.never_rejected {
+            Some(_) => (f64::NEG_INFINITY, 0.0),
+            None => (self.at_least.unwrap_or(f64::NEG_INFINITY), self.at_most.unwrap_or(f64::INFINITY)),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match (&self.never_rejected, self.at_least, self.at_most) {
+            (Some(c), _, _) => format!("client `{c}` is never rejected"),
+            (None, Some(l), Some(h)) => format!("{} within [{l}, {h}]", self.figure()),
+            (None, Some(l), None) => format!("{} >= {l}", self.figure()),
+            (None, None, Some(h)) => format!("{} <= {h}", self.figure()),
+            (None, None, None) => self.figure(),
+        }
+    }
+}
+
+/// How far `aigw check` may move the scenario: factors on every client's arrival
+/// rates and token sizes, each a `[low, high]` range (`[1, 1]`: unchanged).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBounds {
+    #[serde(default = "unit")]
+    pub rate_scale: [f64; 2],
+    #[serde(default = "unit")]
+    pub token_scale: [f64; 2],
+}
+
+fn unit() -> [f64; 2] {
+    [1.0, 1.0]
+}
+
+impl Default for CheckBounds {
+    fn default() -> CheckBounds {
+        CheckBounds { rate_scale: unit(), token_scale: unit() }
+    }
+}
+
+/// One perturbed case.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Case {
+    pub rate_scale: f64,
+    pub token_scale: f64,
+    pub seed: u64,
+}
+
+/// A broken promise, at the smallest case found.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Failure {
+    pub promise: String,
+    pub measured: f64,
+    pub case: Case,
+    /// The case as a scenario file `aigw simulate` reproduces.
+    pub scenario: String,
+}
+
+pub fn validate(scenario: &Scenario) -> Result<(), String> {
+    for (i, e) in scenario.expect.iter().enumerate() {
+        if e.never_rejected.is_some() == e.figure.is_some() {
+            return Err(format!(
+                "expect[{i}]: give `never_rejected = \"CLIENT\"` or a `figure` with `at_most`/`at_least`"
+            ));
+        }
+        if e.figure.is_some() && e.at_most.is_none() && e.at_least.is_none() {
+            return Err(format!("expect[{i}]: `{}` needs `at_most` or `at_least`", e.figure()));
+        }
+        let slo = sweep::parse_slo(&format!("{}<=0", e.figure())).map_err(|m| format!("expect[{i}]: {m}"))?;
+        sweep::check_slos(scenario, &[slo]).map_err(|m| format!("expect[{i}]: {m}"))?;
+    }
+    let b = &scenario.check;
+    for (name, [lo, hi]) in [("rate_scale", b.rate_scale), ("token_scale", b.token_scale)] {
+        if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
+            return Err(format!("check.{name}: need 0 < low <= high, got [{lo}, {hi}]"));
+        }
+    }
+    Ok(())
+}
+
+/// The scenario moved by a case: rates and token sizes scaled, the seed set.
+pub fn perturb(scenario: &Scenario, case: Case) -> Scenario {
+    let mut s = scenario.clone();
+    s.seed = case.seed;
+    for c in &mut s.clients {
+        let r = case.rate_scale;
+        match &mut c.arrival {
+            Arrival::Constant { rate_per_s } | Arrival::Poisson { rate_per_s } | Arrival::Bursts { rate_per_s, .. } => {
+                *rate_per_s *= r
+            }
+            Arrival::Ramp { from_per_s, to_per_s } => {
+                *from_per_s *= r;
+                *to_per_s *= r;
+            }
+            Arrival::Daily { peak_per_s, trough_per_s, .. } => {
+                *peak_per_s *= r;
+                *trough_per_s *= r;
+            }
+            Arrival::Trace { .. } => {}
+        }
+        scale(&mut c.prompt_tokens, case.token_scale);
+        scale(&mut c.completion_tokens, case.token_scale);
+    }
+    s
+}
+
+fn scale(d: &mut Dist, k: f64) {
+    match d {
+        Dist::Fixed(v) => *v *= k,
+        Dist::Uniform { min, max } => {
+            *min *= k;
+            *max *= k;
+        }
+        Dist::Normal { mean, std } => {
+            *mean *= k;
+            *std *= k;
+        }
+        Dist::LogNormal { median, p99 } => {
+            *median *= k;
+            *p99 *= k;
+        }
+        Dist::Empirical(values) => values.iter_mut().for_each(|v| *v *= k),
+    }
+}
+
+/// The first broken promise of a case, with its measured figure.
+fn broken(scenario: &Scenario, base: &Path, case: Case) -> Result<Option<(String, f64)>, String> {
+    let outcome = crate::run(&perturb(scenario, case), base, None, false)?;
+    let figures = sweep::figures(&outcome.report);
+    for e in &scenario.expect {
+        let value = figures.get(&e.figure()).copied().unwrap_or(f64::NAN);
+        let (lo, hi) = e.bounds();
+        if !(lo <= value && value <= hi) {
+            return Ok(Some((e.describe(), value)));
+        }
+    }
+    Ok(None)
+}
+
+/// Runs `cases` perturbed cases from `seed`; `Ok(None)` when every promise held.
+pub fn check(scenario: &Scenario, base: &Path, cases: u32, seed: u64) -> Result<Option<Failure>, String> {
+    validate(scenario)?;
+    let b = scenario.check.clone();
+    let strategy = (range(b.rate_scale), range(b.token_scale), any::<u64>())
+        .prop_map(|(rate_scale, token_scale, seed)| Case { rate_scale, token_scale, seed });
+    let config = Config { cases, failure_persistence: None, max_shrink_iters: 256, ..Config::default() };
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
+    let result = runner.run(&strategy, |case| match broken(scenario, base, case) {
+        Ok(None) => Ok(()),
+        Ok(Some((promise, value))) => Err(TestCaseError::fail(format!("{promise}\u{0}{value}"))),
+        Err(e) => Err(TestCaseError::fail(format!("error\u{0}{e}"))),
+    });
+    match result {
+        Ok(()) => Ok(None),
+        Err(TestError::Fail(why, case)) => {
+            let (promise, value) = why.message().split_once('\u{0}').unwrap_or((why.message(), ""));
+            if promise == "error" {
+                return Err(value.to_owned());
+            }
+            let reproduce = perturb(scenario, case);
+            let text = toml::to_string(&reproduce).map_err(|e| e.to_string())?;
+            Ok(Some(Failure {
+                promise: promise.to_owned(),
+                measured: value.parse().unwrap_or(f64::NAN),
+                case,
+                scenario: text,
+            }))
+        }
+        Err(TestError::Abort(why)) => Err(format!("the check stopped: {why}")),
+    }
+}
+
+/// A factor in `[lo, hi]` in steps of 0.001, as an integer so that proptest
+/// shrinks it toward `lo` (the smallest perturbation of that kind).
+fn range([lo, hi]: [f64; 2]) -> BoxedStrategy<f64> {
+    let (lo_m, hi_m) = ((lo * 1000.0).round() as u64, (hi * 1000.0).round() as u64);
+    if lo_m >= hi_m {
+        return Just(lo).boxed();
+    }
+    (lo_m..=hi_m).prop_map(|m| m as f64 / 1000.0).boxed()
+}
