@@ -10,13 +10,14 @@ pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<b
     let base = path.parent().unwrap_or(Path::new("."));
     let b = &scenario.check;
     println!(
-        "checking {}: {} promises, {cases} cases (seed {seed}), rate x [{}, {}], tokens x [{}, {}]",
+        "checking {}: {} promises, {cases} cases (seed {seed}), rate x {:?}, tokens x {:?}, burstiness x {:?}, \
+         faults shifted {:?} s",
         path.display(),
         scenario.expect.len(),
-        b.rate_scale[0],
-        b.rate_scale[1],
-        b.token_scale[0],
-        b.token_scale[1]
+        b.rate_scale,
+        b.token_scale,
+        b.burstiness,
+        b.fault_shift_s
     );
     for e in &scenario.expect {
         println!("  promise: {}", e.describe());
@@ -37,7 +38,10 @@ pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<b
     std::fs::write(&file, header + &failure.scenario).with_context(|| format!("cannot write {}", file.display()))?;
     let c = failure.case;
     println!("FAILED: {} (measured {})", failure.promise, failure.measured);
-    println!("  smallest case: rate x {}, tokens x {}, seed {}", c.rate_scale, c.token_scale, c.seed);
+    println!(
+        "  smallest case: rate x {}, tokens x {}, burstiness x {}, faults shifted {} s, seed {}",
+        c.rate_scale, c.token_scale, c.burstiness, c.fault_shift_s, c.seed
+    );
     println!("  reproduce: aigw simulate {}", file.display());
     Ok(false)
 }

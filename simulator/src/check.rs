@@ -4,6 +4,7 @@
 
 use crate::scenario::{Arrival, Scenario};
 use crate::sweep;
+use gateway_core::time::HumanDuration;
 use mock_aoai::Dist;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
@@ -19,7 +20,8 @@ pub struct Expect {
     pub never_rejected: Option<String>,
     /// A figure as `aigw sweep` names them: `rejected_ratio`,
     /// `client.batch.rejected_ratio`, `client.chat.latency_ms_p99`,
-    /// `backend.primary.throttled_ratio`.
+    /// `backend.primary.throttled_ratio`, or `max_key_tokens_per_minute` (the
+    /// most tokens any caller key, subscription or IP, used in a sliding minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub figure: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,6 +66,13 @@ pub struct CheckBounds {
     pub rate_scale: [f64; 2],
     #[serde(default = "unit")]
     pub token_scale: [f64; 2],
+    /// Burstiness b >= 1: a client's arrivals come in bursts b times as dense,
+    /// on for 1/b of each minute, at the same average rate (1: as written).
+    #[serde(default = "unit")]
+    pub burstiness: [f64; 2],
+    /// Seconds added to every backend's outage and latency-spike windows.
+    #[serde(default)]
+    pub fault_shift_s: [i64; 2],
 }
 
 fn unit() -> [f64; 2] {
@@ -72,7 +81,7 @@ fn unit() -> [f64; 2] {
 
 impl Default for CheckBounds {
     fn default() -> CheckBounds {
-        CheckBounds { rate_scale: unit(), token_scale: unit() }
+        CheckBounds { rate_scale: unit(), token_scale: unit(), burstiness: unit(), fault_shift_s: [0, 0] }
     }
 }
 
@@ -81,6 +90,8 @@ impl Default for CheckBounds {
 pub struct Case {
     pub rate_scale: f64,
     pub token_scale: f64,
+    pub burstiness: f64,
+    pub fault_shift_s: i64,
     pub seed: u64,
 }
 
@@ -105,13 +116,22 @@ pub fn validate(scenario: &Scenario) -> Result<(), String> {
             return Err(format!("expect[{i}]: `{}` needs `at_most` or `at_least`", e.figure()));
         }
         let slo = sweep::parse_slo(&format!("{}<=0", e.figure())).map_err(|m| format!("expect[{i}]: {m}"))?;
-        sweep::check_slos(scenario, &[slo]).map_err(|m| format!("expect[{i}]: {m}"))?;
+        if slo.figure != "max_key_tokens_per_minute" {
+            sweep::check_slos(scenario, &[slo]).map_err(|m| format!("expect[{i}]: {m}"))?;
+        }
     }
     let b = &scenario.check;
     for (name, [lo, hi]) in [("rate_scale", b.rate_scale), ("token_scale", b.token_scale)] {
         if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
             return Err(format!("check.{name}: need 0 < low <= high, got [{lo}, {hi}]"));
         }
+    }
+    let [lo, hi] = b.burstiness;
+    if !(lo >= 1.0 && lo <= hi && hi <= 60.0) {
+        return Err(format!("check.burstiness: need 1 <= low <= high <= 60, got [{lo}, {hi}]"));
+    }
+    if b.fault_shift_s[0] > b.fault_shift_s[1] {
+        return Err(format!("check.fault_shift_s: need low <= high, got {:?}", b.fault_shift_s));
     }
     Ok(())
 }
@@ -138,8 +158,48 @@ pub fn perturb(scenario: &Scenario, case: Case) -> Scenario {
         }
         scale(&mut c.prompt_tokens, case.token_scale);
         scale(&mut c.completion_tokens, case.token_scale);
+        burst(&mut c.arrival, case.burstiness);
+    }
+    for b in &mut s.backends {
+        let shift = |d: &mut gateway_core::time::HumanDuration| {
+            let ns = (d.0 .0 as i128 + case.fault_shift_s as i128 * 1_000_000_000).max(0);
+            d.0 = gateway_core::Nanos(ns as u64);
+        };
+        for o in &mut b.faults.outages {
+            shift(&mut o.start);
+            shift(&mut o.end);
+        }
+        for spike in &mut b.faults.latency_spikes {
+            shift(&mut spike.start);
+            shift(&mut spike.end);
+        }
     }
     s
+}
+
+/// Packs a client's arrivals into bursts `b` times as dense, keeping its average.
+fn burst(arrival: &mut Arrival, b: f64) {
+    if b <= 1.0 {
+        return;
+    }
+    let minute = gateway_core::Nanos::from_secs(60);
+    let on_of = |cycle: gateway_core::Nanos| gateway_core::Nanos((cycle.0 as f64 / b) as u64);
+    *arrival = match arrival.clone() {
+        Arrival::Constant { rate_per_s } | Arrival::Poisson { rate_per_s } => {
+            let on = on_of(minute);
+            Arrival::Bursts { rate_per_s: rate_per_s * b, on: HumanDuration(on), off: HumanDuration(minute - on) }
+        }
+        Arrival::Bursts { rate_per_s, on, off } => {
+            let cycle = on.0 + off.0;
+            let new_on = gateway_core::Nanos((on.0 .0 as f64 / b) as u64).max(gateway_core::Nanos(1));
+            Arrival::Bursts {
+                rate_per_s: rate_per_s * b,
+                on: HumanDuration(new_on),
+                off: HumanDuration(cycle - new_on),
+            }
+        }
+        other => other,
+    };
 }
 
 fn scale(d: &mut Dist, k: f64) {
@@ -179,8 +239,16 @@ fn broken(scenario: &Scenario, base: &Path, case: Case) -> Result<Option<(String
 pub fn check(scenario: &Scenario, base: &Path, cases: u32, seed: u64) -> Result<Option<Failure>, String> {
     validate(scenario)?;
     let b = scenario.check.clone();
-    let strategy = (range(b.rate_scale), range(b.token_scale), any::<u64>())
-        .prop_map(|(rate_scale, token_scale, seed)| Case { rate_scale, token_scale, seed });
+    let shift = b.fault_shift_s[0]..=b.fault_shift_s[1];
+    let strategy = (range(b.rate_scale), range(b.token_scale), range(b.burstiness), shift, any::<u64>()).prop_map(
+        |(rate_scale, token_scale, burstiness, fault_shift_s, seed)| Case {
+            rate_scale,
+            token_scale,
+            burstiness,
+            fault_shift_s,
+            seed,
+        },
+    );
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 256, ..Config::default() };
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());

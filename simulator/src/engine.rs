@@ -407,6 +407,10 @@ impl<'s> Engine<'s> {
             completion_tokens: record.usage.completion_tokens,
         };
         let line = self.recorder.wants_decisions().then(decision);
+        if self.recorder.tracks_keys() {
+            let key = call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id);
+            self.recorder.key_tokens(key, now, record.usage.total());
+        }
         self.recorder.request(call.client, now - self.start, order, record, reason, latency, line);
         self.sdk_retry(now, call, finished);
     }

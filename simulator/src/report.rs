@@ -75,6 +75,9 @@ pub struct Recorder {
     minutes: Vec<MinuteStats>,
     /// (arrival order, decision), when a decision log is asked for.
     decisions: Option<Vec<(u64, Decision)>>,
+    /// Tokens per caller key (subscription, else IP) over a sliding minute, and the
+    /// largest minute seen; kept only when a promise asks for it.
+    key_tokens: Option<(BTreeMap<String, gateway_core::limiter::SlidingLog>, u64)>,
 }
 
 impl Recorder {
@@ -97,7 +100,14 @@ impl Recorder {
             .collect();
         let backends =
             scenario.backends.iter().map(|b| BackendStats { name: b.name.clone(), ..Default::default() }).collect();
-        Recorder { clients, backends, minutes: Vec::new(), decisions: keep_decisions.then(Vec::new) }
+        let wants_keys = scenario.expect.iter().any(|e| e.figure.as_deref() == Some("max_key_tokens_per_minute"));
+        Recorder {
+            clients,
+            backends,
+            minutes: Vec::new(),
+            decisions: keep_decisions.then(Vec::new),
+            key_tokens: wants_keys.then(|| (BTreeMap::new(), 0)),
+        }
     }
 
     fn minute(&mut self, since_start: Nanos) -> &mut MinuteStats {
@@ -116,6 +126,22 @@ impl Recorder {
             });
         }
         &mut self.minutes[m]
+    }
+
+    pub fn tracks_keys(&self) -> bool {
+        self.key_tokens.is_some()
+    }
+
+    /// Charges a caller key's tokens at `now` (completion time) to its sliding minute.
+    pub fn key_tokens(&mut self, key: &str, now: Nanos, tokens: u64) {
+        let Some((logs, max)) = &mut self.key_tokens else { return };
+        if !logs.contains_key(key) {
+            logs.insert(key.to_owned(), Default::default());
+        }
+        let log = logs.get_mut(key).expect("inserted");
+        log.expire(now, Nanos::from_secs(60));
+        log.add(now, tokens);
+        *max = (*max).max(log.total());
     }
 
     pub fn wants_decisions(&self) -> bool {
@@ -201,6 +227,7 @@ impl Recorder {
             clients: self.clients.iter().map(ClientReport::from).collect(),
             backends: self.backends.clone(),
             minutes: self.minutes.clone(),
+            max_key_tokens_per_minute: self.key_tokens.as_ref().map(|k| k.1),
         }
     }
 }
@@ -216,6 +243,10 @@ pub struct Report {
     pub clients: Vec<ClientReport>,
     pub backends: Vec<BackendStats>,
     pub minutes: Vec<MinuteStats>,
+    /// The most tokens any caller key was charged in a sliding minute (only when a
+    /// promise asks for it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_key_tokens_per_minute: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -122,6 +122,9 @@ pub fn figures(report: &Report) -> BTreeMap<String, f64> {
         f.insert(format!("{p}.throttled_ratio"), ratio(b.throttled));
         f.insert(format!("{p}.error_ratio"), ratio(b.errors_5xx + b.timeouts + b.transport_failures));
     }
+    if let Some(n) = report.max_key_tokens_per_minute {
+        f.insert("max_key_tokens_per_minute".into(), n as f64);
+    }
     f.insert("requests".into(), requests as f64);
     f.insert("ok".into(), ok as f64);
     f.insert("rejected_ratio".into(), if requests == 0 { 0.0 } else { (requests - ok) as f64 / requests as f64 });

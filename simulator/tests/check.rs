@@ -77,3 +77,42 @@ fn bad_promises_are_refused() {
     let err = simulator::check::check(&scenario, Path::new("."), 1, 1).unwrap_err();
     assert!(err.contains("client.steady.rejected_ratio"), "{err}");
 }
+
+#[test]
+fn no_key_gets_more_tokens_per_minute_than_promised() {
+    // 30 admitted calls per minute of 200 + 100 tokens: 9,000 tokens in a minute.
+    let with = |at_most: u64| {
+        THRESHOLD
+            .replace(
+                "never_rejected = \"steady\"",
+                &format!("figure = \"max_key_tokens_per_minute\"\nat_most = {at_most}"),
+            )
+            .replace("rate_scale = [0.2, 2.0]", "rate_scale = [1.0, 1.0]")
+    };
+    let holds = simulator::Scenario::from_toml("t.toml", &with(9000)).unwrap();
+    assert_eq!(simulator::check::check(&holds, Path::new("."), 4, 1).unwrap(), None);
+    let breaks = simulator::Scenario::from_toml("t.toml", &with(8999)).unwrap();
+    let failure = simulator::check::check(&breaks, Path::new("."), 4, 1).unwrap().expect("9,000 > 8,999");
+    assert_eq!(failure.measured, 9000.0);
+}
+
+#[test]
+fn perturbations_pack_arrivals_into_bursts_and_move_faults() {
+    let text = THRESHOLD.replace(
+        "latency = { ttft_ms = { fixed = 10 }, per_token_ms = { fixed = 0 } }",
+        "latency = { ttft_ms = { fixed = 10 }, per_token_ms = { fixed = 0 } }\nfaults = { outages = [{ start = \"60s\", end = \"120s\" }] }",
+    );
+    let scenario = simulator::Scenario::from_toml("threshold.toml", &text).unwrap();
+    let case =
+        simulator::check::Case { rate_scale: 1.0, token_scale: 1.0, burstiness: 4.0, fault_shift_s: 30, seed: 1 };
+    let moved = simulator::check::perturb(&scenario, case);
+    let simulator::scenario::Arrival::Bursts { rate_per_s, on, off } = &moved.clients[0].arrival else { panic!() };
+    assert_eq!((*rate_per_s, on.0.as_secs_f64(), off.0.as_secs_f64()), (4.0, 15.0, 45.0));
+    let outage = &moved.backends[0].faults.outages[0];
+    assert_eq!((outage.start.0.as_secs_f64(), outage.end.0.as_secs_f64()), (90.0, 150.0));
+    // The same average rate: as many calls, packed into a quarter of each minute.
+    let calm = simulator::run(&scenario, Path::new("."), None, false).unwrap().report;
+    let bursty = simulator::run(&moved, Path::new("."), None, false).unwrap().report;
+    let (a, b) = (calm.clients[0].requests as f64, bursty.clients[0].requests as f64);
+    assert!((a - b).abs() / a < 0.1, "{a} calls calm, {b} bursty (Poisson within bursts)");
+}
