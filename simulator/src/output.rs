@@ -146,8 +146,9 @@ fn sweep_plots(dir: &Path, result: &crate::sweep::SweepResult) -> Result<Vec<(St
                     title: format!("{figure} against {}", result.varies[0].path),
                     x_label: result.varies[0].path.clone(),
                     y_label: figure.clone(),
-                    series: vec![series(|s| s.mean, "mean"), series(|s| s.min, "min"), series(|s| s.max, "max")],
+                    series: vec![series(|s| s.mean, "mean over seeds")],
                     limits: bound.map(|b| ("SLO".to_owned(), b)).into_iter().collect(),
+                    band: Some((series(|s| s.min, "min").1, series(|s| s.max, "max").1)),
                 };
                 chart.render(dir).map(|svg| (chart.title.clone(), svg))
             })

@@ -14,6 +14,8 @@ pub struct Chart {
     pub y_label: String,
     pub series: Vec<(String, Vec<(f64, f64)>)>,
     pub limits: Vec<(String, f64)>,
+    /// A shaded band between two lines (min and max over seeds), drawn first.
+    pub band: Option<(Vec<(f64, f64)>, Vec<(f64, f64)>)>,
 }
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -48,6 +50,14 @@ impl Chart {
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(err)?;
+        if let Some((low, high)) = &self.band {
+            let outline: Vec<(f64, f64)> = low.iter().chain(high.iter().rev()).copied().collect();
+            chart
+                .draw_series([Polygon::new(outline, Palette99::pick(0).mix(0.2).filled())])
+                .map_err(err)?
+                .label("min-max over seeds")
+                .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], Palette99::pick(0).mix(0.2).filled()));
+        }
         for (i, (name, points)) in self.series.iter().enumerate() {
             let color = Palette99::pick(i).stroke_width(2);
             chart
@@ -147,6 +157,7 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             y_label: "calls per second".into(),
             series: by_reason,
             limits: Vec::new(),
+            band: None,
         },
         Chart {
             file: "client-tokens".into(),
@@ -155,6 +166,7 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             y_label: "tokens per minute".into(),
             series: client_tokens,
             limits: key_limits,
+            band: None,
         },
         Chart {
             file: "backend-tokens".into(),
@@ -163,6 +175,7 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             y_label: "tokens per minute".into(),
             series: per_backend(|m| &m.backend_tokens),
             limits: scenario.backends.iter().map(|b| (format!("{} TPM", b.name), b.tpm as f64)).collect(),
+            band: None,
         },
         Chart {
             file: "latency-cdf".into(),
@@ -175,6 +188,7 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
                 .map(|c| (c.name.clone(), c.latency_ms_cdf.iter().map(|&(q, ms)| (ms, q)).collect()))
                 .collect(),
             limits: Vec::new(),
+            band: None,
         },
         Chart {
             file: "backend-failures".into(),
@@ -183,6 +197,7 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             y_label: "per minute".into(),
             series: failures,
             limits: Vec::new(),
+            band: None,
         },
     ]
 }
