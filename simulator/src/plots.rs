@@ -6,16 +6,19 @@ use gateway_core::Limit;
 use plotters::prelude::*;
 use std::path::Path;
 
+/// The points of one line.
+pub type Line = Vec<(f64, f64)>;
+
 /// A line chart: named series of (x, y) points, and named horizontal limit lines.
 pub struct Chart {
     pub file: String,
     pub title: String,
     pub x_label: String,
     pub y_label: String,
-    pub series: Vec<(String, Vec<(f64, f64)>)>,
+    pub series: Vec<(String, Line)>,
     pub limits: Vec<(String, f64)>,
     /// A shaded band between two lines (min and max over seeds), drawn first.
-    pub band: Option<(Vec<(f64, f64)>, Vec<(f64, f64)>)>,
+    pub band: Option<(Line, Line)>,
 }
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
