@@ -1,19 +1,8 @@
 //! `aigw policy check` and `aigw policy import` as users run them.
 
-use std::process::Command;
+mod common;
 
-fn aigw(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_aigw"))
-        .args(args)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .output()
-        .expect("aigw runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use common::aigw;
 
 #[test]
 fn check_summarises_understood_files_and_locates_errors() {

@@ -1,19 +1,8 @@
 //! `aigw sweep` and `aigw check` as users and CI run them.
 
-use std::process::Command;
+mod common;
 
-fn aigw(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_aigw"))
-        .args(args)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .output()
-        .expect("aigw runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use common::aigw;
 
 #[test]
 fn check_exits_0_when_promises_hold_1_when_one_breaks_2_on_bad_input() {

@@ -65,7 +65,8 @@ pub fn suggestion(message: &str) -> Option<String> {
     (distance <= given.len().div_ceil(3).max(1)).then(|| best.to_owned())
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
+/// Levenshtein distance, for suggesting the closest valid name.
+pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {

@@ -250,18 +250,7 @@ fn numeric_paths(v: &toml::Value, prefix: String, out: &mut Vec<String>) {
 }
 
 fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let next = (row[j + 1] + 1).min(row[j] + 1).min(prev + usize::from(ca != *cb));
-            prev = row[j + 1];
-            row[j + 1] = next;
-        }
-    }
-    row[b.len()]
+    gateway_core::policy::edit_distance(a, b)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
