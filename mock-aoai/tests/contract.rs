@@ -1,12 +1,14 @@
 //! Contract tests: a real server on a real socket, a real HTTP client, and every
 //! response body (stream chunks included) validated against Azure OpenAI's
-//! published inference spec (`../shared/specs/aoai-inference-2024-10-21.json`).
+//! published inference spec (`tests/spec/aoai-inference-2024-10-21.json`).
 
 use mock_aoai::MockConfig;
 use serde_json::{json, Value};
 use std::path::Path;
 
-const SPEC: &str = "../../shared/specs/aoai-inference-2024-10-21.json";
+/// Azure OpenAI's published inference spec (azure-rest-api-specs, MIT), vendored so a
+/// clean clone tests against it.
+const SPEC: &str = "tests/spec/aoai-inference-2024-10-21.json";
 
 /// The spec's schemas, with OpenAPI 3.0's `nullable: true` turned into JSON
 /// Schema's `"type": [T, "null"]`, validated as draft 2020-12.
