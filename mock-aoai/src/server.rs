@@ -46,9 +46,9 @@ impl Mock {
 
     pub fn router(self) -> Router {
         Router::new()
-            .route("/openai/deployments/{deployment}/chat/completions", post(chat))
-            .route("/openai/deployments/{deployment}/completions", post(completions))
-            .route("/openai/deployments/{deployment}/embeddings", post(embeddings))
+            .route("/openai/deployments/{deployment}/chat/completions", operation(Operation::ChatCompletions))
+            .route("/openai/deployments/{deployment}/completions", operation(Operation::Completions))
+            .route("/openai/deployments/{deployment}/embeddings", operation(Operation::Embeddings))
             .route("/_mock/stats", get(stats))
             .route("/_mock/faults", post(set_faults))
             .with_state(self)
@@ -70,34 +70,15 @@ pub async fn serve(
     axum::serve(listener, Mock::new(config).router()).with_graceful_shutdown(shutdown).await
 }
 
-async fn chat(
-    mock: State<Mock>,
-    path: Path<String>,
-    query: Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(mock.0, Operation::ChatCompletions, path.0, query.0, headers, body).await
-}
-
-async fn completions(
-    mock: State<Mock>,
-    path: Path<String>,
-    query: Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(mock.0, Operation::Completions, path.0, query.0, headers, body).await
-}
-
-async fn embeddings(
-    mock: State<Mock>,
-    path: Path<String>,
-    query: Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(mock.0, Operation::Embeddings, path.0, query.0, headers, body).await
+/// The route of one Azure OpenAI operation: every operation shares `handle`.
+fn operation(op: Operation) -> axum::routing::MethodRouter<Mock> {
+    post(
+        move |mock: State<Mock>,
+              path: Path<String>,
+              query: Query<HashMap<String, String>>,
+              headers: HeaderMap,
+              body: Bytes| { handle(mock.0, op, path.0, query.0, headers, body) },
+    )
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {

@@ -131,7 +131,6 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request<Body>,
 ) -> Response<Body> {
-    let started = Instant::now();
     let admitted = match admit(&proxy, peer, request).await {
         Ok(a) => a,
         Err(response) => {
@@ -139,7 +138,6 @@ pub async fn handle(
             return response;
         }
     };
-    let _ = started;
     drive(proxy, admitted).await
 }
 
@@ -445,7 +443,7 @@ async fn deliver(
     }
     apply_set_headers(out.headers_mut(), &proxy.config.products[req.product].set_headers, "outbound");
     if streaming {
-        let charge = Charge::new(proxy, req, id, attempt);
+        let charge = Charge::new(proxy, req, id);
         *out.body_mut() = Body::from_stream(charged_stream(body, charge));
         return out;
     }
@@ -529,7 +527,7 @@ struct Charge {
 }
 
 impl Charge {
-    fn new(proxy: Arc<Proxy>, req: Admitted, id: RequestId, _attempt: Attempt) -> Charge {
+    fn new(proxy: Arc<Proxy>, req: Admitted, id: RequestId) -> Charge {
         let tracker = StreamTracker::new(&req.model);
         Charge { proxy, req, id, tracker, response_bytes: 0, done: false }
     }
