@@ -1,77 +1,259 @@
 //! A map from key to counter state with eviction of idle counters.
 //!
-//! Every counter has exactly one entry in an expiry heap. When its deadline comes,
-//! the counter is asked when it becomes idle (indistinguishable from a fresh one);
-//! if that time has passed it is removed, else it is rescheduled. Memory is thus
-//! bounded by the keys active within the last period, and iteration order of the
-//! hash map is never observed: only the heap's (deadline, key) order is.
+//! Counters live in a hash table, and a hashed timing wheel holds every one
+//! once, in the bucket of the instant it is next due for an idle check. When a bucket's time has passed, each of its counters
+//! is asked when it becomes idle (indistinguishable from a fresh one); if that time
+//! has passed it is removed, else it moves to the bucket of that instant. Memory is
+//! thus bounded by the keys active within the last period (plus one bucket), and
+//! every operation is O(1): no heap of keys, no string comparisons beyond the one
+//! a lookup needs.
+//!
+//! Eviction is never observable in a decision (an evicted counter is exactly a
+//! fresh one), so its granularity only changes memory. Hash-map iteration order is
+//! never observed: the wheel's buckets are walked in time order, each in the order
+//! its slots were scheduled.
 
 use crate::time::Nanos;
-use hashbrown::hash_map::EntryRef;
-use hashbrown::HashMap;
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use compact_str::CompactString;
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
 
 pub type FixedHasher = foldhash::fast::FixedState;
 
-pub struct CounterMap<S> {
-    map: HashMap<String, S, FixedHasher>,
-    expiry: BinaryHeap<Reverse<(Nanos, Box<str>)>>,
+/// Bucket width: 2^27 ns, about 134 ms.
+const BUCKET_SHIFT: u32 = 27;
+/// How long after becoming idle a counter may still be held: one bucket.
+pub const EVICTION_LAG: Nanos = Nanos(1 << BUCKET_SHIFT);
+/// Buckets in the wheel (a power of two): one turn is about 137 s. Counters due
+/// later wait in their bucket through whole turns, untouched but for a comparison.
+const WHEEL_BUCKETS: usize = 1024;
+
+/// A counter's state, which a reused slot can take over without allocating.
+pub trait Renew {
+    /// Becomes `fresh`, keeping any capacity it holds.
+    fn renew(&mut self, fresh: Self);
 }
 
-impl<S> CounterMap<S> {
+struct Slot<S> {
+    hash: u64,
+    /// Unique for the map's life: what the wheel knows a slot by.
+    id: u64,
+    key: CompactString,
+    /// When the wheel next looks at this counter.
+    due: Nanos,
+    state: S,
+}
+
+/// A wheel entry: a slot's hash (to find it) and id (to know it).
+type Scheduled = (u64, u64);
+
+/// States of removed counters kept for reuse, at most this many.
+const SPARE_STATES: usize = 1024;
+
+pub struct CounterMap<S> {
+    hasher: FixedHasher,
+    /// The counters themselves, in the table: a lookup touches the table's control
+    /// bytes and the slot, nothing else.
+    table: HashTable<Slot<S>>,
+    next_id: u64,
+    spare: Vec<S>,
+    wheel: Vec<Vec<Scheduled>>,
+    /// The absolute number (instant >> BUCKET_SHIFT) of the next bucket to walk.
+    cursor: u64,
+}
+
+impl<S: Renew> CounterMap<S> {
     /// `hash_seed` lets a server pick an unpredictable seed against hash flooding
     /// while a simulation keeps a fixed one.
     pub fn new(hash_seed: u64) -> CounterMap<S> {
-        CounterMap { map: HashMap::with_hasher(FixedHasher::with_seed(hash_seed)), expiry: BinaryHeap::new() }
+        CounterMap {
+            hasher: FixedHasher::with_seed(hash_seed),
+            table: HashTable::new(),
+            next_id: 0,
+            spare: Vec::new(),
+            wheel: Vec::new(),
+            cursor: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.table.is_empty()
     }
 
     pub fn get(&self, key: &str) -> Option<&S> {
-        self.map.get(key)
+        let hash = self.hasher.hash_one(key);
+        self.table.find(hash, |slot| slot.key == key).map(|slot| &slot.state)
     }
 
     /// The counter for `key`, created fresh (and scheduled for an idle check at
     /// `now`) when absent.
     pub fn entry(&mut self, now: Nanos, key: &str, fresh: impl FnOnce() -> S) -> &mut S {
-        match self.map.entry_ref(key) {
-            EntryRef::Occupied(entry) => entry.into_mut(),
-            EntryRef::Vacant(entry) => {
-                self.expiry.push(Reverse((now, Box::from(key))));
-                entry.insert(fresh())
+        let hash = self.hasher.hash_one(key);
+        // Looked up twice on a miss: the borrow checker cannot yet return the
+        // first lookup's borrow on one branch and insert on the other.
+        if self.table.find(hash, |slot| slot.key == key).is_none() {
+            self.insert(now, hash, key, fresh());
+        }
+        &mut self.table.find_mut(hash, |slot| slot.key == key).expect("present").state
+    }
+
+    fn insert(&mut self, now: Nanos, hash: u64, key: &str, fresh: S) {
+        let state = match self.spare.pop() {
+            Some(mut state) => {
+                state.renew(fresh);
+                state
             }
+            None => fresh,
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let slot = Slot { hash, id, key: CompactString::from(key), due: now, state };
+        self.table.insert_unique(hash, slot, |s| s.hash);
+        self.schedule((hash, id), now);
+    }
+
+    fn schedule(&mut self, entry: Scheduled, due: Nanos) {
+        if self.wheel.is_empty() {
+            self.wheel = vec![Vec::new(); WHEEL_BUCKETS];
+            self.cursor = bucket_of(due);
+        }
+        self.wheel[bucket_of(due) as usize % WHEEL_BUCKETS].push(entry);
+    }
+
+    /// Removes the counters idle at `now` whose buckets have passed; reschedules
+    /// the others that came due.
+    pub fn evict(&mut self, now: Nanos, idle_at: impl Fn(&S) -> Nanos) {
+        let current = bucket_of(now);
+        if self.wheel.is_empty() || self.cursor >= current {
+            return;
+        }
+        // After a long quiet spell one turn visits every bucket once.
+        self.cursor = self.cursor.max(current.saturating_sub(WHEEL_BUCKETS as u64));
+        while self.cursor < current {
+            self.walk(self.cursor, now, &idle_at);
+            self.cursor += 1;
         }
     }
 
-    /// Removes the counters idle at `now`; reschedules the rest that came due.
-    pub fn evict(&mut self, now: Nanos, idle_at: impl Fn(&S) -> Nanos) {
-        while let Some(Reverse((deadline, _))) = self.expiry.peek() {
-            if *deadline > now {
-                return;
-            }
-            let Reverse((_, key)) = self.expiry.pop().expect("peeked");
-            let Some(state) = self.map.get(&*key) else {
-                debug_assert!(false, "every scheduled key has a counter");
+    /// Looks at the counters of bucket `number`, which ends at or before `now`.
+    fn walk(&mut self, number: u64, now: Nanos, idle_at: &impl Fn(&S) -> Nanos) {
+        let end = Nanos((number + 1) << BUCKET_SHIFT);
+        let position = number as usize % WHEEL_BUCKETS;
+        let mut list = std::mem::take(&mut self.wheel[position]);
+        for (hash, id) in list.drain(..) {
+            let Ok(mut entry) = self.table.find_entry(hash, |slot| slot.id == id) else {
+                debug_assert!(false, "every scheduled slot is in the table");
                 continue;
             };
-            let idle = idle_at(state);
-            if idle <= now {
-                self.map.remove(&*key);
-            } else {
-                self.expiry.push(Reverse((idle, key)));
+            let slot = entry.get_mut();
+            if slot.due >= end {
+                // Due in a later turn of the wheel.
+                self.wheel[position].push((hash, id));
+                continue;
             }
+            let idle = idle_at(&slot.state);
+            if idle > now {
+                slot.due = idle;
+                self.schedule((hash, id), idle);
+                continue;
+            }
+            let (slot, _) = entry.remove();
+            if self.spare.len() < SPARE_STATES {
+                self.spare.push(slot.state);
+            }
+        }
+        if self.wheel[position].is_empty() {
+            // Keep the bucket's capacity for its next turn.
+            self.wheel[position] = list;
         }
     }
 
-    /// The next instant at which `evict` has work.
+    /// An instant at which `evict` has work: the end of the first bucket holding a
+    /// counter due in the current turn, or one turn ahead when all are due later.
     pub fn next_deadline(&self) -> Option<Nanos> {
-        self.expiry.peek().map(|Reverse((t, _))| *t)
+        if self.table.is_empty() {
+            return None;
+        }
+        let turn = self.cursor..self.cursor + WHEEL_BUCKETS as u64;
+        for number in turn.clone() {
+            let end = Nanos((number + 1) << BUCKET_SHIFT);
+            let bucket = &self.wheel[number as usize % WHEEL_BUCKETS];
+            let due = |&(hash, id): &Scheduled| self.table.find(hash, |s| s.id == id).map(|s| s.due);
+            if bucket.iter().any(|e| due(e).is_some_and(|d| d < end)) {
+                return Some(end);
+            }
+        }
+        Some(Nanos(turn.end << BUCKET_SHIFT))
+    }
+}
+
+fn bucket_of(t: Nanos) -> u64 {
+    t.0 >> BUCKET_SHIFT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Renew for u64 {
+        fn renew(&mut self, fresh: u64) {
+            *self = fresh;
+        }
+    }
+
+    const SECOND: Nanos = Nanos::from_secs(1);
+
+    #[test]
+    fn counters_live_until_idle_and_slots_are_reused() {
+        // Each counter's value is the instant it becomes idle.
+        let mut map: CounterMap<u64> = CounterMap::new(7);
+        for k in 0..100u64 {
+            *map.entry(Nanos::ZERO, &format!("key-{k}"), || 0) = (k + 1) * SECOND.0;
+        }
+        assert_eq!(map.len(), 100);
+        map.evict(Nanos::from_secs(50), |&idle| Nanos(idle));
+        // All were due at 0 s, in a bucket long past: keys 0..=49 are idle by 50 s.
+        let left: Vec<u64> = (0..100).filter(|k| map.get(&format!("key-{k}")).is_some()).collect();
+        assert_eq!(left, (50..100).collect::<Vec<_>>());
+        // Key 50 is idle at 51 s but its bucket ends after that: it waits for the bucket.
+        map.evict(Nanos::from_secs(51), |&idle| Nanos(idle));
+        assert!(map.get("key-50").is_some());
+        map.evict(Nanos::from_millis(51_200), |&idle| Nanos(idle));
+        assert!(map.get("key-50").is_none());
+        map.evict(Nanos::from_secs(1_000), |&idle| Nanos(idle));
+        assert!(map.is_empty());
+        assert_eq!(map.next_deadline(), None);
+        assert_eq!(map.spare.len(), 100, "removed states are kept for reuse");
+        *map.entry(Nanos::from_secs(1_000), "again", || 5) += 1;
+        assert_eq!(map.spare.len(), 99);
+        assert_eq!(map.get("again"), Some(&6));
+    }
+
+    #[test]
+    fn counters_due_after_a_whole_turn_survive_it() {
+        let mut map: CounterMap<u64> = CounterMap::new(0);
+        let far = Nanos::from_secs(3_600);
+        *map.entry(Nanos::ZERO, "quota", || 0) = far.0;
+        for s in (0..3_600).step_by(7) {
+            map.evict(Nanos::from_secs(s), |&idle| Nanos(idle));
+            assert_eq!(map.len(), 1, "at {s} s");
+        }
+        assert!(map.next_deadline().is_some_and(|d| d <= far + Nanos::from_secs(140)));
+        map.evict(far + SECOND, |&idle| Nanos(idle));
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn a_long_quiet_spell_visits_each_bucket_once() {
+        let mut map: CounterMap<u64> = CounterMap::new(0);
+        for k in 0..10u64 {
+            *map.entry(Nanos::from_millis(k * 300), &k.to_string(), || 0) = 0;
+        }
+        map.evict(Nanos::from_secs(86_400), |&idle| Nanos(idle));
+        assert!(map.is_empty());
     }
 }

@@ -121,6 +121,12 @@ struct CalendarCount {
     tokens: u64,
 }
 
+impl crate::counters::Renew for CalendarCount {
+    fn renew(&mut self, fresh: CalendarCount) {
+        *self = fresh;
+    }
+}
+
 type ClassId = usize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

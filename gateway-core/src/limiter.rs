@@ -2,6 +2,7 @@
 //! has become indistinguishable from a fresh one (`idle_at`), which is when the
 //! counter store may evict it.
 
+use crate::counters::Renew;
 use crate::time::{Nanos, NANOS_PER_SEC};
 use std::collections::VecDeque;
 
@@ -220,4 +221,25 @@ impl WindowGrid {
 
 pub fn secs(s: u64) -> Nanos {
     Nanos(s * NANOS_PER_SEC)
+}
+
+impl Renew for SlidingLog {
+    fn renew(&mut self, fresh: SlidingLog) {
+        // Keep the log's buffer: a reused slot then allocates nothing.
+        self.entries.clear();
+        self.entries.extend(fresh.entries);
+        self.total = fresh.total;
+    }
+}
+
+impl Renew for Bucket {
+    fn renew(&mut self, fresh: Bucket) {
+        *self = fresh;
+    }
+}
+
+impl Renew for FixedWindow {
+    fn renew(&mut self, fresh: FixedWindow) {
+        *self = fresh;
+    }
 }

@@ -356,6 +356,8 @@ pub struct Attempt {
     /// 0 for the first attempt, n for retry n.
     pub number: u32,
     pub backend: Arc<str>,
+    /// The backend's position in `Routing::backends`, for drivers that index.
+    pub backend_index: usize,
     pub url: Arc<str>,
     pub timeout: Nanos,
 }
@@ -468,6 +470,7 @@ impl Router {
         let attempt = Attempt {
             number: route.attempts,
             backend: self.names[backend].clone(),
+            backend_index: backend,
             url: self.urls[backend].clone(),
             timeout: Nanos::from_secs(self.config.timeout),
         };

@@ -47,6 +47,7 @@ enum Event {
 }
 
 struct InFlight {
+    id: RequestId,
     call: Call,
     /// The call's place in arrival order, for the decision log.
     order: u64,
@@ -67,8 +68,11 @@ pub struct Engine<'s> {
     replicas: Vec<Pipeline>,
     next_replica: usize,
     backends: Vec<DeploymentModel>,
-    backend_index: BTreeMap<String, usize>,
-    flights: BTreeMap<(usize, RequestId), InFlight>,
+    /// The scenario backend of each routing backend, by position.
+    backend_of_route: Vec<usize>,
+    /// Per replica, indexed by the slot half of a `RequestId` (unique among a
+    /// replica's requests in flight).
+    flights: Vec<Vec<Option<InFlight>>>,
     rng: ChaCha8Rng,
     client_rngs: Vec<ChaCha8Rng>,
     sequence: u64,
@@ -94,7 +98,13 @@ impl<'s> Engine<'s> {
             .enumerate()
             .map(|(i, d)| DeploymentModel::new(d.clone(), seed.wrapping_mul(31).wrapping_add(i as u64), start))
             .collect();
-        let backend_index = scenario.backends.iter().enumerate().map(|(i, d)| (d.name.clone(), i)).collect();
+        let backend_of_route = routing
+            .backends
+            .iter()
+            .map(|b| {
+                scenario.backends.iter().position(|d| d.name == b.id).expect("validated: every backend is modelled")
+            })
+            .collect();
         let client_rngs = (0..scenario.clients.len())
             .map(|i| {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -123,8 +133,8 @@ impl<'s> Engine<'s> {
             replicas,
             next_replica: 0,
             backends,
-            backend_index,
-            flights: BTreeMap::new(),
+            backend_of_route,
+            flights: (0..replica_count).map(|_| Vec::new()).collect(),
             rng,
             client_rngs,
             sequence: 0,
@@ -309,7 +319,7 @@ impl<'s> Engine<'s> {
         };
         match id {
             Some(id) => {
-                self.flights.insert((replica, id), InFlight { call, order, arrived: now, completion: None });
+                self.insert_flight(replica, id, InFlight { id, call, order, arrived: now, completion: None });
                 self.follow(now, replica, step);
             }
             None => {
@@ -319,15 +329,30 @@ impl<'s> Engine<'s> {
         }
     }
 
+    fn insert_flight(&mut self, replica: usize, id: RequestId, flight: InFlight) {
+        let flights = &mut self.flights[replica];
+        if flights.len() <= slot(id) {
+            flights.resize_with(slot(id) + 1, || None);
+        }
+        debug_assert!(flights[slot(id)].is_none(), "the gateway hands out each live slot once");
+        flights[slot(id)] = Some(flight);
+    }
+
+    fn flight(&self, replica: usize, id: RequestId) -> &InFlight {
+        let flight = self.flights[replica][slot(id)].as_ref().expect("in flight");
+        debug_assert_eq!(flight.id, id);
+        flight
+    }
+
     /// Carries out what the gateway decided.
     fn follow(&mut self, now: Nanos, replica: usize, step: Step) {
         match step {
             Step::Forward { id, attempt, at } => {
-                let backend = self.backend_index[&*attempt.backend];
+                let backend = self.backend_of_route[attempt.backend_index];
                 self.push(at, Event::Send { replica, id, backend });
             }
             Step::Deliver { id } => {
-                let flight = self.flights.get(&(replica, id)).expect("in flight");
+                let flight = self.flight(replica, id);
                 // An error response (429, 5xx) carries no usage and is over at once.
                 let (rest, usage) = match flight.completion {
                     None => (Nanos::ZERO, Usage::default()),
@@ -346,7 +371,7 @@ impl<'s> Engine<'s> {
 
     fn send(&mut self, now: Nanos, replica: usize, id: RequestId, backend: usize) {
         let timeout = Nanos::from_secs(self.scenario.gateway.routing.timeout);
-        let flight = self.flights.get_mut(&(replica, id)).expect("in flight");
+        let flight = self.flights[replica][slot(id)].as_mut().expect("in flight");
         let call = &flight.call;
         let request = ModelRequest {
             operation: Operation::ChatCompletions,
@@ -382,9 +407,9 @@ impl<'s> Engine<'s> {
     }
 
     fn finish(&mut self, now: Nanos, replica: usize, id: Option<RequestId>, finished: Finished) {
-        let Some(flight) = id.and_then(|id| self.flights.remove(&(replica, id))) else {
-            unreachable!("a finished request was in flight")
-        };
+        let flight =
+            id.and_then(|id| self.flights[replica][slot(id)].take()).expect("a finished request was in flight");
+        debug_assert_eq!(Some(flight.id), id);
         self.record(now, flight.order, &flight.call, flight.arrived, &finished);
     }
 
@@ -437,22 +462,47 @@ impl<'s> Engine<'s> {
     }
 }
 
+/// The slot half of a `RequestId`.
+fn slot(id: RequestId) -> usize {
+    (id.0 & 0xffff_ffff) as usize
+}
+
+/// `10.{client}.{caller / 256}.{caller % 256}`, written without the formatting
+/// machinery: it is built for every generated call.
+fn caller_ip(client: usize, caller: usize) -> String {
+    let mut ip = String::with_capacity(15);
+    ip.push_str("10");
+    for octet in [client % 256, caller / 256 % 256, caller % 256] {
+        ip.push('.');
+        let octet = octet as u8;
+        if octet >= 100 {
+            ip.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            ip.push(char::from(b'0' + octet / 10 % 10));
+        }
+        ip.push(char::from(b'0' + octet % 10));
+    }
+    ip
+}
+
 fn identity(client: usize, caller: usize, c: &Client, prompt: u64) -> RequestInfo {
     let ip = match &c.ip {
         Some(ip) => ip.clone(),
-        None => format!("10.{}.{}.{}", client % 256, caller / 256 % 256, caller % 256),
+        None => caller_ip(client, caller),
     };
-    let who = format!("{}-{caller}", c.name);
     let mut info =
         RequestInfo { ip, prompt_tokens_estimate: Some(prompt), max_tokens: c.max_tokens, ..RequestInfo::default() };
+    let who = || format!("{}-{caller}", c.name);
     match &c.identity {
         Identity::Ip => {}
         Identity::Subscription { product } => {
+            let who = who();
             info.subscription = Some(Subscription { id: who.clone(), key: format!("key-{who}"), name: who });
             info.product = Some(product.clone());
         }
-        Identity::Header { name } => info.headers.push((name.clone(), who)),
-        Identity::Jwt => info.headers.push(("Authorization".into(), trace::jwt_for(&who))),
+        Identity::Header { name } => info.headers.push((name.clone(), who())),
+        Identity::Jwt => info.headers.push(("Authorization".into(), trace::jwt_for(&who()))),
     }
     info
 }
@@ -500,5 +550,16 @@ pub fn reason(reason: FinalReason, status: u16) -> &'static str {
         FinalReason::Limited(TokenQuota) => "token-quota",
         FinalReason::Unavailable => "no-backend",
         FinalReason::Timeout | FinalReason::TransportFailure | FinalReason::BadResponse => "timeout",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn caller_ips_are_dotted_quads() {
+        for (client, caller) in [(0, 0), (1, 255), (7, 256), (300, 65_535), (255, 100_000), (9, 10_109)] {
+            let expected = format!("10.{}.{}.{}", client % 256, caller / 256 % 256, caller % 256);
+            assert_eq!(super::caller_ip(client, caller), expected);
+        }
     }
 }
