@@ -5,6 +5,7 @@ use crate::key::{KeyExpr, RequestInfo};
 use crate::limiter::{Bucket, BucketShape, Check, FixedWindow, SlidingLog, WindowGrid};
 use crate::policy::{Algorithm, Limit, Policy, Quota, RateLimit, TokenLimit};
 use crate::time::{format_hh_mm_ss, CalendarPeriod, Nanos};
+use std::collections::VecDeque;
 
 /// Identifies one client request between `handle_request` and `handle_response`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,6 +80,30 @@ pub struct Completed {
     pub variables: Vec<(String, i64)>,
     /// Tokens charged to each distinct token counter (the same figure for each).
     pub tokens_charged: u64,
+}
+
+/// A change one gateway made to one of its counters, for replicas that share
+/// counters through a store with synchronisation lag: each applies the others'
+/// changes with [`Gateway::handle_delta`] when they arrive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterDelta {
+    /// The counter family; replicas built from one policy number them alike.
+    pub class: usize,
+    pub key: String,
+    /// When the change was made.
+    pub at: Nanos,
+    pub change: Change,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Calls or tokens counted at `at` (a sliding log's entry, a bucket's take, a
+    /// window's or calendar period's count).
+    Count(u64),
+    /// Bytes counted in the fixed window of `at`.
+    Bytes(u64),
+    /// Part of a reservation stamped at `stamped` given back.
+    Uncount { amount: u64, stamped: Nanos },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +230,8 @@ struct Ledger {
     effects: Effects,
     /// When the request was admitted: the instant its reservations were stamped at.
     admitted_at: Nanos,
+    /// How many of `effects.added` the journal has already seen.
+    journaled: usize,
 }
 
 impl Ledger {
@@ -214,6 +241,7 @@ impl Ledger {
         self.effects.added.clear();
         self.effects.headers.clear();
         self.effects.variables.clear();
+        self.journaled = 0;
     }
 }
 
@@ -232,6 +260,8 @@ pub struct Gateway {
     spare_ledgers: Vec<Ledger>,
     in_flight: usize,
     last_now: Nanos,
+    /// Counter changes not yet polled, when journaling is on.
+    journal: Option<VecDeque<CounterDelta>>,
 }
 
 const MINUTE: Nanos = Nanos::from_secs(60);
@@ -258,7 +288,31 @@ impl Gateway {
             spare_ledgers: Vec::new(),
             in_flight: 0,
             last_now: Nanos::ZERO,
+            journal: None,
         }
+    }
+
+    /// Keeps a journal of every counter change, drained with [`Gateway::poll_delta`].
+    pub fn enable_journal(&mut self) {
+        self.journal.get_or_insert_with(VecDeque::new);
+    }
+
+    /// The next counter change this gateway made, oldest first.
+    pub fn poll_delta(&mut self) -> Option<CounterDelta> {
+        self.journal.as_mut()?.pop_front()
+    }
+
+    /// Applies another replica's counter change as it arrives at `now`. Calls
+    /// and tokens keep the instant they were counted at, so they leave sliding
+    /// windows when they would have; a change to a window or period that has
+    /// since ended is moot.
+    pub fn handle_delta(&mut self, now: Nanos, delta: &CounterDelta) {
+        let now = self.observe(now);
+        let Some(counters) = self.classes.get_mut(delta.class) else {
+            debug_assert!(false, "replicas share one policy");
+            return;
+        };
+        counters.apply(now, delta);
     }
 
     /// Runs the limits in order on an arriving request.
@@ -275,12 +329,14 @@ impl Gateway {
                 ledger.keys.pop();
                 let info = ResponseInfo { status: Some(rejection.status), ..ResponseInfo::default() };
                 finish(&self.limits, &mut self.classes, now, &mut ledger, &info);
+                self.record_deltas(now, &mut ledger);
                 rejection.variables.splice(0..0, ledger.effects.variables.drain(..));
                 self.spare_ledgers.push(ledger);
                 return RequestDecision::Reject(rejection);
             }
         }
         let variables = std::mem::take(&mut ledger.effects.variables);
+        self.record_deltas(now, &mut ledger);
         let id = self.admit(ledger);
         RequestDecision::Forward(Admitted { id, variables })
     }
@@ -290,6 +346,7 @@ impl Gateway {
         let now = self.observe(now);
         let mut ledger = self.release(id).ok_or(CoreError::UnknownRequest(id))?;
         finish(&self.limits, &mut self.classes, now, &mut ledger, info);
+        self.record_deltas(now, &mut ledger);
         let completed = Completed {
             headers: std::mem::take(&mut ledger.effects.headers),
             variables: std::mem::take(&mut ledger.effects.variables),
@@ -321,6 +378,34 @@ impl Gateway {
 
     fn evict(&mut self, now: Nanos) {
         self.classes.iter_mut().for_each(|c| c.evict(now));
+    }
+
+    /// Turns the request's new notes into journal entries: each note is exactly
+    /// one counter change (a token charge settles what was reserved).
+    fn record_deltas(&mut self, now: Nanos, ledger: &mut Ledger) {
+        let Some(journal) = self.journal.as_mut() else { return };
+        let Ledger { keys, effects, admitted_at, journaled } = ledger;
+        for &(class, limit, amount, n) in &effects.added[*journaled..] {
+            let key = keys.get(limit);
+            let change = match amount {
+                Amount::Calls | Amount::Reserved => Change::Count(n),
+                Amount::Bytes => Change::Bytes(n),
+                Amount::Settled => continue,
+                Amount::Tokens if matches!(self.classes[class], Counters::Calendar { .. }) => Change::Count(n),
+                Amount::Tokens => {
+                    let reserved = effects.added(keys, class, key, Amount::Reserved);
+                    match n.checked_sub(reserved) {
+                        Some(excess) => Change::Count(excess),
+                        None => Change::Uncount { amount: reserved - n, stamped: *admitted_at },
+                    }
+                }
+            };
+            if matches!(change, Change::Count(0) | Change::Bytes(0) | Change::Uncount { amount: 0, .. }) {
+                continue;
+            }
+            journal.push_back(CounterDelta { class, key: key.to_owned(), at: now, change });
+        }
+        *journaled = effects.added.len();
     }
 
     /// Time never goes backwards inside the core: a late `now` is read as the latest
@@ -757,6 +842,52 @@ impl Counters {
                 )
             }
             Counters::Calendar { map, .. } => map.evict(now, |c| c.period_end),
+        }
+    }
+
+    /// Applies another replica's change (see [`Gateway::handle_delta`]).
+    fn apply(&mut self, now: Nanos, delta: &CounterDelta) {
+        let key = delta.key.as_str();
+        match (self, delta.change) {
+            (Counters::Sliding { period, map, .. }, Change::Count(n)) => {
+                let log = map.entry(now, key, SlidingLog::default);
+                log.insert(delta.at, n);
+                log.expire(now, *period);
+            }
+            (Counters::Sliding { period, map, .. }, Change::Uncount { amount, stamped }) => {
+                let log = map.entry(now, key, SlidingLog::default);
+                log.refund(stamped, amount);
+                log.expire(now, *period);
+            }
+            (Counters::Bucket { shape, map, .. }, Change::Count(n)) => {
+                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
+                bucket.refill(*shape, now);
+                bucket.take(*shape, n);
+            }
+            (Counters::Bucket { shape, map, .. }, Change::Uncount { amount, .. }) => {
+                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
+                bucket.refill(*shape, now);
+                bucket.give_back(*shape, amount);
+            }
+            (Counters::Fixed { grid, map, .. }, change @ (Change::Count(_) | Change::Bytes(_))) => {
+                if grid.index(delta.at) != grid.index(now) {
+                    return;
+                }
+                let window = map.entry(now, key, FixedWindow::default);
+                window.roll(grid.index(now));
+                match change {
+                    Change::Count(n) => window.calls += n,
+                    Change::Bytes(n) => window.bytes += n,
+                    Change::Uncount { .. } => unreachable!("matched above"),
+                }
+            }
+            (Counters::Calendar { period, map, .. }, Change::Count(n)) => {
+                let count = calendar_entry(map, *period, now, key);
+                if period.bounds(delta.at).1 == count.period_end {
+                    count.tokens += n;
+                }
+            }
+            (_, change) => debug_assert!(false, "a {change:?} does not fit this counter family"),
         }
     }
 

@@ -11,7 +11,8 @@ pub mod status;
 pub mod time;
 
 pub use gateway::{
-    Admitted, Completed, CoreError, Gateway, RejectReason, Rejection, RequestDecision, RequestId, ResponseInfo,
+    Admitted, Change, Completed, CoreError, CounterDelta, Gateway, RejectReason, Rejection, RequestDecision, RequestId,
+    ResponseInfo,
 };
 pub use key::{KeyExpr, RequestInfo, Subscription};
 pub use lifecycle::{

@@ -16,7 +16,7 @@
 //! Every client request ends in exactly one [`Finished`], which carries its
 //! [`OutcomeRecord`] and charges its tokens once.
 
-use crate::gateway::{CoreError, Gateway, RejectReason, RequestDecision, RequestId, ResponseInfo};
+use crate::gateway::{CoreError, CounterDelta, Gateway, RejectReason, RequestDecision, RequestId, ResponseInfo};
 use crate::key::RequestInfo;
 use crate::policy::Policy;
 use crate::routing::{Attempt, AttemptOutcome, Next, Route, Router, Routing, Unavailable};
@@ -319,6 +319,19 @@ impl Pipeline {
 
     pub fn handle_timeout(&mut self, now: Nanos) {
         self.gateway.handle_timeout(now);
+    }
+
+    /// See [`Gateway::enable_journal`]: for replicas sharing counters with lag.
+    pub fn enable_journal(&mut self) {
+        self.gateway.enable_journal();
+    }
+
+    pub fn poll_delta(&mut self) -> Option<CounterDelta> {
+        self.gateway.poll_delta()
+    }
+
+    pub fn handle_delta(&mut self, now: Nanos, delta: &CounterDelta) {
+        self.gateway.handle_delta(now, delta);
     }
 
     /// The client gets the last attempt's result: a response is delivered, a

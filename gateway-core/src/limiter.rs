@@ -54,6 +54,22 @@ impl SlidingLog {
         }
     }
 
+    /// Counts `amount` at `at`, which may be earlier than the latest entry (a
+    /// change another replica made, arriving late); the log stays in time order.
+    pub fn insert(&mut self, at: Nanos, amount: u64) {
+        if self.entries.back().is_none_or(|&(t, _)| t <= at) {
+            return self.add(at, amount);
+        }
+        if amount == 0 {
+            return;
+        }
+        self.total += amount;
+        match self.entries.binary_search_by_key(&at, |e| e.0) {
+            Ok(i) => self.entries[i].1 += amount,
+            Err(i) => self.entries.insert(i, (at, amount)),
+        }
+    }
+
     /// Takes back up to `amount` counted at instant `at` (a reservation settled for
     /// less than it held). An entry that has left the window is gone and needs nothing.
     pub fn refund(&mut self, at: Nanos, amount: u64) {

@@ -155,3 +155,107 @@ proptest! {
         prop_assert_eq!(gw.in_flight_count(), 0);
     }
 }
+
+/// Every kind of counter: sliding and bucket rate limits (one counting on 2xx only),
+/// a call and bandwidth quota, and a reserving token limit with a token quota.
+const ALL_COUNTERS: &str = r#"
+[[limits]]
+type = "rate-limit-by-key"
+calls = 4
+renewal_period = 10
+counter_key = "ip"
+increment_condition = "200-299"
+
+[[limits]]
+type = "rate-limit-by-key"
+calls = 6
+renewal_period = 20
+counter_key = "ip"
+algorithm = "token-bucket"
+remaining_calls_header_name = "calls-left"
+
+[[limits]]
+type = "quota-by-key"
+calls = 30
+bandwidth = "5 KB"
+renewal_period = 300
+counter_key = "ip"
+
+[[limits]]
+type = "azure-openai-token-limit"
+counter_key = "ip"
+tokens_per_minute = 400
+reserve = true
+token_quota = 5000
+token_quota_period = "Hourly"
+remaining_tokens_header_name = "tokens-left"
+"#;
+
+/// Feeds timed calls (gap, caller, latency, status, tokens, max_tokens) to
+/// `gateways`, call i to gateway i % n; after every event the changes the gateway
+/// made are applied to the others at once. Returns every decision and header.
+fn replay_shared(gateways: &mut [Gateway], calls: &[(u64, usize, u64, u16, u64, u64)]) -> Vec<String> {
+    let mut events: Vec<(u64, u8, usize)> = Vec::new();
+    let mut t = 0;
+    for (i, call) in calls.iter().enumerate() {
+        t += call.0 * 1_000_000;
+        events.push((t, 0, i));
+    }
+    let mut ids = vec![None; calls.len()];
+    let mut seen = Vec::new();
+    while let Some(pos) = (0..events.len()).min_by_key(|&k| events[k]) {
+        let (now, phase, i) = events.swap_remove(pos);
+        let (_, caller, latency_ms, status, tokens, max_tokens) = calls[i];
+        let g = i % gateways.len();
+        if phase == 0 {
+            let req = RequestInfo { max_tokens: Some(max_tokens), prompt_tokens_estimate: Some(20), ..req(caller) };
+            match gateways[g].handle_request(Nanos(now), &req) {
+                RequestDecision::Forward(a) => {
+                    ids[i] = Some(a.id);
+                    events.push((now + latency_ms * 1_000_000, 1, i));
+                    seen.push(format!("{i} in"));
+                }
+                RequestDecision::Reject(r) => {
+                    seen.push(format!("{i} {} {:?} {:?}", r.status, r.retry_after_secs, r.headers))
+                }
+            }
+        } else {
+            let info = ResponseInfo {
+                status: Some(status),
+                total_tokens: tokens,
+                request_bytes: 100,
+                response_bytes: 4 * tokens,
+            };
+            let done = gateways[g].handle_response(Nanos(now), ids[i].unwrap(), &info).unwrap();
+            seen.push(format!("{i} out {:?}", done.headers));
+        }
+        while let Some(delta) = gateways[g].poll_delta() {
+            for (other, gw) in gateways.iter_mut().enumerate().filter(|&(o, _)| o != g) {
+                let _ = other;
+                gw.handle_delta(Nanos(now), &delta);
+            }
+        }
+    }
+    seen
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, ..ProptestConfig::default() })]
+
+    /// Replicas that hand each other every counter change at once decide exactly
+    /// as one gateway does: the journal loses nothing and counts nothing twice.
+    #[test]
+    fn replicas_with_instant_sync_decide_as_one_gateway(
+        replicas in 2usize..4,
+        calls in prop::collection::vec((0u64..3_000, 0..3usize, 0u64..8_000, prop::sample::select(vec![200u16, 200, 429, 500]), 0u64..300, 1u64..200), 1..150),
+    ) {
+        let policy = common::policy(ALL_COUNTERS);
+        let mut one = [Gateway::new(&policy, 1)];
+        let mut many: Vec<Gateway> = (0..replicas).map(|r| Gateway::new(&policy, r as u64)).collect();
+        many.iter_mut().for_each(Gateway::enable_journal);
+        // A single gateway is its own shared store: give it the same schedule.
+        let single = replay_shared(&mut one, &calls);
+        let shared = replay_shared(&mut many, &calls);
+        prop_assert_eq!(single, shared);
+    }
+}

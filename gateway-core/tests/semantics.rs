@@ -4,7 +4,7 @@ mod common;
 
 use common::{call, check, check_at, run_at};
 use gateway_core::time::parse_rfc3339;
-use gateway_core::{Gateway, KeyExpr, Nanos, RequestDecision, RequestInfo, ResponseInfo, Subscription};
+use gateway_core::{Change, Gateway, KeyExpr, Nanos, RequestDecision, RequestInfo, ResponseInfo, Subscription};
 
 const RATE_2_PER_60: &str = r#"
 [[limits]]
@@ -579,4 +579,27 @@ fn counter_keys_read_the_request() {
     }
     let bare = RequestInfo::default();
     assert_eq!(KeyExpr::SubscriptionId.eval(&bare), "");
+}
+
+#[test]
+fn a_late_delta_counts_from_when_the_call_was_made() {
+    let mut a = Gateway::new(&common::policy(RATE_2_PER_60), 0);
+    let mut b = Gateway::new(&common::policy(RATE_2_PER_60), 1);
+    a.enable_journal();
+    let req = common::request_for(&call(0, "a"));
+    let secs = Nanos::from_secs;
+    // Two calls on A at 10 s; B hears of them 5 s later and its window is then full.
+    for _ in 0..2 {
+        let RequestDecision::Forward(admitted) = a.handle_request(secs(10), &req) else { panic!() };
+        a.handle_response(secs(10), admitted.id, &ResponseInfo { status: Some(200), ..Default::default() }).unwrap();
+    }
+    let deltas: Vec<_> = std::iter::from_fn(|| a.poll_delta()).collect();
+    assert_eq!(deltas.len(), 2, "{deltas:?}");
+    assert!(deltas.iter().all(|d| d.at == secs(10) && d.key == req.ip && d.change == Change::Count(1)));
+    assert!(matches!(b.handle_request(secs(14), &req), RequestDecision::Forward(_)), "not heard of yet");
+    deltas.iter().for_each(|d| b.handle_delta(secs(15), d));
+    let RequestDecision::Reject(r) = b.handle_request(secs(16), &req) else { panic!("three calls in the window") };
+    // B's own call at 14 s stays; the calls counted at 10 s leave at 70 s, not 75 s.
+    assert_eq!(r.retry_after_secs, Some(54));
+    assert!(matches!(b.handle_request(Nanos::from_millis(70_001), &req), RequestDecision::Forward(_)));
 }

@@ -4,11 +4,11 @@
 //! events in the same order.
 
 use crate::report::{Decision, Recorder};
-use crate::scenario::{Arrival, Client, CounterSharing, Identity, Scenario};
+use crate::scenario::{Arrival, Client, Identity, Scenario};
 use crate::trace::{self, TraceLine};
 use gateway_core::routing::{AttemptOutcome, Routing};
 use gateway_core::{
-    Delivery, FinalReason, Finished, Nanos, Pipeline, RequestId, RequestInfo, Step, Subscription, Usage,
+    CounterDelta, Delivery, FinalReason, Finished, Nanos, Pipeline, RequestId, RequestInfo, Step, Subscription, Usage,
 };
 use mock_aoai::model::{ModelRequest, ModelResponse, Operation};
 use mock_aoai::DeploymentModel;
@@ -44,6 +44,8 @@ enum Event {
     AttemptEnd { replica: usize, id: RequestId, outcome: AttemptOutcome },
     /// The delivered response is over.
     Delivered { replica: usize, id: RequestId, usage: Usage, bytes: (u64, u64) },
+    /// A counter change made by replica `from` reaches the others (shared store with lag).
+    Sync { from: usize, delta: Box<CounterDelta> },
 }
 
 struct InFlight {
@@ -67,6 +69,8 @@ pub struct Engine<'s> {
     seq: u64,
     replicas: Vec<Pipeline>,
     next_replica: usize,
+    /// Replicas share counters through a store this late (their journals are on).
+    sync_lag: Option<Nanos>,
     backends: Vec<DeploymentModel>,
     /// The scenario backend of each routing backend, by position.
     backend_of_route: Vec<usize>,
@@ -85,13 +89,17 @@ impl<'s> Engine<'s> {
     pub fn new(scenario: &'s Scenario, base: &Path, seed: u64, keep_decisions: bool) -> Result<Engine<'s>, String> {
         let start = scenario.start_nanos();
         let routing: &Routing = &scenario.gateway.routing;
-        let replica_count = match scenario.gateway.counters {
-            CounterSharing::Shared => 1,
-            CounterSharing::Local => scenario.gateway.replicas,
+        let replica_count = match scenario.gateway.replicas_count_alone() {
+            true => scenario.gateway.replicas,
+            false => 1,
         };
-        let replicas = (0..replica_count)
+        let mut replicas = (0..replica_count)
             .map(|i| Pipeline::new(scenario.gateway.policy(), routing.clone(), seed ^ (i as u64 + 1)))
             .collect::<Result<Vec<_>, _>>()?;
+        let sync_lag = scenario.gateway.sync_lag.map(|lag| lag.0);
+        if sync_lag.is_some() {
+            replicas.iter_mut().for_each(Pipeline::enable_journal);
+        }
         let backends: Vec<DeploymentModel> = scenario
             .backends
             .iter()
@@ -132,6 +140,7 @@ impl<'s> Engine<'s> {
             seq: 0,
             replicas,
             next_replica: 0,
+            sync_lag,
             backends,
             backend_of_route,
             flights: (0..replica_count).map(|_| Vec::new()).collect(),
@@ -205,13 +214,31 @@ impl<'s> Engine<'s> {
             Event::AttemptEnd { replica, id, outcome } => {
                 let draw = self.rng.next_u64();
                 let step = self.replicas[replica].handle_attempt(now, id, outcome, Usage::default(), draw);
+                self.share_changes(now, replica);
                 self.follow(now, replica, step.expect("the engine reports each attempt once"));
             }
             Event::Delivered { replica, id, usage, bytes } => {
                 let delivery = Delivery { usage, request_bytes: bytes.0, response_bytes: bytes.1 };
                 let finished = self.replicas[replica].handle_delivered(now, id, delivery);
+                self.share_changes(now, replica);
                 self.finish(now, replica, Some(id), finished.expect("the engine delivers each response once"));
             }
+            Event::Sync { from, delta } => {
+                for (r, replica) in self.replicas.iter_mut().enumerate() {
+                    if r != from {
+                        replica.handle_delta(now, &delta);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the counter changes replica `replica` just made to the others, which
+    /// hear of them `sync_lag` later.
+    fn share_changes(&mut self, now: Nanos, replica: usize) {
+        let Some(lag) = self.sync_lag else { return };
+        while let Some(delta) = self.replicas[replica].poll_delta() {
+            self.push(now + lag, Event::Sync { from: replica, delta: Box::new(delta) });
         }
     }
 
@@ -313,6 +340,7 @@ impl<'s> Engine<'s> {
         self.next_replica += 1;
         let draw = self.rng.next_u64();
         let step = self.replicas[replica].handle_request(now, &call.info, draw);
+        self.share_changes(now, replica);
         let id = match &step {
             Step::Forward { id, .. } | Step::Deliver { id } => Some(*id),
             Step::Respond(_) => None,

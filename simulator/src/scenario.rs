@@ -49,13 +49,25 @@ pub struct GatewayConfig {
     pub replicas: usize,
     #[serde(default)]
     pub counters: CounterSharing,
+    /// With `counters = "shared"`: how late each replica hears of the others'
+    /// counting (a store synchronised asynchronously). Absent: one exact counter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_lag: Option<HumanDuration>,
+}
+
+impl GatewayConfig {
+    /// Each replica keeps its own counters (local, or shared with lag).
+    pub fn replicas_count_alone(&self) -> bool {
+        self.counters == CounterSharing::Local || self.sync_lag.is_some()
+    }
 }
 
 fn one() -> usize {
     1
 }
 
-/// How replicas count: alone (in-memory gateways) or in one shared store.
+/// How replicas count: alone (in-memory gateways) or in one shared store (exact,
+/// or with `sync_lag`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CounterSharing {
@@ -199,6 +211,9 @@ impl Scenario {
         }
         if self.gateway.replicas == 0 {
             return Err("`gateway.replicas` must be at least 1".into());
+        }
+        if self.gateway.sync_lag.is_some() && self.gateway.counters == CounterSharing::Local {
+            return Err("`gateway.sync_lag` is the lag of a shared store: set `counters = \"shared\"` with it".into());
         }
         for (i, c) in self.clients.iter().enumerate() {
             if c.callers == 0 || !(0.0..=1.0).contains(&c.stream_share) {
