@@ -9,10 +9,15 @@ pub mod usage;
 
 pub use config::ProxyConfig;
 
+use axum::extract::ConnectInfo;
 use axum::routing::{any, get};
 use axum::Router;
-use std::net::SocketAddr;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use std::sync::Arc;
+use std::time::Duration;
+use tower_service::Service;
 
 /// The client-facing router.
 pub fn router(proxy: Arc<server::Proxy>) -> Router {
@@ -42,15 +47,73 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let admin_rx = rx.clone();
-    let front = axum::serve(listener, router(proxy.clone()).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(wait(rx));
+    let client_timeout = proxy.client_timeout();
+    let front = serve_front(listener, router(proxy.clone()), client_timeout, wait(rx));
     let back = axum::serve(admin, admin_router(proxy)).with_graceful_shutdown(wait(admin_rx));
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);
     });
-    let (a, b) = tokio::join!(front, back);
+    let (a, b) = tokio::join!(front, async move { back.await });
     a.and(b)
+}
+
+/// The client-facing accept loop: HTTP/1.1 and HTTP/2 on one port, each
+/// connection told its peer's address. A client gets `client_timeout` to send a
+/// request's headers, which also closes keep-alive connections idle that long
+/// (hyper starts the clock whenever it waits for a request head); HTTP/2 peers
+/// that stop answering pings are dropped.
+async fn serve_front(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    client_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(client_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(client_timeout / 2))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: axum::http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().call(request)
+        });
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            // The first bytes decide HTTP/1 or HTTP/2 before hyper's own clock
+            // runs: a client that sends nothing at all is timed out here.
+            let mut first = [0u8; 1];
+            if !matches!(tokio::time::timeout(client_timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
+                return;
+            }
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "client connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 async fn wait(mut rx: tokio::sync::watch::Receiver<bool>) {

@@ -102,6 +102,11 @@ impl Proxy {
         Ok(Proxy { needs_estimate, config, pipelines, keys, client, epoch: Instant::now(), epoch_unix, metrics })
     }
 
+    /// How long a client may take to send a request's headers or body.
+    pub fn client_timeout(&self) -> std::time::Duration {
+        self.config.client_timeout.0.into_std()
+    }
+
     fn now(&self) -> Nanos {
         self.epoch_unix + Nanos(self.epoch.elapsed().as_nanos() as u64)
     }
