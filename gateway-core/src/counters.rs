@@ -1,7 +1,8 @@
 //! A map from key to counter state with eviction of idle counters.
 //!
-//! Counters live in a hash table, and a hashed timing wheel holds every one
-//! once, in the bucket of the instant it is next due for an idle check. When a bucket's time has passed, each of its counters
+//! Counters live in a slab; a hash table maps a key's hash to its slot, and a
+//! hashed timing wheel holds every slot once, in the bucket of the instant it is
+//! next due for an idle check. When a bucket's time has passed, each of its counters
 //! is asked when it becomes idle (indistinguishable from a fresh one); if that time
 //! has passed it is removed, else it moves to the bucket of that instant. Memory is
 //! thus bounded by the keys active within the last period (plus one bucket), and
@@ -36,28 +37,20 @@ pub trait Renew {
 
 struct Slot<S> {
     hash: u64,
-    /// Unique for the map's life: what the wheel knows a slot by.
-    id: u64,
     key: CompactString,
     /// When the wheel next looks at this counter.
     due: Nanos,
     state: S,
 }
 
-/// A wheel entry: a slot's hash (to find it) and id (to know it).
-type Scheduled = (u64, u64);
-
-/// States of removed counters kept for reuse, at most this many.
-const SPARE_STATES: usize = 1024;
-
 pub struct CounterMap<S> {
     hasher: FixedHasher,
-    /// The counters themselves, in the table: a lookup touches the table's control
-    /// bytes and the slot, nothing else.
-    table: HashTable<Slot<S>>,
-    next_id: u64,
-    spare: Vec<S>,
-    wheel: Vec<Vec<Scheduled>>,
+    /// Slot numbers by key hash: four bytes an entry, so growing it is cheap.
+    index: HashTable<u32>,
+    /// The counters; a freed slot keeps its state's buffers for the next key.
+    slots: Vec<Slot<S>>,
+    free: Vec<u32>,
+    wheel: Vec<Vec<u32>>,
     /// The absolute number (instant >> BUCKET_SHIFT) of the next bucket to walk.
     cursor: u64,
 }
@@ -68,60 +61,64 @@ impl<S: Renew> CounterMap<S> {
     pub fn new(hash_seed: u64) -> CounterMap<S> {
         CounterMap {
             hasher: FixedHasher::with_seed(hash_seed),
-            table: HashTable::new(),
-            next_id: 0,
-            spare: Vec::new(),
+            index: HashTable::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             wheel: Vec::new(),
             cursor: 0,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.index.is_empty()
     }
 
     pub fn get(&self, key: &str) -> Option<&S> {
         let hash = self.hasher.hash_one(key);
-        self.table.find(hash, |slot| slot.key == key).map(|slot| &slot.state)
+        let &i = self.index.find(hash, |&i| self.slots[i as usize].key == key)?;
+        Some(&self.slots[i as usize].state)
     }
 
     /// The counter for `key`, created fresh (and scheduled for an idle check at
     /// `now`) when absent.
     pub fn entry(&mut self, now: Nanos, key: &str, fresh: impl FnOnce() -> S) -> &mut S {
         let hash = self.hasher.hash_one(key);
-        // Looked up twice on a miss: the borrow checker cannot yet return the
-        // first lookup's borrow on one branch and insert on the other.
-        if self.table.find(hash, |slot| slot.key == key).is_none() {
-            self.insert(now, hash, key, fresh());
+        let slots = &self.slots;
+        if let Some(&i) = self.index.find(hash, |&i| slots[i as usize].key == key) {
+            return &mut self.slots[i as usize].state;
         }
-        &mut self.table.find_mut(hash, |slot| slot.key == key).expect("present").state
+        let i = self.allocate(hash, key, now, fresh());
+        let slots = &self.slots;
+        self.index.insert_unique(hash, i, |&j| slots[j as usize].hash);
+        self.schedule(i, now);
+        &mut self.slots[i as usize].state
     }
 
-    fn insert(&mut self, now: Nanos, hash: u64, key: &str, fresh: S) {
-        let state = match self.spare.pop() {
-            Some(mut state) => {
-                state.renew(fresh);
-                state
-            }
-            None => fresh,
-        };
-        let id = self.next_id;
-        self.next_id += 1;
-        let slot = Slot { hash, id, key: CompactString::from(key), due: now, state };
-        self.table.insert_unique(hash, slot, |s| s.hash);
-        self.schedule((hash, id), now);
+    fn allocate(&mut self, hash: u64, key: &str, now: Nanos, state: S) -> u32 {
+        if let Some(i) = self.free.pop() {
+            let slot = &mut self.slots[i as usize];
+            slot.hash = hash;
+            slot.key.clear();
+            slot.key.push_str(key);
+            slot.due = now;
+            slot.state.renew(state);
+            return i;
+        }
+        self.slots.push(Slot { hash, key: CompactString::from(key), due: now, state });
+        u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 counters")
     }
 
-    fn schedule(&mut self, entry: Scheduled, due: Nanos) {
+    fn schedule(&mut self, i: u32, due: Nanos) {
         if self.wheel.is_empty() {
             self.wheel = vec![Vec::new(); WHEEL_BUCKETS];
             self.cursor = bucket_of(due);
         }
-        self.wheel[bucket_of(due) as usize % WHEEL_BUCKETS].push(entry);
+        self.slots[i as usize].due = due;
+        self.wheel[bucket_of(due) as usize % WHEEL_BUCKETS].push(i);
     }
 
     /// Removes the counters idle at `now` whose buckets have passed; reschedules
@@ -144,26 +141,18 @@ impl<S: Renew> CounterMap<S> {
         let end = Nanos((number + 1) << BUCKET_SHIFT);
         let position = number as usize % WHEEL_BUCKETS;
         let mut list = std::mem::take(&mut self.wheel[position]);
-        for (hash, id) in list.drain(..) {
-            let Ok(mut entry) = self.table.find_entry(hash, |slot| slot.id == id) else {
-                debug_assert!(false, "every scheduled slot is in the table");
-                continue;
-            };
-            let slot = entry.get_mut();
+        for i in list.drain(..) {
+            let slot = &self.slots[i as usize];
             if slot.due >= end {
                 // Due in a later turn of the wheel.
-                self.wheel[position].push((hash, id));
+                self.wheel[position].push(i);
                 continue;
             }
             let idle = idle_at(&slot.state);
-            if idle > now {
-                slot.due = idle;
-                self.schedule((hash, id), idle);
-                continue;
-            }
-            let (slot, _) = entry.remove();
-            if self.spare.len() < SPARE_STATES {
-                self.spare.push(slot.state);
+            if idle <= now {
+                self.remove(i);
+            } else {
+                self.schedule(i, idle);
             }
         }
         if self.wheel[position].is_empty() {
@@ -172,18 +161,28 @@ impl<S: Renew> CounterMap<S> {
         }
     }
 
+    fn remove(&mut self, i: u32) {
+        let hash = self.slots[i as usize].hash;
+        match self.index.find_entry(hash, |&j| j == i) {
+            Ok(entry) => {
+                entry.remove();
+            }
+            Err(_) => debug_assert!(false, "every scheduled slot is indexed"),
+        }
+        self.free.push(i);
+    }
+
     /// An instant at which `evict` has work: the end of the first bucket holding a
     /// counter due in the current turn, or one turn ahead when all are due later.
     pub fn next_deadline(&self) -> Option<Nanos> {
-        if self.table.is_empty() {
+        if self.index.is_empty() {
             return None;
         }
         let turn = self.cursor..self.cursor + WHEEL_BUCKETS as u64;
         for number in turn.clone() {
             let end = Nanos((number + 1) << BUCKET_SHIFT);
             let bucket = &self.wheel[number as usize % WHEEL_BUCKETS];
-            let due = |&(hash, id): &Scheduled| self.table.find(hash, |s| s.id == id).map(|s| s.due);
-            if bucket.iter().any(|e| due(e).is_some_and(|d| d < end)) {
+            if bucket.iter().any(|&i| self.slots[i as usize].due < end) {
                 return Some(end);
             }
         }
@@ -227,9 +226,9 @@ mod tests {
         map.evict(Nanos::from_secs(1_000), |&idle| Nanos(idle));
         assert!(map.is_empty());
         assert_eq!(map.next_deadline(), None);
-        assert_eq!(map.spare.len(), 100, "removed states are kept for reuse");
+        let before = map.slots.len();
         *map.entry(Nanos::from_secs(1_000), "again", || 5) += 1;
-        assert_eq!(map.spare.len(), 99);
+        assert_eq!(map.slots.len(), before, "a freed slot is reused");
         assert_eq!(map.get("again"), Some(&6));
     }
 
