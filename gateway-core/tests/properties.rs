@@ -230,8 +230,7 @@ fn replay_shared(gateways: &mut [Gateway], calls: &[(u64, usize, u64, u16, u64, 
             seen.push(format!("{i} out {:?}", done.headers));
         }
         while let Some(delta) = gateways[g].poll_delta() {
-            for (other, gw) in gateways.iter_mut().enumerate().filter(|&(o, _)| o != g) {
-                let _ = other;
+            for (_, gw) in gateways.iter_mut().enumerate().filter(|&(o, _)| o != g) {
                 gw.handle_delta(Nanos(now), &delta);
             }
         }
