@@ -11,6 +11,18 @@ use std::collections::VecDeque;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId(pub u64);
 
+impl RequestId {
+    /// The slot half: unique among one gateway's requests in flight, so drivers
+    /// may index their own per-request state by it.
+    pub fn slot(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+
+    fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
 /// What the pipeline decided for a request on its way in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestDecision {
@@ -431,14 +443,14 @@ impl Gateway {
     }
 
     fn release(&mut self, id: RequestId) -> Option<Ledger> {
-        let index = (id.0 & 0xffff_ffff) as u32;
-        let slot = self.slots.get_mut(index as usize)?;
-        if u64::from(slot.generation) != id.0 >> 32 {
+        let index = id.slot();
+        let slot = self.slots.get_mut(index)?;
+        if slot.generation != id.generation() {
             return None;
         }
         let ledger = slot.ledger.take()?;
         slot.generation = slot.generation.wrapping_add(1);
-        self.free_slots.push(index);
+        self.free_slots.push(index as u32);
         self.in_flight -= 1;
         Some(ledger)
     }
@@ -541,8 +553,7 @@ fn check_quota(
     let Counters::Fixed { grid, map, .. } = &mut classes[class] else {
         unreachable!("quotas compile to fixed windows")
     };
-    let window = map.entry(now, key, FixedWindow::default);
-    window.roll(grid.index(now));
+    let window = window_entry(map, *grid, now, key);
     let retry_after = grid.window_end(now).map(|end| end.saturating_sub(now).retry_after_secs());
     if q.calls.is_some_and(|calls| (window.calls - own) + q.increment_count > calls) {
         return Err(reject(RejectReason::CallQuota, index, retry_after, None));
@@ -698,8 +709,7 @@ fn finish_quota(
     let Counters::Fixed { grid, map, .. } = &mut classes[class] else {
         unreachable!("quotas compile to fixed windows")
     };
-    let window = map.entry(now, key, FixedWindow::default);
-    window.roll(grid.index(now));
+    let window = window_entry(map, *grid, now, key);
     if count_calls {
         window.calls += q.increment_count;
         ledger.effects.note(class, index, Amount::Calls, q.increment_count);
@@ -869,18 +879,10 @@ impl Counters {
                 bucket.refill(*shape, now);
                 bucket.give_back(*shape, amount);
             }
-            (Counters::Fixed { grid, map, .. }, change @ (Change::Count(_) | Change::Bytes(_))) => {
-                if grid.index(delta.at) != grid.index(now) {
-                    return;
-                }
-                let window = map.entry(now, key, FixedWindow::default);
-                window.roll(grid.index(now));
-                match change {
-                    Change::Count(n) => window.calls += n,
-                    Change::Bytes(n) => window.bytes += n,
-                    Change::Uncount { .. } => unreachable!("matched above"),
-                }
-            }
+            // A change made in a window that has since ended is moot.
+            (Counters::Fixed { grid, .. }, _) if grid.index(delta.at) != grid.index(now) => {}
+            (Counters::Fixed { grid, map, .. }, Change::Count(n)) => window_entry(map, *grid, now, key).calls += n,
+            (Counters::Fixed { grid, map, .. }, Change::Bytes(n)) => window_entry(map, *grid, now, key).bytes += n,
             (Counters::Calendar { period, map, .. }, Change::Count(n)) => {
                 let count = calendar_entry(map, *period, now, key);
                 if period.bounds(delta.at).1 == count.period_end {
@@ -972,6 +974,18 @@ impl Counters {
             _ => unreachable!("tokens per minute are sliding or bucket counters"),
         }
     }
+}
+
+/// The counter of `key`'s current fixed window.
+fn window_entry<'m>(
+    map: &'m mut CounterMap<FixedWindow>,
+    grid: WindowGrid,
+    now: Nanos,
+    key: &str,
+) -> &'m mut FixedWindow {
+    let window = map.entry(now, key, FixedWindow::default);
+    window.roll(grid.index(now));
+    window
 }
 
 fn calendar_entry<'m>(

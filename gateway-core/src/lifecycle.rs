@@ -387,12 +387,8 @@ impl Pipeline {
         }
     }
 
-    fn slot(id: RequestId) -> usize {
-        (id.0 & 0xffff_ffff) as usize
-    }
-
     fn insert(&mut self, flight: Flight) {
-        let slot = Self::slot(flight.id);
+        let slot = flight.id.slot();
         if self.flights.len() <= slot {
             self.flights.resize_with(slot + 1, || None);
         }
@@ -401,7 +397,7 @@ impl Pipeline {
     }
 
     fn take(&mut self, id: RequestId) -> Result<Flight, CoreError> {
-        let slot = self.flights.get_mut(Self::slot(id)).ok_or(CoreError::UnknownRequest(id))?;
+        let slot = self.flights.get_mut(id.slot()).ok_or(CoreError::UnknownRequest(id))?;
         match slot {
             Some(flight) if flight.id == id => Ok(slot.take().expect("just matched")),
             _ => Err(CoreError::UnknownRequest(id)),

@@ -15,6 +15,7 @@ use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 use tower_service::Service;
@@ -54,7 +55,7 @@ pub async fn serve(
         shutdown.await;
         let _ = tx.send(true);
     });
-    let (a, b) = tokio::join!(front, async move { back.await });
+    let (a, b) = tokio::join!(front, back.into_future());
     a.and(b)
 }
 

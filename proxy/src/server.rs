@@ -154,7 +154,7 @@ async fn admit(proxy: &Proxy, peer: SocketAddr, request: Request<Body>) -> Resul
     }
     let (subscription, product) = subscription(proxy, &parts.headers, &parts.uri).map_err(KeyRefusal::response)?;
     let limit = proxy.config.max_body_bytes;
-    let read = tokio::time::timeout(proxy.config.client_timeout.0.into_std(), axum::body::to_bytes(body, limit));
+    let read = tokio::time::timeout(proxy.client_timeout(), axum::body::to_bytes(body, limit));
     let body = match read.await {
         Err(_) => return Err(apim_error(StatusCode::REQUEST_TIMEOUT, "Request timed out")),
         Ok(Err(_)) => return Err(apim_error(StatusCode::PAYLOAD_TOO_LARGE, "Request entity too large")),

@@ -359,15 +359,15 @@ impl<'s> Engine<'s> {
 
     fn insert_flight(&mut self, replica: usize, id: RequestId, flight: InFlight) {
         let flights = &mut self.flights[replica];
-        if flights.len() <= slot(id) {
-            flights.resize_with(slot(id) + 1, || None);
+        if flights.len() <= id.slot() {
+            flights.resize_with(id.slot() + 1, || None);
         }
-        debug_assert!(flights[slot(id)].is_none(), "the gateway hands out each live slot once");
-        flights[slot(id)] = Some(flight);
+        debug_assert!(flights[id.slot()].is_none(), "the gateway hands out each live slot once");
+        flights[id.slot()] = Some(flight);
     }
 
     fn flight(&self, replica: usize, id: RequestId) -> &InFlight {
-        let flight = self.flights[replica][slot(id)].as_ref().expect("in flight");
+        let flight = self.flights[replica][id.slot()].as_ref().expect("in flight");
         debug_assert_eq!(flight.id, id);
         flight
     }
@@ -399,7 +399,7 @@ impl<'s> Engine<'s> {
 
     fn send(&mut self, now: Nanos, replica: usize, id: RequestId, backend: usize) {
         let timeout = Nanos::from_secs(self.scenario.gateway.routing.timeout);
-        let flight = self.flights[replica][slot(id)].as_mut().expect("in flight");
+        let flight = self.flights[replica][id.slot()].as_mut().expect("in flight");
         let call = &flight.call;
         let request = ModelRequest {
             operation: Operation::ChatCompletions,
@@ -436,7 +436,7 @@ impl<'s> Engine<'s> {
 
     fn finish(&mut self, now: Nanos, replica: usize, id: Option<RequestId>, finished: Finished) {
         let flight =
-            id.and_then(|id| self.flights[replica][slot(id)].take()).expect("a finished request was in flight");
+            id.and_then(|id| self.flights[replica][id.slot()].take()).expect("a finished request was in flight");
         debug_assert_eq!(Some(flight.id), id);
         self.record(now, flight.order, &flight.call, flight.arrived, &finished);
     }
@@ -488,11 +488,6 @@ impl<'s> Engine<'s> {
         self.recorder.sdk_retry(call.client);
         self.push(now + wait, Event::Arrive(Box::new(next)));
     }
-}
-
-/// The slot half of a `RequestId`.
-fn slot(id: RequestId) -> usize {
-    (id.0 & 0xffff_ffff) as usize
 }
 
 /// `10.{client}.{caller / 256}.{caller % 256}`, written without the formatting
