@@ -32,12 +32,26 @@ pub fn run(options: Options<'_>) -> Result<()> {
         config.admin = admin;
     }
     init_logs(options.log_json);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = options.threads {
-        builder.worker_threads(n.max(1));
+    let threads = options.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let listener = bind(&config.listen)?;
+    let admin = bind(&config.admin)?;
+    let (front, back) = (listener.local_addr()?, admin.local_addr()?);
+    let proxy = Arc::new(proxy::server::Proxy::new(config).map_err(anyhow::Error::msg)?);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening on http://{front}")?;
+    writeln!(out, "admin on http://{back}")?;
+    out.flush()?;
+    drop(out);
+    let grace = options.shutdown_grace;
+    let finished = proxy::run_threads(proxy, listener, admin, threads.max(1), crate::mock::shutdown_signal(), grace)?;
+    if !finished {
+        eprintln!("shutdown: requests still in flight after {} s; exiting", grace.as_secs());
     }
-    let runtime = builder.enable_all().build().context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, options.shutdown_grace))
+    Ok(())
+}
+
+fn bind(address: &str) -> Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(address).with_context(|| format!("cannot listen on {address}"))
 }
 
 fn init_logs(json: bool) {
@@ -48,39 +62,4 @@ fn init_logs(json: bool) {
         true => builder.json().try_init(),
         false => builder.try_init(),
     };
-}
-
-async fn serve(config: ProxyConfig, grace: Duration) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let admin = tokio::net::TcpListener::bind(&config.admin)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.admin))?;
-    let (front, back) = (listener.local_addr()?, admin.local_addr()?);
-    let proxy = Arc::new(proxy::server::Proxy::new(config).map_err(anyhow::Error::msg)?);
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "listening on http://{front}")?;
-    writeln!(out, "admin on http://{back}")?;
-    out.flush()?;
-    drop(out);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        crate::mock::shutdown_signal().await;
-        let _ = stop_tx.send(());
-    };
-    let serving = proxy::serve(proxy, listener, admin, signal);
-    tokio::pin!(serving);
-    tokio::select! {
-        result = &mut serving => return Ok(result?),
-        _ = stop_rx => {}
-    }
-    // Stopped accepting: in-flight requests and streams get `grace` to finish.
-    match tokio::time::timeout(grace, serving).await {
-        Ok(result) => Ok(result?),
-        Err(_) => {
-            eprintln!("shutdown: requests still in flight after {} s; exiting", grace.as_secs());
-            Ok(())
-        }
-    }
 }

@@ -142,3 +142,54 @@ async fn a_primary_outage_fails_over_to_the_secondary_and_no_key_is_401() {
     assert_eq!(keyless.status(), 401);
     assert!(keyless.text().await.unwrap().contains("missing subscription key"));
 }
+
+/// A mock that takes `ttft_ms` before it answers.
+fn slow_mock(ttft_ms: u64) -> (Process, TempFile) {
+    let path = TempFile(std::env::temp_dir().join(format!("aigw-{}-slow-mock.toml", std::process::id())));
+    let config = format!(
+        "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 1000000000\n\
+         completion_tokens = {{ fixed = 5 }}\nlatency = {{ ttft_ms = {{ fixed = {ttft_ms} }}, per_token_ms = {{ fixed = 0 }} }}\n"
+    );
+    std::fs::write(&path.0, config).unwrap();
+    let mock = spawn(&["mock", "--config", path.0.to_str().unwrap(), "--listen", "127.0.0.1:0"], 1);
+    (mock, path)
+}
+
+/// A file removed when the test ends.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_lets_the_call_in_flight_finish_and_exits_0() {
+    let (mock, _config) = slow_mock(1500);
+    let backend = format!("primary={}", mock.urls[0]);
+    let mut proxy = spawn(
+        &["proxy", "--config", "examples/proxy.toml", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+            .into_iter()
+            .chain(["--backend", &backend, "--threads", "2"])
+            .collect::<Vec<_>>(),
+        2,
+    );
+    let url = format!("{}{CHAT}", proxy.urls[0]);
+    let client = reqwest::Client::new();
+    let body = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5});
+    let in_flight = tokio::spawn(client.post(&url).header("api-key", "demo-key").json(&body).send());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let pid = i32::try_from(proxy.child.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let refused = reqwest::Client::new().post(&url).header("api-key", "demo-key").json(&body).send().await;
+    assert!(refused.as_ref().is_err_and(|e| e.is_connect()), "a new call after SIGTERM: {refused:?}");
+    let answered = in_flight.await.unwrap().expect("the call in flight is answered");
+    assert_eq!(answered.status(), 200);
+    let usage: Value = answered.json().await.unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+    let status = proxy.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+}

@@ -9,21 +9,17 @@ pub mod usage;
 
 pub use config::ProxyConfig;
 
-use axum::extract::ConnectInfo;
-use axum::routing::{any, get};
+use axum::body::Body;
+use axum::routing::get;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use std::future::IntoFuture;
+use server::Worker;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
-use tower_service::Service;
-
-/// The client-facing router.
-pub fn router(proxy: Arc<server::Proxy>) -> Router {
-    Router::new().fallback(any(server::handle)).with_state(proxy)
-}
+use tokio::sync::watch;
 
 /// The admin router: `/metrics`, `/healthz`, `/readyz`.
 pub fn admin_router(proxy: Arc<server::Proxy>) -> Router {
@@ -38,18 +34,19 @@ async fn metrics(axum::extract::State(proxy): axum::extract::State<Arc<server::P
     proxy.render_metrics()
 }
 
-/// Serves both listeners until `shutdown` completes; requests and streams in
-/// progress then finish (the caller bounds how long with its own deadline).
+/// Serves both listeners on the current runtime until `shutdown` completes;
+/// requests and streams in progress then finish (the caller bounds how long
+/// with its own deadline). Tests use this; `aigw proxy` runs [`run_threads`].
 pub async fn serve(
     proxy: Arc<server::Proxy>,
     listener: tokio::net::TcpListener,
     admin: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (tx, rx) = watch::channel(false);
     let admin_rx = rx.clone();
     let client_timeout = proxy.client_timeout();
-    let front = serve_front(listener, router(proxy.clone()), client_timeout, wait(rx));
+    let front = serve_front(listener, Worker::new(proxy.clone()), client_timeout, wait(rx));
     let back = axum::serve(admin, admin_router(proxy)).with_graceful_shutdown(wait(admin_rx));
     tokio::spawn(async move {
         shutdown.await;
@@ -59,6 +56,62 @@ pub async fn serve(
     a.and(b)
 }
 
+/// Runs the proxy as nginx runs its workers: `threads` OS threads, each with a
+/// single-threaded runtime that accepts from the shared listening socket and
+/// keeps its connections, both client and backend, to itself, so a request
+/// never wakes another thread. The admin server and `shutdown` run on the
+/// calling thread. When `shutdown` completes, every thread stops accepting and
+/// requests in flight get `grace` to finish; returns whether they all did.
+pub fn run_threads(
+    proxy: Arc<server::Proxy>,
+    listener: std::net::TcpListener,
+    admin: std::net::TcpListener,
+    threads: usize,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<bool> {
+    assert!(threads > 0, "at least one worker thread");
+    listener.set_nonblocking(true)?;
+    admin.set_nonblocking(true)?;
+    let (tx, rx) = watch::channel(false);
+    let mut done = Vec::with_capacity(threads);
+    for i in 0..threads {
+        // Set up here, so that a failure is reported before anything is served.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener.try_clone()?)?
+        };
+        let (finished, finished_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+        let (proxy, stop) = (proxy.clone(), wait(rx.clone()));
+        std::thread::Builder::new().name(format!("aigw-worker-{i}")).spawn(move || {
+            let client_timeout = proxy.client_timeout();
+            let serving = runtime.block_on(serve_front(listener, Worker::new(proxy), client_timeout, stop));
+            let _ = finished.send(serving);
+        })?;
+        done.push(finished_rx);
+    }
+    drop(listener);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let admin = tokio::net::TcpListener::from_std(admin)?;
+        let back = axum::serve(admin, admin_router(proxy)).with_graceful_shutdown(wait(rx));
+        let back = tokio::spawn(back.into_future());
+        shutdown.await;
+        let _ = tx.send(true);
+        let all = async {
+            for worker in done {
+                worker.await.unwrap_or(Ok(()))?;
+            }
+            back.await.unwrap_or(Ok(()))
+        };
+        match tokio::time::timeout(grace, all).await {
+            Ok(result) => result.map(|()| true),
+            Err(_) => Ok(false),
+        }
+    })
+}
+
 /// The client-facing accept loop: HTTP/1.1 and HTTP/2 on one port, each
 /// connection told its peer's address. A client gets `client_timeout` to send a
 /// request's headers, which also closes keep-alive connections idle that long
@@ -66,9 +119,9 @@ pub async fn serve(
 /// that stop answering pings are dropped.
 async fn serve_front(
     listener: tokio::net::TcpListener,
-    app: Router,
+    worker: Worker,
     client_timeout: Duration,
-    stop: impl std::future::Future<Output = ()>,
+    stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(client_timeout);
@@ -93,10 +146,12 @@ async fn serve_front(
             _ = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = hyper::service::service_fn(move |mut request: axum::http::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().call(request)
+        let (worker, client) = (worker.clone(), Arc::new(server::Peer::new(peer)));
+        let service = hyper::service::service_fn(move |request: axum::http::Request<hyper::body::Incoming>| {
+            // Boxed: the request's future is a few kilobytes, and hyper would
+            // otherwise move it by value more than once.
+            let response = Box::pin(server::handle(worker.clone(), client.clone(), request.map(Body::new)));
+            async move { Ok::<_, std::convert::Infallible>(response.await) }
         });
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
@@ -117,6 +172,6 @@ async fn serve_front(
     Ok(())
 }
 
-async fn wait(mut rx: tokio::sync::watch::Receiver<bool>) {
+async fn wait(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }

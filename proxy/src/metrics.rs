@@ -49,7 +49,8 @@ struct Inner {
     refused: BTreeMap<u16, u64>,
     /// (subscription, backend, kind) → tokens, by config index.
     tokens: BTreeMap<(usize, usize, &'static str), u64>,
-    attempts: BTreeMap<String, u64>,
+    /// Attempts by backend, by config index.
+    attempts: Vec<u64>,
     retries: u64,
     failovers: u64,
     total: Histogram,
@@ -82,7 +83,7 @@ fn reason(record: &OutcomeRecord) -> &'static str {
 impl Metrics {
     pub fn new(config: &ProxyConfig) -> Metrics {
         Metrics {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner { attempts: vec![0; config.routing.backends.len()], ..Inner::default() }),
             products: config.products.iter().map(|p| p.name.clone()).collect(),
             subscriptions: config.subscriptions.iter().map(|s| s.id.clone()).collect(),
             backends: config.routing.backends.iter().map(|b| b.id.clone()).collect(),
@@ -98,7 +99,8 @@ impl Metrics {
     }
 
     pub fn attempt(&self, backend: &str) {
-        *self.lock().attempts.entry(backend.to_owned()).or_default() += 1;
+        let Some(i) = self.backends.iter().position(|b| b == backend) else { return };
+        self.lock().attempts[i] += 1;
     }
 
     /// One finished request: its outcome record and its wall time since arrival.
@@ -146,7 +148,7 @@ impl Metrics {
             let _ = writeln!(out, "aigw_tokens_total{{key=\"{key}\",backend=\"{backend}\",kind=\"{kind}\"}} {n}");
         }
         out.push_str("# HELP aigw_backend_attempts_total Attempts sent to each backend.\n# TYPE aigw_backend_attempts_total counter\n");
-        for (backend, n) in &m.attempts {
+        for (backend, n) in self.backends.iter().zip(&m.attempts).filter(|(_, n)| **n > 0) {
             let _ = writeln!(out, "aigw_backend_attempts_total{{backend=\"{backend}\"}} {n}");
         }
         let _ = writeln!(out, "# HELP aigw_retries_total Retries decided by the policy.\n# TYPE aigw_retries_total counter\naigw_retries_total {}", m.retries);

@@ -5,7 +5,6 @@ use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 use crate::usage::{self, StreamTracker};
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use futures_util::StreamExt;
 use gateway_core::routing::{parse_retry_after, Attempt, AttemptOutcome, Credential};
@@ -31,9 +30,10 @@ pub struct Proxy {
     /// Per product: whether a limit reads the prompt estimate (so it is counted
     /// before forwarding rather than only when a stream needs it).
     needs_estimate: Vec<bool>,
+    /// Per product: whether a limit reserves `max_tokens` (so the body is read for it).
+    needs_max_tokens: Vec<bool>,
     /// (key, subscription index), looked up by key.
     keys: Vec<(String, usize)>,
-    client: HttpsClient,
     epoch: Instant,
     epoch_unix: Nanos,
     pub metrics: Metrics,
@@ -75,31 +75,23 @@ impl Proxy {
                 key.map(|k| (k, i))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .build();
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         let epoch_unix = Nanos(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
         let metrics = Metrics::new(&config);
-        let needs_estimate = config
-            .products
-            .iter()
-            .map(|p| {
-                p.policy().limits.iter().any(|l| match l {
-                    gateway_core::Limit::AzureOpenAiTokenLimit(t) | gateway_core::Limit::LlmTokenLimit(t) => {
-                        t.estimate_prompt_tokens || t.reserve
-                    }
-                    _ => false,
-                })
-            })
-            .collect();
+        let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
+        let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
         // Load both vocabularies now, not on the first request (they take a while).
         mock_aoai::tokens::count("gpt-4o", "warm up");
         mock_aoai::tokens::count("gpt-35-turbo", "warm up");
-        Ok(Proxy { needs_estimate, config, pipelines, keys, client, epoch: Instant::now(), epoch_unix, metrics })
+        Ok(Proxy {
+            needs_estimate,
+            needs_max_tokens,
+            config,
+            pipelines,
+            keys,
+            epoch: Instant::now(),
+            epoch_unix,
+            metrics,
+        })
     }
 
     /// How long a client may take to send a request's headers or body.
@@ -121,6 +113,44 @@ impl Proxy {
     }
 }
 
+/// Per product: whether one of its token limits is `wanted`.
+fn any_token_limit(config: &ProxyConfig, wanted: impl Fn(&gateway_core::TokenLimit) -> bool) -> Vec<bool> {
+    let token_limit = |l: &gateway_core::Limit| match l {
+        gateway_core::Limit::AzureOpenAiTokenLimit(t) | gateway_core::Limit::LlmTokenLimit(t) => wanted(t),
+        _ => false,
+    };
+    config.products.iter().map(|p| p.policy().limits.iter().any(token_limit)).collect()
+}
+
+/// One front-end thread's view of the proxy: the shared policy state, and a
+/// backend connection pool of the thread's own. A pool shared across threads
+/// would drive each connection from the thread that opened it, so every
+/// request would wake another thread twice.
+#[derive(Clone)]
+pub struct Worker {
+    pub proxy: Arc<Proxy>,
+    client: HttpsClient,
+}
+
+impl Worker {
+    /// A worker whose backend connections run on the current Tokio runtime.
+    pub fn new(proxy: Arc<Proxy>) -> Worker {
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        // Requests go out whole, at once: Nagle would hold a small write back
+        // until the backend acknowledged the previous one.
+        tcp.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(tcp);
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        Worker { proxy, client }
+    }
+}
+
 fn apim_error(status: StatusCode, message: &str) -> Response<Body> {
     // APIM's own error bodies: `statusCode` first, with its spacing.
     let message = serde_json::Value::String(message.to_owned());
@@ -131,22 +161,20 @@ fn apim_error(status: StatusCode, message: &str) -> Response<Body> {
     r
 }
 
-pub async fn handle(
-    State(proxy): State<Arc<Proxy>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request<Body>,
-) -> Response<Body> {
-    let admitted = match admit(&proxy, peer, request).await {
+/// Answers one client request.
+pub async fn handle(worker: Worker, peer: Arc<Peer>, request: Request<Body>) -> Response<Body> {
+    let Worker { proxy, client } = worker;
+    let admitted = match admit(&proxy, &peer, request).await {
         Ok(a) => a,
         Err(response) => {
             proxy.metrics.refused(response.status().as_u16());
             return response;
         }
     };
-    drive(proxy, admitted).await
+    drive(proxy, &client, admitted).await
 }
 
-async fn admit(proxy: &Proxy, peer: SocketAddr, request: Request<Body>) -> Result<Admitted, Response<Body>> {
+async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Admitted, Response<Body>> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     if !parts.uri.path().starts_with("/openai/") {
@@ -154,8 +182,7 @@ async fn admit(proxy: &Proxy, peer: SocketAddr, request: Request<Body>) -> Resul
     }
     let (subscription, product) = subscription(proxy, &parts.headers, &parts.uri).map_err(KeyRefusal::response)?;
     let limit = proxy.config.max_body_bytes;
-    let read = tokio::time::timeout(proxy.client_timeout(), axum::body::to_bytes(body, limit));
-    let body = match read.await {
+    let body = match within(proxy.client_timeout(), axum::body::to_bytes(body, limit)).await {
         Err(_) => return Err(apim_error(StatusCode::REQUEST_TIMEOUT, "Request timed out")),
         Ok(Err(_)) => return Err(apim_error(StatusCode::PAYLOAD_TOO_LARGE, "Request entity too large")),
         Ok(Ok(body)) => body,
@@ -167,8 +194,13 @@ async fn admit(proxy: &Proxy, peer: SocketAddr, request: Request<Body>) -> Resul
         max_tokens: Option<u64>,
         max_completion_tokens: Option<u64>,
     }
-    let fields: Fields = serde_json::from_slice(&body).unwrap_or_default();
-    let max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
+    let max_tokens = match proxy.needs_max_tokens[product] {
+        true => {
+            let fields: Fields = serde_json::from_slice(&body).unwrap_or_default();
+            fields.max_completion_tokens.or(fields.max_tokens)
+        }
+        false => None,
+    };
     let prompt_tokens = proxy.needs_estimate[product].then(|| count_prompt(&model, &body));
     let s = &proxy.config.subscriptions[subscription];
     let info = RequestInfo {
@@ -215,31 +247,45 @@ impl KeyRefusal {
 }
 
 fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(usize, usize), KeyRefusal> {
-    let from_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let from_query = uri.query().and_then(|q| {
-        q.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == proxy.config.subscription_key_query))
-    });
+    let from_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let from_query = || {
+        let query = uri.query()?;
+        query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == proxy.config.subscription_key_query))
+    };
     let given = from_header(&proxy.config.subscription_key_header)
         .or_else(|| from_header("api-key"))
-        .or_else(|| from_query.map(|(_, v)| v.to_owned()));
+        .or_else(|| from_query().map(|(_, v)| v));
     let Some(given) = given else { return Err(KeyRefusal::Missing) };
     let (key, wanted_product) = match given.split_once(";product=") {
-        Some((k, p)) => (k.to_owned(), Some(p.to_owned())),
+        Some((k, p)) => (k, Some(p)),
         None => (given, None),
     };
-    let Some(&(_, index)) = proxy.keys.iter().find(|(k, _)| *k == key) else { return Err(KeyRefusal::Invalid) };
+    let Some(&(_, index)) = proxy.keys.iter().find(|(k, _)| k == key) else { return Err(KeyRefusal::Invalid) };
     let s = &proxy.config.subscriptions[index];
-    let name = match &wanted_product {
-        Some(p) if s.products.contains(p) => p,
+    let name = match wanted_product {
+        Some(p) if s.products.iter().any(|offered| offered == p) => p,
         Some(_) => return Err(KeyRefusal::Invalid),
         None => &s.products[0],
     };
-    let product = proxy.config.products.iter().position(|p| &p.name == name).expect("validated");
+    let product = proxy.config.products.iter().position(|p| p.name == name).expect("validated");
     Ok((index, product))
 }
 
-fn client_ip(trusted: &[std::net::IpAddr], peer: SocketAddr, headers: &HeaderMap) -> String {
-    if trusted.contains(&peer.ip()) {
+/// A client connection's peer, with its address written out once per
+/// connection rather than once per request.
+pub struct Peer {
+    pub addr: SocketAddr,
+    ip: String,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer { addr, ip: addr.ip().to_string() }
+    }
+}
+
+fn client_ip(trusted: &[std::net::IpAddr], peer: &Peer, headers: &HeaderMap) -> String {
+    if trusted.contains(&peer.addr.ip()) {
         let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
         // The right-most address not a trusted proxy is the client.
         if let Some(ip) = forwarded
@@ -248,7 +294,7 @@ fn client_ip(trusted: &[std::net::IpAddr], peer: SocketAddr, headers: &HeaderMap
             return ip.to_owned();
         }
     }
-    peer.ip().to_string()
+    peer.ip.clone()
 }
 
 /// The tokenizer to count with: the deployment name often is the model's.
@@ -279,8 +325,20 @@ fn prompt_tokens(model: &str, body: &serde_json::Value) -> u64 {
     body.get("prompt").or_else(|| body.get("input")).map_or(0, text)
 }
 
+/// Awaits `future` for at most `limit`. The timer is armed only when the future
+/// is not ready at once: a small body has usually arrived with its headers, and
+/// a timer costs a registration and a removal in the runtime's wheel.
+async fn within<F: std::future::Future>(limit: std::time::Duration, future: F) -> Result<F::Output, ()> {
+    let mut future = std::pin::pin!(future);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(output) = first {
+        return Ok(output);
+    }
+    tokio::time::timeout(limit, future).await.map_err(|_| ())
+}
+
 /// Carries out the pipeline's steps until the client has its answer.
-async fn drive(proxy: Arc<Proxy>, req: Admitted) -> Response<Body> {
+async fn drive(proxy: Arc<Proxy>, client: &HttpsClient, req: Admitted) -> Response<Body> {
     let mut step = proxy.pipeline(req.product).handle_request(proxy.now(), &req.info, rand::random());
     loop {
         match step {
@@ -292,7 +350,7 @@ async fn drive(proxy: Arc<Proxy>, req: Admitted) -> Response<Body> {
                 if at > proxy.now() {
                     tokio::time::sleep_until(proxy.instant_of(at)).await;
                 }
-                let (outcome, response) = send(&proxy, &req, &attempt).await;
+                let (outcome, response) = send(&proxy, client, &req, &attempt).await;
                 let next = proxy.pipeline(req.product).handle_attempt(
                     proxy.now(),
                     id,
@@ -336,6 +394,7 @@ fn forwardable(name: &HeaderName, key_header: &str) -> bool {
 
 async fn send(
     proxy: &Proxy,
+    client: &HttpsClient,
     req: &Admitted,
     attempt: &Attempt,
 ) -> (AttemptOutcome, Option<hyper::Response<hyper::body::Incoming>>) {
@@ -343,7 +402,7 @@ async fn send(
         return (AttemptOutcome::TransportFailure, None);
     };
     proxy.metrics.attempt(&attempt.backend);
-    match tokio::time::timeout(attempt.timeout.into_std(), proxy.client.request(request)).await {
+    match tokio::time::timeout(attempt.timeout.into_std(), client.request(request)).await {
         Err(_) => (AttemptOutcome::Timeout, None),
         Ok(Err(e)) => {
             // A connection that opened but answered something that is not HTTP is a
@@ -354,7 +413,7 @@ async fn send(
             (outcome, None)
         }
         Ok(Ok(response)) => {
-            let retry_after = parse_retry_after(&header_pairs(response.headers()), proxy.now());
+            let retry_after = parse_retry_after(&retry_after_headers(response.headers()), proxy.now());
             (AttemptOutcome::Response { status: response.status().as_u16(), retry_after }, Some(response))
         }
     }
@@ -394,8 +453,14 @@ fn apply_set_headers(headers: &mut HeaderMap, set: &[apim_policy::read::SetHeade
     }
 }
 
-fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
-    headers.iter().filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned()))).collect()
+/// The headers `parse_retry_after` reads; most responses have none of them.
+fn retry_after_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    const NAMES: [&str; 3] = ["retry-after-ms", "x-ms-retry-after-ms", "retry-after"];
+    headers
+        .iter()
+        .filter(|(n, _)| NAMES.contains(&n.as_str()))
+        .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
+        .collect()
 }
 
 fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<hyper::Request<Full<Bytes>>> {
@@ -452,10 +517,7 @@ async fn deliver(
         *out.body_mut() = Body::from_stream(charged_stream(body, charge));
         return out;
     }
-    let read = tokio::time::timeout(
-        attempt.timeout.into_std(),
-        http_body_util::Limited::new(body, MAX_BACKEND_BODY).collect(),
-    );
+    let read = within(attempt.timeout.into_std(), http_body_util::Limited::new(body, MAX_BACKEND_BODY).collect());
     let bytes = match read.await {
         Ok(Ok(collected)) => collected.to_bytes(),
         _ => {
