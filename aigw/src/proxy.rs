@@ -50,8 +50,26 @@ pub fn run(options: Options<'_>) -> Result<()> {
     Ok(())
 }
 
+/// A listening socket with the backlog Tokio's own `bind` gives (std's is 128,
+/// too few for a burst of new clients).
 fn bind(address: &str) -> Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(address).with_context(|| format!("cannot listen on {address}"))
+    use std::net::ToSocketAddrs;
+    let listen = |addr: std::net::SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        Ok(socket.into())
+    };
+    let mut last = None;
+    for addr in address.to_socket_addrs().with_context(|| format!("cannot listen on {address}"))? {
+        match listen(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    let error = last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing"));
+    Err(anyhow::Error::new(error).context(format!("cannot listen on {address}")))
 }
 
 fn init_logs(json: bool) {
