@@ -7,6 +7,10 @@
 use std::path::Path;
 use std::time::Instant;
 
+// The allocator `aigw` ships with, so the figures are those of `aigw simulate`.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kib = status
