@@ -74,23 +74,9 @@ pub fn run_threads(
     listener.set_nonblocking(true)?;
     admin.set_nonblocking(true)?;
     let (tx, rx) = watch::channel(false);
-    let mut done = Vec::with_capacity(threads);
-    for i in 0..threads {
-        // Set up here, so that a failure is reported before anything is served.
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let listener = {
-            let _entered = runtime.enter();
-            tokio::net::TcpListener::from_std(listener.try_clone()?)?
-        };
-        let (finished, finished_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
-        let (proxy, stop) = (proxy.clone(), wait(rx.clone()));
-        std::thread::Builder::new().name(format!("aigw-worker-{i}")).spawn(move || {
-            let client_timeout = proxy.client_timeout();
-            let serving = runtime.block_on(serve_front(listener, Worker::new(proxy), client_timeout, stop));
-            let _ = finished.send(serving);
-        })?;
-        done.push(finished_rx);
-    }
+    let done = (0..threads)
+        .map(|i| spawn_worker(i, proxy.clone(), &listener, wait(rx.clone())))
+        .collect::<std::io::Result<Vec<_>>>()?;
     drop(listener);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -110,6 +96,29 @@ pub fn run_threads(
             Err(_) => Ok(false),
         }
     })
+}
+
+/// Starts worker thread `i` on a clone of `listener`; the receiver hears how its
+/// serving ended. Everything that can fail is set up before the thread starts,
+/// so a failure is reported before anything is served.
+fn spawn_worker(
+    i: usize,
+    proxy: Arc<server::Proxy>,
+    listener: &std::net::TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::TcpListener::from_std(listener.try_clone()?)?
+    };
+    let (finished, finished_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name(format!("aigw-worker-{i}")).spawn(move || {
+        let client_timeout = proxy.client_timeout();
+        let serving = runtime.block_on(serve_front(listener, Worker::new(proxy), client_timeout, stop));
+        let _ = finished.send(serving);
+    })?;
+    Ok(finished_rx)
 }
 
 /// The client-facing accept loop: HTTP/1.1 and HTTP/2 on one port, each
@@ -146,11 +155,11 @@ async fn serve_front(
             _ = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let (worker, client) = (worker.clone(), Arc::new(server::Peer::new(peer)));
+        let (worker, from) = (worker.clone(), Arc::new(server::Peer::new(peer)));
         let service = hyper::service::service_fn(move |request: axum::http::Request<hyper::body::Incoming>| {
             // Boxed: the request's future is a few kilobytes, and hyper would
             // otherwise move it by value more than once.
-            let response = Box::pin(server::handle(worker.clone(), client.clone(), request.map(Body::new)));
+            let response = Box::pin(server::handle(worker.clone(), from.clone(), request.map(Body::new)));
             async move { Ok::<_, std::convert::Infallible>(response.await) }
         });
         let (builder, watcher) = (builder.clone(), graceful.watcher());
