@@ -9,8 +9,12 @@
 //! every operation is O(1): no heap of keys, no string comparisons beyond the one
 //! a lookup needs.
 //!
+//! A driver that holds a counter across calls (a request in flight) pins it by its
+//! [`RowId`]: a pinned counter is never removed, so the id stays valid and the way
+//! back needs no lookup.
+//!
 //! Eviction is never observable in a decision (an evicted counter is exactly a
-//! fresh one), so its granularity only changes memory. Hash-map iteration order is
+//! fresh one), so its granularity, and how long a pin delays it, only change memory. Hash-map iteration order is
 //! never observed: the wheel's buckets are walked in time order, each in the order
 //! its slots were scheduled.
 
@@ -35,11 +39,17 @@ pub trait Renew {
     fn renew(&mut self, fresh: Self);
 }
 
+/// A counter's place in its [`CounterMap`], valid while the counter is pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowId(u32);
+
 struct Slot<S> {
     hash: u64,
     key: CompactString,
     /// When the wheel next looks at this counter.
     due: Nanos,
+    /// Holders of this slot's `RowId`; a pinned counter is not removed.
+    pins: u32,
     state: S,
 }
 
@@ -86,16 +96,38 @@ impl<S: Renew> CounterMap<S> {
     /// The counter for `key`, created fresh (and scheduled for an idle check at
     /// `now`) when absent.
     pub fn entry(&mut self, now: Nanos, key: &str, fresh: impl FnOnce() -> S) -> &mut S {
+        let row = self.find_or_insert(now, key, fresh);
+        self.state_mut(row)
+    }
+
+    /// Where the counter for `key` is, created fresh when absent (see [`CounterMap::entry`]).
+    pub fn find_or_insert(&mut self, now: Nanos, key: &str, fresh: impl FnOnce() -> S) -> RowId {
         let hash = self.hasher.hash_one(key);
         let slots = &self.slots;
         if let Some(&i) = self.index.find(hash, |&i| slots[i as usize].key == key) {
-            return &mut self.slots[i as usize].state;
+            return RowId(i);
         }
         let i = self.allocate(hash, key, now, fresh());
         let slots = &self.slots;
         self.index.insert_unique(hash, i, |&j| slots[j as usize].hash);
         self.schedule(i, now);
-        &mut self.slots[i as usize].state
+        RowId(i)
+    }
+
+    /// The counter at `row`, which the caller has pinned or has just found.
+    pub fn state_mut(&mut self, row: RowId) -> &mut S {
+        &mut self.slots[row.0 as usize].state
+    }
+
+    /// Keeps the counter at `row` (and so `row` itself) until a matching `unpin`.
+    pub fn pin(&mut self, row: RowId) {
+        self.slots[row.0 as usize].pins += 1;
+    }
+
+    pub fn unpin(&mut self, row: RowId) {
+        let pins = &mut self.slots[row.0 as usize].pins;
+        debug_assert!(*pins > 0, "unpinned more often than pinned");
+        *pins -= 1;
     }
 
     fn allocate(&mut self, hash: u64, key: &str, now: Nanos, state: S) -> u32 {
@@ -105,10 +137,11 @@ impl<S: Renew> CounterMap<S> {
             slot.key.clear();
             slot.key.push_str(key);
             slot.due = now;
+            debug_assert_eq!(slot.pins, 0, "a free slot is not pinned");
             slot.state.renew(state);
             return i;
         }
-        self.slots.push(Slot { hash, key: CompactString::from(key), due: now, state });
+        self.slots.push(Slot { hash, key: CompactString::from(key), due: now, pins: 0, state });
         u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 counters")
     }
 
@@ -149,10 +182,11 @@ impl<S: Renew> CounterMap<S> {
                 continue;
             }
             let idle = idle_at(&slot.state);
-            if idle <= now {
+            if idle <= now && slot.pins == 0 {
                 self.remove(i);
             } else {
-                self.schedule(i, idle);
+                // A pinned idle counter is looked at again in the current bucket.
+                self.schedule(i, idle.max(now));
             }
         }
         if self.wheel[position].is_empty() {

@@ -1,10 +1,11 @@
 //! The limit pipeline: `handle_request` on the way in, `handle_response` on the way out.
 
-use crate::counters::CounterMap;
+use crate::counters::RowId;
 use crate::key::{KeyExpr, RequestInfo};
-use crate::limiter::{Bucket, BucketShape, Check, FixedWindow, SlidingLog, WindowGrid};
+use crate::limiter::{BucketShape, Check, WindowGrid};
 use crate::policy::{Algorithm, Limit, Policy, Quota, RateLimit, TokenLimit};
-use crate::time::{format_hh_mm_ss, CalendarPeriod, Nanos};
+use crate::store::{ClassId, Counter, Shape, Store};
+use crate::time::{format_hh_mm_ss, Nanos};
 use std::collections::VecDeque;
 
 /// Identifies one client request between `handle_request` and `handle_response`.
@@ -136,36 +137,6 @@ impl std::fmt::Display for CoreError {
 
 impl std::error::Error for CoreError {}
 
-/// The counter families; limits with the same namespace and shape share counters.
-enum Counters {
-    Sliding { id: ClassId, period: Nanos, map: CounterMap<SlidingLog> },
-    Bucket { id: ClassId, shape: BucketShape, map: CounterMap<Bucket> },
-    Fixed { id: ClassId, grid: WindowGrid, map: CounterMap<FixedWindow> },
-    Calendar { id: ClassId, period: CalendarPeriod, map: CounterMap<CalendarCount> },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Shape {
-    Sliding(Nanos),
-    Bucket(BucketShape),
-    Fixed(WindowGrid),
-    Calendar(CalendarPeriod),
-}
-
-#[derive(Clone, Debug, Default)]
-struct CalendarCount {
-    period_end: Nanos,
-    tokens: u64,
-}
-
-impl crate::counters::Renew for CalendarCount {
-    fn renew(&mut self, fresh: CalendarCount) {
-        *self = fresh;
-    }
-}
-
-type ClassId = usize;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Amount {
     Calls,
@@ -186,23 +157,41 @@ struct CompiledLimit {
     token_quota: Option<ClassId>,
 }
 
-/// The keys the limits of one request computed, in one buffer.
+/// The keys the limits of one request computed, in one buffer, and the pinned
+/// counter rows they name.
 #[derive(Default)]
 struct KeyBook {
     text: String,
     /// `ends[i]` is where limit i's key ends in `text`; only limits that ran have one.
     ends: Vec<usize>,
+    /// `rows[i]` is limit i's key's row, pinned once for each limit.
+    rows: Vec<RowId>,
 }
 
 impl KeyBook {
-    fn push(&mut self, expr: &KeyExpr, req: &RequestInfo) {
+    /// Computes the next limit's key and pins its row; a key an earlier limit of
+    /// this request computed reuses that limit's row without a lookup.
+    fn push(&mut self, expr: &KeyExpr, req: &RequestInfo, store: &mut Store, now: Nanos) {
+        let start = self.text.len();
         expr.write(req, &mut self.text);
+        let key = &self.text[start..];
+        let row = match (0..self.ran()).find(|&limit| self.get(limit) == key) {
+            Some(limit) => {
+                store.pin_again(self.rows[limit]);
+                self.rows[limit]
+            }
+            None => store.pin(now, key),
+        };
         self.ends.push(self.text.len());
+        self.rows.push(row);
     }
 
-    fn pop(&mut self) {
+    fn pop(&mut self, store: &mut Store) {
         self.ends.pop();
         self.text.truncate(self.ends.last().copied().unwrap_or(0));
+        if let Some(row) = self.rows.pop() {
+            store.unpin(row);
+        }
     }
 
     fn get(&self, limit: usize) -> &str {
@@ -210,8 +199,19 @@ impl KeyBook {
         &self.text[start..self.ends[limit]]
     }
 
+    fn row(&self, limit: usize) -> RowId {
+        self.rows[limit]
+    }
+
     fn ran(&self) -> usize {
         self.ends.len()
+    }
+
+    /// Unpins every row and forgets the keys.
+    fn release(&mut self, store: &mut Store) {
+        self.rows.drain(..).for_each(|row| store.unpin(row));
+        self.ends.clear();
+        self.text.clear();
     }
 }
 
@@ -225,8 +225,10 @@ struct Effects {
 }
 
 impl Effects {
-    fn added(&self, keys: &KeyBook, class: ClassId, key: &str, amount: Amount) -> u64 {
-        self.added.iter().filter(|&&(c, l, a, _)| c == class && a == amount && keys.get(l) == key).map(|e| e.3).sum()
+    /// What this request added to the counter of family `class` in `row`: rows
+    /// stand for keys, since a pinned row keeps its key.
+    fn added(&self, keys: &KeyBook, class: ClassId, row: RowId, amount: Amount) -> u64 {
+        self.added.iter().filter(|&&(c, l, a, _)| c == class && a == amount && keys.row(l) == row).map(|e| e.3).sum()
     }
 
     fn note(&mut self, class: ClassId, limit: usize, amount: Amount, n: u64) {
@@ -248,6 +250,7 @@ struct Ledger {
 
 impl Ledger {
     fn clear(&mut self) {
+        debug_assert!(self.keys.rows.is_empty(), "a spare ledger pins nothing");
         self.keys.text.clear();
         self.keys.ends.clear();
         self.effects.added.clear();
@@ -265,7 +268,7 @@ struct Slot {
 /// The sans-IO limit pipeline of one gateway.
 pub struct Gateway {
     limits: Vec<CompiledLimit>,
-    classes: Vec<Counters>,
+    store: Store,
     /// In-flight requests; a `RequestId` is a slot index and its generation.
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
@@ -291,10 +294,10 @@ impl Gateway {
             shapes.len() - 1
         };
         let limits = policy.limits.iter().map(|limit| compile(limit, &mut class_of)).collect();
-        let classes = shapes.iter().enumerate().map(|(id, &(_, shape))| Counters::new(id, shape, hash_seed)).collect();
+        let store = Store::new(shapes.iter().map(|&(_, shape)| shape).collect(), hash_seed);
         Gateway {
             limits,
-            classes,
+            store,
             slots: Vec::new(),
             free_slots: Vec::new(),
             spare_ledgers: Vec::new(),
@@ -320,11 +323,7 @@ impl Gateway {
     /// since ended is moot.
     pub fn handle_delta(&mut self, now: Nanos, delta: &CounterDelta) {
         let now = self.observe(now);
-        let Some(counters) = self.classes.get_mut(delta.class) else {
-            debug_assert!(false, "replicas share one policy");
-            return;
-        };
-        counters.apply(now, delta);
+        self.store.apply(now, delta);
     }
 
     /// Runs the limits in order on an arriving request.
@@ -335,15 +334,15 @@ impl Gateway {
         ledger.clear();
         ledger.admitted_at = now;
         for (index, limit) in self.limits.iter().enumerate() {
-            ledger.keys.push(&limit.key, req);
-            if let Err(mut rejection) = check(limit, index, &mut self.classes, now, req, &mut ledger) {
+            ledger.keys.push(&limit.key, req, &mut self.store, now);
+            if let Err(mut rejection) = check(limit, index, &mut self.store, now, req, &mut ledger) {
                 // The rejecting policy counts nothing; the ones before it settle now.
-                ledger.keys.pop();
+                ledger.keys.pop(&mut self.store);
                 let info = ResponseInfo { status: Some(rejection.status), ..ResponseInfo::default() };
-                finish(&self.limits, &mut self.classes, now, &mut ledger, &info);
+                finish(&self.limits, &mut self.store, now, &mut ledger, &info);
                 self.record_deltas(now, &mut ledger);
                 rejection.variables.splice(0..0, ledger.effects.variables.drain(..));
-                self.spare_ledgers.push(ledger);
+                self.retire(ledger);
                 return RequestDecision::Reject(rejection);
             }
         }
@@ -357,20 +356,20 @@ impl Gateway {
     pub fn handle_response(&mut self, now: Nanos, id: RequestId, info: &ResponseInfo) -> Result<Completed, CoreError> {
         let now = self.observe(now);
         let mut ledger = self.release(id).ok_or(CoreError::UnknownRequest(id))?;
-        finish(&self.limits, &mut self.classes, now, &mut ledger, info);
+        finish(&self.limits, &mut self.store, now, &mut ledger, info);
         self.record_deltas(now, &mut ledger);
         let completed = Completed {
             headers: std::mem::take(&mut ledger.effects.headers),
             variables: std::mem::take(&mut ledger.effects.variables),
             tokens_charged: info.total_tokens,
         };
-        self.spare_ledgers.push(ledger);
+        self.retire(ledger);
         Ok(completed)
     }
 
     /// The next instant at which the core has work (evicting idle counters).
     pub fn poll_timeout(&self) -> Option<Nanos> {
-        self.classes.iter().filter_map(Counters::next_deadline).min()
+        self.store.next_deadline()
     }
 
     /// Lets the core do timed work: evicts counters that have become idle.
@@ -379,9 +378,10 @@ impl Gateway {
         self.evict(now);
     }
 
-    /// How many counters are held; bounded by the keys active in the last period.
+    /// How many counters are held (every family's, for each key held); bounded by
+    /// the keys active in the last period.
     pub fn counter_count(&self) -> usize {
-        self.classes.iter().map(Counters::len).sum()
+        self.store.counter_count()
     }
 
     pub fn in_flight_count(&self) -> usize {
@@ -389,7 +389,13 @@ impl Gateway {
     }
 
     fn evict(&mut self, now: Nanos) {
-        self.classes.iter_mut().for_each(|c| c.evict(now));
+        self.store.evict(now);
+    }
+
+    /// A finished request's rows are unpinned and its ledger kept for the next one.
+    fn retire(&mut self, mut ledger: Ledger) {
+        ledger.keys.release(&mut self.store);
+        self.spare_ledgers.push(ledger);
     }
 
     /// Turns the request's new notes into journal entries: each note is exactly
@@ -403,9 +409,9 @@ impl Gateway {
                 Amount::Calls | Amount::Reserved => Change::Count(n),
                 Amount::Bytes => Change::Bytes(n),
                 Amount::Settled => continue,
-                Amount::Tokens if matches!(self.classes[class], Counters::Calendar { .. }) => Change::Count(n),
+                Amount::Tokens if self.store.is_calendar(class) => Change::Count(n),
                 Amount::Tokens => {
-                    let reserved = effects.added(keys, class, key, Amount::Reserved);
+                    let reserved = effects.added(keys, class, keys.row(limit), Amount::Reserved);
                     match n.checked_sub(reserved) {
                         Some(excess) => Change::Count(excess),
                         None => Change::Uncount { amount: reserved - n, stamped: *admitted_at },
@@ -459,20 +465,20 @@ impl Gateway {
 fn check(
     limit: &CompiledLimit,
     index: usize,
-    classes: &mut [Counters],
+    store: &mut Store,
     now: Nanos,
     req: &RequestInfo,
     ledger: &mut Ledger,
 ) -> Result<(), Rejection> {
     match &limit.limit {
         Limit::RateLimit(r) | Limit::RateLimitByKey(r) => {
-            check_rate(now, index, r, &mut classes[limit.primary.expect("rate counters")], ledger)
+            check_rate(now, index, r, limit.primary.expect("rate counters"), store, ledger)
         }
         Limit::Quota(q) | Limit::QuotaByKey(q) => {
-            check_quota(now, index, q, limit.primary.expect("quota counters"), classes, ledger)
+            check_quota(now, index, q, limit.primary.expect("quota counters"), store, ledger)
         }
         Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
-            check_tokens(now, index, t, (limit.primary, limit.token_quota), classes, ledger, token_estimate(t, req))
+            check_tokens(now, index, t, (limit.primary, limit.token_quota), store, ledger, token_estimate(t, req))
         }
     }
 }
@@ -481,21 +487,20 @@ fn check_rate(
     now: Nanos,
     index: usize,
     r: &RateLimit,
-    counters: &mut Counters,
+    class: ClassId,
+    store: &mut Store,
     ledger: &mut Ledger,
 ) -> Result<(), Rejection> {
-    let class = counters.class_id();
-    let key = ledger.keys.get(index);
-    let own = ledger.effects.added(&ledger.keys, class, key, Amount::Calls);
+    let row = ledger.keys.row(index);
+    let own = ledger.effects.added(&ledger.keys, class, row, Amount::Calls);
     let count_now = own == 0 && r.increment_condition.is_none();
-    let (check, remaining) = match counters {
-        Counters::Sliding { period, map, .. } => {
-            let log = map.entry(now, key, SlidingLog::default);
-            log.expire(now, *period);
+    let (check, remaining) = match store.counter(row, class) {
+        Counter::Sliding(period, log) => {
+            log.expire(now, period);
             let check = match (log.total() - own) + r.increment_count <= r.calls {
                 true => Check::Admit,
                 false => {
-                    Check::Reject { retry_in: log.wait_until_at_most(now, *period, r.calls - r.increment_count + own) }
+                    Check::Reject { retry_in: log.wait_until_at_most(now, period, r.calls - r.increment_count + own) }
                 }
             };
             if check == Check::Admit && count_now {
@@ -503,16 +508,15 @@ fn check_rate(
             }
             (check, r.calls.saturating_sub(log.total()))
         }
-        Counters::Bucket { shape, map, .. } => {
-            let bucket = map.entry(now, key, || Bucket::full(*shape, now));
-            bucket.refill(*shape, now);
-            let check = bucket.check(*shape, r.increment_count, own);
+        Counter::Bucket(shape, bucket) => {
+            bucket.refill(shape, now);
+            let check = bucket.check(shape, r.increment_count, own);
             if check == Check::Admit && count_now {
-                bucket.take(*shape, r.increment_count);
+                bucket.take(shape, r.increment_count);
             }
             // The division behind `available` is only paid for when a header needs it.
             let wanted = r.remaining_calls_header_name.is_some() || r.remaining_calls_variable_name.is_some();
-            (check, if wanted { bucket.available(*shape).max(0) as u64 } else { 0 })
+            (check, if wanted { bucket.available(shape).max(0) as u64 } else { 0 })
         }
         _ => unreachable!("rate limits compile to sliding or bucket counters"),
     };
@@ -545,15 +549,12 @@ fn check_quota(
     index: usize,
     q: &Quota,
     class: ClassId,
-    classes: &mut [Counters],
+    store: &mut Store,
     ledger: &mut Ledger,
 ) -> Result<(), Rejection> {
-    let key = ledger.keys.get(index);
-    let own = ledger.effects.added(&ledger.keys, class, key, Amount::Calls);
-    let Counters::Fixed { grid, map, .. } = &mut classes[class] else {
-        unreachable!("quotas compile to fixed windows")
-    };
-    let window = window_entry(map, *grid, now, key);
+    let row = ledger.keys.row(index);
+    let own = ledger.effects.added(&ledger.keys, class, row, Amount::Calls);
+    let (grid, window) = store.window(row, class, now);
     let retry_after = grid.window_end(now).map(|end| end.saturating_sub(now).retry_after_secs());
     if q.calls.is_some_and(|calls| (window.calls - own) + q.increment_count > calls) {
         return Err(reject(RejectReason::CallQuota, index, retry_after, None));
@@ -586,24 +587,21 @@ fn check_tokens(
     index: usize,
     t: &TokenLimit,
     classes: TokenClasses,
-    counters: &mut [Counters],
+    store: &mut Store,
     ledger: &mut Ledger,
     estimate: Option<u64>,
 ) -> Result<(), Rejection> {
     let Ledger { keys, effects, .. } = ledger;
-    let key = keys.get(index);
+    let row = keys.row(index);
     if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
         // A counter shared with an earlier limit already holds this request's reservation.
-        let own = effects.added(keys, class, key, Amount::Reserved);
-        if let Check::Reject { retry_in } = counters[class].check_tpm(now, key, tpm, estimate, own) {
+        let own = effects.added(keys, class, row, Amount::Reserved);
+        if let Check::Reject { retry_in } = store.counter(row, class).check_tpm(now, tpm, estimate, own) {
             return Err(token_rejection(RejectReason::TokensPerMinute, index, retry_in.retry_after_secs(), t));
         }
     }
     if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
-        let Counters::Calendar { period, map, .. } = &mut counters[class] else {
-            unreachable!("token quotas are calendar counters")
-        };
-        let count = calendar_entry(map, *period, now, key);
+        let count = store.calendar(row, class, now);
         let over = match estimate {
             None => count.tokens >= quota,
             Some(estimate) => count.tokens.saturating_add(estimate) > quota,
@@ -614,8 +612,8 @@ fn check_tokens(
         }
     }
     if let (true, Some(class), Some(estimate)) = (t.reserve, classes.0, estimate) {
-        if effects.added(keys, class, key, Amount::Reserved) == 0 {
-            counters[class].reserve_tpm(now, key, estimate);
+        if effects.added(keys, class, row, Amount::Reserved) == 0 {
+            store.counter(row, class).reserve_tpm(now, estimate);
             effects.note(class, index, Amount::Reserved, estimate);
         }
     }
@@ -624,17 +622,17 @@ fn check_tokens(
 
 /// The way out: deferred increments, bandwidth, tokens, and the response headers,
 /// for every limit that ran.
-fn finish(limits: &[CompiledLimit], classes: &mut [Counters], now: Nanos, ledger: &mut Ledger, info: &ResponseInfo) {
+fn finish(limits: &[CompiledLimit], store: &mut Store, now: Nanos, ledger: &mut Ledger, info: &ResponseInfo) {
     for (index, limit) in limits.iter().enumerate().take(ledger.keys.ran()) {
         match &limit.limit {
             Limit::RateLimit(r) | Limit::RateLimitByKey(r) => {
-                finish_rate(now, index, r, &mut classes[limit.primary.expect("rate counters")], ledger, info)
+                finish_rate(now, index, r, limit.primary.expect("rate counters"), store, ledger, info)
             }
             Limit::Quota(q) | Limit::QuotaByKey(q) => {
-                finish_quota(now, index, q, limit.primary.expect("quota counters"), classes, ledger, info)
+                finish_quota(now, index, q, limit.primary.expect("quota counters"), store, ledger, info)
             }
             Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
-                finish_tokens(now, index, t, (limit.primary, limit.token_quota), classes, ledger, info)
+                finish_tokens(now, index, t, (limit.primary, limit.token_quota), store, ledger, info)
             }
         }
     }
@@ -644,31 +642,29 @@ fn finish_rate(
     now: Nanos,
     index: usize,
     r: &RateLimit,
-    counters: &mut Counters,
+    class: ClassId,
+    store: &mut Store,
     ledger: &mut Ledger,
     info: &ResponseInfo,
 ) {
     let Some(condition) = &r.increment_condition else { return };
-    let class = counters.class_id();
-    let key = ledger.keys.get(index);
+    let row = ledger.keys.row(index);
     let counts = info.status.is_some_and(|s| condition.matches(s))
-        && ledger.effects.added(&ledger.keys, class, key, Amount::Calls) == 0;
-    let remaining = match counters {
-        Counters::Sliding { period, map, .. } => {
-            let log = map.entry(now, key, SlidingLog::default);
-            log.expire(now, *period);
+        && ledger.effects.added(&ledger.keys, class, row, Amount::Calls) == 0;
+    let remaining = match store.counter(row, class) {
+        Counter::Sliding(period, log) => {
+            log.expire(now, period);
             if counts {
                 log.add(now, r.increment_count);
             }
             r.calls.saturating_sub(log.total())
         }
-        Counters::Bucket { shape, map, .. } => {
-            let bucket = map.entry(now, key, || Bucket::full(*shape, now));
-            bucket.refill(*shape, now);
+        Counter::Bucket(shape, bucket) => {
+            bucket.refill(shape, now);
             if counts {
-                bucket.take(*shape, r.increment_count);
+                bucket.take(shape, r.increment_count);
             }
-            bucket.available(*shape).max(0) as u64
+            bucket.available(shape).max(0) as u64
         }
         _ => unreachable!("rate limits compile to sliding or bucket counters"),
     };
@@ -686,7 +682,7 @@ fn finish_quota(
     index: usize,
     q: &Quota,
     class: ClassId,
-    classes: &mut [Counters],
+    store: &mut Store,
     ledger: &mut Ledger,
     info: &ResponseInfo,
 ) {
@@ -697,19 +693,16 @@ fn finish_quota(
     if !matches {
         return;
     }
-    let key = ledger.keys.get(index);
+    let row = ledger.keys.row(index);
     let count_calls =
-        q.increment_condition.is_some() && ledger.effects.added(&ledger.keys, class, key, Amount::Calls) == 0;
+        q.increment_condition.is_some() && ledger.effects.added(&ledger.keys, class, row, Amount::Calls) == 0;
     let bytes = info.request_bytes + info.response_bytes;
     let count_bytes =
-        q.bandwidth.is_some() && bytes > 0 && ledger.effects.added(&ledger.keys, class, key, Amount::Bytes) == 0;
+        q.bandwidth.is_some() && bytes > 0 && ledger.effects.added(&ledger.keys, class, row, Amount::Bytes) == 0;
     if !count_calls && !count_bytes {
         return;
     }
-    let Counters::Fixed { grid, map, .. } = &mut classes[class] else {
-        unreachable!("quotas compile to fixed windows")
-    };
-    let window = window_entry(map, *grid, now, key);
+    let (_, window) = store.window(row, class, now);
     if count_calls {
         window.calls += q.increment_count;
         ledger.effects.note(class, index, Amount::Calls, q.increment_count);
@@ -725,20 +718,20 @@ fn finish_tokens(
     index: usize,
     t: &TokenLimit,
     classes: TokenClasses,
-    counters: &mut [Counters],
+    store: &mut Store,
     ledger: &mut Ledger,
     info: &ResponseInfo,
 ) {
     let tokens = info.total_tokens;
-    let key = ledger.keys.get(index);
+    let row = ledger.keys.row(index);
     if let (Some(class), Some(tpm)) = (classes.0, t.tokens_per_minute) {
         // A counter shared by several limits of the request is settled once.
-        let settled = ledger.effects.added(&ledger.keys, class, key, Amount::Settled) > 0;
+        let settled = ledger.effects.added(&ledger.keys, class, row, Amount::Settled) > 0;
         let (reserved, charge) = match settled {
             true => (0, 0),
-            false => (ledger.effects.added(&ledger.keys, class, key, Amount::Reserved), tokens),
+            false => (ledger.effects.added(&ledger.keys, class, row, Amount::Reserved), tokens),
         };
-        let remaining = counters[class].settle_tpm(now, key, tpm, (ledger.admitted_at, reserved), charge);
+        let remaining = store.counter(row, class).settle_tpm(now, tpm, (ledger.admitted_at, reserved), charge);
         let effects = &mut ledger.effects;
         if !settled {
             effects.note(class, index, Amount::Settled, 1);
@@ -748,11 +741,8 @@ fn finish_tokens(
         set_var(&mut effects.variables, &t.remaining_tokens_variable_name, remaining as i64);
     }
     if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
-        let charge = if ledger.effects.added(&ledger.keys, class, key, Amount::Tokens) == 0 { tokens } else { 0 };
-        let Counters::Calendar { period, map, .. } = &mut counters[class] else {
-            unreachable!("token quotas are calendar counters")
-        };
-        let count = calendar_entry(map, *period, now, key);
+        let charge = if ledger.effects.added(&ledger.keys, class, row, Amount::Tokens) == 0 { tokens } else { 0 };
+        let count = store.calendar(row, class, now);
         count.tokens += charge;
         let remaining = quota.saturating_sub(count.tokens);
         let effects = &mut ledger.effects;
@@ -799,206 +789,6 @@ fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> Clas
         }
     };
     CompiledLimit { limit: limit.clone(), key, primary, token_quota }
-}
-
-impl Counters {
-    fn new(id: ClassId, shape: Shape, seed: u64) -> Counters {
-        match shape {
-            Shape::Sliding(period) => Counters::Sliding { id, period, map: CounterMap::new(seed) },
-            Shape::Bucket(shape) => Counters::Bucket { id, shape, map: CounterMap::new(seed) },
-            Shape::Fixed(grid) => Counters::Fixed { id, grid, map: CounterMap::new(seed) },
-            Shape::Calendar(period) => Counters::Calendar { id, period, map: CounterMap::new(seed) },
-        }
-    }
-
-    fn class_id(&self) -> ClassId {
-        match self {
-            Counters::Sliding { id, .. }
-            | Counters::Bucket { id, .. }
-            | Counters::Fixed { id, .. }
-            | Counters::Calendar { id, .. } => *id,
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Counters::Sliding { map, .. } => map.len(),
-            Counters::Bucket { map, .. } => map.len(),
-            Counters::Fixed { map, .. } => map.len(),
-            Counters::Calendar { map, .. } => map.len(),
-        }
-    }
-
-    fn next_deadline(&self) -> Option<Nanos> {
-        match self {
-            Counters::Sliding { map, .. } => map.next_deadline(),
-            Counters::Bucket { map, .. } => map.next_deadline(),
-            Counters::Fixed { map, .. } => map.next_deadline(),
-            Counters::Calendar { map, .. } => map.next_deadline(),
-        }
-    }
-
-    fn evict(&mut self, now: Nanos) {
-        match self {
-            Counters::Sliding { period, map, .. } => map.evict(now, |log| log.idle_at(*period)),
-            Counters::Bucket { shape, map, .. } => map.evict(now, |b| b.idle_at(*shape)),
-            Counters::Fixed { grid, map, .. } => {
-                let current = grid.index(now);
-                // A window counter is idle once time has left its window (a quota
-                // that never renews keeps its counter for good).
-                map.evict(
-                    now,
-                    |w| if w.index < current { Nanos::ZERO } else { grid.window_end(now).unwrap_or(Nanos::MAX) },
-                )
-            }
-            Counters::Calendar { map, .. } => map.evict(now, |c| c.period_end),
-        }
-    }
-
-    /// Applies another replica's change (see [`Gateway::handle_delta`]).
-    fn apply(&mut self, now: Nanos, delta: &CounterDelta) {
-        let key = delta.key.as_str();
-        match (self, delta.change) {
-            (Counters::Sliding { period, map, .. }, Change::Count(n)) => {
-                let log = map.entry(now, key, SlidingLog::default);
-                log.insert(delta.at, n);
-                log.expire(now, *period);
-            }
-            (Counters::Sliding { period, map, .. }, Change::Uncount { amount, stamped }) => {
-                let log = map.entry(now, key, SlidingLog::default);
-                log.refund(stamped, amount);
-                log.expire(now, *period);
-            }
-            (Counters::Bucket { shape, map, .. }, Change::Count(n)) => {
-                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
-                bucket.refill(*shape, now);
-                bucket.take(*shape, n);
-            }
-            (Counters::Bucket { shape, map, .. }, Change::Uncount { amount, .. }) => {
-                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
-                bucket.refill(*shape, now);
-                bucket.give_back(*shape, amount);
-            }
-            // A change made in a window that has since ended is moot.
-            (Counters::Fixed { grid, .. }, _) if grid.index(delta.at) != grid.index(now) => {}
-            (Counters::Fixed { grid, map, .. }, Change::Count(n)) => window_entry(map, *grid, now, key).calls += n,
-            (Counters::Fixed { grid, map, .. }, Change::Bytes(n)) => window_entry(map, *grid, now, key).bytes += n,
-            (Counters::Calendar { period, map, .. }, Change::Count(n)) => {
-                let count = calendar_entry(map, *period, now, key);
-                if period.bounds(delta.at).1 == count.period_end {
-                    count.tokens += n;
-                }
-            }
-            (_, change) => debug_assert!(false, "a {change:?} does not fit this counter family"),
-        }
-    }
-
-    /// The tokens-per-minute check: without an estimate, rejected iff the window
-    /// already holds `tpm` tokens; with one, iff counted plus estimate exceeds `tpm`.
-    /// `credit` is what this same request already reserved on the counter.
-    fn check_tpm(&mut self, now: Nanos, key: &str, tpm: u64, estimate: Option<u64>, credit: u64) -> Check {
-        match self {
-            Counters::Sliding { period, map, .. } => {
-                let log = map.entry(now, key, SlidingLog::default);
-                log.expire(now, *period);
-                let counted = log.total().saturating_sub(credit);
-                let (over, allowed) = match estimate {
-                    None => (counted >= tpm, tpm - 1),
-                    Some(estimate) => (counted.saturating_add(estimate) > tpm, tpm.saturating_sub(estimate)),
-                };
-                let allowed = allowed.saturating_add(credit);
-                match over {
-                    false => Check::Admit,
-                    true => Check::Reject { retry_in: log.wait_until_at_most(now, *period, allowed) },
-                }
-            }
-            Counters::Bucket { shape, map, .. } => {
-                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
-                bucket.refill(*shape, now);
-                match estimate {
-                    None => bucket.check_positive(*shape),
-                    // An estimate larger than the bucket can never pass; the honest
-                    // advice is to wait until the bucket is full.
-                    Some(estimate) if estimate > shape.capacity => {
-                        Check::Reject { retry_in: bucket.idle_at(*shape).saturating_sub(now) }
-                    }
-                    Some(estimate) => bucket.check(*shape, estimate, credit),
-                }
-            }
-            _ => unreachable!("tokens per minute are sliding or bucket counters"),
-        }
-    }
-
-    /// Sets tokens aside at admission (reserve mode), stamped at `now`.
-    fn reserve_tpm(&mut self, now: Nanos, key: &str, tokens: u64) {
-        match self {
-            Counters::Sliding { period, map, .. } => {
-                let log = map.entry(now, key, SlidingLog::default);
-                log.expire(now, *period);
-                log.add(now, tokens);
-            }
-            Counters::Bucket { shape, map, .. } => {
-                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
-                bucket.refill(*shape, now);
-                bucket.take(*shape, tokens);
-            }
-            _ => unreachable!("tokens per minute are sliding or bucket counters"),
-        }
-    }
-
-    /// Charges a request's tokens, settling what it reserved (`reserved` tokens at
-    /// instant `reserved.0`): a reservation that was too large gives the difference
-    /// back where it was stamped, one too small charges the excess now. Returns the
-    /// tokens remaining in the minute.
-    fn settle_tpm(&mut self, now: Nanos, key: &str, tpm: u64, reserved: (Nanos, u64), tokens: u64) -> u64 {
-        let (reserved_at, reserved) = reserved;
-        match self {
-            Counters::Sliding { period, map, .. } => {
-                let log = map.entry(now, key, SlidingLog::default);
-                log.expire(now, *period);
-                match tokens.checked_sub(reserved) {
-                    Some(excess) => log.add(now, excess),
-                    None => log.refund(reserved_at, reserved - tokens),
-                }
-                tpm.saturating_sub(log.total())
-            }
-            Counters::Bucket { shape, map, .. } => {
-                let bucket = map.entry(now, key, || Bucket::full(*shape, now));
-                bucket.refill(*shape, now);
-                match tokens.checked_sub(reserved) {
-                    Some(excess) => bucket.take(*shape, excess),
-                    None => bucket.give_back(*shape, reserved - tokens),
-                }
-                bucket.available(*shape).max(0) as u64
-            }
-            _ => unreachable!("tokens per minute are sliding or bucket counters"),
-        }
-    }
-}
-
-/// The counter of `key`'s current fixed window.
-fn window_entry<'m>(
-    map: &'m mut CounterMap<FixedWindow>,
-    grid: WindowGrid,
-    now: Nanos,
-    key: &str,
-) -> &'m mut FixedWindow {
-    let window = map.entry(now, key, FixedWindow::default);
-    window.roll(grid.index(now));
-    window
-}
-
-fn calendar_entry<'m>(
-    map: &'m mut CounterMap<CalendarCount>,
-    period: CalendarPeriod,
-    now: Nanos,
-    key: &str,
-) -> &'m mut CalendarCount {
-    let count = map.entry(now, key, CalendarCount::default);
-    if count.period_end <= now {
-        *count = CalendarCount { period_end: period.bounds(now).1, tokens: 0 };
-    }
-    count
 }
 
 fn reject(

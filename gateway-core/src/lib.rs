@@ -8,6 +8,7 @@ pub mod limiter;
 pub mod policy;
 pub mod routing;
 pub mod status;
+mod store;
 pub mod time;
 
 pub use gateway::{
