@@ -250,7 +250,7 @@ struct Ledger {
 
 impl Ledger {
     fn clear(&mut self) {
-        debug_assert!(self.keys.rows.is_empty(), "a spare ledger pins nothing");
+        debug_assert!(self.keys.rows.is_empty(), "a free slot's ledger pins nothing");
         self.keys.text.clear();
         self.keys.ends.clear();
         self.effects.added.clear();
@@ -262,18 +262,65 @@ impl Ledger {
 
 struct Slot {
     generation: u32,
-    ledger: Option<Ledger>,
+    /// Whether a request holds this slot between the way in and the way out.
+    live: bool,
+    /// Filled in place, and kept with its buffers when the slot is freed.
+    ledger: Ledger,
+}
+
+/// The requests in flight; a `RequestId` is a slot index and its generation.
+#[derive(Default)]
+struct Requests {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl Requests {
+    /// A free slot with a cleared ledger, not yet live.
+    fn claim(&mut self) -> usize {
+        let index = self.free.pop().map(|i| i as usize).unwrap_or_else(|| {
+            self.slots.push(Slot { generation: 0, live: false, ledger: Ledger::default() });
+            self.slots.len() - 1
+        });
+        debug_assert!(!self.slots[index].live, "a free slot holds no request");
+        self.slots[index].ledger.clear();
+        index
+    }
+
+    /// The claimed slot's request is admitted and gets its id.
+    fn admit(&mut self, index: usize) -> RequestId {
+        let slot = &mut self.slots[index];
+        slot.live = true;
+        self.live += 1;
+        let index = u32::try_from(index).expect("fewer than 2^32 requests in flight");
+        RequestId(u64::from(slot.generation) << 32 | u64::from(index))
+    }
+
+    /// The slot of the request in flight with this id.
+    fn find(&self, id: RequestId) -> Option<usize> {
+        let slot = self.slots.get(id.slot())?;
+        (slot.live && slot.generation == id.generation()).then_some(id.slot())
+    }
+
+    /// Frees a claimed or live slot; a live one's id becomes stale.
+    fn free(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        debug_assert!(slot.ledger.keys.rows.is_empty(), "a freed request pins nothing");
+        if slot.live {
+            slot.live = false;
+            slot.generation = slot.generation.wrapping_add(1);
+            self.live -= 1;
+        }
+        self.free.push(index as u32);
+    }
 }
 
 /// The sans-IO limit pipeline of one gateway.
 pub struct Gateway {
     limits: Vec<CompiledLimit>,
     store: Store,
-    /// In-flight requests; a `RequestId` is a slot index and its generation.
-    slots: Vec<Slot>,
-    free_slots: Vec<u32>,
-    spare_ledgers: Vec<Ledger>,
-    in_flight: usize,
+    requests: Requests,
     last_now: Nanos,
     /// Counter changes not yet polled, when journaling is on.
     journal: Option<VecDeque<CounterDelta>>,
@@ -295,16 +342,7 @@ impl Gateway {
         };
         let limits = policy.limits.iter().map(|limit| compile(limit, &mut class_of)).collect();
         let store = Store::new(shapes.iter().map(|&(_, shape)| shape).collect(), hash_seed);
-        Gateway {
-            limits,
-            store,
-            slots: Vec::new(),
-            free_slots: Vec::new(),
-            spare_ledgers: Vec::new(),
-            in_flight: 0,
-            last_now: Nanos::ZERO,
-            journal: None,
-        }
+        Gateway { limits, store, requests: Requests::default(), last_now: Nanos::ZERO, journal: None }
     }
 
     /// Keeps a journal of every counter change, drained with [`Gateway::poll_delta`].
@@ -330,40 +368,45 @@ impl Gateway {
     pub fn handle_request(&mut self, now: Nanos, req: &RequestInfo) -> RequestDecision {
         let now = self.observe(now);
         self.evict(now);
-        let mut ledger = self.spare_ledgers.pop().unwrap_or_default();
-        ledger.clear();
+        let slot = self.requests.claim();
+        let Gateway { limits, store, requests, journal, .. } = self;
+        let ledger = &mut requests.slots[slot].ledger;
         ledger.admitted_at = now;
-        for (index, limit) in self.limits.iter().enumerate() {
-            ledger.keys.push(&limit.key, req, &mut self.store, now);
-            if let Err(mut rejection) = check(limit, index, &mut self.store, now, req, &mut ledger) {
+        for (index, limit) in limits.iter().enumerate() {
+            ledger.keys.push(&limit.key, req, store, now);
+            if let Err(mut rejection) = check(limit, index, store, now, req, ledger) {
                 // The rejecting policy counts nothing; the ones before it settle now.
-                ledger.keys.pop(&mut self.store);
+                ledger.keys.pop(store);
                 let info = ResponseInfo { status: Some(rejection.status), ..ResponseInfo::default() };
-                finish(&self.limits, &mut self.store, now, &mut ledger, &info);
-                self.record_deltas(now, &mut ledger);
+                finish(limits, store, now, ledger, &info);
+                record_deltas(journal, store, now, ledger);
                 rejection.variables.splice(0..0, ledger.effects.variables.drain(..));
-                self.retire(ledger);
+                ledger.keys.release(store);
+                requests.free(slot);
                 return RequestDecision::Reject(rejection);
             }
         }
         let variables = std::mem::take(&mut ledger.effects.variables);
-        self.record_deltas(now, &mut ledger);
-        let id = self.admit(ledger);
+        record_deltas(journal, store, now, ledger);
+        let id = requests.admit(slot);
         RequestDecision::Forward(Admitted { id, variables })
     }
 
     /// Applies deferred increments and token usage once the response is known.
     pub fn handle_response(&mut self, now: Nanos, id: RequestId, info: &ResponseInfo) -> Result<Completed, CoreError> {
         let now = self.observe(now);
-        let mut ledger = self.release(id).ok_or(CoreError::UnknownRequest(id))?;
-        finish(&self.limits, &mut self.store, now, &mut ledger, info);
-        self.record_deltas(now, &mut ledger);
+        let slot = self.requests.find(id).ok_or(CoreError::UnknownRequest(id))?;
+        let Gateway { limits, store, requests, journal, .. } = self;
+        let ledger = &mut requests.slots[slot].ledger;
+        finish(limits, store, now, ledger, info);
+        record_deltas(journal, store, now, ledger);
         let completed = Completed {
             headers: std::mem::take(&mut ledger.effects.headers),
             variables: std::mem::take(&mut ledger.effects.variables),
             tokens_charged: info.total_tokens,
         };
-        self.retire(ledger);
+        ledger.keys.release(store);
+        requests.free(slot);
         Ok(completed)
     }
 
@@ -385,45 +428,11 @@ impl Gateway {
     }
 
     pub fn in_flight_count(&self) -> usize {
-        self.in_flight
+        self.requests.live
     }
 
     fn evict(&mut self, now: Nanos) {
         self.store.evict(now);
-    }
-
-    /// A finished request's rows are unpinned and its ledger kept for the next one.
-    fn retire(&mut self, mut ledger: Ledger) {
-        ledger.keys.release(&mut self.store);
-        self.spare_ledgers.push(ledger);
-    }
-
-    /// Turns the request's new notes into journal entries: each note is exactly
-    /// one counter change (a token charge settles what was reserved).
-    fn record_deltas(&mut self, now: Nanos, ledger: &mut Ledger) {
-        let Some(journal) = self.journal.as_mut() else { return };
-        let Ledger { keys, effects, admitted_at, journaled } = ledger;
-        for &(class, limit, amount, n) in &effects.added[*journaled..] {
-            let key = keys.get(limit);
-            let change = match amount {
-                Amount::Calls | Amount::Reserved => Change::Count(n),
-                Amount::Bytes => Change::Bytes(n),
-                Amount::Settled => continue,
-                Amount::Tokens if self.store.is_calendar(class) => Change::Count(n),
-                Amount::Tokens => {
-                    let reserved = effects.added(keys, class, keys.row(limit), Amount::Reserved);
-                    match n.checked_sub(reserved) {
-                        Some(excess) => Change::Count(excess),
-                        None => Change::Uncount { amount: reserved - n, stamped: *admitted_at },
-                    }
-                }
-            };
-            if matches!(change, Change::Count(0) | Change::Bytes(0) | Change::Uncount { amount: 0, .. }) {
-                continue;
-            }
-            journal.push_back(CounterDelta { class, key: key.to_owned(), at: now, change });
-        }
-        *journaled = effects.added.len();
     }
 
     /// Time never goes backwards inside the core: a late `now` is read as the latest
@@ -432,34 +441,34 @@ impl Gateway {
         self.last_now = self.last_now.max(now);
         self.last_now
     }
+}
 
-    fn admit(&mut self, ledger: Ledger) -> RequestId {
-        self.in_flight += 1;
-        let index = match self.free_slots.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(Slot { generation: 0, ledger: None });
-                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 requests in flight")
+/// Turns the request's new notes into journal entries: each note is exactly
+/// one counter change (a token charge settles what was reserved).
+fn record_deltas(journal: &mut Option<VecDeque<CounterDelta>>, store: &Store, now: Nanos, ledger: &mut Ledger) {
+    let Some(journal) = journal.as_mut() else { return };
+    let Ledger { keys, effects, admitted_at, journaled } = ledger;
+    for &(class, limit, amount, n) in &effects.added[*journaled..] {
+        let key = keys.get(limit);
+        let change = match amount {
+            Amount::Calls | Amount::Reserved => Change::Count(n),
+            Amount::Bytes => Change::Bytes(n),
+            Amount::Settled => continue,
+            Amount::Tokens if store.is_calendar(class) => Change::Count(n),
+            Amount::Tokens => {
+                let reserved = effects.added(keys, class, keys.row(limit), Amount::Reserved);
+                match n.checked_sub(reserved) {
+                    Some(excess) => Change::Count(excess),
+                    None => Change::Uncount { amount: reserved - n, stamped: *admitted_at },
+                }
             }
         };
-        let slot = &mut self.slots[index as usize];
-        debug_assert!(slot.ledger.is_none(), "a free slot holds no request");
-        slot.ledger = Some(ledger);
-        RequestId(u64::from(slot.generation) << 32 | u64::from(index))
-    }
-
-    fn release(&mut self, id: RequestId) -> Option<Ledger> {
-        let index = id.slot();
-        let slot = self.slots.get_mut(index)?;
-        if slot.generation != id.generation() {
-            return None;
+        if matches!(change, Change::Count(0) | Change::Bytes(0) | Change::Uncount { amount: 0, .. }) {
+            continue;
         }
-        let ledger = slot.ledger.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
-        self.free_slots.push(index as u32);
-        self.in_flight -= 1;
-        Some(ledger)
+        journal.push_back(CounterDelta { class, key: key.to_owned(), at: now, change });
     }
+    *journaled = effects.added.len();
 }
 
 fn check(

@@ -63,6 +63,11 @@ pub struct Engine<'s> {
     start: Nanos,
     end: Nanos,
     queue: BinaryHeap<Reverse<(Nanos, u64, usize)>>,
+    /// The instant of the event being handled.
+    now: Nanos,
+    /// An event due at `now` that no queued event precedes: it is handled next,
+    /// exactly as the queue would order it, without going through the queue.
+    immediate: Option<Event>,
     /// Events by sequence number; the heap holds (time, seq, slot).
     events: Vec<Option<Event>>,
     free: Vec<usize>,
@@ -135,6 +140,8 @@ impl<'s> Engine<'s> {
             start,
             end: start + scenario.duration.0,
             queue: BinaryHeap::new(),
+            now: start,
+            immediate: None,
             events: Vec::new(),
             free: Vec::new(),
             seq: 0,
@@ -174,6 +181,15 @@ impl<'s> Engine<'s> {
     }
 
     fn push(&mut self, at: Nanos, event: Event) {
+        // The queue orders by (time, sequence) and a new event has the highest
+        // sequence yet, so an event due now goes first iff every queued one is
+        // later; events pushed after it come after it too.
+        let first = self.queue.peek().is_none_or(|Reverse((next, _, _))| *next > at);
+        if at == self.now && first && self.immediate.is_none() {
+            self.seq += 1;
+            self.immediate = Some(event);
+            return;
+        }
         let slot = match self.free.pop() {
             Some(s) => {
                 self.events[s] = Some(event);
@@ -192,18 +208,28 @@ impl<'s> Engine<'s> {
     /// `progress` hears the share of simulated time done, now and then.
     pub fn run(&mut self, progress: &mut dyn FnMut(f64)) {
         let mut handled = 0u64;
-        while let Some(Reverse((now, _, slot))) = self.queue.pop() {
-            if now >= self.end {
-                break;
-            }
+        while let Some((now, event)) = self.next_event() {
             handled += 1;
             if handled.is_multiple_of(65_536) {
                 progress((now - self.start).as_secs_f64() / (self.end - self.start).as_secs_f64().max(1e-9));
             }
-            let event = self.events[slot].take().expect("a queued event");
-            self.free.push(slot);
             self.handle(now, event);
         }
+    }
+
+    /// The next event before the end of the scenario, and its instant.
+    fn next_event(&mut self) -> Option<(Nanos, Event)> {
+        if let Some(event) = self.immediate.take() {
+            return (self.now < self.end).then_some((self.now, event));
+        }
+        let Reverse((now, _, slot)) = self.queue.pop()?;
+        if now >= self.end {
+            return None;
+        }
+        self.now = now;
+        let event = self.events[slot].take().expect("a queued event");
+        self.free.push(slot);
+        Some((now, event))
     }
 
     fn handle(&mut self, now: Nanos, event: Event) {
