@@ -19,8 +19,113 @@ pub enum Check {
 /// tiers). Amounts at one instant are merged, so a burst costs one entry.
 #[derive(Clone, Debug, Default)]
 pub struct SlidingLog {
-    entries: VecDeque<(Nanos, u64)>,
+    entries: Entries,
     total: u64,
+}
+
+/// A sliding log's entries, oldest first. Most keys hold one or two entries in a
+/// window, so two live inline, in the counter's own cache line, and a longer log
+/// moves to the heap until it empties.
+#[derive(Clone, Debug)]
+enum Entries {
+    Inline { len: u8, items: [(Nanos, u64); 2] },
+    Heap(VecDeque<(Nanos, u64)>),
+}
+
+impl Default for Entries {
+    fn default() -> Entries {
+        Entries::Inline { len: 0, items: [(Nanos::ZERO, 0); 2] }
+    }
+}
+
+impl Entries {
+    fn as_slices(&self) -> (&[(Nanos, u64)], &[(Nanos, u64)]) {
+        match self {
+            Entries::Inline { len, items } => (&items[..*len as usize], &[]),
+            Entries::Heap(deque) => deque.as_slices(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(Nanos, u64)> {
+        let (a, b) = self.as_slices();
+        a.iter().chain(b)
+    }
+
+    fn front(&self) -> Option<&(Nanos, u64)> {
+        self.iter().next()
+    }
+
+    fn back(&self) -> Option<&(Nanos, u64)> {
+        let (a, b) = self.as_slices();
+        b.last().or(a.last())
+    }
+
+    fn get_mut(&mut self, i: usize) -> &mut (Nanos, u64) {
+        match self {
+            Entries::Inline { len, items } => &mut items[..*len as usize][i],
+            Entries::Heap(deque) => &mut deque[i],
+        }
+    }
+
+    fn back_mut(&mut self) -> Option<&mut (Nanos, u64)> {
+        match self {
+            Entries::Inline { len: 0, .. } => None,
+            Entries::Inline { len, items } => Some(&mut items[*len as usize - 1]),
+            Entries::Heap(deque) => deque.back_mut(),
+        }
+    }
+
+    fn pop_front(&mut self) {
+        match self {
+            Entries::Inline { len: 0, .. } => {}
+            Entries::Inline { len, items } => {
+                items[0] = items[1];
+                *len -= 1;
+            }
+            Entries::Heap(deque) => {
+                deque.pop_front();
+                if deque.is_empty() {
+                    *self = Entries::default();
+                }
+            }
+        }
+    }
+
+    fn binary_search(&self, at: Nanos) -> Result<usize, usize> {
+        match self {
+            Entries::Inline { len, items } => items[..*len as usize].binary_search_by_key(&at, |e| e.0),
+            Entries::Heap(deque) => deque.binary_search_by_key(&at, |e| e.0),
+        }
+    }
+
+    fn push_back(&mut self, entry: (Nanos, u64)) {
+        let len = self.len();
+        self.insert(len, entry);
+    }
+
+    fn insert(&mut self, i: usize, entry: (Nanos, u64)) {
+        match self {
+            Entries::Inline { len: len @ (0 | 1), items } => {
+                items.copy_within(i..*len as usize, i + 1);
+                items[i] = entry;
+                *len += 1;
+            }
+            Entries::Inline { items, .. } => {
+                let mut deque = VecDeque::with_capacity(4);
+                deque.extend(items.iter().copied());
+                deque.insert(i, entry);
+                *self = Entries::Heap(deque);
+            }
+            Entries::Heap(deque) => deque.insert(i, entry),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Entries::Inline { len, .. } => *len as usize,
+            Entries::Heap(deque) => deque.len(),
+        }
+    }
 }
 
 impl SlidingLog {
@@ -64,8 +169,8 @@ impl SlidingLog {
             return;
         }
         self.total += amount;
-        match self.entries.binary_search_by_key(&at, |e| e.0) {
-            Ok(i) => self.entries[i].1 += amount,
+        match self.entries.binary_search(at) {
+            Ok(i) => self.entries.get_mut(i).1 += amount,
             Err(i) => self.entries.insert(i, (at, amount)),
         }
     }
@@ -73,16 +178,17 @@ impl SlidingLog {
     /// Takes back up to `amount` counted at instant `at` (a reservation settled for
     /// less than it held). An entry that has left the window is gone and needs nothing.
     pub fn refund(&mut self, at: Nanos, amount: u64) {
-        let Ok(i) = self.entries.binary_search_by_key(&at, |e| e.0) else { return };
-        let back = amount.min(self.entries[i].1);
-        self.entries[i].1 -= back;
+        let Ok(i) = self.entries.binary_search(at) else { return };
+        let entry = self.entries.get_mut(i);
+        let back = amount.min(entry.1);
+        entry.1 -= back;
         self.total -= back;
     }
 
     /// How long until the window total is at most `allowed`, if nothing else arrives.
     pub fn wait_until_at_most(&self, now: Nanos, period: Nanos, allowed: u64) -> Nanos {
         let mut total = self.total;
-        for &(t, amount) in &self.entries {
+        for &(t, amount) in self.entries.iter() {
             if total <= allowed {
                 break;
             }
@@ -241,10 +347,7 @@ pub fn secs(s: u64) -> Nanos {
 
 impl Renew for SlidingLog {
     fn renew(&mut self, fresh: SlidingLog) {
-        // Keep the log's buffer: a reused slot then allocates nothing.
-        self.entries.clear();
-        self.entries.extend(fresh.entries);
-        self.total = fresh.total;
+        *self = fresh;
     }
 }
 
@@ -257,5 +360,76 @@ impl Renew for Bucket {
 impl Renew for FixedWindow {
     fn renew(&mut self, fresh: FixedWindow) {
         *self = fresh;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Add(u64, u64),
+        Insert(u64, u64),
+        Refund(u64, u64),
+        Expire(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..5u64, 1..4u64).prop_map(|(dt, n)| Op::Add(dt, n)),
+            (0..40u64, 1..4u64).prop_map(|(t, n)| Op::Insert(t, n)),
+            (0..40u64, 1..4u64).prop_map(|(t, n)| Op::Refund(t, n)),
+            (0..5u64).prop_map(Op::Expire),
+        ]
+    }
+
+    proptest! {
+        /// The log with inline entries holds exactly what a plain deque would.
+        #[test]
+        fn inline_entries_behave_like_a_deque(ops in proptest::collection::vec(op(), 0..60)) {
+            let period = Nanos(10);
+            let (mut log, mut model) = (SlidingLog::default(), VecDeque::<(Nanos, u64)>::new());
+            let mut now = Nanos::ZERO;
+            for op in ops {
+                match op {
+                    Op::Add(dt, n) => {
+                        now = now + Nanos(dt);
+                        log.add(now, n);
+                        match model.back_mut() {
+                            Some((t, a)) if *t == now => *a += n,
+                            _ => model.push_back((now, n)),
+                        }
+                    }
+                    Op::Insert(t, n) => {
+                        let at = Nanos(t.min(now.0));
+                        log.insert(at, n);
+                        match model.binary_search_by_key(&at, |e| e.0) {
+                            Ok(i) => model[i].1 += n,
+                            Err(i) => model.insert(i, (at, n)),
+                        }
+                    }
+                    Op::Refund(t, n) => {
+                        log.refund(Nanos(t), n);
+                        if let Ok(i) = model.binary_search_by_key(&Nanos(t), |e| e.0) {
+                            model[i].1 -= n.min(model[i].1);
+                        }
+                    }
+                    Op::Expire(dt) => {
+                        now = now + Nanos(dt);
+                        log.expire(now, period);
+                        while model.front().is_some_and(|&(t, _)| t + period <= now) {
+                            model.pop_front();
+                        }
+                    }
+                }
+                let held: Vec<_> = log.entries.iter().copied().collect();
+                prop_assert_eq!(&held, &model.iter().copied().collect::<Vec<_>>());
+                prop_assert_eq!(log.total(), model.iter().map(|e| e.1).sum::<u64>());
+                prop_assert_eq!(log.entries.back().copied(), model.back().copied());
+                prop_assert_eq!(log.entries.len(), model.len());
+            }
+        }
     }
 }
