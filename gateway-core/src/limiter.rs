@@ -28,9 +28,12 @@ pub struct SlidingLog {
 /// moves to the heap until it empties.
 #[derive(Clone, Debug)]
 enum Entries {
-    Inline { len: u8, items: [(Nanos, u64); 2] },
-    Heap(VecDeque<(Nanos, u64)>),
+    Inline { len: u8, items: [Entry; 2] },
+    Heap(VecDeque<Entry>),
 }
+
+/// An amount counted at an instant.
+type Entry = (Nanos, u64);
 
 impl Default for Entries {
     fn default() -> Entries {
@@ -39,7 +42,7 @@ impl Default for Entries {
 }
 
 impl Entries {
-    fn as_slices(&self) -> (&[(Nanos, u64)], &[(Nanos, u64)]) {
+    fn as_slices(&self) -> (&[Entry], &[Entry]) {
         match self {
             Entries::Inline { len, items } => (&items[..*len as usize], &[]),
             Entries::Heap(deque) => deque.as_slices(),
