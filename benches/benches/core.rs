@@ -71,5 +71,11 @@ fn limits(c: &mut Criterion) {
     bench_policy(c, "seed_policy_three_limits", &seed);
 }
 
-criterion_group!(benches, limits);
+// No plots: criterion's plotters backend panics on machines without system fonts
+// (servers, CI images), and the figures are in the terminal output anyway.
+criterion_group! {
+    name = benches;
+    config = Criterion::default().without_plots();
+    targets = limits
+}
 criterion_main!(benches);

@@ -80,5 +80,11 @@ fn lifecycle(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, failover, lifecycle);
+// No plots: criterion's plotters backend panics on machines without system fonts
+// (servers, CI images), and the figures are in the terminal output anyway.
+criterion_group! {
+    name = benches;
+    config = Criterion::default().without_plots();
+    targets = failover, lifecycle
+}
 criterion_main!(benches);
