@@ -33,12 +33,6 @@ pub const EVICTION_LAG: Nanos = Nanos(1 << BUCKET_SHIFT);
 /// later wait in their bucket through whole turns, untouched but for a comparison.
 const WHEEL_BUCKETS: usize = 1024;
 
-/// A counter's state, which a reused slot can take over without allocating.
-pub trait Renew {
-    /// Becomes `fresh`, keeping any capacity it holds.
-    fn renew(&mut self, fresh: Self);
-}
-
 /// A counter's place in its [`CounterMap`], valid while the counter is pinned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowId(u32);
@@ -57,7 +51,7 @@ pub struct CounterMap<S> {
     hasher: FixedHasher,
     /// Slot numbers by key hash: four bytes an entry, so growing it is cheap.
     index: HashTable<u32>,
-    /// The counters; a freed slot keeps its state's buffers for the next key.
+    /// The counters; a freed slot is reused (with its key's buffer) for the next key.
     slots: Vec<Slot<S>>,
     free: Vec<u32>,
     wheel: Vec<Vec<u32>>,
@@ -65,7 +59,7 @@ pub struct CounterMap<S> {
     cursor: u64,
 }
 
-impl<S: Renew> CounterMap<S> {
+impl<S> CounterMap<S> {
     /// `hash_seed` lets a server pick an unpredictable seed against hash flooding
     /// while a simulation keeps a fixed one.
     pub fn new(hash_seed: u64) -> CounterMap<S> {
@@ -138,7 +132,7 @@ impl<S: Renew> CounterMap<S> {
             slot.key.push_str(key);
             slot.due = now;
             debug_assert_eq!(slot.pins, 0, "a free slot is not pinned");
-            slot.state.renew(state);
+            slot.state = state;
             return i;
         }
         self.slots.push(Slot { hash, key: CompactString::from(key), due: now, pins: 0, state });
@@ -232,12 +226,6 @@ fn bucket_of(t: Nanos) -> u64 {
 mod tests {
     use super::*;
 
-    impl Renew for u64 {
-        fn renew(&mut self, fresh: u64) {
-            *self = fresh;
-        }
-    }
-
     const SECOND: Nanos = Nanos::from_secs(1);
 
     #[test]
@@ -278,6 +266,22 @@ mod tests {
         assert!(map.next_deadline().is_some_and(|d| d <= far + Nanos::from_secs(140)));
         map.evict(far + SECOND, |&idle| Nanos(idle));
         assert!(map.is_empty());
+    }
+
+    #[test]
+    fn a_pinned_counter_outlives_its_idle_time_and_goes_once_unpinned() {
+        let mut map: CounterMap<u64> = CounterMap::new(0);
+        let row = map.find_or_insert(Nanos::ZERO, "held", || SECOND.0);
+        map.pin(row);
+        map.pin(row);
+        map.evict(Nanos::from_secs(10), |&idle| Nanos(idle));
+        assert_eq!(map.get("held"), Some(&SECOND.0), "pinned twice");
+        map.unpin(row);
+        map.evict(Nanos::from_secs(20), |&idle| Nanos(idle));
+        assert_eq!(*map.state_mut(row), SECOND.0, "still pinned once: the row id stays valid");
+        map.unpin(row);
+        map.evict(Nanos::from_secs(20) + EVICTION_LAG, |&idle| Nanos(idle));
+        assert!(map.is_empty(), "unpinned and idle: gone within a bucket");
     }
 
     #[test]

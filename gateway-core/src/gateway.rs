@@ -207,11 +207,9 @@ impl KeyBook {
         self.ends.len()
     }
 
-    /// Unpins every row and forgets the keys.
+    /// Unpins every row; the keys stay until the ledger is cleared for reuse.
     fn release(&mut self, store: &mut Store) {
         self.rows.drain(..).for_each(|row| store.unpin(row));
-        self.ends.clear();
-        self.text.clear();
     }
 }
 

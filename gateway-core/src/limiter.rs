@@ -2,7 +2,6 @@
 //! has become indistinguishable from a fresh one (`idle_at`), which is when the
 //! counter store may evict it.
 
-use crate::counters::Renew;
 use crate::time::{Nanos, NANOS_PER_SEC};
 use std::collections::VecDeque;
 
@@ -346,24 +345,6 @@ impl WindowGrid {
 
 pub fn secs(s: u64) -> Nanos {
     Nanos(s * NANOS_PER_SEC)
-}
-
-impl Renew for SlidingLog {
-    fn renew(&mut self, fresh: SlidingLog) {
-        *self = fresh;
-    }
-}
-
-impl Renew for Bucket {
-    fn renew(&mut self, fresh: Bucket) {
-        *self = fresh;
-    }
-}
-
-impl Renew for FixedWindow {
-    fn renew(&mut self, fresh: FixedWindow) {
-        *self = fresh;
-    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! bucket refilled later is still full, an empty log or window counts nothing), so
 //! holding states a key never uses changes memory, not decisions.
 
-use crate::counters::{CounterMap, Renew, RowId};
+use crate::counters::{CounterMap, RowId};
 use crate::gateway::{Change, CounterDelta};
 use crate::limiter::{Bucket, BucketShape, Check, FixedWindow, SlidingLog, WindowGrid};
 use crate::time::{CalendarPeriod, Nanos};
@@ -69,12 +69,6 @@ impl State {
     }
 }
 
-impl Renew for State {
-    fn renew(&mut self, fresh: State) {
-        *self = fresh;
-    }
-}
-
 /// Every family's counter for one key, inline for up to four families.
 pub(crate) struct Row {
     states: SmallVec<[State; 4]>,
@@ -88,13 +82,6 @@ impl Row {
     fn idle_at(&self, families: &[Shape], now: Nanos) -> Nanos {
         let idle = self.states.iter().zip(families).map(|(state, &shape)| state.idle_at(shape, now));
         idle.max().unwrap_or(Nanos::ZERO)
-    }
-}
-
-impl Renew for Row {
-    fn renew(&mut self, fresh: Row) {
-        debug_assert_eq!(self.states.len(), fresh.states.len(), "one gateway's rows have one layout");
-        self.states.iter_mut().zip(fresh.states).for_each(|(state, fresh)| state.renew(fresh));
     }
 }
 
@@ -124,10 +111,15 @@ impl Store {
 
     /// The row of `key`, made fresh when absent, pinned until [`Store::unpin`].
     pub fn pin(&mut self, now: Nanos, key: &str) -> RowId {
-        let families = &self.families;
-        let row = self.rows.find_or_insert(now, key, || Row::fresh(families, now));
+        let row = self.row(now, key);
         self.rows.pin(row);
         row
+    }
+
+    /// The row of `key`, made fresh when absent; valid until the next eviction.
+    fn row(&mut self, now: Nanos, key: &str) -> RowId {
+        let families = &self.families;
+        self.rows.find_or_insert(now, key, || Row::fresh(families, now))
     }
 
     /// Pins a row already pinned once more (another limit with the same key).
@@ -177,9 +169,8 @@ impl Store {
             debug_assert!(false, "replicas share one policy");
             return;
         }
-        let row = self.pin(now, &delta.key);
+        let row = self.row(now, &delta.key);
         self.apply_to(row, now, delta);
-        self.unpin(row);
     }
 
     fn apply_to(&mut self, row: RowId, now: Nanos, delta: &CounterDelta) {
