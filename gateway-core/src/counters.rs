@@ -14,9 +14,9 @@
 //! back needs no lookup.
 //!
 //! Eviction is never observable in a decision (an evicted counter is exactly a
-//! fresh one), so its granularity, and how long a pin delays it, only change memory. Hash-map iteration order is
-//! never observed: the wheel's buckets are walked in time order, each in the order
-//! its slots were scheduled.
+//! fresh one), so its granularity, and how long a pin delays it, only change
+//! memory. Hash-map iteration order is never observed: the wheel's buckets are
+//! walked in time order, each in the order its slots were scheduled.
 
 use crate::time::Nanos;
 use compact_str::CompactString;
