@@ -68,7 +68,7 @@ pub struct Engine<'s> {
     /// An event due at `now` that no queued event precedes: it is handled next,
     /// exactly as the queue would order it, without going through the queue.
     immediate: Option<Event>,
-    /// Events by sequence number; the heap holds (time, seq, slot).
+    /// Queued events by slot (reused once popped); the heap holds (time, seq, slot).
     events: Vec<Option<Event>>,
     free: Vec<usize>,
     seq: u64,
