@@ -8,6 +8,13 @@
 # The backend and each proxy are separate processes, and each proxy gets one
 # worker: nginx `worker_processes 1`, aigw `--threads 1` (THREADS to change it).
 # Everything shares this machine's cores with the load generator.
+#
+# Each line also says what the run cost and what disturbed it: the CPU time per
+# request of the process that served it (the backend nginx for `direct`, else
+# the proxy) in user and system mode, its involuntary context switches (times
+# it was preempted while it had work), and the share of the machine's CPU time
+# the hypervisor stole during the run. On a shared VM a p99 measured while
+# steal was high says more about the host than about the proxy.
 # Installs nginx if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +61,21 @@ AIGW_LOG=warn target/release/aigw proxy --config benches/proxy-bench.toml --thre
 aigw_pid=$!
 trap 'kill $backend_pid $proxy_pid $aigw_pid 2> /dev/null; wait 2> /dev/null; rm -rf "$tmp"' EXIT
 sleep 1
+# The process that serves each target: nginx's worker (a child of its master), or aigw.
+declare -A serving=([direct]=$(pgrep -P $backend_pid) [nginx]=$(pgrep -P $proxy_pid) [aigw]=$aigw_pid)
+# CPU ticks of a process (user, system), its involuntary switches (all threads),
+# and the machine's (busy, steal) ticks.
+sample() {
+  awk '{printf "%s %s ", $14, $15}' "/proc/$1/stat"
+  cat /proc/"$1"/task/*/status | awk '/^nonvoluntary_ctxt_switches/ {s += $2} END {printf "%d ", s}'
+  awk '/^cpu / {printf "%d %d\n", $2+$3+$4+$5+$6+$7+$8+$9, $9}' /proc/stat
+}
+# "user U sys S us/req, invol I/req, steal X%" between two samples over N requests.
+cost() { # BEFORE AFTER REQUESTS
+  echo "$1 $2" | awk -v n="$3" -v hz="$(getconf CLK_TCK)" '{
+    printf "cpu/req user %.0f us sys %.0f us, invol %.2f/req, steal %.1f%%",
+      ($6-$1)*1e6/hz/n, ($7-$2)*1e6/hz/n, ($8-$3)/n, 100*($10-$5)/(($9-$4)>0 ? ($9-$4) : 1) }'
+}
 path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 seconds=${SECONDS_PER_RUN:-10}
 rounds=${ROUNDS:-3}
@@ -62,7 +84,10 @@ for round in $(seq "$rounds"); do
   for rate in 2000 0; do
     for target in direct nginx aigw; do
       if [ $target = aigw ] && [ $rate = 2000 ]; then before=$(curl -s http://127.0.0.1:19090/metrics); fi
+      s0=$(sample "${serving[$target]}")
       line=$("$load" "http://127.0.0.1:${ports[$target]}$path" $rate "$seconds" 64 "api-key:bench-key")
+      s1=$(sample "${serving[$target]}")
+      ok=$(echo "$line" | sed -n 's/.*: \([0-9]*\) ok.*/\1/p')
       if [ $target = aigw ] && [ $rate = 2000 ]; then
         # aigw's own view: time it added (total minus backend), from its histogram.
         added() { echo "$1" | awk -F'[{} ]' '/^aigw_gateway_added_seconds_bucket/ && $2=="le=\"0.0005\"" {a=$4} /^aigw_gateway_added_seconds_bucket/ && $2=="le=\"0.001\"" {b=$4} /^aigw_gateway_added_seconds_count/ {c=$2} END {print a+0, b+0, c+0}'; }
@@ -70,15 +95,15 @@ for round in $(seq "$rounds"); do
         read -r a1 b1 c1 <<< "$(added "$(curl -s http://127.0.0.1:19090/metrics)")"
         awk -v a=$((a1-a0)) -v b=$((b1-b0)) -v c=$((c1-c0)) 'BEGIN {printf "round '"$round"' aigw: own histogram: %.2f%% of requests added at most 0.5 ms, %.2f%% at most 1 ms\n", 100*a/c, 100*b/c}'
       fi
-      echo "round $round $target: ${line#* }"
-      echo "$rate $target $line" >> "$tmp/results"
+      echo "round $round $target: ${line#* }; $(cost "$s0" "$s1" "${ok:-1}")"
+      echo "$round $rate $target $line" >> "$tmp/results"
     done
   done
 done
 # Medians over the rounds: throughput from the closed loop, latency at 2,000/s.
 median() { sort -g | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 field() { # RATE TARGET FIELD
-  awk -v r="$1" -v t="$2" -v f="$3" '$1==r && $2==t {for (i=1;i<=NF;i++) if ($i==f) print $(i+1); else if ($i ~ /req\/s,$/ && f=="rps") print $(i-1)}' "$tmp/results" | tr -d ',' | median
+  awk -v r="$1" -v t="$2" -v f="$3" '$2==r && $3==t {for (i=1;i<=NF;i++) if ($i==f) print $(i+1); else if ($i ~ /req\/s,$/ && f=="rps") print $(i-1)}' "$tmp/results" | tr -d ',' | median
 }
 echo "medians of $rounds rounds ($seconds s each):"
 for target in direct nginx aigw; do
@@ -86,7 +111,15 @@ for target in direct nginx aigw; do
     "$(field 0 $target rps)" "$(field 2000 $target latency_ms_p50)" "$(field 2000 $target latency_ms_p99)"
 done
 awk -v a="$(field 0 aigw rps)" -v n="$(field 0 nginx rps)" 'BEGIN {printf "  aigw throughput / nginx throughput: %.0f%% (goal: at least 80%%)\n", 100*a/n}'
+# Added latency: each round's proxy figure minus the same round's direct one
+# (they ran seconds apart), then the median over rounds.
+added() { # TARGET PERCENTILE
+  for round in $(seq "$rounds"); do
+    awk -v r="$round" -v t="$1" -v f="latency_ms_p$2" '$1==r && $2==2000 && ($3==t || $3=="direct") {
+      for (i=1;i<=NF;i++) if ($i==f) v[$3]=$(i+1) } END {print v[t]-v["direct"]}' "$tmp/results"
+  done | median
+}
 for p in 50 99; do
-  awk -v a="$(field 2000 aigw latency_ms_p$p)" -v n="$(field 2000 nginx latency_ms_p$p)" -v d="$(field 2000 direct latency_ms_p$p)" -v p=$p \
-    'BEGIN {printf "  added latency at p%s over direct: aigw %.3f ms, nginx %.3f ms\n", p, a-d, n-d}'
+  printf '  added latency at p%s over direct (median of per-round differences): aigw %.3f ms, nginx %.3f ms\n' \
+    $p "$(added aigw $p)" "$(added nginx $p)"
 done
