@@ -226,7 +226,10 @@ impl Effects {
     /// What this request added to the counter of family `class` in `row`: rows
     /// stand for keys, since a pinned row keeps its key.
     fn added(&self, keys: &KeyBook, class: ClassId, row: RowId, amount: Amount) -> u64 {
-        self.added.iter().filter(|&&(c, l, a, _)| c == class && a == amount && keys.row(l) == row).map(|e| e.3).sum()
+        self.added
+            .iter()
+            .filter(|&&(c, l, a, _)| c == class && a == amount && keys.row(l) == row)
+            .fold(0, |sum, e| sum.saturating_add(e.3))
     }
 
     fn note(&mut self, class: ClassId, limit: usize, amount: Amount, n: u64) {
@@ -570,7 +573,7 @@ fn check_quota(
         return Err(reject(RejectReason::BandwidthQuota, index, retry_after, None));
     }
     if own == 0 && q.increment_condition.is_none() {
-        window.calls += q.increment_count;
+        window.calls = window.calls.saturating_add(q.increment_count);
         ledger.effects.note(class, index, Amount::Calls, q.increment_count);
     }
     Ok(())
@@ -703,7 +706,7 @@ fn finish_quota(
     let row = ledger.keys.row(index);
     let count_calls =
         q.increment_condition.is_some() && ledger.effects.added(&ledger.keys, class, row, Amount::Calls) == 0;
-    let bytes = info.request_bytes + info.response_bytes;
+    let bytes = info.request_bytes.saturating_add(info.response_bytes);
     let count_bytes =
         q.bandwidth.is_some() && bytes > 0 && ledger.effects.added(&ledger.keys, class, row, Amount::Bytes) == 0;
     if !count_calls && !count_bytes {
@@ -711,11 +714,11 @@ fn finish_quota(
     }
     let (_, window) = store.window(row, class, now);
     if count_calls {
-        window.calls += q.increment_count;
+        window.calls = window.calls.saturating_add(q.increment_count);
         ledger.effects.note(class, index, Amount::Calls, q.increment_count);
     }
     if count_bytes {
-        window.bytes += bytes;
+        window.bytes = window.bytes.saturating_add(bytes);
         ledger.effects.note(class, index, Amount::Bytes, bytes);
     }
 }
@@ -750,7 +753,7 @@ fn finish_tokens(
     if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
         let charge = if ledger.effects.added(&ledger.keys, class, row, Amount::Tokens) == 0 { tokens } else { 0 };
         let count = store.calendar(row, class, now);
-        count.tokens += charge;
+        count.tokens = count.tokens.saturating_add(charge);
         let remaining = quota.saturating_sub(count.tokens);
         let effects = &mut ledger.effects;
         effects.note(class, index, Amount::Tokens, charge);

@@ -33,13 +33,15 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Counts saturate: a backend may report anything, and a wrapped count would
+    /// charge almost nothing.
     pub fn total(self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 
     fn add(&mut self, other: Usage) {
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
     }
 }
 
@@ -291,7 +293,7 @@ impl Pipeline {
         };
         flight.record.usage.add(delivery.usage);
         if let Some(last) = flight.record.attempts.last_mut() {
-            last.tokens += delivery.usage.total();
+            last.tokens = last.tokens.saturating_add(delivery.usage.total());
         }
         let info = ResponseInfo {
             status: Some(status),

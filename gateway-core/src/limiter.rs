@@ -147,7 +147,11 @@ impl SlidingLog {
         self.total
     }
 
+    /// Counts `amount` at `now`. A window holds at most `u64::MAX` in all: the
+    /// excess is dropped, so the total stays the exact sum of the entries and a
+    /// full window reads as full (a wrapped one would read as nearly empty).
     pub fn add(&mut self, now: Nanos, amount: u64) {
+        let amount = amount.min(u64::MAX - self.total);
         if amount == 0 {
             return;
         }
@@ -167,6 +171,7 @@ impl SlidingLog {
         if self.entries.back().is_none_or(|&(t, _)| t <= at) {
             return self.add(at, amount);
         }
+        let amount = amount.min(u64::MAX - self.total);
         if amount == 0 {
             return;
         }

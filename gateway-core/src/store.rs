@@ -194,12 +194,18 @@ impl Store {
             }
             // A change made in a window that has since ended is moot.
             (Counter::Fixed(grid, _), _) if grid.index(delta.at) != grid.index(now) => {}
-            (Counter::Fixed(..), Change::Count(n)) => self.window(row, class, now).1.calls += n,
-            (Counter::Fixed(..), Change::Bytes(n)) => self.window(row, class, now).1.bytes += n,
+            (Counter::Fixed(..), Change::Count(n)) => {
+                let calls = &mut self.window(row, class, now).1.calls;
+                *calls = calls.saturating_add(n);
+            }
+            (Counter::Fixed(..), Change::Bytes(n)) => {
+                let bytes = &mut self.window(row, class, now).1.bytes;
+                *bytes = bytes.saturating_add(n);
+            }
             (Counter::Calendar(period, _), Change::Count(n)) => {
                 let count = self.calendar(row, class, now);
                 if period.bounds(delta.at).1 == count.period_end {
-                    count.tokens += n;
+                    count.tokens = count.tokens.saturating_add(n);
                 }
             }
             (_, change) => debug_assert!(false, "a {change:?} does not fit this counter family"),

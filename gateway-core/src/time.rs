@@ -178,8 +178,17 @@ pub fn parse_rfc3339(text: &str) -> Result<Nanos, String> {
     if t.timestamp() < 0 {
         return Err(format!("`{text}` is before 1970-01-01T00:00:00Z, which the simulated clock cannot represent"));
     }
+    // `from_utc` clamps; an instant it would clamp is refused instead, or every
+    // later instant would silently be the same one.
+    let nanos = t.timestamp() as i128 * NANOS_PER_SEC as i128 + t.timestamp_subsec_nanos() as i128;
+    if nanos > u64::MAX as i128 {
+        return Err(format!("`{text}` is after {LAST_INSTANT}, the last instant the simulated clock can represent"));
+    }
     Ok(Nanos::from_utc(t.with_timezone(&Utc)))
 }
+
+/// `Nanos(u64::MAX)` as a date.
+pub const LAST_INSTANT: &str = "2554-07-21T23:34:33Z";
 
 /// Parses a human-readable duration: `"250ms"`, `"90s"`, `"1.5s"`, `"5m"`, `"1h"`,
 /// `"2d"`, or a bare number of seconds.

@@ -511,3 +511,31 @@ proptest! {
         }
     }
 }
+
+/// A backend may report any usage (a bug, a hostile endpoint): counts that do not
+/// fit saturate. Wrapped counters would read as nearly empty and admit everyone.
+#[test]
+fn absurd_usage_saturates_the_counters_instead_of_wrapping() {
+    let token_limit = "[[limits]]\ntype = \"llm-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = 5000\n\
+                       token_quota = 100000\ntoken_quota_period = \"Daily\"\n";
+    let bandwidth =
+        "[[limits]]\ntype = \"quota-by-key\"\nbandwidth = \"1 MB\"\nrenewal_period = 3600\ncounter_key = \"ip\"\n";
+    for text in [token_limit, bandwidth] {
+        let mut pipeline = Pipeline::new(&policy(text), routing(SEED), 0).unwrap();
+        let req = RequestInfo { ip: "10.0.0.1".into(), ..Default::default() };
+        let now = Nanos::from_secs(1_000);
+        let Step::Forward { id, .. } = pipeline.handle_request(now, &req, 0) else { panic!("the first is admitted") };
+        let ok = AttemptOutcome::Response { status: 200, retry_after: None };
+        let Ok(Step::Deliver { id }) = pipeline.handle_attempt(now, id, ok, Usage::default(), 0) else {
+            panic!("a 200 is delivered")
+        };
+        let usage = Usage { prompt_tokens: u64::MAX, completion_tokens: u64::MAX };
+        let delivery = Delivery { usage, request_bytes: u64::MAX, response_bytes: u64::MAX };
+        let finished = pipeline.handle_delivered(now, id, delivery).unwrap();
+        assert_eq!(finished.record.tokens_charged(), u64::MAX, "the charge saturates");
+        let Step::Respond(refused) = pipeline.handle_request(now + Nanos::from_secs(1), &req, 0) else {
+            panic!("{text}: the counters are full, not wrapped to nearly empty")
+        };
+        assert!(matches!(refused.record.reason, FinalReason::Limited(_)), "{:?}", refused.record.reason);
+    }
+}

@@ -60,7 +60,7 @@ fn default_completion_tokens() -> Dist {
 impl DeploymentConfig {
     /// RPM as configured, or Azure's default ratio: 6 RPM per 1,000 TPM.
     pub fn rpm(&self) -> u64 {
-        self.rpm.unwrap_or(self.tpm * 6 / 1000)
+        self.rpm.unwrap_or(self.tpm.saturating_mul(6) / 1000)
     }
 
     /// Requests allowed per 10-second window: `rpm / 6`, at least one.

@@ -197,7 +197,8 @@ impl DeploymentModel {
             ModelResponse::Complete(c) => {
                 stats.completed += 1;
                 stats.prompt_tokens += c.prompt_tokens;
-                stats.completion_tokens += c.break_after.unwrap_or(c.completion_tokens);
+                stats.completion_tokens =
+                    stats.completion_tokens.saturating_add(c.break_after.unwrap_or(c.completion_tokens));
                 stats.broken_streams += u64::from(c.break_after.is_some());
             }
             ModelResponse::Throttled(_) => stats.throttled += 1,
@@ -224,7 +225,7 @@ impl DeploymentModel {
         if self.config.provisioned {
             // Utilisation: tokens processed in the last minute, charged on completion.
             if self.tokens.total() >= tpm {
-                let retry_after = self.tokens.wait_until_at_most(now, MINUTE, tpm - 1);
+                let retry_after = self.tokens.wait_until_at_most(now, MINUTE, tpm.saturating_sub(1));
                 return Err(self.throttle(LimitKind::Utilization, retry_after));
             }
             return Ok(());
@@ -288,7 +289,7 @@ impl DeploymentModel {
             false => None,
         };
         if self.config.provisioned {
-            self.tokens.add(now, req.prompt_tokens + completion_tokens);
+            self.tokens.add(now, req.prompt_tokens.saturating_add(completion_tokens));
         }
         ModelResponse::Complete(Completion {
             prompt_tokens: req.prompt_tokens,

@@ -572,7 +572,8 @@ fn thinned(rng: &mut ChaCha8Rng, t0: f64, max: f64, rate: impl Fn(f64) -> f64) -
 /// Body sizes for bandwidth quotas: about 4 bytes of JSON per token plus the
 /// envelope (a chat request's framing, a response's ids and filter results).
 fn wire_bytes(call: &Call, usage: Usage) -> (u64, u64) {
-    (200 + 4 * call.prompt_tokens, if usage.total() == 0 { 150 } else { 800 + 4 * usage.completion_tokens })
+    let bytes = |envelope: u64, tokens: u64| tokens.saturating_mul(4).saturating_add(envelope);
+    (bytes(200, call.prompt_tokens), if usage.total() == 0 { 150 } else { bytes(800, usage.completion_tokens) })
 }
 
 fn key_values(info: &RequestInfo) -> BTreeMap<String, String> {

@@ -64,7 +64,7 @@ pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> 
             "<td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td></tr>",
             c.sdk_retries,
             c.failovers,
-            c.prompt_tokens + c.completion_tokens,
+            c.prompt_tokens.saturating_add(c.completion_tokens),
             c.latency_ms_p50,
             c.latency_ms_p95,
             c.latency_ms_p99

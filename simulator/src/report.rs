@@ -166,8 +166,8 @@ impl Recorder {
         c.gateway_retries += record.attempts.len().saturating_sub(1) as u64;
         let first = record.attempts.first().map(|a| &a.backend);
         c.failovers += u64::from(record.attempts.iter().any(|a| Some(&a.backend) != first));
-        c.prompt_tokens += record.usage.prompt_tokens;
-        c.completion_tokens += record.usage.completion_tokens;
+        c.prompt_tokens = c.prompt_tokens.saturating_add(record.usage.prompt_tokens);
+        c.completion_tokens = c.completion_tokens.saturating_add(record.usage.completion_tokens);
         c.latency_us.saturating_record((latency.0 / 1000).max(1));
         let failover = record.attempts.iter().any(|a| Some(&a.backend) != first);
         let tokens = record.usage.total();
@@ -178,10 +178,10 @@ impl Recorder {
         let backend = delivered_by.and_then(|name| self.backends.iter().position(|b| *b.name == *name));
         let m = self.minute(since_start);
         *m.by_reason.entry(reason).or_default() += 1;
-        m.client_tokens[client] += tokens;
+        m.client_tokens[client] = m.client_tokens[client].saturating_add(tokens);
         m.failovers += u64::from(failover);
         if let Some(b) = backend {
-            m.backend_tokens[b] += tokens;
+            m.backend_tokens[b] = m.backend_tokens[b].saturating_add(tokens);
         }
         if let (Some(log), Some(decision)) = (&mut self.decisions, decision) {
             log.push((order, decision));
@@ -334,7 +334,7 @@ impl Report {
                 "{:<14} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9.1} {:>9.1} {:>9.1}",
                 c.name, c.requests, n("ok"), n("rate-limit"), n("quota"), n("token-limit"), n("token-quota"),
                 n("backend"), n("no-backend"), n("timeout"), c.sdk_retries, c.failovers,
-                c.prompt_tokens + c.completion_tokens, c.latency_ms_p50, c.latency_ms_p95, c.latency_ms_p99
+                c.prompt_tokens.saturating_add(c.completion_tokens), c.latency_ms_p50, c.latency_ms_p95, c.latency_ms_p99
             );
         }
         let _ = writeln!(

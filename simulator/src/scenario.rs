@@ -197,7 +197,13 @@ impl Scenario {
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
-        parse_rfc3339(&self.start).map_err(|e| format!("`start`: {e}"))?;
+        let start = parse_rfc3339(&self.start).map_err(|e| format!("`start`: {e}"))?;
+        if start.0.checked_add(self.duration.0 .0).is_none() {
+            return Err(format!(
+                "`start` plus `duration` ends after {}, the last instant the simulated clock can represent",
+                gateway_core::time::LAST_INSTANT
+            ));
+        }
         self.gateway.routing.validate().map_err(|e| format!("`gateway.routing`: {e}"))?;
         for b in &self.gateway.routing.backends {
             if !self.backends.iter().any(|d| d.name == b.id) {

@@ -113,7 +113,7 @@ pub fn figures(report: &Report) -> BTreeMap<String, f64> {
         f.insert(format!("{p}.latency_ms_p99"), c.latency_ms_p99);
         f.insert(format!("{p}.sdk_retries"), c.sdk_retries as f64);
         f.insert(format!("{p}.failovers"), c.failovers as f64);
-        f.insert(format!("{p}.tokens"), (c.prompt_tokens + c.completion_tokens) as f64);
+        f.insert(format!("{p}.tokens"), c.prompt_tokens.saturating_add(c.completion_tokens) as f64);
     }
     for b in &report.backends {
         let p = format!("backend.{}", b.name);

@@ -36,6 +36,16 @@ fn errors_name_the_place_and_suggest_the_closest_name() {
         &["`aoia` is neither a backend nor a pool"],
     );
     check(GOOD.replace("rate_per_s = 1", "rate_per_s = 0"), &["arrival rates must be above 0"]);
+    // The simulated clock counts nanoseconds from 1970 in 64 bits: it ends in 2554
+    // (this scenario lasts 10 minutes).
+    // A scenario past that end would otherwise run with every instant clamped to it.
+    let start = GOOD.lines().find(|l| l.starts_with("start = ")).expect("a start line");
+    check(GOOD.replace(start, "start = \"9999-12-31T00:00:00Z\""), &["`start`", "after 2554-07-21T23:34:33Z"]);
+    check(GOOD.replace(start, "start = \"1969-12-31T23:59:59Z\""), &["`start`", "before 1970-01-01T00:00:00Z"]);
+    check(
+        GOOD.replace(start, "start = \"2554-07-21T23:30:00Z\""),
+        &["`start` plus `duration` ends after 2554-07-21T23:34:33Z"],
+    );
 }
 
 #[test]
