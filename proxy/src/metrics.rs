@@ -121,7 +121,8 @@ impl Metrics {
         m.failovers += u64::from(record.attempts.iter().any(|a| Some(&a.backend) != first));
         for (kind, n) in [("prompt", record.usage.prompt_tokens), ("completion", record.usage.completion_tokens)] {
             if n > 0 {
-                *m.tokens.entry((subscription, backend, kind)).or_default() += n;
+                let total = m.tokens.entry((subscription, backend, kind)).or_default();
+                *total = total.saturating_add(n);
             }
         }
         m.total.record(total);

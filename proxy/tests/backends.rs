@@ -315,3 +315,20 @@ async fn a_policy_files_set_headers_apply_to_the_backend_request_and_the_respons
     assert_eq!(r.headers()["x-served-by"], "aigw");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_backends_absurd_usage_saturates_the_counters() {
+    // u64::MAX tokens twice: without a token limit both are delivered, and the
+    // token counters must stop at the top rather than wrap (or panic).
+    let backend = MockServer::start().await;
+    let max = u64::MAX;
+    let body = json!({"usage": {"prompt_tokens": max, "completion_tokens": max, "total_tokens": max}});
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(body)).mount(&backend).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    for _ in 0..2 {
+        assert_eq!(proxy.chat(json!({"messages": []})).await.status(), 200);
+    }
+    let metrics = proxy.metrics().await;
+    let line = format!("aigw_tokens_total{{key=\"s\",backend=\"primary\",kind=\"prompt\"}} {max}");
+    assert!(metrics.contains(&line), "{metrics}");
+}
