@@ -371,8 +371,8 @@ impl Reader<'_, '_> {
         let condition = self.condition(&cond, start)?;
         let count = self.number(node, "count")?.ok_or_else(|| self.at(node, "<retry> needs `count`".into()))?;
         let interval =
-            self.number(node, "interval")?.ok_or_else(|| self.at(node, "<retry> needs `interval`".into()))?;
-        let (delta, max_interval) = (self.number(node, "delta")?, self.number(node, "max-interval")?);
+            self.seconds(node, "interval")?.ok_or_else(|| self.at(node, "<retry> needs `interval`".into()))?;
+        let (delta, max_interval) = (self.seconds(node, "delta")?, self.seconds(node, "max-interval")?);
         let first_fast_retry =
             self.value(node, "first-fast-retry")?.is_some_and(|(v, _)| v.trim().eq_ignore_ascii_case("true"));
         let mut switch = Vec::new();
@@ -407,6 +407,17 @@ impl Reader<'_, '_> {
                 self.at_offset(at, format!("<{}> `{name}`: `{v}` is not a number", node.tag_name().name()))
             }),
         }
+    }
+
+    /// A number of seconds: finite, 0 or more (APIM's retry intervals).
+    fn seconds(&self, node: Node<'_, '_>, name: &str) -> Result<Option<f64>, Diagnostic> {
+        let Some(secs) = self.number(node, name)? else { return Ok(None) };
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Some(secs));
+        }
+        let (_, at) = self.value(node, name)?.expect("the attribute was just read");
+        let element = node.tag_name().name();
+        Err(self.at_offset(at, format!("<{element}> `{name}` must be a number of seconds, 0 or more, got {secs}")))
     }
 
     fn element_in_retry(&mut self, child: Node<'_, '_>, name: &str) -> Result<(), Diagnostic> {

@@ -165,6 +165,18 @@ fn bad_input_is_one_clear_message_with_its_place() {
         20,
         "1 to 50",
     );
+    check(
+        "<policies><inbound><retry condition=\"@(true)\" count=\"2\" interval=\"-1\" /></inbound></policies>",
+        1,
+        67,
+        "<retry> `interval` must be a number of seconds, 0 or more, got -1",
+    );
+    check(
+        "<policies><inbound><retry condition=\"@(true)\" count=\"2\" interval=\"1\" max-interval=\"inf\" /></inbound></policies>",
+        1,
+        84,
+        "`max-interval` must be a number of seconds",
+    );
     check("<policy/>", 1, 1, "not <policies>");
 }
 
