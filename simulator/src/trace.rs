@@ -50,6 +50,9 @@ fn load_csv(path: &Path, text: &str) -> Result<Vec<TraceLine>, String> {
         let hint = gateway_core::policy::suggestion(&message).map(|n| format!("; did you mean `{n}`?"));
         return Err(format!("{}:1: {message}{}", path.display(), hint.unwrap_or_default()));
     }
+    if !names.iter().any(|n| n == "t_ms") {
+        return Err(format!("{}:1: no `t_ms` column: every request needs its time", path.display()));
+    }
     let mut lines = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| format!("{}: {e}", path.display()))?;

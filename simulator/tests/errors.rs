@@ -57,5 +57,10 @@ fn trace_errors_name_the_line_and_field() {
     let err = simulator::trace::load(&trace).unwrap_err();
     assert!(err.contains("t.jsonl:2:") && err.contains("unknown field `prompt_tokns`"), "{err}");
     assert!(err.contains("did you mean `prompt_tokens`?"), "{err}");
+    // A CSV trace without times would put every request at the start.
+    let csv = dir.join("t.csv");
+    std::fs::write(&csv, "ip,prompt_tokens\n10.0.0.1,5\n").unwrap();
+    let err = simulator::trace::load(&csv).unwrap_err();
+    assert!(err.contains("t.csv:1: no `t_ms` column"), "{err}");
     std::fs::remove_dir_all(Path::new(&dir)).unwrap();
 }
