@@ -21,6 +21,13 @@ pub fn run(args: Args) -> Result<()> {
     let varies =
         args.vary.iter().map(|v| sweep::parse_vary(v)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
     anyhow::ensure!(!varies.is_empty(), "give at least one --vary PATH=VALUES");
+    anyhow::ensure!(args.seeds >= 1, "--seeds must be at least 1");
+    anyhow::ensure!(args.jobs != Some(0), "--jobs must be at least 1");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.pass_share),
+        "--pass-share is a share of seeds, 0 to 1; got {}",
+        args.pass_share
+    );
     let slos =
         args.slo.iter().map(|s| sweep::parse_slo(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
     sweep::check_slos(&scenario, &slos).map_err(anyhow::Error::msg)?;

@@ -47,5 +47,15 @@ fn a_sweep_of_ten_values_and_ten_seeds_recommends_a_point() {
     let (code, _, err) = aigw(&["sweep", "scenarios/seed-ip-limits.toml", "--vary", "backends.primry.tpm=1,2"]);
     assert_eq!(code, 2);
     assert!(err.contains("backends.primary.tpm"), "{err}");
+    // Options that cannot mean anything are refused before any run.
+    let vary = ["sweep", "scenarios/seed-ip-limits.toml", "--vary", "backends.primary.tpm=1000"];
+    for (flag, value, message) in [
+        ("--seeds", "0", "--seeds must be at least 1"),
+        ("--jobs", "0", "--jobs must be at least 1"),
+        ("--pass-share", "1.5", "--pass-share is a share of seeds, 0 to 1"),
+    ] {
+        let (code, _, err) = aigw(&[&vary[..], &[flag, value]].concat());
+        assert_eq!((code, err.contains(message)), (2, true), "{flag} {value}: {err}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
