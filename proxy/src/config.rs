@@ -139,6 +139,16 @@ impl ProxyConfig {
             if let Some(p) = s.products.iter().find(|p| !self.products.iter().any(|q| &q.name == *p)) {
                 return Err(format!("subscriptions[{i}] (`{}`): no product named `{p}`", s.id));
             }
+            // An empty key would admit every request that sends an empty header.
+            if s.key.as_deref().is_some_and(str::is_empty) {
+                return Err(format!("subscriptions[{i}] (`{}`): `key` is empty", s.id));
+            }
+            if let Some(j) = self.subscriptions[..i].iter().position(|o| o.key.is_some() && o.key == s.key) {
+                return Err(format!("subscriptions[{i}] (`{}`): the same `key` as subscriptions[{j}]", s.id));
+            }
+        }
+        for b in &self.routing.backends {
+            check_url(&b.url).map_err(|e| format!("`routing` backend `{}`: {e}", b.id))?;
         }
         Ok(())
     }
@@ -152,7 +162,62 @@ impl ProxyConfig {
             .iter_mut()
             .find(|b| b.id == name)
             .ok_or_else(|| format!("--backend {spec}: no backend named `{name}`"))?;
+        check_url(url).map_err(|e| format!("--backend {spec}: {e}"))?;
         backend.url = url.trim_end_matches('/').to_owned();
         Ok(())
+    }
+}
+
+/// A backend URL the proxy can call: http or https, with a host.
+fn check_url(url: &str) -> Result<(), String> {
+    let uri: axum::http::Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{url}` is not an http:// or https:// URL with a host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProxyConfig;
+
+    const GOOD: &str = r#"
+[[subscriptions]]
+id = "a"
+key = "key-a"
+products = ["p"]
+
+[[subscriptions]]
+id = "b"
+key = "key-b"
+products = ["p"]
+
+[[products]]
+name = "p"
+
+[routing]
+set_backend = "primary"
+backends = [{ id = "primary", url = "https://contoso.openai.azure.com/openai" }]
+"#;
+
+    /// `from` replaced by `to` in the good config is refused with `needle`.
+    fn check(from: &str, to: &str, needle: &str) {
+        assert!(GOOD.contains(from), "{from}");
+        let err = ProxyConfig::from_toml("p.toml", &GOOD.replacen(from, to, 1)).unwrap_err();
+        assert!(err.contains(needle), "`{err}` lacks `{needle}`");
+    }
+
+    #[test]
+    fn keys_and_backend_urls_that_cannot_work_are_refused() {
+        ProxyConfig::from_toml("p.toml", GOOD).unwrap();
+        check("key = \"key-a\"", "key = \"\"", "subscriptions[0] (`a`): `key` is empty");
+        check("key = \"key-b\"", "key = \"key-a\"", "subscriptions[1] (`b`): the same `key` as subscriptions[0]");
+        for url in ["not a url", "ftp://contoso", "/openai", "https://"] {
+            check("https://contoso.openai.azure.com/openai", url, "`routing` backend `primary`: ");
+        }
+        let mut config = ProxyConfig::from_toml("p.toml", GOOD).unwrap();
+        let err = config.override_backend("primary=localhost:8081").unwrap_err();
+        assert!(err.contains("not an http:// or https:// URL"), "{err}");
+        config.override_backend("primary=http://127.0.0.1:8081").unwrap();
     }
 }

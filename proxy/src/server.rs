@@ -69,7 +69,9 @@ impl Proxy {
                 let key = match (&s.key, &s.key_env) {
                     (Some(k), _) => Ok(k.clone()),
                     (None, Some(var)) => std::env::var(var)
-                        .map_err(|_| format!("subscription `{}`: environment variable `{var}` is not set", s.id)),
+                        .ok()
+                        .filter(|k| !k.is_empty())
+                        .ok_or_else(|| format!("subscription `{}`: environment variable `{var}` is not set", s.id)),
                     (None, None) => unreachable!("validated"),
                 };
                 key.map(|k| (k, i))
@@ -247,14 +249,15 @@ impl KeyRefusal {
 }
 
 fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(usize, usize), KeyRefusal> {
-    let from_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // An empty value is no key at all, as APIM treats it.
+    let from_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
     let from_query = || {
         let query = uri.query()?;
         query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == proxy.config.subscription_key_query))
     };
     let given = from_header(&proxy.config.subscription_key_header)
         .or_else(|| from_header("api-key"))
-        .or_else(|| from_query().map(|(_, v)| v));
+        .or_else(|| from_query().map(|(_, v)| v).filter(|v| !v.is_empty()));
     let Some(given) = given else { return Err(KeyRefusal::Missing) };
     let (key, wanted_product) = match given.split_once(";product=") {
         Some((k, p)) => (k, Some(p)),

@@ -332,3 +332,20 @@ async fn a_backends_absurd_usage_saturates_the_counters() {
     let line = format!("aigw_tokens_total{{key=\"s\",backend=\"primary\",kind=\"prompt\"}} {max}");
     assert!(metrics.contains(&line), "{metrics}");
 }
+
+#[tokio::test]
+async fn an_empty_key_is_a_missing_key() {
+    let backend = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base);
+    for request in [
+        proxy.client.post(&url).header("api-key", ""),
+        proxy.client.post(&url).header("Ocp-Apim-Subscription-Key", ""),
+        proxy.client.post(format!("{url}&subscription-key=")),
+    ] {
+        let r = request.json(&json!({})).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(r.text().await.unwrap().contains("missing subscription key"));
+    }
+}
