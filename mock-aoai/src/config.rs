@@ -58,6 +58,27 @@ fn default_completion_tokens() -> Dist {
 }
 
 impl DeploymentConfig {
+    /// What serde cannot check; the mock's config and the simulator's scenarios
+    /// both call it.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("`name` is empty".into());
+        }
+        if self.tpm == 0 || self.rpm == Some(0) {
+            return Err("`tpm` and `rpm` must be at least 1".into());
+        }
+        for o in &self.faults.outages {
+            if o.end <= o.start || !(400..=599).contains(&o.status) {
+                return Err("an outage needs `start` < `end` and a status 400 to 599".into());
+            }
+        }
+        let total: f64 = self.faults.error_rates.values().map(|p| p.0).sum();
+        if total > 1.0 {
+            return Err(format!("`error_rates` add up to {total}, above 1"));
+        }
+        Ok(())
+    }
+
     /// RPM as configured, or Azure's default ratio: 6 RPM per 1,000 TPM.
     pub fn rpm(&self) -> u64 {
         self.rpm.unwrap_or(self.tpm.saturating_mul(6) / 1000)
@@ -210,21 +231,7 @@ impl MockConfig {
             if self.deployments[..i].iter().any(|e| e.name == d.name) {
                 return Err(format!("deployments[{i}]: the name `{}` is used twice", d.name));
             }
-            if d.tpm == 0 {
-                return Err(format!("deployments[{i}] (`{}`): `tpm` must be at least 1", d.name));
-            }
-            for o in &d.faults.outages {
-                if o.end <= o.start || !(400..=599).contains(&o.status) {
-                    return Err(format!(
-                        "deployments[{i}] (`{}`): an outage needs `start` < `end` and a status 400 to 599",
-                        d.name
-                    ));
-                }
-            }
-            let total: f64 = d.faults.error_rates.values().map(|p| p.0).sum();
-            if total > 1.0 {
-                return Err(format!("deployments[{i}] (`{}`): `error_rates` add up to {total}, above 1", d.name));
-            }
+            d.validate().map_err(|e| format!("deployments[{i}] (`{}`): {e}", d.name))?;
         }
         Ok(())
     }

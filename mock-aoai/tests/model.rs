@@ -170,6 +170,8 @@ fn bad_configs_name_the_file_line_and_field() {
         &format!("{base}tpm = 1000\nfaults = {{ error_rates = {{ \"501\" = 0.1 }} }}\n"),
         &[":5:", "\"500\", \"502\""],
     );
-    check(&format!("{base}tpm = 0\n"), &["mocks/bad.toml", "`tpm` must be at least 1"]);
+    check(&format!("{base}tpm = 0\n"), &["mocks/bad.toml", "deployments[0] (`d`): `tpm` and `rpm` must be at least 1"]);
+    check(&format!("{base}tpm = 1000\nrpm = 0\n"), &["`tpm` and `rpm` must be at least 1"]);
+    check(&base.replace("name = \"d\"", "name = \"\"").replace("model", "tpm = 1\nmodel"), &["`name` is empty"]);
     check("seed = 1\n", &["mocks/bad.toml", "deployments"]);
 }

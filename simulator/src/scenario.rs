@@ -215,6 +215,9 @@ impl Scenario {
                 ));
             }
         }
+        for (i, d) in self.backends.iter().enumerate() {
+            d.validate().map_err(|e| format!("backends[{i}] (`{}`): {e}", d.name))?;
+        }
         if self.gateway.replicas == 0 {
             return Err("`gateway.replicas` must be at least 1".into());
         }

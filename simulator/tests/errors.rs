@@ -36,6 +36,8 @@ fn errors_name_the_place_and_suggest_the_closest_name() {
         &["`aoia` is neither a backend nor a pool"],
     );
     check(GOOD.replace("rate_per_s = 1", "rate_per_s = 0"), &["arrival rates must be above 0"]);
+    // Backends are checked as the mock checks its deployments.
+    check(GOOD.replace("tpm = 1000000", "tpm = 0"), &["backends[0] (`aoai`): `tpm` and `rpm` must be at least 1"]);
     // The simulated clock counts nanoseconds from 1970 in 64 bits: it ends in 2554
     // (this scenario lasts 10 minutes).
     // A scenario past that end would otherwise run with every instant clamped to it.
