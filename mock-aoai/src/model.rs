@@ -196,7 +196,7 @@ impl DeploymentModel {
         match response {
             ModelResponse::Complete(c) => {
                 stats.completed += 1;
-                stats.prompt_tokens += c.prompt_tokens;
+                stats.prompt_tokens = stats.prompt_tokens.saturating_add(c.prompt_tokens);
                 stats.completion_tokens =
                     stats.completion_tokens.saturating_add(c.break_after.unwrap_or(c.completion_tokens));
                 stats.broken_streams += u64::from(c.break_after.is_some());

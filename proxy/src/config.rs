@@ -143,9 +143,6 @@ impl ProxyConfig {
             if s.key.as_deref().is_some_and(str::is_empty) {
                 return Err(format!("subscriptions[{i}] (`{}`): `key` is empty", s.id));
             }
-            if let Some(j) = self.subscriptions[..i].iter().position(|o| o.key.is_some() && o.key == s.key) {
-                return Err(format!("subscriptions[{i}] (`{}`): the same `key` as subscriptions[{j}]", s.id));
-            }
         }
         for b in &self.routing.backends {
             check_url(&b.url).map_err(|e| format!("`routing` backend `{}`: {e}", b.id))?;
@@ -211,7 +208,6 @@ backends = [{ id = "primary", url = "https://contoso.openai.azure.com/openai" }]
     fn keys_and_backend_urls_that_cannot_work_are_refused() {
         ProxyConfig::from_toml("p.toml", GOOD).unwrap();
         check("key = \"key-a\"", "key = \"\"", "subscriptions[0] (`a`): `key` is empty");
-        check("key = \"key-b\"", "key = \"key-a\"", "subscriptions[1] (`b`): the same `key` as subscriptions[0]");
         for url in ["not a url", "ftp://contoso", "/openai", "https://"] {
             check("https://contoso.openai.azure.com/openai", url, "`routing` backend `primary`: ");
         }

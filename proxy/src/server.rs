@@ -77,6 +77,13 @@ impl Proxy {
                 key.map(|k| (k, i))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Keys from the file and from the environment alike: one key, one subscription.
+        for (n, (key, i)) in keys.iter().enumerate() {
+            if let Some((_, j)) = keys[..n].iter().find(|(other, _)| other == key) {
+                let id = |k: &usize| &config.subscriptions[*k].id;
+                return Err(format!("subscriptions `{}` and `{}` have the same key", id(j), id(i)));
+            }
+        }
         let epoch_unix = Nanos(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
         let metrics = Metrics::new(&config);
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);

@@ -349,3 +349,16 @@ async fn an_empty_key_is_a_missing_key() {
         assert!(r.text().await.unwrap().contains("missing subscription key"));
     }
 }
+
+#[test]
+fn two_subscriptions_with_one_key_are_refused_even_from_the_environment() {
+    std::env::set_var("AIGW_TEST_DUPLICATE_KEY", "k");
+    let text = config("http://127.0.0.1:9", "http://127.0.0.1:9", "", "").replacen(
+        "[[products]]",
+        "[[subscriptions]]\nid = \"t\"\nkey_env = \"AIGW_TEST_DUPLICATE_KEY\"\nproducts = [\"p\"]\n\n[[products]]",
+        1,
+    );
+    let config = ProxyConfig::from_toml("test.toml", &text).unwrap();
+    let err = Proxy::new(config).err().expect("refused");
+    assert!(err.contains("subscriptions `s` and `t` have the same key"), "{err}");
+}
