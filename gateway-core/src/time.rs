@@ -59,10 +59,19 @@ impl Nanos {
         Utc.timestamp_opt(secs, nanos).single().expect("every u64 nanosecond instant is a valid UTC time")
     }
 
-    /// The UTC date-time as an instant; times before the epoch clamp to zero.
+    /// The UTC date-time as an instant; times before the epoch clamp to zero,
+    /// times after the last instant (2554-07-21) to it.
     pub fn from_utc(t: DateTime<Utc>) -> Nanos {
-        let nanos = t.timestamp() as i128 * NANOS_PER_SEC as i128 + t.timestamp_subsec_nanos() as i128;
-        Nanos(nanos.clamp(0, u64::MAX as i128) as u64)
+        Nanos(Nanos::nanos_of(t).clamp(0, u64::MAX as i128) as u64)
+    }
+
+    /// The UTC date-time as an instant, if one represents it.
+    pub fn try_from_utc(t: DateTime<Utc>) -> Option<Nanos> {
+        u64::try_from(Nanos::nanos_of(t)).ok().map(Nanos)
+    }
+
+    fn nanos_of(t: DateTime<Utc>) -> i128 {
+        t.timestamp() as i128 * NANOS_PER_SEC as i128 + t.timestamp_subsec_nanos() as i128
     }
 }
 
@@ -175,16 +184,12 @@ pub fn format_hh_mm_ss(secs: u64) -> String {
 /// Parses an RFC 3339 instant into [`Nanos`]; used by drivers and tests.
 pub fn parse_rfc3339(text: &str) -> Result<Nanos, String> {
     let t = DateTime::parse_from_rfc3339(text).map_err(|e| format!("`{text}` is not an RFC 3339 instant: {e}"))?;
-    if t.timestamp() < 0 {
-        return Err(format!("`{text}` is before 1970-01-01T00:00:00Z, which the simulated clock cannot represent"));
-    }
-    // `from_utc` clamps; an instant it would clamp is refused instead, or every
-    // later instant would silently be the same one.
-    let nanos = t.timestamp() as i128 * NANOS_PER_SEC as i128 + t.timestamp_subsec_nanos() as i128;
-    if nanos > u64::MAX as i128 {
-        return Err(format!("`{text}` is after {LAST_INSTANT}, the last instant the simulated clock can represent"));
-    }
-    Ok(Nanos::from_utc(t.with_timezone(&Utc)))
+    // Refused rather than clamped: every instant past the end would silently be
+    // the same one.
+    Nanos::try_from_utc(t.with_timezone(&Utc)).ok_or_else(|| match t.timestamp() < 0 {
+        true => format!("`{text}` is before 1970-01-01T00:00:00Z, which the simulated clock cannot represent"),
+        false => format!("`{text}` is after {LAST_INSTANT}, the last instant the simulated clock can represent"),
+    })
 }
 
 /// `Nanos(u64::MAX)` as a date.
