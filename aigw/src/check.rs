@@ -9,7 +9,7 @@ pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<b
     anyhow::ensure!(!scenario.expect.is_empty(), "{}: no [[expect]] promises to check", path.display());
     let base = path.parent().unwrap_or(Path::new("."));
     let b = &scenario.check;
-    println!(
+    say!(
         "checking {}: {} promises, {cases} cases (seed {seed}), rate x {:?}, tokens x {:?}, burstiness x {:?}, \
          faults shifted {:?} s",
         path.display(),
@@ -20,10 +20,10 @@ pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<b
         b.fault_shift_s
     );
     for e in &scenario.expect {
-        println!("  promise: {}", e.describe());
+        say!("  promise: {}", e.describe());
     }
     let Some(failure) = simulator::check::check(&scenario, base, cases, seed).map_err(anyhow::Error::msg)? else {
-        println!("ok: every promise held in every case");
+        say!("ok: every promise held in every case");
         return Ok(true);
     };
     let dir = out.unwrap_or_else(|| Path::new("reports").join(format!("{}-check", scenario.name)));
@@ -37,11 +37,15 @@ pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<b
     );
     std::fs::write(&file, header + &failure.scenario).with_context(|| format!("cannot write {}", file.display()))?;
     let c = failure.case;
-    println!("FAILED: {} (measured {})", failure.promise, failure.measured);
-    println!(
+    say!("FAILED: {} (measured {})", failure.promise, failure.measured);
+    say!(
         "  smallest case: rate x {}, tokens x {}, burstiness x {}, faults shifted {} s, seed {}",
-        c.rate_scale, c.token_scale, c.burstiness, c.fault_shift_s, c.seed
+        c.rate_scale,
+        c.token_scale,
+        c.burstiness,
+        c.fault_shift_s,
+        c.seed
     );
-    println!("  reproduce: aigw simulate {}", file.display());
+    say!("  reproduce: aigw simulate {}", file.display());
     Ok(false)
 }

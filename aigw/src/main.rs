@@ -1,5 +1,22 @@
 //! `aigw`: one thin CLI over the aigw crates.
 
+/// `println!` that hands a failed write back to the caller instead of panicking
+/// (a full disk behind `> file`): the command then exits 2 and says why.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        anyhow::Context::context(writeln!(std::io::stdout().lock(), $($arg)*), "writing to standard output")?
+    }};
+}
+
+/// `print!` as [`say!`] is `println!`.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        anyhow::Context::context(write!(std::io::stdout().lock(), $($arg)*), "writing to standard output")?
+    }};
+}
+
 mod check;
 mod decide;
 mod mock;

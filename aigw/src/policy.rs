@@ -33,7 +33,7 @@ pub fn check(files: &[PathBuf], options: &ReadOptions) -> Result<bool> {
                 for w in &doc.warnings {
                     eprintln!("{}:{w} (warning)", path.display());
                 }
-                print!("{}", summary(path, &doc));
+                say_raw!("{}", summary(path, &doc));
             }
             Err(e) => {
                 eprintln!("{e}");
@@ -58,8 +58,8 @@ pub fn import(path: &Path, options: &ReadOptions) -> Result<bool> {
     for w in &doc.warnings {
         eprintln!("{}:{w} (warning)", path.display());
     }
-    println!("# Imported from {} by aigw policy import.", path.display());
-    print!("{}", toml::to_string(&doc.policy)?);
+    say!("# Imported from {} by aigw policy import.", path.display());
+    say_raw!("{}", toml::to_string(&doc.policy)?);
     let mut routing = toml::Table::new();
     if let Some(b) = &doc.backend_id {
         routing.insert("set_backend".into(), b.as_str().into());
@@ -71,9 +71,9 @@ pub fn import(path: &Path, options: &ReadOptions) -> Result<bool> {
         routing.insert("timeout".into(), (t as i64).into());
     }
     if !routing.is_empty() {
-        println!("\n# The backend side, for [gateway.routing] (scenarios) or [routing] (proxy):");
+        say!("\n# The backend side, for [gateway.routing] (scenarios) or [routing] (proxy):");
         for line in toml::to_string(&routing)?.lines() {
-            println!("# {line}");
+            say!("# {line}");
         }
     }
     Ok(true)

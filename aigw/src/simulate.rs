@@ -18,10 +18,10 @@ pub fn run(scenario_path: &Path, seed: Option<u64>, out: Option<PathBuf>, decisi
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    print!("{}", outcome.report.summary());
+    say_raw!("{}", outcome.report.summary());
     let dir = out.unwrap_or_else(|| Path::new("reports").join(&scenario.name));
     simulator::output::write_report(&dir, &scenario, &outcome.report).map_err(anyhow::Error::msg)?;
-    println!("report: {} (report.json, report.html, plots as SVG and PNG)", dir.display());
+    say!("report: {} (report.json, report.html, plots as SVG and PNG)", dir.display());
     if let Some(path) = decisions {
         let mut file = std::io::BufWriter::new(
             std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
@@ -31,7 +31,7 @@ pub fn run(scenario_path: &Path, seed: Option<u64>, out: Option<PathBuf>, decisi
             file.write_all(b"\n")?;
         }
         file.flush()?;
-        println!("decisions: {} ({} lines)", path.display(), outcome.decisions.len());
+        say!("decisions: {} ({} lines)", path.display(), outcome.decisions.len());
     }
     Ok(())
 }

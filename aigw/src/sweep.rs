@@ -53,30 +53,31 @@ pub fn run(args: Args) -> Result<()> {
     let simulated: u64 = result.points.iter().map(|p| p.simulated_requests).sum();
     let dir = args.out.unwrap_or_else(|| Path::new("reports").join(format!("{}-sweep", scenario.name)));
     simulator::output::write_sweep(&dir, &result).map_err(anyhow::Error::msg).context("writing the sweep")?;
-    print_table(&result);
+    print_table(&result)?;
     match result.recommended {
-        Some(i) => println!("recommended: {}", simulator::output::point_text(&result, i)),
-        None => println!("no point meets the SLOs on {:.0}% of seeds", result.pass_share * 100.0),
+        Some(i) => say!("recommended: {}", simulator::output::point_text(&result, i)),
+        None => say!("no point meets the SLOs on {:.0}% of seeds", result.pass_share * 100.0),
     }
-    println!(
+    say!(
         "{} runs ({} points x {} seeds) in {wall:.1} s on {jobs} threads: {simulated} simulated requests, {:.0} per second",
         result.points.len() as u64 * result.seeds,
         result.points.len(),
         result.seeds,
         simulated as f64 / wall
     );
-    println!("sweep: {} (sweep.json, sweep.csv, sweep.html, plots)", dir.display());
+    say!("sweep: {} (sweep.json, sweep.csv, sweep.html, plots)", dir.display());
     Ok(())
 }
 
-fn print_table(result: &sweep::SweepResult) {
+fn print_table(result: &sweep::SweepResult) -> Result<()> {
     let header: Vec<&str> = result.varies.iter().map(|v| v.path.as_str()).collect();
-    println!("{}  {:>10}", header.join("  "), "SLO pass");
+    say!("{}  {:>10}", header.join("  "), "SLO pass");
     for p in &result.points {
         let values: Vec<String> =
             p.values.iter().zip(&header).map(|(v, h)| format!("{v:>width$}", width = h.len())).collect();
-        println!("{}  {:>9.0}%{}", values.join("  "), p.slo_pass_rate * 100.0, if p.passes { "  pass" } else { "" });
+        say!("{}  {:>9.0}%{}", values.join("  "), p.slo_pass_rate * 100.0, if p.passes { "  pass" } else { "" });
     }
+    Ok(())
 }
 
 fn progress_bar() -> Option<indicatif::ProgressBar> {

@@ -41,3 +41,19 @@ fn gateway_core_policy(text: &str) -> String {
     let policy = gateway_core::Policy::from_toml(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     toml::to_string(&policy).unwrap()
 }
+
+/// A failed write to standard output (here a full disk) is an error the command
+/// reports with exit status 2, not a panic.
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let full = std::fs::File::create("/dev/full").expect("Linux has /dev/full");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aigw"))
+        .args(["policy", "check", "policies/seed-ip-limits.xml"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .stdout(full)
+        .output()
+        .expect("aigw runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("writing to standard output"), "{stderr}");
+}
