@@ -68,10 +68,9 @@ impl Proxy {
             .map(|(i, s)| {
                 let key = match (&s.key, &s.key_env) {
                     (Some(k), _) => Ok(k.clone()),
-                    (None, Some(var)) => std::env::var(var)
-                        .ok()
-                        .filter(|k| !k.is_empty())
-                        .ok_or_else(|| format!("subscription `{}`: environment variable `{var}` is not set", s.id)),
+                    (None, Some(var)) => std::env::var(var).ok().filter(|k| !k.is_empty()).ok_or_else(|| {
+                        format!("subscription `{}`: environment variable `{var}` is not set or empty", s.id)
+                    }),
                     (None, None) => unreachable!("validated"),
                 };
                 key.map(|k| (k, i))
