@@ -774,18 +774,14 @@ fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> Clas
                 Algorithm::SlidingWindow => Shape::Sliding(period),
                 Algorithm::TokenBucket => Shape::Bucket(BucketShape { capacity: r.calls, period }),
             };
-            (r.counter_key.clone().unwrap_or(KeyExpr::SubscriptionId), Some(class_of(namespace, shape)), None)
+            (limit.counter_key(), Some(class_of(namespace, shape)), None)
         }
         Limit::Quota(q) | Limit::QuotaByKey(q) => {
             let grid = WindowGrid {
                 origin_ns: q.first_period_start.as_nanos_i128(),
                 period: Nanos::from_secs(q.renewal_period),
             };
-            (
-                q.counter_key.clone().unwrap_or(KeyExpr::SubscriptionId),
-                Some(class_of(namespace, Shape::Fixed(grid))),
-                None,
-            )
+            (limit.counter_key(), Some(class_of(namespace, Shape::Fixed(grid))), None)
         }
         Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
             let tpm = t.tokens_per_minute.map(|tpm| match t.algorithm {
@@ -795,7 +791,7 @@ fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> Clas
                 }
             });
             let quota = t.token_quota_period.map(|p| class_of(namespace, Shape::Calendar(p)));
-            (t.counter_key.clone(), tpm, quota)
+            (limit.counter_key(), tpm, quota)
         }
     };
     CompiledLimit { limit: limit.clone(), key, primary, token_quota }

@@ -101,6 +101,27 @@ impl KeyExpr {
         }
     }
 
+    /// Adds the names of the headers this key reads to `names` (lowercase, each once).
+    pub fn headers_read(&self, names: &mut Vec<String>) {
+        let mut add = |name: &str| {
+            let name = name.to_ascii_lowercase();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        };
+        match self {
+            KeyExpr::Header { name, .. } => add(name),
+            KeyExpr::Jwt { header, .. } => add(header),
+            KeyExpr::Concat(parts) => parts.iter().for_each(|p| p.headers_read(names)),
+            KeyExpr::Ip
+            | KeyExpr::SubscriptionId
+            | KeyExpr::SubscriptionKey
+            | KeyExpr::SubscriptionName
+            | KeyExpr::Product
+            | KeyExpr::Const(_) => {}
+        }
+    }
+
     pub fn eval(&self, req: &RequestInfo) -> String {
         let mut out = String::new();
         self.write(req, &mut out);
@@ -119,5 +140,31 @@ fn jwt_claim(header_value: &str, claim: &str) -> Option<String> {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Null => None,
         other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyExpr;
+
+    #[test]
+    fn keys_name_the_headers_they_read_lowercase_and_once() {
+        let check = |toml_key: &str, expected: &[&str]| {
+            let expr: KeyExpr = toml::from_str::<toml::Table>(&format!("k = {toml_key}")).unwrap()["k"]
+                .clone()
+                .try_into()
+                .unwrap();
+            let mut names = Vec::new();
+            expr.headers_read(&mut names);
+            assert_eq!(names, expected, "{toml_key}");
+        };
+        check(r#""ip""#, &[]);
+        check(r#"{ const = "x" }"#, &[]);
+        check(r#"{ header = { name = "X-Team" } }"#, &["x-team"]);
+        check(r#"{ jwt = { claim = "sub" } }"#, &["authorization"]);
+        check(
+            r#"{ concat = [{ header = { name = "X-Team" } }, "ip", { header = { name = "x-team" } }, { jwt = { header = "X-Token" } }] }"#,
+            &["x-team", "x-token"],
+        );
     }
 }

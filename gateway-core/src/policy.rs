@@ -18,6 +18,16 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The request headers the policy's keys read (lowercase, each once), so a
+    /// driver can hand the core only those instead of copying every header.
+    pub fn headers_read(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for limit in &self.limits {
+            limit.counter_key().headers_read(&mut names);
+        }
+        names
+    }
+
     /// Reads a policy from TOML text. Errors name the line, column and field;
     /// an error that concerns a whole limit points at that limit's table.
     pub fn from_toml(text: &str) -> Result<Policy, String> {
@@ -113,6 +123,16 @@ impl Limit {
             Limit::QuotaByKey(_) => "quota-by-key",
             Limit::AzureOpenAiTokenLimit(_) => "azure-openai-token-limit",
             Limit::LlmTokenLimit(_) => "llm-token-limit",
+        }
+    }
+
+    /// What the limit counts by; rate limits and quotas without a `counter-key`
+    /// count by subscription, as APIM's `rate-limit` and `quota` do.
+    pub fn counter_key(&self) -> KeyExpr {
+        match self {
+            Limit::RateLimit(r) | Limit::RateLimitByKey(r) => r.counter_key.clone().unwrap_or(KeyExpr::SubscriptionId),
+            Limit::Quota(q) | Limit::QuotaByKey(q) => q.counter_key.clone().unwrap_or(KeyExpr::SubscriptionId),
+            Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => t.counter_key.clone(),
         }
     }
 }

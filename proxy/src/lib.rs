@@ -5,6 +5,7 @@
 pub mod config;
 pub mod metrics;
 pub mod server;
+pub mod upstream;
 pub mod usage;
 
 pub use config::ProxyConfig;

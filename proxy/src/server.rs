@@ -3,6 +3,7 @@
 
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
+use crate::upstream::{Lease, Upstream, UpstreamError};
 use crate::usage::{self, StreamTracker};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
@@ -12,13 +13,9 @@ use gateway_core::{
     Delivery, Finished, GeneratedResponse, Nanos, Pipeline, RequestId, RequestInfo, Step, Subscription, Usage,
 };
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// The largest non-streamed backend body the proxy reads to find its usage.
 const MAX_BACKEND_BODY: usize = 64 * 1024 * 1024;
@@ -32,6 +29,9 @@ pub struct Proxy {
     needs_estimate: Vec<bool>,
     /// Per product: whether a limit reserves `max_tokens` (so the body is read for it).
     needs_max_tokens: Vec<bool>,
+    /// Per product: the request headers its keys read (lowercase); only these
+    /// are copied into the core's `RequestInfo`.
+    headers_read: Vec<Vec<String>>,
     /// (key, subscription index), looked up by key.
     keys: Vec<(String, usize)>,
     epoch: Instant,
@@ -87,12 +87,14 @@ impl Proxy {
         let metrics = Metrics::new(&config);
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
+        let headers_read = config.products.iter().map(|p| p.policy().headers_read()).collect();
         // Load both vocabularies now, not on the first request (they take a while).
         mock_aoai::tokens::count("gpt-4o", "warm up");
         mock_aoai::tokens::count("gpt-35-turbo", "warm up");
         Ok(Proxy {
             needs_estimate,
             needs_max_tokens,
+            headers_read,
             config,
             pipelines,
             keys,
@@ -137,25 +139,13 @@ fn any_token_limit(config: &ProxyConfig, wanted: impl Fn(&gateway_core::TokenLim
 #[derive(Clone)]
 pub struct Worker {
     pub proxy: Arc<Proxy>,
-    client: HttpsClient,
+    upstream: Arc<Upstream>,
 }
 
 impl Worker {
     /// A worker whose backend connections run on the current Tokio runtime.
     pub fn new(proxy: Arc<Proxy>) -> Worker {
-        let mut tcp = HttpConnector::new();
-        tcp.enforce_http(false);
-        // Requests go out whole, at once: Nagle would hold a small write back
-        // until the backend acknowledged the previous one.
-        tcp.set_nodelay(true);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(tcp);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
-        Worker { proxy, client }
+        Worker { proxy, upstream: Arc::new(Upstream::new()) }
     }
 }
 
@@ -171,7 +161,7 @@ fn apim_error(status: StatusCode, message: &str) -> Response<Body> {
 
 /// Answers one client request.
 pub async fn handle(worker: Worker, peer: Arc<Peer>, request: Request<Body>) -> Response<Body> {
-    let Worker { proxy, client } = worker;
+    let Worker { proxy, upstream } = worker;
     let admitted = match admit(&proxy, &peer, request).await {
         Ok(a) => a,
         Err(response) => {
@@ -179,7 +169,7 @@ pub async fn handle(worker: Worker, peer: Arc<Peer>, request: Request<Body>) -> 
             return response;
         }
     };
-    drive(proxy, &client, admitted).await
+    drive(proxy, &upstream, admitted).await
 }
 
 async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Admitted, Response<Body>> {
@@ -219,15 +209,20 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
             name: s.name.clone().unwrap_or_else(|| s.id.clone()),
         }),
         product: Some(proxy.config.products[product].name.clone()),
-        headers: parts
-            .headers
-            .iter()
-            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
-            .collect(),
+        headers: headers_read(&proxy.headers_read[product], &parts.headers),
         prompt_tokens_estimate: prompt_tokens,
         max_tokens,
     };
     Ok(Admitted { product, subscription, info, parts, body, model, prompt_tokens, started })
+}
+
+/// The headers named in `names` (lowercase), every value of each in arrival order.
+fn headers_read(names: &[String], headers: &HeaderMap) -> Vec<(String, String)> {
+    let values = |name: &String| {
+        let values = headers.get_all(name.as_str()).into_iter().filter_map(|v| v.to_str().ok());
+        values.map(|v| (name.clone(), v.to_owned())).collect::<Vec<_>>()
+    };
+    names.iter().flat_map(values).collect()
 }
 
 /// The subscription and product of a request, from the key header (with APIM's
@@ -347,7 +342,7 @@ async fn within<F: std::future::Future>(limit: std::time::Duration, future: F) -
 }
 
 /// Carries out the pipeline's steps until the client has its answer.
-async fn drive(proxy: Arc<Proxy>, client: &HttpsClient, req: Admitted) -> Response<Body> {
+async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Response<Body> {
     let mut step = proxy.pipeline(req.product).handle_request(proxy.now(), &req.info, rand::random());
     loop {
         match step {
@@ -359,7 +354,7 @@ async fn drive(proxy: Arc<Proxy>, client: &HttpsClient, req: Admitted) -> Respon
                 if at > proxy.now() {
                     tokio::time::sleep_until(proxy.instant_of(at)).await;
                 }
-                let (outcome, response) = send(&proxy, client, &req, &attempt).await;
+                let (outcome, response) = send(&proxy, upstream, &req, &attempt).await;
                 let next = proxy.pipeline(req.product).handle_attempt(
                     proxy.now(),
                     id,
@@ -401,29 +396,32 @@ fn forwardable(name: &HeaderName, key_header: &str) -> bool {
     !DROP.contains(&name.as_str()) && !name.as_str().eq_ignore_ascii_case(key_header)
 }
 
+/// A backend's response head, and the connection its body arrives on.
+type Answer = (hyper::Response<hyper::body::Incoming>, Lease);
+
 async fn send(
     proxy: &Proxy,
-    client: &HttpsClient,
+    upstream: &Arc<Upstream>,
     req: &Admitted,
     attempt: &Attempt,
-) -> (AttemptOutcome, Option<hyper::Response<hyper::body::Incoming>>) {
+) -> (AttemptOutcome, Option<Answer>) {
     let Some(request) = backend_request(proxy, req, attempt) else {
         return (AttemptOutcome::TransportFailure, None);
     };
     proxy.metrics.attempt(&attempt.backend);
-    match tokio::time::timeout(attempt.timeout.into_std(), client.request(request)).await {
+    match tokio::time::timeout(attempt.timeout.into_std(), upstream.send(request)).await {
         Err(_) => (AttemptOutcome::Timeout, None),
         Ok(Err(e)) => {
             // A connection that opened but answered something that is not HTTP is a
             // bad gateway, not a transport failure.
-            let malformed = !e.is_connect() && error_chain_has_parse_error(&e);
+            let malformed = matches!(&e, UpstreamError::Http(e) if error_chain_has_parse_error(e));
             tracing::warn!(backend = %attempt.backend, error = %e, malformed, "backend attempt failed");
             let outcome = if malformed { AttemptOutcome::BadResponse } else { AttemptOutcome::TransportFailure };
             (outcome, None)
         }
-        Ok(Ok(response)) => {
+        Ok(Ok((response, lease))) => {
             let retry_after = parse_retry_after(&retry_after_headers(response.headers()), proxy.now());
-            (AttemptOutcome::Response { status: response.status().as_u16(), retry_after }, Some(response))
+            (AttemptOutcome::Response { status: response.status().as_u16(), retry_after }, Some((response, lease)))
         }
     }
 }
@@ -507,7 +505,7 @@ async fn deliver(
     req: Admitted,
     id: RequestId,
     attempt: Attempt,
-    response: hyper::Response<hyper::body::Incoming>,
+    (response, lease): Answer,
 ) -> Response<Body> {
     let (parts, body) = response.into_parts();
     let streaming = parts
@@ -523,12 +521,15 @@ async fn deliver(
     apply_set_headers(out.headers_mut(), &proxy.config.products[req.product].set_headers, "outbound");
     if streaming {
         let charge = Charge::new(proxy, req, id);
-        *out.body_mut() = Body::from_stream(charged_stream(body, charge));
+        *out.body_mut() = Body::from_stream(charged_stream(body, charge, lease));
         return out;
     }
     let read = within(attempt.timeout.into_std(), http_body_util::Limited::new(body, MAX_BACKEND_BODY).collect());
     let bytes = match read.await {
-        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Ok(collected)) => {
+            lease.release();
+            collected.to_bytes()
+        }
         _ => {
             // The body broke or never ended: nothing was delivered, and that is charged.
             let finished = proxy.finish_delivery(&req, id, Usage::default(), 0);
@@ -625,27 +626,34 @@ impl Drop for Charge {
     }
 }
 
+/// The backend's stream, passed on chunk by chunk and charged when it ends; its
+/// connection goes back to the pool only if the stream ended cleanly.
 fn charged_stream(
     body: hyper::body::Incoming,
     charge: Charge,
+    lease: Lease,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     let frames = http_body_util::BodyStream::new(body);
-    futures_util::stream::unfold((frames, charge), |(mut frames, mut charge)| async move {
+    let state = (frames, charge, Some(lease));
+    futures_util::stream::unfold(state, |(mut frames, mut charge, mut lease)| async move {
         loop {
             match frames.next().await {
                 None => {
                     charge.finish();
+                    if let Some(lease) = lease.take() {
+                        lease.release();
+                    }
                     return None;
                 }
                 Some(Err(e)) => {
                     charge.finish();
-                    return Some((Err(std::io::Error::other(e)), (frames, charge)));
+                    return Some((Err(std::io::Error::other(e)), (frames, charge, None)));
                 }
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else { continue };
                     charge.tracker.feed(&data);
                     charge.response_bytes += data.len() as u64;
-                    return Some((Ok(data), (frames, charge)));
+                    return Some((Ok(data), (frames, charge, lease)));
                 }
             }
         }

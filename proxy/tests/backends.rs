@@ -350,6 +350,40 @@ async fn an_empty_key_is_a_missing_key() {
     }
 }
 
+#[tokio::test]
+async fn limits_keyed_by_a_header_or_a_jwt_count_each_value_apart() {
+    let backend = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
+    let limits = r#"
+[[products.policy.limits]]
+type = "rate-limit-by-key"
+calls = 1
+renewal_period = 60
+counter_key = { header = { name = "X-Team", default = "none" } }
+
+[[products.policy.limits]]
+type = "rate-limit-by-key"
+calls = 2
+renewal_period = 60
+counter_key = { jwt = { claim = "sub", header = "X-User-Token" } }
+"#;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", limits)).await;
+    let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base);
+    // A token whose payload is {"sub":"u1"}; its signature is not checked.
+    let token = "Bearer e30.eyJzdWIiOiJ1MSJ9.c2ln";
+    let call = |team: Option<&str>| {
+        let mut request = proxy.client.post(&url).header("api-key", "k").header("x-user-token", token);
+        if let Some(team) = team {
+            request = request.header("x-team", team);
+        }
+        async move { request.json(&json!({})).send().await.unwrap().status().as_u16() }
+    };
+    // The header limit counts each team apart, a missing header as "none"; the
+    // JWT limit counts the one user across all of them.
+    let statuses = [call(Some("a")).await, call(Some("a")).await, call(Some("b")).await, call(None).await];
+    assert_eq!(statuses, [200, 429, 200, 429]);
+}
+
 #[test]
 fn two_subscriptions_with_one_key_are_refused_even_from_the_environment() {
     std::env::set_var("AIGW_TEST_DUPLICATE_KEY", "k");

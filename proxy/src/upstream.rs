@@ -1,0 +1,265 @@
+//! The backend side of one worker thread: a connection pool of its own over
+//! hyper's connection API.
+//!
+//! hyper-util's pooled client serves any number of threads: each request takes a
+//! lock, hashes its host, waits on a checkout future, and reaches the connection
+//! through a readiness channel of the pool's own. A worker needs less. Only its
+//! own tasks use its connections, and an HTTP/1.1 connection carries one request
+//! at a time, so an idle connection is a `SendRequest` on a stack: taken for a
+//! request, put back once the response body has been read to its end. A
+//! connection whose response was not read to the end (a retried 429, a client
+//! that went away mid-stream) is dropped, and hyper closes it. An HTTP/2
+//! connection (a TLS backend that offers `h2`) is shared by every request.
+
+use axum::body::Bytes;
+use axum::http::{header, HeaderValue, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type H1 = http1::SendRequest<Full<Bytes>>;
+type H2 = http2::SendRequest<Full<Bytes>>;
+
+/// An idle connection older than this is closed rather than reused: servers
+/// close theirs after a while (nginx after 75 s), and a request sent just as
+/// the server closes would fail.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Idle HTTP/1.1 connections kept per backend; more are closed when put back.
+const MAX_IDLE_PER_HOST: usize = 1024;
+
+/// Why an attempt got no response head.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No connection: the URL, DNS, TCP or TLS failed.
+    Connect(BoxError),
+    /// The connection broke, or the backend answered something that is not HTTP.
+    Http(hyper::Error),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "cannot connect: {e}"),
+            UpstreamError::Http(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+pub struct Upstream {
+    connector: HttpsConnector<HttpConnector>,
+    /// One entry per backend origin ever used; never removed, so an index stays valid.
+    hosts: Mutex<Vec<Host>>,
+}
+
+struct Host {
+    /// `scheme://authority`.
+    origin: String,
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    idle: Vec<(Instant, H1)>,
+    /// The HTTP/2 connection, when the backend negotiated one.
+    shared: Option<H2>,
+}
+
+/// A connection taken for one request.
+enum Conn {
+    Pooled(H1),
+    Fresh(H1),
+    Shared(H2),
+}
+
+/// Holds an HTTP/1.1 connection while its response body is read; [`Lease::release`]
+/// puts it back once the body has ended. Dropping a lease closes the connection.
+pub struct Lease {
+    upstream: Arc<Upstream>,
+    host: usize,
+    sender: Option<H1>,
+}
+
+impl Lease {
+    pub fn release(mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.upstream.put_back(self.host, sender);
+        }
+    }
+}
+
+impl Default for Upstream {
+    fn default() -> Upstream {
+        Upstream::new()
+    }
+}
+
+impl Upstream {
+    pub fn new() -> Upstream {
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        // Requests go out whole, at once: Nagle would hold a small write back
+        // until the backend acknowledged the previous one.
+        tcp.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(tcp);
+        Upstream { connector, hosts: Mutex::new(Vec::new()) }
+    }
+
+    /// Sends `request` (with an absolute URI) and waits for the response head.
+    /// A request that an idle connection could not take (the backend had closed
+    /// it) goes out on another one; one that went out is never sent twice.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let uri = request.uri().clone();
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return Err(UpstreamError::Connect(format!("`{uri}` is not an absolute URL").into()));
+        };
+        let host = self.host(&format!("{scheme}://{authority}"));
+        loop {
+            let conn = match self.take(host) {
+                Some(conn) => conn,
+                None => self.connect(host, &uri).await?,
+            };
+            let (sender, pooled) = match conn {
+                Conn::Shared(sender) => return self.send_h2(host, sender, absolute_form(request, &uri)).await,
+                Conn::Pooled(sender) => (sender, true),
+                Conn::Fresh(sender) => (sender, false),
+            };
+            match send_h1(sender, origin_form(request, &uri)).await {
+                Ok((response, sender)) => return Ok((response, self.lease(host, sender))),
+                Err((_, Some(unsent))) if pooled => request = unsent,
+                Err((error, _)) => return Err(UpstreamError::Http(error)),
+            }
+        }
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        host: usize,
+        mut sender: H2,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let response = sender.send_request(request).await.map_err(UpstreamError::Http)?;
+        Ok((response, Lease { upstream: self.clone(), host, sender: None }))
+    }
+
+    fn lease(self: &Arc<Self>, host: usize, sender: H1) -> Lease {
+        Lease { upstream: self.clone(), host, sender: Some(sender) }
+    }
+
+    fn hosts(&self) -> std::sync::MutexGuard<'_, Vec<Host>> {
+        self.hosts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The index of `origin`'s entry, made when new.
+    fn host(&self, origin: &str) -> usize {
+        let mut hosts = self.hosts();
+        if let Some(i) = hosts.iter().position(|h| h.origin == origin) {
+            return i;
+        }
+        hosts.push(Host { origin: origin.to_owned(), idle: Vec::new(), shared: None });
+        hosts.len() - 1
+    }
+
+    /// An open connection to `host`, if one is idle (or shared).
+    fn take(&self, host: usize) -> Option<Conn> {
+        let mut hosts = self.hosts();
+        let host = &mut hosts[host];
+        if let Some(shared) = host.shared.as_ref().filter(|s| !s.is_closed()) {
+            return Some(Conn::Shared(shared.clone()));
+        }
+        let now = Instant::now();
+        while let Some((since, sender)) = host.idle.pop() {
+            if !sender.is_closed() && now.duration_since(since) < IDLE_TIMEOUT {
+                return Some(Conn::Pooled(sender));
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, host: usize, sender: H1) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut hosts = self.hosts();
+        let idle = &mut hosts[host].idle;
+        // The oldest are first: close those that have idled too long.
+        let stale = idle.iter().take_while(|(since, _)| now.duration_since(*since) >= IDLE_TIMEOUT).count();
+        idle.drain(..stale);
+        if idle.len() < MAX_IDLE_PER_HOST {
+            idle.push((now, sender));
+        }
+    }
+
+    /// Opens a connection to `uri`'s origin: HTTP/2 when TLS negotiated it, else
+    /// HTTP/1.1. Its driving task runs on the current runtime until it closes.
+    async fn connect(&self, host: usize, uri: &Uri) -> Result<Conn, UpstreamError> {
+        let stream = self.connector.clone().call(uri.clone()).await.map_err(UpstreamError::Connect)?;
+        if stream.connected().is_negotiated_h2() {
+            let (sender, connection) =
+                http2::handshake(TokioExecutor::new(), stream).await.map_err(UpstreamError::Http)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "backend connection ended");
+                }
+            });
+            self.hosts()[host].shared = Some(sender.clone());
+            return Ok(Conn::Shared(sender));
+        }
+        let (sender, connection) = http1::handshake(stream).await.map_err(UpstreamError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "backend connection ended");
+            }
+        });
+        Ok(Conn::Fresh(sender))
+    }
+}
+
+/// Sends on an HTTP/1.1 connection once it is ready. A failure that hands the
+/// request back means it was not sent.
+async fn send_h1(
+    mut sender: H1,
+    request: Request<Full<Bytes>>,
+) -> Result<(Response<Incoming>, H1), (hyper::Error, Option<Request<Full<Bytes>>>)> {
+    if let Err(error) = sender.ready().await {
+        return Err((error, Some(request)));
+    }
+    match sender.try_send_request(request).await {
+        Ok(response) => Ok((response, sender)),
+        Err(mut e) => {
+            let request = e.take_message();
+            Err((e.into_error(), request))
+        }
+    }
+}
+
+/// HTTP/1.1 sends the path and query, and the authority as `Host`.
+fn origin_form(mut request: Request<Full<Bytes>>, uri: &Uri) -> Request<Full<Bytes>> {
+    if !request.headers().contains_key(header::HOST) {
+        if let Some(host) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            request.headers_mut().insert(header::HOST, host);
+        }
+    }
+    let path = uri.path_and_query().cloned().unwrap_or_else(|| axum::http::uri::PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::from(path);
+    request
+}
+
+/// HTTP/2 sends the whole URI as pseudo-headers, and no `Host`.
+fn absolute_form(mut request: Request<Full<Bytes>>, uri: &Uri) -> Request<Full<Bytes>> {
+    request.headers_mut().remove(header::HOST);
+    *request.uri_mut() = uri.clone();
+    request
+}

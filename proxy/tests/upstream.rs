@@ -1,0 +1,152 @@
+//! The worker's own backend connection pool against a raw TCP backend that
+//! counts its connections and records what arrives on them.
+
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full};
+use proxy::upstream::Upstream;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What the backend saw: connections accepted, and each request's head.
+#[derive(Default)]
+struct Seen {
+    connections: usize,
+    heads: Vec<String>,
+}
+
+/// A keep-alive HTTP/1.1 backend answering `200 ok`; with `close_after_one` it
+/// closes each connection after its first answer.
+async fn backend(close_after_one: bool) -> (String, Arc<Mutex<Seen>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            log.lock().unwrap().connections += 1;
+            tokio::spawn(serve(socket, log.clone(), close_after_one));
+        }
+    });
+    (base, seen)
+}
+
+async fn serve(mut socket: tokio::net::TcpStream, log: Arc<Mutex<Seen>>, close_after_one: bool) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = head_end(&buf) else {
+            let mut chunk = [0u8; 4096];
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let length = content_length(&head);
+        while buf.len() < end + length {
+            let mut chunk = [0u8; 4096];
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + length);
+        log.lock().unwrap().heads.push(head);
+        if socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() || close_after_one {
+            return;
+        }
+    }
+}
+
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+fn content_length(head: &str) -> usize {
+    let value = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(str::to_owned));
+    value.and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+fn request(base: &str) -> hyper::Request<Full<Bytes>> {
+    let uri = format!("{base}/openai/deployments/d/chat/completions?api-version=2024-10-21");
+    hyper::Request::post(uri).body(Full::new(Bytes::from_static(b"{\"messages\":[]}"))).unwrap()
+}
+
+/// Sends one request and reads its body to the end; `release` puts the connection back.
+async fn call(upstream: &Arc<Upstream>, base: &str, release: bool) -> String {
+    let (response, lease) = upstream.send(request(base)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    if release {
+        lease.release();
+    }
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn requests_one_after_another_reuse_one_connection() {
+    let (base, seen) = backend(false).await;
+    let upstream = Arc::new(Upstream::new());
+    for _ in 0..3 {
+        assert_eq!(call(&upstream, &base, true).await, "ok");
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!((seen.connections, seen.heads.len()), (1, 3));
+}
+
+#[tokio::test]
+async fn requests_go_out_in_origin_form_with_the_backends_host() {
+    let (base, seen) = backend(false).await;
+    let upstream = Arc::new(Upstream::new());
+    call(&upstream, &base, true).await;
+    let head = seen.lock().unwrap().heads[0].to_ascii_lowercase();
+    let authority = base.strip_prefix("http://").unwrap();
+    assert!(
+        head.starts_with("post /openai/deployments/d/chat/completions?api-version=2024-10-21 http/1.1\r\n"),
+        "{head}"
+    );
+    assert!(head.contains(&format!("\r\nhost: {authority}\r\n")), "{head}");
+    assert!(head.contains("\r\ncontent-length: 15\r\n"), "{head}");
+}
+
+#[tokio::test]
+async fn a_connection_not_released_is_not_reused() {
+    let (base, seen) = backend(false).await;
+    let upstream = Arc::new(Upstream::new());
+    call(&upstream, &base, false).await;
+    call(&upstream, &base, true).await;
+    assert_eq!(seen.lock().unwrap().connections, 2);
+}
+
+#[tokio::test]
+async fn a_connection_the_backend_closed_is_replaced() {
+    let (base, seen) = backend(true).await;
+    let upstream = Arc::new(Upstream::new());
+    for _ in 0..3 {
+        assert_eq!(call(&upstream, &base, true).await, "ok");
+        // Let the close reach the pooled connection before the next request.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!((seen.connections, seen.heads.len()), (3, 3));
+}
+
+#[tokio::test]
+async fn requests_at_once_each_get_a_connection_and_all_return_to_the_pool() {
+    let (base, seen) = backend(false).await;
+    let upstream = Arc::new(Upstream::new());
+    let calls = (0..4).map(|_| call(&upstream, &base, true));
+    futures_util::future::join_all(calls).await;
+    assert_eq!(seen.lock().unwrap().connections, 4);
+    let calls = (0..4).map(|_| call(&upstream, &base, true));
+    futures_util::future::join_all(calls).await;
+    assert_eq!(seen.lock().unwrap().connections, 4, "the second round reuses the first round's connections");
+}
+
+#[tokio::test]
+async fn a_relative_url_is_a_connect_error() {
+    let upstream = Arc::new(Upstream::new());
+    let request = hyper::Request::get("/openai/x").body(Full::new(Bytes::new())).unwrap();
+    let error = upstream.send(request).await.err().expect("no origin to connect to");
+    assert!(matches!(error, proxy::upstream::UpstreamError::Connect(_)), "{error}");
+}
