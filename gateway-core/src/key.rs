@@ -150,10 +150,8 @@ mod tests {
     #[test]
     fn keys_name_the_headers_they_read_lowercase_and_once() {
         let check = |toml_key: &str, expected: &[&str]| {
-            let expr: KeyExpr = toml::from_str::<toml::Table>(&format!("k = {toml_key}")).unwrap()["k"]
-                .clone()
-                .try_into()
-                .unwrap();
+            let expr: KeyExpr =
+                toml::from_str::<toml::Table>(&format!("k = {toml_key}")).unwrap()["k"].clone().try_into().unwrap();
             let mut names = Vec::new();
             expr.headers_read(&mut names);
             assert_eq!(names, expected, "{toml_key}");

@@ -98,18 +98,23 @@ impl Default for Upstream {
 }
 
 impl Upstream {
+    /// Trusts the web's public certificate authorities (Mozilla's list, built in).
     pub fn new() -> Upstream {
+        Upstream::with_connector(hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots())
+    }
+
+    /// Trusts what `tls` trusts (a private certificate authority, say).
+    pub fn with_tls_config(tls: rustls::ClientConfig) -> Upstream {
+        Upstream::with_connector(hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls))
+    }
+
+    fn with_connector(tls: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>) -> Upstream {
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
         // Requests go out whole, at once: Nagle would hold a small write back
         // until the backend acknowledged the previous one.
         tcp.set_nodelay(true);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(tcp);
+        let connector = tls.https_or_http().enable_http1().enable_http2().wrap_connector(tcp);
         Upstream { connector, hosts: Mutex::new(Vec::new()) }
     }
 

@@ -150,3 +150,60 @@ async fn a_relative_url_is_a_connect_error() {
     let error = upstream.send(request).await.err().expect("no origin to connect to");
     assert!(matches!(error, proxy::upstream::UpstreamError::Connect(_)), "{error}");
 }
+
+/// A TLS backend that offers only `h2`, trusted through its own self-signed
+/// certificate; it records each request's version and URI.
+async fn h2_backend() -> (String, rustls::ClientConfig, Arc<Mutex<Seen>>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key.into())
+        .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://localhost:{}", listener.local_addr().unwrap().port());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            log.lock().unwrap().connections += 1;
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(socket).await else { return };
+                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    let head = format!("{:?} {}", request.version(), request.uri());
+                    log.lock().unwrap().heads.push(head);
+                    async { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from("ok")))) }
+                });
+                let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await;
+            });
+        }
+    });
+    (base, client, seen)
+}
+
+#[tokio::test]
+async fn a_tls_backend_that_offers_http2_gets_one_shared_http2_connection() {
+    let (base, tls, seen) = h2_backend().await;
+    let upstream = Arc::new(Upstream::with_tls_config(tls));
+    assert_eq!(call(&upstream, &base, true).await, "ok");
+    let calls = (0..3).map(|i| call(&upstream, &base, i % 2 == 0));
+    assert_eq!(futures_util::future::join_all(calls).await, ["ok"; 3]);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.connections, 1, "one connection carries every request, released or not");
+    let expected = format!("HTTP/2.0 {base}/openai/deployments/d/chat/completions?api-version=2024-10-21");
+    assert_eq!(seen.heads, vec![expected; 4]);
+}
