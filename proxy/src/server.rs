@@ -34,6 +34,8 @@ pub struct Proxy {
     headers_read: Vec<Vec<String>>,
     /// (key, subscription index), looked up by key.
     keys: Vec<(String, usize)>,
+    /// The routing backends' URLs, by position, split for joining.
+    bases: Vec<Option<BaseUrl>>,
     epoch: Instant,
     epoch_unix: Nanos,
     pub metrics: Metrics,
@@ -88,6 +90,7 @@ impl Proxy {
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
         let headers_read = config.products.iter().map(|p| p.policy().headers_read()).collect();
+        let bases = config.routing.backends.iter().map(|b| BaseUrl::parse(&b.url)).collect();
         // Load both vocabularies now, not on the first request (they take a while).
         mock_aoai::tokens::count("gpt-4o", "warm up");
         mock_aoai::tokens::count("gpt-35-turbo", "warm up");
@@ -95,6 +98,7 @@ impl Proxy {
             needs_estimate,
             needs_max_tokens,
             headers_read,
+            bases,
             config,
             pipelines,
             keys,
@@ -471,33 +475,81 @@ fn retry_after_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 }
 
 fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<hyper::Request<Full<Bytes>>> {
-    let base = attempt.url.trim_end_matches('/');
-    let mut path = req.parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    // A backend URL may already end in `/openai`, as APIM's often do.
-    if base.ends_with("/openai") {
-        path = path.strip_prefix("/openai").unwrap_or(path);
-    }
-    let uri: Uri = format!("{base}{path}").parse().ok()?;
-    let mut builder = hyper::Request::builder().method(req.parts.method.clone()).uri(uri);
+    let index = proxy.config.routing.backends.iter().position(|b| *b.id == *attempt.backend)?;
+    let client_path = req.parts.uri.path_and_query();
+    let uri = match &proxy.bases[index] {
+        Some(base) if *base.url == *attempt.url => base.join(client_path)?,
+        _ => BaseUrl::parse(&attempt.url)?.join(client_path)?,
+    };
+    let mut request = hyper::Request::new(Full::new(req.body.clone()));
+    *request.method_mut() = req.parts.method.clone();
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
     let key_header = &proxy.config.subscription_key_header;
     for (name, value) in req.parts.headers.iter().filter(|(n, _)| forwardable(n, key_header)) {
-        builder = builder.header(name, value);
+        headers.append(name, value.clone());
     }
-    let backend = proxy.config.routing.backends.iter().find(|b| *b.id == *attempt.backend)?;
-    let product = &proxy.config.products[req.product];
-    if let Some(headers) = builder.headers_mut() {
-        apply_set_headers(headers, &product.set_headers, "inbound");
+    apply_set_headers(headers, &proxy.config.products[req.product].set_headers, "inbound");
+    if let Some((name, value)) = credential_header(proxy.config.routing.backends[index].credential.as_ref()).ok()? {
+        headers.append(name, value);
     }
-    builder = match &backend.credential {
-        None => builder,
-        Some(Credential::ApiKey(k)) => builder.header("api-key", k),
-        Some(Credential::ApiKeyEnv(var)) => builder.header("api-key", std::env::var(var).unwrap_or_default()),
-        Some(Credential::Bearer(t)) => builder.header(header::AUTHORIZATION, format!("Bearer {t}")),
-        Some(Credential::BearerEnv(var)) => {
-            builder.header(header::AUTHORIZATION, format!("Bearer {}", std::env::var(var).unwrap_or_default()))
-        }
+    Some(request)
+}
+
+/// The header that authenticates the proxy to a backend, if it has credentials;
+/// an error when the value (from an environment variable, say) cannot be a header.
+fn credential_header(
+    credential: Option<&Credential>,
+) -> Result<Option<(HeaderName, HeaderValue)>, axum::http::header::InvalidHeaderValue> {
+    let env = |var: &str| std::env::var(var).unwrap_or_default();
+    let (name, value) = match credential {
+        None => return Ok(None),
+        Some(Credential::ApiKey(k)) => (HeaderName::from_static("api-key"), k.clone()),
+        Some(Credential::ApiKeyEnv(var)) => (HeaderName::from_static("api-key"), env(var)),
+        Some(Credential::Bearer(t)) => (header::AUTHORIZATION, format!("Bearer {t}")),
+        Some(Credential::BearerEnv(var)) => (header::AUTHORIZATION, format!("Bearer {}", env(var))),
     };
-    builder.body(Full::new(req.body.clone())).ok()
+    Ok(Some((name, HeaderValue::try_from(value)?)))
+}
+
+/// A backend's base URL, split once so that each request's URI is put together
+/// without parsing: the base's scheme and authority, then its path, then the
+/// client's path and query (less a leading `/openai` when the base already ends
+/// in it, as APIM's backend URLs often do).
+pub(crate) struct BaseUrl {
+    url: String,
+    scheme: axum::http::uri::Scheme,
+    authority: axum::http::uri::Authority,
+    /// The base's path without a trailing `/` (empty for none).
+    prefix: String,
+}
+
+impl BaseUrl {
+    pub(crate) fn parse(url: &str) -> Option<BaseUrl> {
+        let uri: Uri = url.trim_end_matches('/').parse().ok()?;
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        let parts = uri.into_parts();
+        Some(BaseUrl { url: url.to_owned(), scheme: parts.scheme?, authority: parts.authority?, prefix })
+    }
+
+    fn join(&self, client: Option<&axum::http::uri::PathAndQuery>) -> Option<Uri> {
+        let client_text = client.map_or("/", |p| p.as_str());
+        let rest = match self.prefix.ends_with("/openai") {
+            true => client_text.strip_prefix("/openai").unwrap_or(client_text),
+            false => client_text,
+        };
+        // The common case: the joined path is the client's own, already parsed.
+        let same = self.prefix.len() + rest.len() == client_text.len() && client_text.starts_with(&self.prefix);
+        let path_and_query = match (same, client) {
+            (true, Some(client)) => client.clone(),
+            _ => format!("{}{rest}", self.prefix).parse().ok()?,
+        };
+        let mut parts = axum::http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).ok()
+    }
 }
 
 async fn deliver(
@@ -658,4 +710,40 @@ fn charged_stream(
             }
         }
     })
+}
+#[cfg(test)]
+mod tests {
+    use super::BaseUrl;
+
+    /// The backend URI as the proxy first wrote it, with `format!` and a parse:
+    /// the reference the split-once join must agree with.
+    fn reference(base: &str, path: &str) -> String {
+        let base = base.trim_end_matches('/');
+        let path = if base.ends_with("/openai") { path.strip_prefix("/openai").unwrap_or(path) } else { path };
+        format!("{base}{path}").parse::<axum::http::Uri>().unwrap().to_string()
+    }
+
+    #[test]
+    fn backend_uris_join_the_base_and_the_clients_path() {
+        let check = |base: &str, path: &str, expected: &str| {
+            let client: axum::http::uri::PathAndQuery = path.parse().unwrap();
+            let joined = BaseUrl::parse(base).unwrap().join(Some(&client)).unwrap().to_string();
+            assert_eq!(joined, expected, "{base} + {path}");
+            assert_eq!(joined, reference(base, path), "{base} + {path}");
+        };
+        let chat = "/openai/deployments/d/chat/completions?api-version=2024-10-21";
+        check("http://127.0.0.1:1", chat, &format!("http://127.0.0.1:1{chat}"));
+        check("http://127.0.0.1:1/", chat, &format!("http://127.0.0.1:1{chat}"));
+        check("https://x.openai.azure.com/openai", chat, &format!("https://x.openai.azure.com{chat}"));
+        check("https://x.openai.azure.com/openai/", "/openai/v1/models", "https://x.openai.azure.com/openai/v1/models");
+        check("http://h/prefix", chat, &format!("http://h/prefix{chat}"));
+        check("http://h/team/openai", "/openai/v1/chat?q=1", "http://h/team/openai/v1/chat?q=1");
+        check("http://h/openai", "/other", "http://h/openai/other");
+    }
+
+    #[test]
+    fn a_base_without_scheme_or_host_is_refused() {
+        assert!(BaseUrl::parse("/openai").is_none());
+        assert!(BaseUrl::parse("not a url").is_none());
+    }
 }

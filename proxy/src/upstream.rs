@@ -133,7 +133,10 @@ impl Upstream {
         loop {
             let conn = match self.take(host) {
                 Some(conn) => conn,
-                None => self.connect(host, &uri).await?,
+                // Boxed: connecting (DNS, TCP, TLS, handshake) is a future of
+                // kilobytes that most requests never run, and every request's
+                // future would otherwise carry its space and be copied with it.
+                None => Box::pin(self.connect(host, &uri)).await?,
             };
             let (sender, pooled) = match conn {
                 Conn::Shared(sender) => return self.send_h2(host, sender, absolute_form(request, &uri)).await,
