@@ -60,8 +60,8 @@ pub struct Upstream {
 }
 
 struct Host {
-    /// `scheme://authority`.
-    origin: String,
+    scheme: String,
+    authority: String,
     /// Idle HTTP/1.1 connections, the most recently used last.
     idle: Vec<(Instant, H1)>,
     /// The HTTP/2 connection, when the backend negotiated one.
@@ -129,7 +129,7 @@ impl Upstream {
         let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return Err(UpstreamError::Connect(format!("`{uri}` is not an absolute URL").into()));
         };
-        let host = self.host(&format!("{scheme}://{authority}"));
+        let host = self.host(scheme, authority.as_str());
         loop {
             let conn = match self.take(host) {
                 Some(conn) => conn,
@@ -169,13 +169,14 @@ impl Upstream {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The index of `origin`'s entry, made when new.
-    fn host(&self, origin: &str) -> usize {
+    /// The index of the entry of the origin `scheme://authority`, made when new.
+    fn host(&self, scheme: &str, authority: &str) -> usize {
         let mut hosts = self.hosts();
-        if let Some(i) = hosts.iter().position(|h| h.origin == origin) {
+        if let Some(i) = hosts.iter().position(|h| h.scheme == scheme && h.authority == authority) {
             return i;
         }
-        hosts.push(Host { origin: origin.to_owned(), idle: Vec::new(), shared: None });
+        let host = Host { scheme: scheme.to_owned(), authority: authority.to_owned(), idle: Vec::new(), shared: None };
+        hosts.push(host);
         hosts.len() - 1
     }
 
