@@ -36,6 +36,9 @@ pub struct Proxy {
     keys: Vec<(String, usize)>,
     /// The routing backends' URLs, by position, split for joining.
     bases: Vec<Option<BaseUrl>>,
+    /// The header each routing backend is authenticated with, by position, read
+    /// once at start (environment variables included).
+    credentials: Vec<Option<(HeaderName, HeaderValue)>>,
     epoch: Instant,
     epoch_unix: Nanos,
     pub metrics: Metrics,
@@ -91,6 +94,12 @@ impl Proxy {
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
         let headers_read = config.products.iter().map(|p| p.policy().headers_read()).collect();
         let bases = config.routing.backends.iter().map(|b| BaseUrl::parse(&b.url)).collect();
+        let credentials = config
+            .routing
+            .backends
+            .iter()
+            .map(|b| credential_header(b.credential.as_ref()).map_err(|e| format!("backend `{}`: {e}", b.id)))
+            .collect::<Result<Vec<_>, _>>()?;
         // Load both vocabularies now, not on the first request (they take a while).
         mock_aoai::tokens::count("gpt-4o", "warm up");
         mock_aoai::tokens::count("gpt-35-turbo", "warm up");
@@ -99,6 +108,7 @@ impl Proxy {
             needs_max_tokens,
             headers_read,
             bases,
+            credentials,
             config,
             pipelines,
             keys,
@@ -490,26 +500,31 @@ fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<h
         headers.append(name, value.clone());
     }
     apply_set_headers(headers, &proxy.config.products[req.product].set_headers, "inbound");
-    if let Some((name, value)) = credential_header(proxy.config.routing.backends[index].credential.as_ref()).ok()? {
-        headers.append(name, value);
+    if let Some((name, value)) = &proxy.credentials[index] {
+        headers.append(name, value.clone());
     }
     Some(request)
 }
 
-/// The header that authenticates the proxy to a backend, if it has credentials;
-/// an error when the value (from an environment variable, say) cannot be a header.
-fn credential_header(
-    credential: Option<&Credential>,
-) -> Result<Option<(HeaderName, HeaderValue)>, axum::http::header::InvalidHeaderValue> {
-    let env = |var: &str| std::env::var(var).unwrap_or_default();
+/// The header that authenticates the proxy to a backend, if it has credentials.
+/// A variable that is not set, or a value that cannot be a header, is an error.
+fn credential_header(credential: Option<&Credential>) -> Result<Option<(HeaderName, HeaderValue)>, String> {
+    let env = |var: &String| {
+        let value = std::env::var(var).ok().filter(|v| !v.is_empty());
+        value.ok_or_else(|| format!("environment variable `{var}` is not set or empty"))
+    };
     let (name, value) = match credential {
         None => return Ok(None),
         Some(Credential::ApiKey(k)) => (HeaderName::from_static("api-key"), k.clone()),
-        Some(Credential::ApiKeyEnv(var)) => (HeaderName::from_static("api-key"), env(var)),
+        Some(Credential::ApiKeyEnv(var)) => (HeaderName::from_static("api-key"), env(var)?),
         Some(Credential::Bearer(t)) => (header::AUTHORIZATION, format!("Bearer {t}")),
-        Some(Credential::BearerEnv(var)) => (header::AUTHORIZATION, format!("Bearer {}", env(var))),
+        Some(Credential::BearerEnv(var)) => (header::AUTHORIZATION, format!("Bearer {}", env(var)?)),
     };
-    Ok(Some((name, HeaderValue::try_from(value)?)))
+    let mut value =
+        HeaderValue::try_from(value).map_err(|_| format!("the `{name}` credential is not a valid header value"))?;
+    // Kept out of debug output and marked never to be indexed by HTTP/2's HPACK.
+    value.set_sensitive(true);
+    Ok(Some((name, value)))
 }
 
 /// A backend's base URL, split once so that each request's URI is put together

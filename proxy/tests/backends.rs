@@ -396,3 +396,80 @@ fn two_subscriptions_with_one_key_are_refused_even_from_the_environment() {
     let err = Proxy::new(config).err().expect("refused");
     assert!(err.contains("subscriptions `s` and `t` have the same key"), "{err}");
 }
+
+/// `config` with a credential on each backend.
+fn config_with_credentials(
+    primary: &str,
+    primary_credential: &str,
+    secondary: &str,
+    secondary_credential: &str,
+) -> String {
+    config(primary, secondary, RETRY, "")
+        .replacen(
+            &format!("url = \"{primary}\" "),
+            &format!("url = \"{primary}\", credential = {primary_credential} "),
+            1,
+        )
+        .replacen(
+            &format!("url = \"{secondary}\" "),
+            &format!("url = \"{secondary}\", credential = {secondary_credential} "),
+            1,
+        )
+}
+
+#[tokio::test]
+async fn backends_get_their_own_credential_and_never_the_clients_key() {
+    std::env::set_var("AIGW_TEST_BEARER", "from-env");
+    let (primary, secondary) = (MockServer::start().await, MockServer::start().await);
+    // Each backend answers 200 only with its own credential; anything else is a 429,
+    // which the retry would carry to the other backend and the metrics would show.
+    Mock::given(wiremock::matchers::header("api-key", "primary-secret"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok_body()))
+        .mount(&primary)
+        .await;
+    Mock::given(wiremock::matchers::header("authorization", "Bearer from-env"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok_body()))
+        .mount(&secondary)
+        .await;
+    for backend in [&primary, &secondary] {
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(429)).with_priority(10).mount(backend).await;
+    }
+    let text = config_with_credentials(
+        &primary.uri(),
+        "{ api_key = \"primary-secret\" }",
+        &secondary.uri(),
+        "{ bearer_env = \"AIGW_TEST_BEARER\" }",
+    );
+    let proxy = start(&text).await;
+    assert_eq!(proxy.chat(json!({})).await.status(), 200);
+    let sent = primary.received_requests().await.unwrap();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].headers.get_all("api-key").iter().collect::<Vec<_>>(),
+        ["primary-secret"],
+        "not the client's `k`"
+    );
+    // The secondary, reached once the primary is down, gets its bearer token.
+    primary.reset().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).mount(&primary).await;
+    assert_eq!(proxy.chat(json!({})).await.status(), 200);
+    let sent = secondary.received_requests().await.unwrap();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].headers.get("api-key").is_none(), "the client's key is never forwarded");
+}
+
+#[test]
+fn a_credential_from_an_unset_variable_is_refused_at_start() {
+    let text = config_with_credentials(
+        "http://127.0.0.1:9",
+        "{ api_key_env = \"AIGW_TEST_NEVER_SET\" }",
+        "http://127.0.0.1:8",
+        "{ api_key = \"bad\\nvalue\" }",
+    );
+    let err = Proxy::new(ProxyConfig::from_toml("test.toml", &text).unwrap()).err().expect("refused");
+    assert!(err.contains("backend `primary`: environment variable `AIGW_TEST_NEVER_SET` is not set or empty"), "{err}");
+    std::env::set_var("AIGW_TEST_SET_LATER", "fine");
+    let text = text.replace("AIGW_TEST_NEVER_SET", "AIGW_TEST_SET_LATER");
+    let err = Proxy::new(ProxyConfig::from_toml("test.toml", &text).unwrap()).err().expect("refused");
+    assert!(err.contains("backend `secondary`: the `api-key` credential is not a valid header value"), "{err}");
+}
