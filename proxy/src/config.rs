@@ -35,6 +35,11 @@ pub struct ProxyConfig {
     /// APIM named values for `{{name}}` in policy files.
     #[serde(default)]
     pub named_values: BTreeMap<String, String>,
+    /// PEM files of certificate authorities that https backends may present,
+    /// trusted besides the public ones (a private or corporate CA); relative
+    /// paths are from the config file's folder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_files: Vec<std::path::PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -104,6 +109,7 @@ impl ProxyConfig {
         let mut config: ProxyConfig =
             toml::from_str(text).map_err(|e| gateway_core::policy::describe_toml_error(path, text, &e))?;
         let base = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("."));
+        config.ca_files = config.ca_files.iter().map(|f| base.join(f)).collect();
         for product in &mut config.products {
             // A policy file's backend side (set-backend-service, retry) goes into the shared routing.
             let resolved = product.policy.resolve_all(base, &config.named_values, &mut config.routing)?;

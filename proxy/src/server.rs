@@ -36,6 +36,8 @@ pub struct Proxy {
     keys: Vec<(String, usize)>,
     /// The routing backends' URLs, by position, split for joining.
     bases: Vec<Option<BaseUrl>>,
+    /// The TLS settings of backend connections when `ca_files` adds authorities.
+    tls: Option<rustls::ClientConfig>,
     /// The header each routing backend is authenticated with, by position, read
     /// once at start (environment variables included).
     credentials: Vec<Option<(HeaderName, HeaderValue)>>,
@@ -94,6 +96,10 @@ impl Proxy {
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
         let headers_read = config.products.iter().map(|p| p.policy().headers_read()).collect();
         let bases = config.routing.backends.iter().map(|b| BaseUrl::parse(&b.url)).collect();
+        let tls = match config.ca_files.is_empty() {
+            true => None,
+            false => Some(Upstream::tls_config_with(&config.ca_files)?),
+        };
         let credentials = config
             .routing
             .backends
@@ -109,6 +115,7 @@ impl Proxy {
             headers_read,
             bases,
             credentials,
+            tls,
             config,
             pipelines,
             keys,
@@ -159,7 +166,11 @@ pub struct Worker {
 impl Worker {
     /// A worker whose backend connections run on the current Tokio runtime.
     pub fn new(proxy: Arc<Proxy>) -> Worker {
-        Worker { proxy, upstream: Arc::new(Upstream::new()) }
+        let upstream = match &proxy.tls {
+            Some(tls) => Upstream::with_tls_config(tls.clone()),
+            None => Upstream::new(),
+        };
+        Worker { proxy, upstream: Arc::new(upstream) }
     }
 }
 

@@ -103,6 +103,29 @@ impl Upstream {
         Upstream::with_connector(hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots())
     }
 
+    /// Trusts the public certificate authorities and those in the PEM files
+    /// `ca_files`; an error names the file that cannot be read or holds no
+    /// certificate.
+    pub fn tls_config_with(ca_files: &[std::path::PathBuf]) -> Result<rustls::ClientConfig, String> {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        for file in ca_files {
+            let certs = CertificateDer::pem_file_iter(file)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("`ca_files`: {}: {e}", file.display()))?;
+            if certs.is_empty() {
+                return Err(format!("`ca_files`: {}: no certificate in the file", file.display()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| format!("`ca_files`: {}: {e}", file.display()))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions();
+        let builder = builder.map_err(|e| format!("TLS: {e}"))?;
+        Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    }
+
     /// Trusts what `tls` trusts (a private certificate authority, say).
     pub fn with_tls_config(tls: rustls::ClientConfig) -> Upstream {
         Upstream::with_connector(hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls))

@@ -473,3 +473,65 @@ fn a_credential_from_an_unset_variable_is_refused_at_start() {
     let err = Proxy::new(ProxyConfig::from_toml("test.toml", &text).unwrap()).err().expect("refused");
     assert!(err.contains("backend `secondary`: the `api-key` credential is not a valid header value"), "{err}");
 }
+
+/// An HTTP/1.1 backend over TLS whose certificate (for `localhost`) is signed by
+/// no public authority; returns its URL and its certificate as PEM.
+async fn private_tls_backend() -> (String, String) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key.into())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://localhost:{}", listener.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(socket).await else { return };
+                let service = hyper::service::service_fn(|_| async {
+                    let body = http_body_util::Full::new(axum::body::Bytes::from(ok_body().to_string()));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (url, cert.cert.pem())
+}
+
+#[tokio::test]
+async fn an_https_backend_signed_by_a_private_ca_is_trusted_only_through_ca_files() {
+    let (url, pem) = private_tls_backend().await;
+    let ca_file = std::env::temp_dir().join(format!("aigw-test-ca-{}.pem", url.rsplit(':').next().unwrap()));
+    std::fs::write(&ca_file, pem).unwrap();
+    let plain = config(&url, &url, "", "");
+    // Without the authority the handshake fails: the attempt is a transport
+    // failure, which APIM answers with its 500.
+    let untrusting = start(&plain).await;
+    assert_eq!(untrusting.chat(json!({})).await.status(), 500);
+    assert!(untrusting.metrics().await.contains("reason=\"transport_failure\""));
+    let trusting = start(&format!("ca_files = [{:?}]\n{plain}", ca_file.display().to_string())).await;
+    let r = trusting.chat(json!({})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["usage"]["total_tokens"], 15);
+}
+
+#[test]
+fn ca_files_that_cannot_be_read_or_hold_no_certificate_are_refused_at_start() {
+    let empty = std::env::temp_dir().join("aigw-test-empty-ca.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let missing = std::env::temp_dir().join("aigw-test-no-such-ca.pem");
+    for (file, expected) in [(&missing, "aigw-test-no-such-ca.pem: "), (&empty, "no certificate in the file")] {
+        let text =
+            format!("ca_files = [{:?}]\n{}", file.display().to_string(), config("https://h", "https://h", "", ""));
+        let err = Proxy::new(ProxyConfig::from_toml("test.toml", &text).unwrap()).err().expect("refused");
+        assert!(err.contains("`ca_files`: ") && err.contains(expected), "{err}");
+    }
+}
