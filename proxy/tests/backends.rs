@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+mod common;
+
 struct Running {
     base: String,
     admin: String,
@@ -477,16 +479,7 @@ fn a_credential_from_an_unset_variable_is_refused_at_start() {
 /// An HTTP/1.1 backend over TLS whose certificate (for `localhost`) is signed by
 /// no public authority; returns its URL and its certificate as PEM.
 async fn private_tls_backend() -> (String, String) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key.into())
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let (acceptor, _, pem) = common::localhost_tls(&[]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://localhost:{}", listener.local_addr().unwrap().port());
     tokio::spawn(async move {
@@ -503,7 +496,7 @@ async fn private_tls_backend() -> (String, String) {
             });
         }
     });
-    (url, cert.cert.pem())
+    (url, pem)
 }
 
 #[tokio::test]

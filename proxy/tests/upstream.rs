@@ -7,6 +7,8 @@ use proxy::upstream::Upstream;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod common;
+
 /// What the backend saw: connections accepted, and each request's head.
 #[derive(Default)]
 struct Seen {
@@ -154,20 +156,10 @@ async fn a_relative_url_is_a_connect_error() {
 /// A TLS backend that offers only `h2`, trusted through its own self-signed
 /// certificate; it records each request's version and URI.
 async fn h2_backend() -> (String, rustls::ClientConfig, Arc<Mutex<Seen>>) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der());
-    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key.into())
-        .unwrap();
-    server.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let (acceptor, cert, _) = common::localhost_tls(&[b"h2"]);
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(provider)
+    roots.add(cert).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
