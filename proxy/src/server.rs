@@ -35,7 +35,7 @@ pub struct Proxy {
     /// (key, subscription index), looked up by key.
     keys: Vec<(String, usize)>,
     /// The routing backends' URLs, by position, split for joining.
-    bases: Vec<Option<BaseUrl>>,
+    bases: Vec<BaseUrl>,
     /// The TLS settings of backend connections when `ca_files` adds authorities.
     tls: Option<rustls::ClientConfig>,
     /// The header each routing backend is authenticated with, by position, read
@@ -95,7 +95,12 @@ impl Proxy {
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
         let headers_read = config.products.iter().map(|p| p.policy().headers_read()).collect();
-        let bases = config.routing.backends.iter().map(|b| BaseUrl::parse(&b.url)).collect();
+        let bases = config
+            .routing
+            .backends
+            .iter()
+            .map(|b| BaseUrl::parse(&b.url).ok_or_else(|| format!("backend `{}`: `{}` is not a URL", b.id, b.url)))
+            .collect::<Result<Vec<_>, _>>()?;
         let tls = match config.ca_files.is_empty() {
             true => None,
             false => Some(Upstream::tls_config_with(&config.ca_files)?),
@@ -498,10 +503,9 @@ fn retry_after_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<hyper::Request<Full<Bytes>>> {
     let index = proxy.config.routing.backends.iter().position(|b| *b.id == *attempt.backend)?;
     let client_path = req.parts.uri.path_and_query();
-    let uri = match &proxy.bases[index] {
-        Some(base) if *base.url == *attempt.url => base.join(client_path)?,
-        _ => BaseUrl::parse(&attempt.url)?.join(client_path)?,
-    };
+    // The pipeline's routing is the config's: an attempt's URL is its backend's.
+    debug_assert_eq!(*attempt.url, proxy.config.routing.backends[index].url);
+    let uri = proxy.bases[index].join(client_path)?;
     let mut request = hyper::Request::new(Full::new(req.body.clone()));
     *request.method_mut() = req.parts.method.clone();
     *request.uri_mut() = uri;
@@ -543,7 +547,6 @@ fn credential_header(credential: Option<&Credential>) -> Result<Option<(HeaderNa
 /// client's path and query (less a leading `/openai` when the base already ends
 /// in it, as APIM's backend URLs often do).
 pub(crate) struct BaseUrl {
-    url: String,
     scheme: axum::http::uri::Scheme,
     authority: axum::http::uri::Authority,
     /// The base's path without a trailing `/` (empty for none).
@@ -555,7 +558,7 @@ impl BaseUrl {
         let uri: Uri = url.trim_end_matches('/').parse().ok()?;
         let prefix = uri.path().trim_end_matches('/').to_owned();
         let parts = uri.into_parts();
-        Some(BaseUrl { url: url.to_owned(), scheme: parts.scheme?, authority: parts.authority?, prefix })
+        Some(BaseUrl { scheme: parts.scheme?, authority: parts.authority?, prefix })
     }
 
     fn join(&self, client: Option<&axum::http::uri::PathAndQuery>) -> Option<Uri> {
