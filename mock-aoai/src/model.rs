@@ -11,9 +11,10 @@
 use crate::config::{DeploymentConfig, Faults, OutageMode};
 use gateway_core::limiter::SlidingLog;
 use gateway_core::Nanos;
-use rand::{RngExt, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::convert::Infallible;
 
 const MINUTE: Nanos = Nanos::from_secs(60);
 const TEN_SECONDS: Nanos = Nanos::from_secs(10);
@@ -134,6 +135,9 @@ pub struct DeploymentModel {
     /// Where fault schedules count from.
     start: Nanos,
     seed: u64,
+    /// The stream every request's draws come from, [`DRAWS_PER_REQUEST`] words
+    /// each; out only while a request is decided.
+    draws: Option<Box<ChaCha8Rng>>,
     tokens: SlidingLog,
     requests: SlidingLog,
     stats: Stats,
@@ -146,6 +150,7 @@ impl DeploymentModel {
             config,
             start,
             seed,
+            draws: Some(Box::new(ChaCha8Rng::seed_from_u64(seed))),
             tokens: SlidingLog::default(),
             requests: SlidingLog::default(),
             stats: Stats::default(),
@@ -166,13 +171,20 @@ impl DeploymentModel {
         self.start = origin;
     }
 
-    /// Decides the fate of a request arriving at `now`. Each request draws from
-    /// its own RNG stream (seed, request number), so changing one fault rate does
-    /// not reshuffle the draws of every later request.
+    /// Decides the fate of a request arriving at `now`. Each request owns its
+    /// draws (see [`RequestDraws`]), so changing one fault rate does not reshuffle
+    /// the draws of every later request.
     pub fn handle_request(&mut self, now: Nanos, req: &ModelRequest) -> ModelResponse {
         self.stats.requests += 1;
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-        rng.set_stream(self.stats.requests);
+        let mut stream = self.draws.take().expect("the stream is put back after every request");
+        let mut rng = RequestDraws::new(&mut stream, self.seed, self.stats.requests);
+        let response = self.decide(now, req, &mut rng);
+        rng.finish();
+        self.draws = Some(stream);
+        response
+    }
+
+    fn decide(&mut self, now: Nanos, req: &ModelRequest, rng: &mut RequestDraws<'_>) -> ModelResponse {
         let since_start = now.saturating_sub(self.start);
         let faults = &self.config.faults;
         if let Some(outage) = faults.outages.iter().find(|o| o.start.0 <= since_start && since_start < o.end.0) {
@@ -187,7 +199,7 @@ impl DeploymentModel {
         if let Err(throttle) = self.admit(now, req) {
             return self.count(ModelResponse::Throttled(throttle));
         }
-        let response = self.complete(now, since_start, req, &mut rng);
+        let response = self.complete(now, since_start, req, rng);
         self.count(response)
     }
 
@@ -263,7 +275,13 @@ impl DeploymentModel {
         self.config.requests_per_10s().saturating_sub(self.requests.total())
     }
 
-    fn complete(&mut self, now: Nanos, since_start: Nanos, req: &ModelRequest, rng: &mut ChaCha8Rng) -> ModelResponse {
+    fn complete(
+        &mut self,
+        now: Nanos,
+        since_start: Nanos,
+        req: &ModelRequest,
+        rng: &mut RequestDraws<'_>,
+    ) -> ModelResponse {
         let spike_ms: f64 = self
             .config
             .faults
@@ -303,7 +321,7 @@ impl DeploymentModel {
         })
     }
 
-    fn completion_length(&self, req: &ModelRequest, rng: &mut ChaCha8Rng) -> (u64, FinishReason) {
+    fn completion_length(&self, req: &ModelRequest, rng: &mut RequestDraws<'_>) -> (u64, FinishReason) {
         if req.operation == Operation::Embeddings {
             return (0, FinishReason::Stop);
         }
@@ -315,5 +333,70 @@ impl DeploymentModel {
             Some(max) if drawn >= max => (max, FinishReason::Length),
             _ => (drawn, FinishReason::Stop),
         }
+    }
+}
+
+/// How many 64-bit words of the model's stream each request owns. A request
+/// draws at most about ten (a reset, two latencies and a completion length by
+/// Box–Muller, a fault, a broken stream and where it breaks).
+const DRAWS_PER_REQUEST: u32 = 16;
+
+/// The draws of one request: the next [`DRAWS_PER_REQUEST`] words of the model's
+/// stream, whether used or not, so every request's draws depend only on the seed
+/// and its number. A request that needs more (a rejection sampler's rare retry)
+/// goes on in a stream of its own, `(seed, request number)`. One stream read in
+/// order costs far less than a fresh ChaCha stream per request, which computes
+/// 256 bytes to use a few dozen.
+struct RequestDraws<'a> {
+    stream: &'a mut ChaCha8Rng,
+    left: u32,
+    seed: u64,
+    request: u64,
+    spill: Option<ChaCha8Rng>,
+}
+
+impl<'a> RequestDraws<'a> {
+    fn new(stream: &'a mut ChaCha8Rng, seed: u64, request: u64) -> RequestDraws<'a> {
+        RequestDraws { stream, left: DRAWS_PER_REQUEST, seed, request, spill: None }
+    }
+
+    /// Skips the words this request did not use.
+    fn finish(self) {
+        (0..self.left).for_each(|_| {
+            self.stream.next_u64();
+        });
+    }
+
+    fn word(&mut self) -> u64 {
+        if self.left > 0 {
+            self.left -= 1;
+            return self.stream.next_u64();
+        }
+        let (seed, request) = (self.seed, self.request);
+        let spill = self.spill.get_or_insert_with(|| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(request);
+            rng
+        });
+        spill.next_u64()
+    }
+}
+
+impl rand::TryRng for RequestDraws<'_> {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        Ok(self.word() as u32)
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        Ok(self.word())
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        for chunk in dst.chunks_mut(8) {
+            chunk.copy_from_slice(&self.word().to_le_bytes()[..chunk.len()]);
+        }
+        Ok(())
     }
 }

@@ -135,6 +135,47 @@ fn same_seed_same_responses() {
     assert!((90..=180).contains(&broken), "{broken} broken streams");
 }
 
+/// Each request owns its draws: raising a fault rate turns some requests into
+/// faults but leaves every other request's latency, length and broken stream as
+/// they were.
+#[test]
+fn a_fault_rate_does_not_reshuffle_other_requests() {
+    let run = |error_rate: f64| {
+        let config = MockConfig::from_toml(
+            "t",
+            &format!(
+                "[[deployments]]\nname = \"d\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\
+                 completion_tokens = {{ lognormal = {{ median = 100, p99 = 900 }} }}\n\
+                 latency = {{ ttft_ms = {{ lognormal = {{ median = 300, p99 = 2000 }} }}, per_token_ms = {{ normal = {{ mean = 20, std = 5 }} }} }}\n\
+                 faults = {{ error_rates = {{ \"503\" = {error_rate} }}, broken_stream = 0.5 }}\n"
+            ),
+        )
+        .unwrap();
+        let mut model = DeploymentModel::new(config.deployments[0].clone(), 4, Nanos::ZERO);
+        let stream = ModelRequest { stream: true, ..chat(100, None) };
+        (0..400).map(|i| model.handle_request(Nanos::from_millis(i * 100), &stream)).collect::<Vec<_>>()
+    };
+    let (calm, faulty) = (run(0.0), run(0.3));
+    let faults = faulty.iter().filter(|r| matches!(r, ModelResponse::Fault { .. })).count();
+    assert!((80..=160).contains(&faults), "{faults} faults");
+    let mut compared = 0;
+    for (a, b) in calm.iter().zip(&faulty) {
+        if let (ModelResponse::Complete(a), ModelResponse::Complete(b)) = (a, b) {
+            assert_eq!(a, b);
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 400 - faults);
+    let lengths: std::collections::BTreeSet<u64> = calm
+        .iter()
+        .filter_map(|r| match r {
+            ModelResponse::Complete(c) => Some(c.completion_tokens),
+            _ => None,
+        })
+        .collect();
+    assert!(lengths.len() > 100, "the lengths are drawn, not fixed: {} distinct", lengths.len());
+}
+
 #[test]
 fn outages_and_spikes_follow_their_schedule() {
     let mut model = deployment(
