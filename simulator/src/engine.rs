@@ -3,7 +3,7 @@
 //! clients. No wall clock and no threads: the same scenario and seed give the same
 //! events in the same order.
 
-use crate::report::{Decision, Recorder};
+use crate::report::{Decision, Reason, Recorder};
 use crate::scenario::{Arrival, Client, Identity, Scenario};
 use crate::trace::{self, TraceLine};
 use gateway_core::routing::{AttemptOutcome, Routing};
@@ -479,7 +479,7 @@ impl<'s> Engine<'s> {
             attempt: call.attempt,
             arrival_ms: (arrived - self.start).0 as f64 / 1e6,
             status: record.status,
-            reason,
+            reason: reason.name(),
             backends: record.attempts.iter().map(|a| a.backend.to_string()).collect(),
             latency_ms: latency.0 as f64 / 1e6,
             prompt_tokens: record.usage.prompt_tokens,
@@ -588,18 +588,18 @@ fn key_values(info: &RequestInfo) -> BTreeMap<String, String> {
     keys
 }
 
-/// The decision log's reason names.
-pub fn reason(reason: FinalReason, status: u16) -> &'static str {
+/// The decision log's reason for the core's final reason and status.
+fn reason(reason: FinalReason, status: u16) -> Reason {
     use gateway_core::RejectReason::*;
     match reason {
-        FinalReason::Backend if status < 400 => "ok",
-        FinalReason::Backend => "backend",
-        FinalReason::Limited(RateLimit) => "rate-limit",
-        FinalReason::Limited(CallQuota | BandwidthQuota) => "quota",
-        FinalReason::Limited(TokensPerMinute) => "token-limit",
-        FinalReason::Limited(TokenQuota) => "token-quota",
-        FinalReason::Unavailable => "no-backend",
-        FinalReason::Timeout | FinalReason::TransportFailure | FinalReason::BadResponse => "timeout",
+        FinalReason::Backend if status < 400 => Reason::Ok,
+        FinalReason::Backend => Reason::Backend,
+        FinalReason::Limited(RateLimit) => Reason::RateLimit,
+        FinalReason::Limited(CallQuota | BandwidthQuota) => Reason::Quota,
+        FinalReason::Limited(TokensPerMinute) => Reason::TokenLimit,
+        FinalReason::Limited(TokenQuota) => Reason::TokenQuota,
+        FinalReason::Unavailable => Reason::NoBackend,
+        FinalReason::Timeout | FinalReason::TransportFailure | FinalReason::BadResponse => Reason::Timeout,
     }
 }
 

@@ -29,10 +29,65 @@ pub struct Decision {
     pub completion_tokens: u64,
 }
 
+/// Why a call ended as it did: the decision log's `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Ok,
+    Backend,
+    RateLimit,
+    Quota,
+    TokenLimit,
+    TokenQuota,
+    NoBackend,
+    Timeout,
+}
+
+impl Reason {
+    const ALL: [Reason; 8] = [
+        Reason::Ok,
+        Reason::Backend,
+        Reason::RateLimit,
+        Reason::Quota,
+        Reason::TokenLimit,
+        Reason::TokenQuota,
+        Reason::NoBackend,
+        Reason::Timeout,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Ok => "ok",
+            Reason::Backend => "backend",
+            Reason::RateLimit => "rate-limit",
+            Reason::Quota => "quota",
+            Reason::TokenLimit => "token-limit",
+            Reason::TokenQuota => "token-quota",
+            Reason::NoBackend => "no-backend",
+            Reason::Timeout => "timeout",
+        }
+    }
+}
+
+/// Calls counted by reason: an array while a run counts (every call adds one),
+/// a map by name in the report.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally([u64; Reason::ALL.len()]);
+
+impl Tally {
+    fn add(&mut self, reason: Reason) {
+        self.0[reason as usize] += 1;
+    }
+
+    /// The reasons that counted at least one call, by name.
+    fn to_map(self) -> BTreeMap<&'static str, u64> {
+        Reason::ALL.iter().map(|&r| (r.name(), self.0[r as usize])).filter(|&(_, n)| n > 0).collect()
+    }
+}
+
 struct ClientStats {
     name: String,
     requests: u64,
-    by_reason: BTreeMap<&'static str, u64>,
+    by_reason: Tally,
     by_status: BTreeMap<u16, u64>,
     sdk_retries: u64,
     gateway_retries: u64,
@@ -72,7 +127,9 @@ pub struct MinuteStats {
 pub struct Recorder {
     clients: Vec<ClientStats>,
     backends: Vec<BackendStats>,
-    minutes: Vec<MinuteStats>,
+    /// Each minute's figures, and its calls by reason (put in the figures' map
+    /// when the report is made).
+    minutes: Vec<(MinuteStats, Tally)>,
     /// (arrival order, decision), when a decision log is asked for.
     decisions: Option<Vec<(u64, Decision)>>,
     /// Tokens per caller key (subscription, else IP) over a sliding minute, and the
@@ -88,7 +145,7 @@ impl Recorder {
             .map(|c| ClientStats {
                 name: c.name.clone(),
                 requests: 0,
-                by_reason: BTreeMap::new(),
+                by_reason: Tally::default(),
                 by_status: BTreeMap::new(),
                 sdk_retries: 0,
                 gateway_retries: 0,
@@ -110,12 +167,12 @@ impl Recorder {
         }
     }
 
-    fn minute(&mut self, since_start: Nanos) -> &mut MinuteStats {
+    fn minute(&mut self, since_start: Nanos) -> &mut (MinuteStats, Tally) {
         let m = (since_start.0 / 60_000_000_000) as usize;
         while self.minutes.len() <= m {
             let minute = self.minutes.len() as u64;
             let (c, b) = (self.clients.len(), self.backends.len());
-            self.minutes.push(MinuteStats {
+            let stats = MinuteStats {
                 minute,
                 by_reason: BTreeMap::new(),
                 client_tokens: vec![0; c],
@@ -123,7 +180,8 @@ impl Recorder {
                 backend_throttled: vec![0; b],
                 backend_5xx: vec![0; b],
                 failovers: 0,
-            });
+            };
+            self.minutes.push((stats, Tally::default()));
         }
         &mut self.minutes[m]
     }
@@ -155,29 +213,29 @@ impl Recorder {
         since_start: Nanos,
         order: u64,
         record: &OutcomeRecord,
-        reason: &'static str,
+        reason: Reason,
         latency: Nanos,
         decision: Option<Decision>,
     ) {
+        let first = record.attempts.first().map(|a| &a.backend);
+        let failover = record.attempts.iter().any(|a| Some(&a.backend) != first);
         let c = &mut self.clients[client];
         c.requests += 1;
-        *c.by_reason.entry(reason).or_default() += 1;
+        c.by_reason.add(reason);
         *c.by_status.entry(record.status).or_default() += 1;
         c.gateway_retries += record.attempts.len().saturating_sub(1) as u64;
-        let first = record.attempts.first().map(|a| &a.backend);
-        c.failovers += u64::from(record.attempts.iter().any(|a| Some(&a.backend) != first));
+        c.failovers += u64::from(failover);
         c.prompt_tokens = c.prompt_tokens.saturating_add(record.usage.prompt_tokens);
         c.completion_tokens = c.completion_tokens.saturating_add(record.usage.completion_tokens);
         c.latency_us.saturating_record((latency.0 / 1000).max(1));
-        let failover = record.attempts.iter().any(|a| Some(&a.backend) != first);
         let tokens = record.usage.total();
         let delivered_by = match record.reason {
-            FinalReason::Backend => record.attempts.last().map(|a| a.backend.clone()),
+            FinalReason::Backend => record.attempts.last().map(|a| &*a.backend),
             _ => None,
         };
-        let backend = delivered_by.and_then(|name| self.backends.iter().position(|b| *b.name == *name));
-        let m = self.minute(since_start);
-        *m.by_reason.entry(reason).or_default() += 1;
+        let backend = delivered_by.and_then(|name| self.backends.iter().position(|b| b.name == name));
+        let (m, reasons) = self.minute(since_start);
+        reasons.add(reason);
         m.client_tokens[client] = m.client_tokens[client].saturating_add(tokens);
         m.failovers += u64::from(failover);
         if let Some(b) = backend {
@@ -205,7 +263,7 @@ impl Recorder {
             AttemptOutcome::Timeout => b.timeouts += 1,
             AttemptOutcome::TransportFailure | AttemptOutcome::BadResponse => b.transport_failures += 1,
         }
-        let m = self.minute(since_start);
+        let (m, _) = self.minute(since_start);
         m.backend_throttled[backend] += u64::from(throttled);
         m.backend_5xx[backend] += u64::from(error);
     }
@@ -226,7 +284,11 @@ impl Recorder {
             duration_s: scenario.duration.0.as_secs_f64(),
             clients: self.clients.iter().map(ClientReport::from).collect(),
             backends: self.backends.clone(),
-            minutes: self.minutes.clone(),
+            minutes: self
+                .minutes
+                .iter()
+                .map(|(m, reasons)| MinuteStats { by_reason: reasons.to_map(), ..m.clone() })
+                .collect(),
             max_key_tokens_per_minute: self.key_tokens.as_ref().map(|k| k.1),
         }
     }
@@ -280,11 +342,11 @@ const CDF_QUANTILES: [f64; 26] = [
 impl From<&ClientStats> for ClientReport {
     fn from(c: &ClientStats) -> ClientReport {
         let q = |p: f64| if c.requests == 0 { 0.0 } else { c.latency_us.value_at_quantile(p) as f64 / 1000.0 };
-        let ok = c.by_reason.get("ok").copied().unwrap_or(0);
+        let ok = c.by_reason.0[Reason::Ok as usize];
         ClientReport {
             name: c.name.clone(),
             requests: c.requests,
-            by_reason: c.by_reason.clone(),
+            by_reason: c.by_reason.to_map(),
             by_status: c.by_status.clone(),
             rejected_ratio: if c.requests == 0 { 0.0 } else { (c.requests - ok) as f64 / c.requests as f64 },
             sdk_retries: c.sdk_retries,
