@@ -22,6 +22,7 @@ use crate::policy::Policy;
 use crate::routing::{Attempt, AttemptOutcome, Next, Route, Router, Routing, Unavailable};
 use crate::time::Nanos;
 use serde::Serialize;
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 /// Tokens a response reported in `usage`, or the driver counted (prompt with the
@@ -124,7 +125,8 @@ pub struct AttemptRecord {
 pub struct OutcomeRecord {
     pub arrived: Nanos,
     pub finished: Nanos,
-    pub attempts: Vec<AttemptRecord>,
+    /// Inline for one attempt, the common case, which then allocates nothing.
+    pub attempts: SmallVec<[AttemptRecord; 1]>,
     /// The status the client received.
     pub status: u16,
     pub reason: FinalReason,
@@ -197,7 +199,7 @@ impl Pipeline {
         let mut record = OutcomeRecord {
             arrived: now,
             finished: now,
-            attempts: Vec::new(),
+            attempts: SmallVec::new(),
             status: 0,
             reason: FinalReason::Backend,
             usage: Usage::default(),
