@@ -252,9 +252,10 @@ impl Pipeline {
         usage: Usage,
         draw: u64,
     ) -> Result<Step, CoreError> {
-        let mut flight = self.take(id)?;
+        // The flight stays in its slot while the request goes on (another attempt,
+        // or delivery) and is taken out only when the request is over.
+        let flight = flight_mut(&mut self.flights, id)?;
         let Phase::Attempting { attempt, started, wait } = &flight.phase else {
-            self.insert(flight);
             return Err(CoreError::WrongPhase(id));
         };
         let (attempt, started, wait) = (attempt.clone(), *started, *wait);
@@ -271,15 +272,22 @@ impl Pipeline {
             result: result_of(outcome),
             tokens: usage.total(),
         });
-        match self.router.handle_outcome(now, &mut flight.route, &attempt.backend, outcome, draw) {
-            Next::Retry { attempt, wait } => {
-                let at = now + wait;
-                flight.phase = Phase::Attempting { attempt: attempt.clone(), started: at, wait };
-                self.insert(flight);
-                Ok(Step::Forward { id, attempt, at })
+        let next = self.router.handle_outcome(now, &mut flight.route, &attempt.backend, outcome, draw);
+        match (next, outcome) {
+            (Next::Retry { attempt, wait }, _) => {
+                flight.phase = Phase::Attempting { attempt: attempt.clone(), started: now + wait, wait };
+                Ok(Step::Forward { id, attempt, at: now + wait })
             }
-            Next::Respond => Ok(self.respond(now, flight, outcome)),
-            Next::Unavailable(unavailable) => {
+            (Next::Respond, AttemptOutcome::Response { status, .. }) => {
+                flight.phase = Phase::Delivering { status };
+                Ok(Step::Deliver { id })
+            }
+            (Next::Respond, failure) => {
+                let flight = self.take(id)?;
+                Ok(Step::Respond(self.respond_with_error(now, flight, failure)))
+            }
+            (Next::Unavailable(unavailable), _) => {
+                let flight = self.take(id)?;
                 let response = unavailable_response(unavailable);
                 Ok(Step::Respond(self.finish_generated(now, flight, FinalReason::Unavailable, response, Vec::new())))
             }
@@ -338,29 +346,20 @@ impl Pipeline {
         self.gateway.handle_delta(now, delta);
     }
 
-    /// The client gets the last attempt's result: a response is delivered, a
-    /// transport failure or timeout becomes the gateway's own error response.
-    fn respond(&mut self, now: Nanos, mut flight: Flight, outcome: AttemptOutcome) -> Step {
-        let id = flight.id;
-        match outcome {
-            AttemptOutcome::Response { status, .. } => {
-                flight.phase = Phase::Delivering { status };
-                self.insert(flight);
-                Step::Deliver { id }
-            }
+    /// A transport failure or timeout as the last attempt's result becomes the
+    /// gateway's own error response.
+    fn respond_with_error(&mut self, now: Nanos, flight: Flight, failure: AttemptOutcome) -> Finished {
+        let (reason, response) = match failure {
             AttemptOutcome::TransportFailure => {
-                let response = gateway_error(500, "Internal server error");
-                Step::Respond(self.finish_generated(now, flight, FinalReason::TransportFailure, response, Vec::new()))
+                (FinalReason::TransportFailure, gateway_error(500, "Internal server error"))
             }
             AttemptOutcome::BadResponse => {
-                let response = gateway_error(502, "Bad gateway: the backend's answer was not valid HTTP");
-                Step::Respond(self.finish_generated(now, flight, FinalReason::BadResponse, response, Vec::new()))
+                (FinalReason::BadResponse, gateway_error(502, "Bad gateway: the backend's answer was not valid HTTP"))
             }
-            AttemptOutcome::Timeout => {
-                let response = gateway_error(504, "Gateway timeout");
-                Step::Respond(self.finish_generated(now, flight, FinalReason::Timeout, response, Vec::new()))
-            }
-        }
+            AttemptOutcome::Timeout => (FinalReason::Timeout, gateway_error(504, "Gateway timeout")),
+            AttemptOutcome::Response { .. } => unreachable!("a backend's response is delivered"),
+        };
+        self.finish_generated(now, flight, reason, response, Vec::new())
     }
 
     fn finish_generated(
@@ -406,6 +405,15 @@ impl Pipeline {
             Some(flight) if flight.id == id => Ok(slot.take().expect("just matched")),
             _ => Err(CoreError::UnknownRequest(id)),
         }
+    }
+}
+
+/// The flight of `id` in its slot (a field-level borrow, so the router can be
+/// used beside it).
+fn flight_mut(flights: &mut [Option<Flight>], id: RequestId) -> Result<&mut Flight, CoreError> {
+    match flights.get_mut(id.slot()) {
+        Some(Some(flight)) if flight.id == id => Ok(flight),
+        _ => Err(CoreError::UnknownRequest(id)),
     }
 }
 
