@@ -118,6 +118,9 @@ impl Entries {
                 deque.insert(i, entry);
                 *self = Entries::Heap(deque);
             }
+            // Most entries are stamped now, the newest: appending skips the
+            // general insertion's shifting logic.
+            Entries::Heap(deque) if i == deque.len() => deque.push_back(entry),
             Entries::Heap(deque) => deque.insert(i, entry),
         }
     }
