@@ -46,7 +46,7 @@ pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> 
         escape(&report.start),
         report.schema_version
     );
-    let reasons = ["ok", "rate-limit", "quota", "token-limit", "token-quota", "backend", "no-backend", "timeout"];
+    let reasons = crate::report::Reason::ALL.map(crate::report::Reason::name);
     out.push_str("<h2>Clients</h2>\n<table><tr><th>client</th><th>calls</th>");
     for r in reasons {
         let _ = write!(out, "<th>{r}</th>");

@@ -103,7 +103,7 @@ impl Chart {
 /// The report's charts, in the order the HTML shows them.
 pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
     let minute = |m: &crate::report::MinuteStats| m.minute as f64;
-    let reasons = ["ok", "rate-limit", "quota", "token-limit", "token-quota", "backend", "no-backend", "timeout"];
+    let reasons = crate::report::Reason::ALL.map(crate::report::Reason::name);
     let by_reason = reasons
         .iter()
         .filter(|r| report.minutes.iter().any(|m| m.by_reason.contains_key(*r)))

@@ -33,23 +33,24 @@ pub struct Decision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
     Ok,
-    Backend,
     RateLimit,
     Quota,
     TokenLimit,
     TokenQuota,
+    Backend,
     NoBackend,
     Timeout,
 }
 
 impl Reason {
-    const ALL: [Reason; 8] = [
+    /// Every reason, in the order tables and plots show them.
+    pub const ALL: [Reason; 8] = [
         Reason::Ok,
-        Reason::Backend,
         Reason::RateLimit,
         Reason::Quota,
         Reason::TokenLimit,
         Reason::TokenQuota,
+        Reason::Backend,
         Reason::NoBackend,
         Reason::Timeout,
     ];
