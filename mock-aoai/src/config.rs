@@ -2,7 +2,7 @@
 //! lengths and fault schedules. Read from TOML; every value is checked while it is
 //! read, so an error names the file, line, column and field.
 
-use crate::dist::Dist;
+use crate::dist::{Dist, LogNormal};
 use gateway_core::time::HumanDuration;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -54,7 +54,7 @@ fn default_max_tokens() -> u64 {
 }
 
 fn default_completion_tokens() -> Dist {
-    Dist::LogNormal { median: 150.0, p99: 800.0 }
+    Dist::LogNormal(LogNormal::new(150.0, 800.0).expect("a valid lognormal"))
 }
 
 impl DeploymentConfig {
@@ -105,7 +105,10 @@ pub struct Latency {
 
 impl Default for Latency {
     fn default() -> Latency {
-        Latency { ttft_ms: Dist::LogNormal { median: 400.0, p99: 2000.0 }, per_token_ms: Dist::Fixed(20.0) }
+        Latency {
+            ttft_ms: Dist::LogNormal(LogNormal::new(400.0, 2000.0).expect("a valid lognormal")),
+            per_token_ms: Dist::Fixed(20.0),
+        }
     }
 }
 

@@ -213,10 +213,7 @@ fn scale(d: &mut Dist, k: f64) {
             *mean *= k;
             *std *= k;
         }
-        Dist::LogNormal { median, p99 } => {
-            *median *= k;
-            *p99 *= k;
-        }
+        Dist::LogNormal(d) => *d = d.scaled(k),
         Dist::Empirical(values) => values.iter_mut().for_each(|v| *v *= k),
     }
 }
