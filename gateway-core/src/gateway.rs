@@ -837,12 +837,14 @@ fn token_rejection(reason: RejectReason, index: usize, secs: u64, t: &TokenLimit
     rejection
 }
 
+#[inline]
 fn push_header(headers: &mut Vec<(String, String)>, name: &Option<String>, value: u64) {
     if let Some(name) = name {
         headers.push((name.clone(), value.to_string()));
     }
 }
 
+#[inline]
 fn set_var(variables: &mut Vec<(String, i64)>, name: &Option<String>, value: i64) {
     if let Some(name) = name {
         variables.push((name.clone(), value));

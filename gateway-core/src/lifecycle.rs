@@ -255,24 +255,30 @@ impl Pipeline {
         // The flight stays in its slot while the request goes on (another attempt,
         // or delivery) and is taken out only when the request is over.
         let flight = flight_mut(&mut self.flights, id)?;
-        let Phase::Attempting { attempt, started, wait } = &flight.phase else {
+        if !matches!(flight.phase, Phase::Attempting { .. }) {
             return Err(CoreError::WrongPhase(id));
+        }
+        // The attempt moves out of its phase (every branch below sets a new phase
+        // or ends the request), so its backend name moves into the record uncloned.
+        let Phase::Attempting { attempt, started, wait } =
+            std::mem::replace(&mut flight.phase, Phase::Delivering { status: 0 })
+        else {
+            unreachable!("checked above")
         };
-        let (attempt, started, wait) = (attempt.clone(), *started, *wait);
         let outcome = match outcome {
             AttemptOutcome::Response { .. } if now.saturating_sub(started) > attempt.timeout => AttemptOutcome::Timeout,
             other => other,
         };
+        let next = self.router.handle_outcome(now, &mut flight.route, &attempt.backend, outcome, draw);
         flight.record.usage.add(usage);
         flight.record.attempts.push(AttemptRecord {
-            backend: attempt.backend.clone(),
+            backend: attempt.backend,
             wait,
             started,
             ended: now,
             result: result_of(outcome),
             tokens: usage.total(),
         });
-        let next = self.router.handle_outcome(now, &mut flight.route, &attempt.backend, outcome, draw);
         match (next, outcome) {
             (Next::Retry { attempt, wait }, _) => {
                 flight.phase = Phase::Attempting { attempt: attempt.clone(), started: now + wait, wait };
