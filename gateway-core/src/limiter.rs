@@ -53,13 +53,22 @@ impl Entries {
         a.iter().chain(b)
     }
 
+    // `front` and `back` match directly rather than through `as_slices`: the
+    // window's expiry asks for the front once per entry it looks at.
     fn front(&self) -> Option<&(Nanos, u64)> {
-        self.iter().next()
+        match self {
+            Entries::Inline { len: 0, .. } => None,
+            Entries::Inline { items, .. } => Some(&items[0]),
+            Entries::Heap(deque) => deque.front(),
+        }
     }
 
     fn back(&self) -> Option<&(Nanos, u64)> {
-        let (a, b) = self.as_slices();
-        b.last().or(a.last())
+        match self {
+            Entries::Inline { len: 0, .. } => None,
+            Entries::Inline { len, items } => Some(&items[*len as usize - 1]),
+            Entries::Heap(deque) => deque.back(),
+        }
     }
 
     fn get_mut(&mut self, i: usize) -> &mut (Nanos, u64) {

@@ -3,6 +3,7 @@
 //! clients. No wall clock and no threads: the same scenario and seed give the same
 //! events in the same order.
 
+use crate::queue::EventQueue;
 use crate::report::{Decision, Reason, Recorder};
 use crate::scenario::{Arrival, Client, Identity, Scenario};
 use crate::trace::{self, TraceLine};
@@ -14,8 +15,7 @@ use mock_aoai::model::{ModelRequest, ModelResponse, Operation};
 use mock_aoai::DeploymentModel;
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One client call (an SDK retry is a new call with `attempt + 1`).
@@ -48,42 +48,6 @@ enum Event {
     Sync { from: usize, delta: Box<CounterDelta> },
 }
 
-/// A queued event's place: ordered by (time, sequence), which is unique, so the
-/// slot never decides.
-#[derive(Clone, Copy, Debug)]
-struct Queued {
-    at: Nanos,
-    seq: u64,
-    slot: usize,
-}
-
-impl Queued {
-    /// (time, sequence) as one number: one wide comparison instead of two branches.
-    fn key(&self) -> u128 {
-        u128::from(self.at.0) << 64 | u128::from(self.seq)
-    }
-}
-
-impl PartialEq for Queued {
-    fn eq(&self, other: &Queued) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for Queued {}
-
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, other: &Queued) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Queued {
-    fn cmp(&self, other: &Queued) -> std::cmp::Ordering {
-        self.key().cmp(&other.key())
-    }
-}
-
 struct InFlight {
     id: RequestId,
     call: Call,
@@ -98,15 +62,13 @@ pub struct Engine<'s> {
     scenario: &'s Scenario,
     start: Nanos,
     end: Nanos,
-    queue: BinaryHeap<Reverse<Queued>>,
+    queue: EventQueue<Event>,
     /// The instant of the event being handled.
     now: Nanos,
     /// An event due at `now` that no queued event precedes: it is handled next,
     /// exactly as the queue would order it, without going through the queue.
     immediate: Option<Event>,
-    /// Queued events by slot (reused once popped); the heap holds (time, seq, slot).
-    events: Vec<Option<Event>>,
-    free: Vec<usize>,
+    /// The sequence number of the latest event scheduled.
     seq: u64,
     replicas: Vec<Pipeline>,
     next_replica: usize,
@@ -123,6 +85,9 @@ pub struct Engine<'s> {
     sequence: u64,
     arrivals: u64,
     traces: Vec<Option<Vec<TraceLine>>>,
+    /// Caller-IP buffers of finished calls, reused so that a generated call's
+    /// identity allocates nothing.
+    spare_ips: Vec<String>,
     pub recorder: Recorder,
 }
 
@@ -175,11 +140,9 @@ impl<'s> Engine<'s> {
             scenario,
             start,
             end: start + scenario.duration.0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::new(start),
             now: start,
             immediate: None,
-            events: Vec::new(),
-            free: Vec::new(),
             seq: 0,
             replicas,
             next_replica: 0,
@@ -192,6 +155,7 @@ impl<'s> Engine<'s> {
             sequence: 0,
             arrivals: 0,
             traces,
+            spare_ips: Vec::new(),
             recorder: Recorder::new(scenario, keep_decisions),
         };
         engine.schedule_clients();
@@ -218,26 +182,14 @@ impl<'s> Engine<'s> {
 
     fn push(&mut self, at: Nanos, event: Event) {
         // The queue orders by (time, sequence) and a new event has the highest
-        // sequence yet, so an event due now goes first iff every queued one is
-        // later; events pushed after it come after it too.
-        let first = self.queue.peek().is_none_or(|Reverse(next)| next.at > at);
-        if at == self.now && first && self.immediate.is_none() {
-            self.seq += 1;
+        // sequence yet, so an event due now goes first iff none is queued for now;
+        // events pushed after it come after it too.
+        self.seq += 1;
+        if at == self.now && self.immediate.is_none() && !self.queue.has_due(at) {
             self.immediate = Some(event);
             return;
         }
-        let slot = match self.free.pop() {
-            Some(s) => {
-                self.events[s] = Some(event);
-                s
-            }
-            None => {
-                self.events.push(Some(event));
-                self.events.len() - 1
-            }
-        };
-        self.seq += 1;
-        self.queue.push(Reverse(Queued { at, seq: self.seq, slot }));
+        self.queue.push(at, self.seq, event);
     }
 
     /// Runs to the end of the scenario; requests in flight then are left unfinished.
@@ -258,13 +210,11 @@ impl<'s> Engine<'s> {
         if let Some(event) = self.immediate.take() {
             return (self.now < self.end).then_some((self.now, event));
         }
-        let Reverse(Queued { at: now, slot, .. }) = self.queue.pop()?;
+        let (now, event) = self.queue.pop()?;
         if now >= self.end {
             return None;
         }
         self.now = now;
-        let event = self.events[slot].take().expect("a queued event");
-        self.free.push(slot);
         Some((now, event))
     }
 
@@ -349,6 +299,7 @@ impl<'s> Engine<'s> {
         let completion_tokens = (c.completion_tokens.sample(rng).round() as u64).max(1);
         let stream = rng.random::<f64>() < c.stream_share;
         self.sequence += 1;
+        let ip = self.spare_ips.pop().unwrap_or_default();
         let call = Call {
             client,
             request: self.sequence - 1,
@@ -357,7 +308,7 @@ impl<'s> Engine<'s> {
             completion_tokens,
             max_tokens: c.max_tokens,
             stream,
-            info: identity(client, caller, c, prompt_tokens),
+            info: identity(client, caller, c, prompt_tokens, ip),
         };
         self.arrive(now, call);
         let gap = self.next_gap(client, now);
@@ -415,6 +366,7 @@ impl<'s> Engine<'s> {
             None => {
                 let Step::Respond(finished) = step else { unreachable!() };
                 self.record(now, order, &call, now, &finished);
+                self.recycle(call);
             }
         }
     }
@@ -501,6 +453,15 @@ impl<'s> Engine<'s> {
             id.and_then(|id| self.flights[replica][id.slot()].take()).expect("a finished request was in flight");
         debug_assert_eq!(Some(flight.id), id);
         self.record(now, flight.order, &flight.call, flight.arrived, &finished);
+        self.recycle(flight.call);
+    }
+
+    /// Keeps a finished call's IP buffer for a later call (a few dozen at most:
+    /// enough for a steady stream, bounded however bursty the traffic).
+    fn recycle(&mut self, call: Call) {
+        if self.spare_ips.len() < 64 {
+            self.spare_ips.push(call.info.ip);
+        }
     }
 
     fn record(&mut self, now: Nanos, order: u64, call: &Call, arrived: Nanos, finished: &Finished) {
@@ -554,8 +515,7 @@ impl<'s> Engine<'s> {
 
 /// `10.{client}.{caller / 256}.{caller % 256}`, written without the formatting
 /// machinery: it is built for every generated call.
-fn caller_ip(client: usize, caller: usize) -> String {
-    let mut ip = String::with_capacity(15);
+fn write_caller_ip(ip: &mut String, client: usize, caller: usize) {
     ip.push_str("10");
     for octet in [client % 256, caller / 256 % 256, caller % 256] {
         ip.push('.');
@@ -568,14 +528,15 @@ fn caller_ip(client: usize, caller: usize) -> String {
         }
         ip.push(char::from(b'0' + octet % 10));
     }
-    ip
 }
 
-fn identity(client: usize, caller: usize, c: &Client, prompt: u64) -> RequestInfo {
-    let ip = match &c.ip {
-        Some(ip) => ip.clone(),
-        None => caller_ip(client, caller),
-    };
+/// A generated call's identity, its IP written into `ip` (a spare buffer).
+fn identity(client: usize, caller: usize, c: &Client, prompt: u64, mut ip: String) -> RequestInfo {
+    ip.clear();
+    match &c.ip {
+        Some(fixed) => ip.push_str(fixed),
+        None => write_caller_ip(&mut ip, client, caller),
+    }
     let mut info =
         RequestInfo { ip, prompt_tokens_estimate: Some(prompt), max_tokens: c.max_tokens, ..RequestInfo::default() };
     let who = || format!("{}-{caller}", c.name);
@@ -645,7 +606,10 @@ mod tests {
     fn caller_ips_are_dotted_quads() {
         for (client, caller) in [(0, 0), (1, 255), (7, 256), (300, 65_535), (255, 100_000), (9, 10_109)] {
             let expected = format!("10.{}.{}.{}", client % 256, caller / 256 % 256, caller % 256);
-            assert_eq!(super::caller_ip(client, caller), expected);
+            let mut ip = "stale".to_owned();
+            ip.clear();
+            super::write_caller_ip(&mut ip, client, caller);
+            assert_eq!(ip, expected);
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod check;
 pub mod engine;
 pub mod output;
 pub mod plots;
+mod queue;
 pub mod report;
 pub mod scenario;
 pub mod sweep;
