@@ -151,6 +151,9 @@ enum Amount {
 struct CompiledLimit {
     limit: Limit,
     key: KeyExpr,
+    /// The first earlier limit with the same key expression: its key is this
+    /// limit's key for every request, so it is neither written nor looked up again.
+    same_key_as: Option<usize>,
     /// The rate, quota or tokens-per-minute counters.
     primary: Option<ClassId>,
     /// The token-quota counters of a token limit.
@@ -162,18 +165,28 @@ struct CompiledLimit {
 #[derive(Default)]
 struct KeyBook {
     text: String,
-    /// `ends[i]` is where limit i's key ends in `text`; only limits that ran have one.
-    ends: Vec<usize>,
+    /// `spans[i]` is limit i's key in `text` (possibly an earlier limit's span);
+    /// only limits that ran have one.
+    spans: Vec<(usize, usize)>,
     /// `rows[i]` is limit i's key's row, pinned once for each limit.
     rows: Vec<RowId>,
 }
 
 impl KeyBook {
-    /// Computes the next limit's key and pins its row; a key an earlier limit of
-    /// this request computed reuses that limit's row without a lookup.
-    fn push(&mut self, expr: &KeyExpr, req: &RequestInfo, store: &mut Store, now: Nanos) {
+    /// Computes the next limit's key and pins its row. A limit whose key
+    /// expression an earlier limit shares takes that limit's key and row as they
+    /// are; a key an earlier limit of this request computed reuses its row
+    /// without a lookup.
+    fn push(&mut self, limit: &CompiledLimit, req: &RequestInfo, store: &mut Store, now: Nanos) {
+        if let Some(earlier) = limit.same_key_as {
+            let (span, row) = (self.spans[earlier], self.rows[earlier]);
+            store.pin_again(row);
+            self.spans.push(span);
+            self.rows.push(row);
+            return;
+        }
         let start = self.text.len();
-        expr.write(req, &mut self.text);
+        limit.key.write(req, &mut self.text);
         let key = &self.text[start..];
         let row = match (0..self.ran()).find(|&limit| self.get(limit) == key) {
             Some(limit) => {
@@ -182,21 +195,21 @@ impl KeyBook {
             }
             None => store.pin(now, key),
         };
-        self.ends.push(self.text.len());
+        self.spans.push((start, self.text.len()));
         self.rows.push(row);
     }
 
+    /// Forgets the latest limit's key (its text stays until the ledger is cleared).
     fn pop(&mut self, store: &mut Store) {
-        self.ends.pop();
-        self.text.truncate(self.ends.last().copied().unwrap_or(0));
+        self.spans.pop();
         if let Some(row) = self.rows.pop() {
             store.unpin(row);
         }
     }
 
     fn get(&self, limit: usize) -> &str {
-        let start = if limit == 0 { 0 } else { self.ends[limit - 1] };
-        &self.text[start..self.ends[limit]]
+        let (start, end) = self.spans[limit];
+        &self.text[start..end]
     }
 
     fn row(&self, limit: usize) -> RowId {
@@ -204,7 +217,7 @@ impl KeyBook {
     }
 
     fn ran(&self) -> usize {
-        self.ends.len()
+        self.spans.len()
     }
 
     /// Unpins every row; the keys stay until the ledger is cleared for reuse.
@@ -253,7 +266,7 @@ impl Ledger {
     fn clear(&mut self) {
         debug_assert!(self.keys.rows.is_empty(), "a free slot's ledger pins nothing");
         self.keys.text.clear();
-        self.keys.ends.clear();
+        self.keys.spans.clear();
         self.effects.added.clear();
         self.effects.headers.clear();
         self.effects.variables.clear();
@@ -341,7 +354,10 @@ impl Gateway {
             shapes.push((namespace, shape));
             shapes.len() - 1
         };
-        let limits = policy.limits.iter().map(|limit| compile(limit, &mut class_of)).collect();
+        let mut limits: Vec<CompiledLimit> = policy.limits.iter().map(|limit| compile(limit, &mut class_of)).collect();
+        for i in 0..limits.len() {
+            limits[i].same_key_as = (0..i).find(|&j| limits[j].key == limits[i].key);
+        }
         let store = Store::new(shapes.iter().map(|&(_, shape)| shape).collect(), hash_seed);
         Gateway { limits, store, requests: Requests::default(), last_now: Nanos::ZERO, journal: None }
     }
@@ -374,17 +390,11 @@ impl Gateway {
         let ledger = &mut requests.slots[slot].ledger;
         ledger.admitted_at = now;
         for (index, limit) in limits.iter().enumerate() {
-            ledger.keys.push(&limit.key, req, store, now);
-            if let Err(mut rejection) = check(limit, index, store, now, req, ledger) {
-                // The rejecting policy counts nothing; the ones before it settle now.
-                ledger.keys.pop(store);
-                let info = ResponseInfo { status: Some(rejection.status), ..ResponseInfo::default() };
-                finish(limits, store, now, ledger, &info);
-                record_deltas(journal, store, now, ledger);
-                rejection.variables.splice(0..0, ledger.effects.variables.drain(..));
-                ledger.keys.release(store);
+            ledger.keys.push(limit, req, store, now);
+            if let Err(rejection) = check(limit, index, store, now, req, ledger) {
+                let settled = settle_rejected(limits, store, now, journal, ledger, rejection);
                 requests.free(slot);
-                return RequestDecision::Reject(rejection);
+                return RequestDecision::Reject(settled);
             }
         }
         let variables = std::mem::take(&mut ledger.effects.variables);
@@ -444,10 +454,38 @@ impl Gateway {
     }
 }
 
+/// A request a limit rejected: the rejecting policy counts nothing; the ones
+/// before it settle now. Out of line, so the admitted request's path stays small.
+#[cold]
+#[inline(never)]
+fn settle_rejected(
+    limits: &[CompiledLimit],
+    store: &mut Store,
+    now: Nanos,
+    journal: &mut Option<VecDeque<CounterDelta>>,
+    ledger: &mut Ledger,
+    mut rejection: Rejection,
+) -> Rejection {
+    ledger.keys.pop(store);
+    let info = ResponseInfo { status: Some(rejection.status), ..ResponseInfo::default() };
+    finish(limits, store, now, ledger, &info);
+    record_deltas(journal, store, now, ledger);
+    rejection.variables.splice(0..0, ledger.effects.variables.drain(..));
+    ledger.keys.release(store);
+    rejection
+}
+
 /// Turns the request's new notes into journal entries: each note is exactly
 /// one counter change (a token charge settles what was reserved).
+#[inline]
 fn record_deltas(journal: &mut Option<VecDeque<CounterDelta>>, store: &Store, now: Nanos, ledger: &mut Ledger) {
-    let Some(journal) = journal.as_mut() else { return };
+    if let Some(journal) = journal.as_mut() {
+        journal_deltas(journal, store, now, ledger);
+    }
+}
+
+#[inline(never)]
+fn journal_deltas(journal: &mut VecDeque<CounterDelta>, store: &Store, now: Nanos, ledger: &mut Ledger) {
     let Ledger { keys, effects, admitted_at, journaled } = ledger;
     for &(class, limit, amount, n) in &effects.added[*journaled..] {
         let key = keys.get(limit);
@@ -545,6 +583,10 @@ fn check_rate(
     Ok(())
 }
 
+// Cold: building a rejection (strings, headers) is kept out of the admitted
+// request's path, so that path's code stays small in the instruction cache.
+#[cold]
+#[inline(never)]
 fn rate_rejection(r: &RateLimit, index: usize, retry_in: Nanos) -> Rejection {
     let mut rejection =
         reject(RejectReason::RateLimit, index, Some(retry_in.retry_after_secs()), r.retry_after_header_name.as_deref());
@@ -794,9 +836,11 @@ fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> Clas
             (limit.counter_key(), tpm, quota)
         }
     };
-    CompiledLimit { limit: limit.clone(), key, primary, token_quota }
+    CompiledLimit { limit: limit.clone(), key, same_key_as: None, primary, token_quota }
 }
 
+#[cold]
+#[inline(never)]
 fn reject(
     reason: RejectReason,
     limit_index: usize,
@@ -826,6 +870,8 @@ fn reject(
     Rejection { status, reason, limit_index, retry_after_secs, headers, body, variables: Vec::new() }
 }
 
+#[cold]
+#[inline(never)]
 fn token_rejection(reason: RejectReason, index: usize, secs: u64, t: &TokenLimit) -> Rejection {
     let mut rejection = reject(reason, index, Some(secs), t.retry_after_header_name.as_deref());
     set_var(&mut rejection.variables, &t.retry_after_variable_name, secs as i64);
@@ -837,14 +883,16 @@ fn token_rejection(reason: RejectReason, index: usize, secs: u64, t: &TokenLimit
     rejection
 }
 
-#[inline]
+// Always inlined: the common case, no header configured, is one test at the
+// call site instead of a call.
+#[inline(always)]
 fn push_header(headers: &mut Vec<(String, String)>, name: &Option<String>, value: u64) {
     if let Some(name) = name {
         headers.push((name.clone(), value.to_string()));
     }
 }
 
-#[inline]
+#[inline(always)]
 fn set_var(variables: &mut Vec<(String, i64)>, name: &Option<String>, value: i64) {
     if let Some(name) = name {
         variables.push((name.clone(), value));

@@ -354,6 +354,8 @@ impl Pipeline {
 
     /// A transport failure or timeout as the last attempt's result becomes the
     /// gateway's own error response.
+    #[cold]
+    #[inline(never)]
     fn respond_with_error(&mut self, now: Nanos, flight: Flight, failure: AttemptOutcome) -> Finished {
         let (reason, response) = match failure {
             AttemptOutcome::TransportFailure => {
@@ -433,6 +435,8 @@ fn result_of(outcome: AttemptOutcome) -> AttemptResult {
 }
 
 /// APIM's answer when a circuit breaker (or every pool member's) is open.
+#[cold]
+#[inline(never)]
 fn unavailable_response(unavailable: Unavailable) -> GeneratedResponse {
     let secs = unavailable.retry_after.retry_after_secs();
     GeneratedResponse {
@@ -447,6 +451,8 @@ fn unavailable_response(unavailable: Unavailable) -> GeneratedResponse {
     }
 }
 
+#[cold]
+#[inline(never)]
 fn gateway_error(status: u16, message: &str) -> GeneratedResponse {
     GeneratedResponse {
         status,

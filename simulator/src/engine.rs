@@ -9,7 +9,8 @@ use crate::scenario::{Arrival, Client, Identity, Scenario};
 use crate::trace::{self, TraceLine};
 use gateway_core::routing::{AttemptOutcome, Routing};
 use gateway_core::{
-    CounterDelta, Delivery, FinalReason, Finished, Nanos, Pipeline, RequestId, RequestInfo, Step, Subscription, Usage,
+    CounterDelta, Delivery, FinalReason, Finished, Nanos, OutcomeRecord, Pipeline, RequestId, RequestInfo, Step,
+    Subscription, Usage,
 };
 use mock_aoai::model::{ModelRequest, ModelResponse, Operation};
 use mock_aoai::DeploymentModel;
@@ -469,7 +470,30 @@ impl<'s> Engine<'s> {
         let reason = reason(record.reason, record.status);
         let latency = now - arrived;
         // The full decision line (strings, keys) is built only for a decision log.
-        let decision = || Decision {
+        let line = match self.recorder.wants_decisions() {
+            true => Some(self.decision(call, arrived, record, reason, latency)),
+            false => None,
+        };
+        if self.recorder.tracks_keys() {
+            let key = call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id);
+            self.recorder.key_tokens(key, now, record.usage.total());
+        }
+        self.recorder.request(call.client, now - self.start, order, record, reason, latency, line);
+        self.sdk_retry(now, call, finished);
+    }
+
+    /// A decision log line; out of line, as most runs keep no log.
+    #[cold]
+    #[inline(never)]
+    fn decision(
+        &self,
+        call: &Call,
+        arrived: Nanos,
+        record: &OutcomeRecord,
+        reason: Reason,
+        latency: Nanos,
+    ) -> Decision {
+        Decision {
             request: call.request,
             client: self.scenario.clients[call.client].name.clone(),
             key: key_values(&call.info),
@@ -481,14 +505,7 @@ impl<'s> Engine<'s> {
             latency_ms: latency.0 as f64 / 1e6,
             prompt_tokens: record.usage.prompt_tokens,
             completion_tokens: record.usage.completion_tokens,
-        };
-        let line = self.recorder.wants_decisions().then(decision);
-        if self.recorder.tracks_keys() {
-            let key = call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id);
-            self.recorder.key_tokens(key, now, record.usage.total());
         }
-        self.recorder.request(call.client, now - self.start, order, record, reason, latency, line);
-        self.sdk_retry(now, call, finished);
     }
 
     /// The client SDK's own retry, like the `openai` SDKs'.
