@@ -65,8 +65,9 @@ pub struct Finished {
     /// The request's id; `None` when a limit rejected it on arrival.
     pub id: Option<RequestId>,
     /// A response the gateway made itself (rejection, 503, 500, 504); `None` when
-    /// the client got the backend's response.
-    pub generated: Option<GeneratedResponse>,
+    /// the client got the backend's response. Boxed: most requests have none, and
+    /// a `Finished` moves through every driver's hot path.
+    pub generated: Option<Box<GeneratedResponse>>,
     /// Headers the policy adds to the client response (remaining calls, tokens).
     pub headers: Vec<(String, String)>,
     pub variables: Vec<(String, i64)>,
@@ -213,7 +214,7 @@ impl Pipeline {
                     GeneratedResponse { status: rejection.status, headers: rejection.headers, body: rejection.body };
                 return Step::Respond(Finished {
                     id: None,
-                    generated: Some(generated),
+                    generated: Some(Box::new(generated)),
                     headers: Vec::new(),
                     variables: rejection.variables,
                     record,
@@ -391,7 +392,7 @@ impl Pipeline {
         flight.record.finished = now;
         Finished {
             id: Some(flight.id),
-            generated: Some(generated),
+            generated: Some(Box::new(generated)),
             headers: completed.headers,
             variables,
             record: flight.record,

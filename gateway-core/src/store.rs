@@ -131,7 +131,9 @@ impl Store {
         self.rows.unpin(row);
     }
 
-    /// Family `class`'s counter in a pinned row.
+    /// Family `class`'s counter in a pinned row. Inlined, so the caller's own
+    /// match on the family folds into this one.
+    #[inline]
     pub fn counter(&mut self, row: RowId, class: ClassId) -> Counter<'_> {
         let state = &mut self.rows.state_mut(row).states[class];
         match (self.families[class], state) {

@@ -648,7 +648,7 @@ impl Proxy {
     fn respond_generated(&self, req: &Admitted, finished: Finished) -> Response<Body> {
         log_request(&finished);
         self.metrics.finished(req.product, req.subscription, &finished.record, req.started);
-        let generated = finished.generated.unwrap_or_else(|| GeneratedResponse {
+        let generated = finished.generated.map(|g| *g).unwrap_or_else(|| GeneratedResponse {
             status: 500,
             headers: Vec::new(),
             body: String::new(),

@@ -89,7 +89,9 @@ struct ClientStats {
     name: String,
     requests: u64,
     by_reason: Tally,
-    by_status: BTreeMap<u16, u64>,
+    /// (status, calls), in order of first appearance: a request finds its status
+    /// among a handful in a short scan (the report sorts them).
+    by_status: Vec<(u16, u64)>,
     sdk_retries: u64,
     gateway_retries: u64,
     failovers: u64,
@@ -147,7 +149,7 @@ impl Recorder {
                 name: c.name.clone(),
                 requests: 0,
                 by_reason: Tally::default(),
-                by_status: BTreeMap::new(),
+                by_status: Vec::new(),
                 sdk_retries: 0,
                 gateway_retries: 0,
                 failovers: 0,
@@ -223,7 +225,10 @@ impl Recorder {
         let c = &mut self.clients[client];
         c.requests += 1;
         c.by_reason.add(reason);
-        *c.by_status.entry(record.status).or_default() += 1;
+        match c.by_status.iter_mut().find(|(status, _)| *status == record.status) {
+            Some((_, calls)) => *calls += 1,
+            None => c.by_status.push((record.status, 1)),
+        }
         c.gateway_retries += record.attempts.len().saturating_sub(1) as u64;
         c.failovers += u64::from(failover);
         c.prompt_tokens = c.prompt_tokens.saturating_add(record.usage.prompt_tokens);
@@ -348,7 +353,7 @@ impl From<&ClientStats> for ClientReport {
             name: c.name.clone(),
             requests: c.requests,
             by_reason: c.by_reason.to_map(),
-            by_status: c.by_status.clone(),
+            by_status: c.by_status.iter().copied().collect(),
             rejected_ratio: if c.requests == 0 { 0.0 } else { (c.requests - ok) as f64 / c.requests as f64 },
             sdk_retries: c.sdk_retries,
             gateway_retries: c.gateway_retries,
