@@ -117,7 +117,11 @@ impl Entries {
     fn insert(&mut self, i: usize, entry: (Nanos, u64)) {
         match self {
             Entries::Inline { len: len @ (0 | 1), items } => {
-                items.copy_within(i..*len as usize, i + 1);
+                // Only an insertion before the one entry shifts it (a shift
+                // through `copy_within` would be a call even when empty).
+                if i < *len as usize {
+                    items[1] = items[0];
+                }
                 items[i] = entry;
                 *len += 1;
             }
