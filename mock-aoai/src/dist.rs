@@ -172,18 +172,17 @@ fn standard_normal(rng: &mut impl Rng) -> f64 {
         let word = rng.next_u64();
         let layer = (word & 0x7f) as usize;
         let u = 2.0 * ((word >> 11) as f64 / (1u64 << 53) as f64) - 1.0;
-        let (x, ratio) = zig.layers[layer];
+        let (edge, ratio) = zig.layers[layer];
         if u.abs() < ratio {
-            return u * x;
+            return u * edge;
         }
         if layer == 0 {
             return normal_tail(rng, u < 0.0);
         }
         // The wedge between this layer's rectangle and the curve.
-        let (x0, x1) = (x, zig.edge(layer + 1));
-        let x = u * x0;
-        let f0 = (-0.5 * (x0 * x0 - x * x)).exp();
-        let f1 = (-0.5 * (x1 * x1 - x * x)).exp();
+        let (x, next_edge) = (u * edge, zig.edge(layer + 1));
+        let f0 = (-0.5 * (edge * edge - x * x)).exp();
+        let f1 = (-0.5 * (next_edge * next_edge - x * x)).exp();
         if f1 + rng.random::<f64>() * (f0 - f1) < 1.0 {
             return x;
         }
