@@ -159,6 +159,21 @@ impl Dist {
     }
 }
 
+/// `x.round() as u64` (halves away from zero, negatives and NaN to 0, saturating
+/// above `u64::MAX`) without a call: `f64::round` is a library routine on the
+/// baseline x86-64 target, and the simulator rounds several samples per request.
+/// Exact: for `x` below 2^53 the fraction `x - trunc(x)` is computed without
+/// error, and above it there is no fraction.
+#[inline]
+pub fn round_to_u64(x: f64) -> u64 {
+    let whole = x as u64;
+    match x - whole as f64 >= 0.5 {
+        // Above 2^64 the cast saturated and the "fraction" is huge: stay at the top.
+        true => whole.saturating_add(1),
+        false => whole,
+    }
+}
+
 /// A standard normal by the ziggurat method (Marsaglia and Tsang, in Doornik's
 /// ZIGNOR form with 128 layers): about 99% of samples cost one 64-bit draw, a
 /// multiplication and a comparison, where Box–Muller needs a logarithm, a square
@@ -298,6 +313,39 @@ mod tests {
         let mean = xs.iter().sum::<f64>() / n as f64;
         let variance = xs.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
         assert!(mean.abs() < 0.005 && (variance - 1.0).abs() < 0.01, "mean {mean}, variance {variance}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rounding_to_u64_is_round_then_cast(bits: u64, small in -1e3f64..1e16) {
+            for x in [f64::from_bits(bits), small, small.trunc() + 0.5, small.trunc() - 0.5] {
+                proptest::prop_assert_eq!(round_to_u64(x), x.round() as u64, "x = {:e}", x);
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_to_u64_handles_the_edges() {
+        for x in [
+            0.0,
+            -0.0,
+            0.49999999999999994,
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -0.7,
+            4503599627370495.5,
+            9007199254740993.0,
+            1.8446744073709552e19,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            f64::MIN_POSITIVE,
+        ] {
+            assert_eq!(round_to_u64(x), x.round() as u64, "x = {x:e}");
+        }
     }
 
     #[test]

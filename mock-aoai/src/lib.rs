@@ -9,5 +9,5 @@ pub mod tokens;
 pub mod wire;
 
 pub use config::{DeploymentConfig, Faults, MockConfig};
-pub use dist::Dist;
+pub use dist::{round_to_u64, Dist};
 pub use model::{DeploymentModel, ModelRequest, ModelResponse, Operation};

@@ -13,7 +13,7 @@ use gateway_core::{
     Subscription, Usage,
 };
 use mock_aoai::model::{ModelRequest, ModelResponse, Operation};
-use mock_aoai::DeploymentModel;
+use mock_aoai::{round_to_u64, DeploymentModel};
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -289,15 +289,15 @@ impl<'s> Engine<'s> {
             }
             Arrival::Trace { .. } => unreachable!("traces are scheduled up front"),
         };
-        Nanos((secs * 1e9).round().max(1.0) as u64)
+        Nanos(round_to_u64(secs * 1e9).max(1))
     }
 
     fn generate(&mut self, now: Nanos, client: usize) {
         let c: &Client = &self.scenario.clients[client];
         let rng = &mut self.client_rngs[client];
         let caller = rng.random_range(0..c.callers);
-        let prompt_tokens = c.prompt_tokens.sample(rng).round() as u64;
-        let completion_tokens = (c.completion_tokens.sample(rng).round() as u64).max(1);
+        let prompt_tokens = round_to_u64(c.prompt_tokens.sample(rng));
+        let completion_tokens = round_to_u64(c.completion_tokens.sample(rng)).max(1);
         let stream = rng.random::<f64>() < c.stream_share;
         self.sequence += 1;
         let ip = self.spare_ips.pop().unwrap_or_default();
