@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One client call (an SDK retry is a new call with `attempt + 1`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct Call {
     client: usize,
     /// Trace line, or a sequence number.
@@ -51,7 +51,8 @@ enum Event {
 
 struct InFlight {
     id: RequestId,
-    call: Call,
+    /// Boxed, so a flight moves as a few words; the box is reused (see `recycle`).
+    call: Box<Call>,
     /// The call's place in arrival order, for the decision log.
     order: u64,
     arrived: Nanos,
@@ -86,9 +87,11 @@ pub struct Engine<'s> {
     sequence: u64,
     arrivals: u64,
     traces: Vec<Option<Vec<TraceLine>>>,
-    /// Caller-IP buffers of finished calls, reused so that a generated call's
-    /// identity allocates nothing.
-    spare_ips: Vec<String>,
+    /// Finished calls, reused (with their IP buffers) so that a generated call
+    /// allocates nothing. The boxes themselves are what is reused, hence the
+    /// `Vec` of boxes.
+    #[allow(clippy::vec_box)]
+    spare_calls: Vec<Box<Call>>,
     pub recorder: Recorder,
 }
 
@@ -156,7 +159,7 @@ impl<'s> Engine<'s> {
             sequence: 0,
             arrivals: 0,
             traces,
-            spare_ips: Vec::new(),
+            spare_calls: Vec::new(),
             recorder: Recorder::new(scenario, keep_decisions),
         };
         engine.schedule_clients();
@@ -222,7 +225,7 @@ impl<'s> Engine<'s> {
     fn handle(&mut self, now: Nanos, event: Event) {
         match event {
             Event::Generate { client } => self.generate(now, client),
-            Event::Arrive(call) => self.arrive(now, *call),
+            Event::Arrive(call) => self.arrive(now, call),
             Event::Send { replica, id, backend } => self.send(now, replica, id, backend),
             Event::AttemptEnd { replica, id, outcome } => {
                 let draw = self.rng.next_u64();
@@ -300,8 +303,9 @@ impl<'s> Engine<'s> {
         let completion_tokens = round_to_u64(c.completion_tokens.sample(rng)).max(1);
         let stream = rng.random::<f64>() < c.stream_share;
         self.sequence += 1;
-        let ip = self.spare_ips.pop().unwrap_or_default();
-        let call = Call {
+        let mut call = self.spare_calls.pop().unwrap_or_default();
+        let ip = std::mem::take(&mut call.info.ip);
+        *call = Call {
             client,
             request: self.sequence - 1,
             attempt: 0,
@@ -347,7 +351,7 @@ impl<'s> Engine<'s> {
         }
     }
 
-    fn arrive(&mut self, now: Nanos, call: Call) {
+    fn arrive(&mut self, now: Nanos, call: Box<Call>) {
         let order = self.arrivals;
         self.arrivals += 1;
         let replica = self.next_replica % self.replicas.len();
@@ -367,7 +371,7 @@ impl<'s> Engine<'s> {
             None => {
                 let Step::Respond(finished) = step else { unreachable!() };
                 self.record(now, order, &call, now, &finished);
-                self.recycle(call.info.ip);
+                self.recycle(call);
             }
         }
     }
@@ -454,15 +458,14 @@ impl<'s> Engine<'s> {
             id.and_then(|id| self.flights[replica][id.slot()].take()).expect("a finished request was in flight");
         debug_assert_eq!(Some(flight.id), id);
         self.record(now, flight.order, &flight.call, flight.arrived, &finished);
-        self.recycle(flight.call.info.ip);
+        self.recycle(flight.call);
     }
 
-    /// Keeps a finished call's IP buffer (moved alone, not with its call) for a
-    /// later call: a few dozen at most, enough for a steady stream and bounded
-    /// however bursty the traffic.
-    fn recycle(&mut self, ip: String) {
-        if self.spare_ips.len() < 64 {
-            self.spare_ips.push(ip);
+    /// Keeps a finished call's box and IP buffer for a later call: a few dozen at
+    /// most, enough for a steady stream and bounded however bursty the traffic.
+    fn recycle(&mut self, call: Box<Call>) {
+        if self.spare_calls.len() < 64 {
+            self.spare_calls.push(call);
         }
     }
 
