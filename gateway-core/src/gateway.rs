@@ -607,12 +607,13 @@ fn check_quota(
     let row = ledger.keys.row(index);
     let own = ledger.effects.added(&ledger.keys, class, row, Amount::Calls);
     let (grid, window) = store.window(row, class, now);
-    let retry_after = grid.window_end(now).map(|end| end.saturating_sub(now).retry_after_secs());
+    // Only a rejection needs the wait, and its division: it is worked out then.
+    let retry_after = || grid.window_end(now).map(|end| end.saturating_sub(now).retry_after_secs());
     if q.calls.is_some_and(|calls| (window.calls - own) + q.increment_count > calls) {
-        return Err(reject(RejectReason::CallQuota, index, retry_after, None));
+        return Err(reject(RejectReason::CallQuota, index, retry_after(), None));
     }
     if q.bandwidth.is_some_and(|b| window.bytes >= b.0) {
-        return Err(reject(RejectReason::BandwidthQuota, index, retry_after, None));
+        return Err(reject(RejectReason::BandwidthQuota, index, retry_after(), None));
     }
     if own == 0 && q.increment_condition.is_none() {
         window.calls = window.calls.saturating_add(q.increment_count);

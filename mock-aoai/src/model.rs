@@ -136,8 +136,8 @@ pub struct DeploymentModel {
     start: Nanos,
     seed: u64,
     /// The stream every request's draws come from, [`DRAWS_PER_REQUEST`] words
-    /// each; out only while a request is decided.
-    draws: Option<Box<ChaCha8Rng>>,
+    /// each.
+    draws: ChaCha8Rng,
     tokens: SlidingLog,
     requests: SlidingLog,
     stats: Stats,
@@ -150,7 +150,7 @@ impl DeploymentModel {
             config,
             start,
             seed,
-            draws: Some(Box::new(ChaCha8Rng::seed_from_u64(seed))),
+            draws: ChaCha8Rng::seed_from_u64(seed),
             tokens: SlidingLog::default(),
             requests: SlidingLog::default(),
             stats: Stats::default(),
@@ -176,15 +176,11 @@ impl DeploymentModel {
     /// the draws of every later request.
     pub fn handle_request(&mut self, now: Nanos, req: &ModelRequest) -> ModelResponse {
         self.stats.requests += 1;
-        let mut stream = self.draws.take().expect("the stream is put back after every request");
-        let mut rng = RequestDraws::new(&mut stream, self.seed, self.stats.requests);
-        let response = self.decide(now, req, &mut rng);
-        rng.finish();
-        self.draws = Some(stream);
-        response
+        let mut rng = RequestDraws::new(&mut self.draws, self.seed, self.stats.requests);
+        self.decide(now, req, &mut rng)
     }
 
-    fn decide(&mut self, now: Nanos, req: &ModelRequest, rng: &mut RequestDraws<'_>) -> ModelResponse {
+    fn decide(&mut self, now: Nanos, req: &ModelRequest, rng: &mut RequestDraws) -> ModelResponse {
         let since_start = now.saturating_sub(self.start);
         let faults = &self.config.faults;
         if let Some(outage) = faults.outages.iter().find(|o| o.start.0 <= since_start && since_start < o.end.0) {
@@ -280,7 +276,7 @@ impl DeploymentModel {
         now: Nanos,
         since_start: Nanos,
         req: &ModelRequest,
-        rng: &mut RequestDraws<'_>,
+        rng: &mut RequestDraws,
     ) -> ModelResponse {
         let spike_ms: f64 = self
             .config
@@ -321,7 +317,7 @@ impl DeploymentModel {
         })
     }
 
-    fn completion_length(&self, req: &ModelRequest, rng: &mut RequestDraws<'_>) -> (u64, FinishReason) {
+    fn completion_length(&self, req: &ModelRequest, rng: &mut RequestDraws) -> (u64, FinishReason) {
         if req.operation == Operation::Embeddings {
             return (0, FinishReason::Stop);
         }
@@ -348,30 +344,30 @@ const DRAWS_PER_REQUEST: u32 = 8;
 /// goes on in a stream of its own, `(seed, request number)`. One stream read in
 /// order costs far less than a fresh ChaCha stream per request, which computes
 /// 256 bytes to use a few dozen.
-struct RequestDraws<'a> {
-    stream: &'a mut ChaCha8Rng,
-    left: u32,
+///
+/// The words are read from the stream in one go, as bytes: ChaCha's `fill_bytes`
+/// consumes the same 32-bit results in the same order as that many `next_u64`
+/// calls, so the words are exactly those, at a fraction of the bookkeeping.
+struct RequestDraws {
+    words: [u64; DRAWS_PER_REQUEST as usize],
+    used: usize,
     seed: u64,
     request: u64,
     spill: Option<ChaCha8Rng>,
 }
 
-impl<'a> RequestDraws<'a> {
-    fn new(stream: &'a mut ChaCha8Rng, seed: u64, request: u64) -> RequestDraws<'a> {
-        RequestDraws { stream, left: DRAWS_PER_REQUEST, seed, request, spill: None }
-    }
-
-    /// Skips the words this request did not use.
-    fn finish(self) {
-        (0..self.left).for_each(|_| {
-            self.stream.next_u64();
-        });
+impl RequestDraws {
+    fn new(stream: &mut ChaCha8Rng, seed: u64, request: u64) -> RequestDraws {
+        let mut bytes = [0u8; 8 * DRAWS_PER_REQUEST as usize];
+        stream.fill_bytes(&mut bytes);
+        let words = std::array::from_fn(|i| u64::from_le_bytes(bytes[8 * i..8 * i + 8].try_into().expect("8 bytes")));
+        RequestDraws { words, used: 0, seed, request, spill: None }
     }
 
     fn word(&mut self) -> u64 {
-        if self.left > 0 {
-            self.left -= 1;
-            return self.stream.next_u64();
+        if let Some(&word) = self.words.get(self.used) {
+            self.used += 1;
+            return word;
         }
         let (seed, request) = (self.seed, self.request);
         let spill = self.spill.get_or_insert_with(|| {
@@ -383,7 +379,7 @@ impl<'a> RequestDraws<'a> {
     }
 }
 
-impl rand::TryRng for RequestDraws<'_> {
+impl rand::TryRng for RequestDraws {
     type Error = Infallible;
 
     fn try_next_u32(&mut self) -> Result<u32, Infallible> {
@@ -399,5 +395,33 @@ impl rand::TryRng for RequestDraws<'_> {
             chunk.copy_from_slice(&self.word().to_le_bytes()[..chunk.len()]);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request's words are the stream's next `next_u64`s, wherever in a ChaCha
+    /// block the request starts (odd 32-bit offsets straddle a block's end), and
+    /// the stream goes on after them exactly as if they had been drawn one by one.
+    #[test]
+    fn a_requests_words_are_the_streams_next_words() {
+        for skip in 0..40 {
+            let mut stream = ChaCha8Rng::seed_from_u64(3);
+            (0..skip).for_each(|_| {
+                stream.next_u32();
+            });
+            let mut one_by_one = stream.clone();
+            let mut draws = RequestDraws::new(&mut stream, 3, 1);
+            for i in 0..DRAWS_PER_REQUEST {
+                assert_eq!(draws.word(), one_by_one.next_u64(), "skip {skip}, word {i}");
+            }
+            assert_eq!(stream.next_u64(), one_by_one.next_u64(), "skip {skip}: the stream goes on in step");
+            let spilled = draws.word();
+            let mut own = ChaCha8Rng::seed_from_u64(3);
+            own.set_stream(1);
+            assert_eq!(spilled, own.next_u64(), "a ninth word comes from the request's own stream");
+        }
     }
 }

@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::Arc;
 
 /// The report's schema version; bump it when a field changes meaning.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -138,6 +139,10 @@ pub struct Recorder {
     /// Tokens per caller key (subscription, else IP) over a sliding minute, and the
     /// largest minute seen; kept only when a promise asks for it.
     key_tokens: Option<(BTreeMap<String, gateway_core::limiter::SlidingLog>, u64)>,
+    /// The scenario backend each routing backend name stands for, found by the
+    /// name's allocation: the router hands out clones of one `Arc` per backend,
+    /// so a pointer comparison replaces a string comparison for every call.
+    backend_of_name: Vec<(Arc<str>, Option<usize>)>,
 }
 
 impl Recorder {
@@ -167,6 +172,7 @@ impl Recorder {
             minutes: Vec::new(),
             decisions: keep_decisions.then(Vec::new),
             key_tokens: wants_keys.then(|| (BTreeMap::new(), 0)),
+            backend_of_name: Vec::new(),
         }
     }
 
@@ -236,10 +242,10 @@ impl Recorder {
         c.latency_us.saturating_record((latency.0 / 1000).max(1));
         let tokens = record.usage.total();
         let delivered_by = match record.reason {
-            FinalReason::Backend => record.attempts.last().map(|a| &*a.backend),
+            FinalReason::Backend => record.attempts.last().map(|a| &a.backend),
             _ => None,
         };
-        let backend = delivered_by.and_then(|name| self.backends.iter().position(|b| b.name == name));
+        let backend = delivered_by.and_then(|name| self.backend_index(name));
         let (m, reasons) = self.minute(since_start);
         reasons.add(reason);
         m.client_tokens[client] = m.client_tokens[client].saturating_add(tokens);
@@ -250,6 +256,19 @@ impl Recorder {
         if let (Some(log), Some(decision)) = (&mut self.decisions, decision) {
             log.push((order, decision));
         }
+    }
+
+    /// The scenario backend named `name`, if any.
+    fn backend_index(&mut self, name: &Arc<str>) -> Option<usize> {
+        if let Some(&(_, index)) = self.backend_of_name.iter().find(|(known, _)| Arc::ptr_eq(known, name)) {
+            return index;
+        }
+        let index = self.backends.iter().position(|b| *b.name == **name);
+        // Bounded: a run's backends are named once, when its routing is built.
+        if self.backend_of_name.len() < 64 {
+            self.backend_of_name.push((Arc::clone(name), index));
+        }
+        index
     }
 
     pub fn sdk_retry(&mut self, client: usize) {
