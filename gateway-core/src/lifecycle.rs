@@ -195,6 +195,11 @@ impl Pipeline {
         self.gateway.in_flight_count()
     }
 
+    /// See [`Gateway::prefetch`]: a hint that `req` will arrive soon.
+    pub fn prefetch(&mut self, req: &RequestInfo) {
+        self.gateway.prefetch(req);
+    }
+
     /// A client request arrives. `draw` is a uniform `u64` from the driver's RNG.
     pub fn handle_request(&mut self, now: Nanos, req: &RequestInfo, draw: u64) -> Step {
         let mut record = OutcomeRecord {

@@ -122,6 +122,11 @@ impl Store {
         self.rows.find_or_insert(now, key, || Row::fresh(families, now))
     }
 
+    /// See [`CounterMap::prefetch`].
+    pub fn prefetch(&self, key: &str) {
+        self.rows.prefetch(key);
+    }
+
     /// Pins a row already pinned once more (another limit with the same key).
     pub fn pin_again(&mut self, row: RowId) {
         self.rows.pin(row);

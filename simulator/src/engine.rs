@@ -83,7 +83,14 @@ pub struct Engine<'s> {
     /// replica's requests in flight).
     flights: Vec<Vec<Option<InFlight>>>,
     rng: ChaCha8Rng,
+    /// Each generated client's arrivals and calls, in this order per call: the
+    /// call (caller, tokens, streaming), then the gap to the next one.
     client_rngs: Vec<ChaCha8Rng>,
+    /// Each client's SDK retry jitter, apart, so retries do not shift arrivals.
+    retry_rngs: Vec<ChaCha8Rng>,
+    /// Each generated client's next call, drawn as soon as the previous one
+    /// arrived, so its counters can be fetched into cache before it arrives.
+    upcoming: Vec<Option<Box<Call>>>,
     sequence: u64,
     arrivals: u64,
     traces: Vec<Option<Vec<TraceLine>>>,
@@ -123,13 +130,13 @@ impl<'s> Engine<'s> {
                 scenario.backends.iter().position(|d| d.name == b.id).expect("validated: every backend is modelled")
             })
             .collect();
-        let client_rngs = (0..scenario.clients.len())
-            .map(|i| {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                rng.set_stream(1000 + i as u64);
-                rng
-            })
-            .collect();
+        let stream = |number: u64| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(number);
+            rng
+        };
+        let client_rngs = (0..scenario.clients.len() as u64).map(|i| stream(1000 + i)).collect();
+        let retry_rngs = (0..scenario.clients.len() as u64).map(|i| stream(1_000_000 + i)).collect();
         let traces = scenario
             .clients
             .iter()
@@ -156,6 +163,8 @@ impl<'s> Engine<'s> {
             flights: (0..replica_count).map(|_| Vec::new()).collect(),
             rng,
             client_rngs,
+            retry_rngs,
+            upcoming: scenario.clients.iter().map(|_| None).collect(),
             sequence: 0,
             arrivals: 0,
             traces,
@@ -304,18 +313,37 @@ impl<'s> Engine<'s> {
     }
 
     fn generate(&mut self, now: Nanos, client: usize) {
+        let mut call = match self.upcoming[client].take() {
+            Some(call) => call,
+            None => self.draw_call(client),
+        };
+        call.request = self.sequence;
+        self.sequence += 1;
+        self.arrive(now, call);
+        let gap = self.next_gap(client, now);
+        self.push(now + gap, Event::Generate { client });
+        // The next call's draws come next in the client's stream whenever they
+        // are made, so they are made now, and its counters are fetched toward
+        // the cache while other events run (a hint; it decides nothing).
+        let next = self.draw_call(client);
+        let replica = self.next_replica % self.replicas.len();
+        self.replicas[replica].prefetch(&next.info);
+        self.upcoming[client] = Some(next);
+    }
+
+    /// A generated client's next call; its `request` number is given on arrival.
+    fn draw_call(&mut self, client: usize) -> Box<Call> {
         let c: &Client = &self.scenario.clients[client];
         let rng = &mut self.client_rngs[client];
         let caller = rng.random_range(0..c.callers);
         let prompt_tokens = round_to_u64(c.prompt_tokens.sample(rng));
         let completion_tokens = round_to_u64(c.completion_tokens.sample(rng)).max(1);
         let stream = rng.random::<f64>() < c.stream_share;
-        self.sequence += 1;
         let mut call = self.spare_calls.pop().unwrap_or_default();
         let ip = std::mem::take(&mut call.info.ip);
         *call = Call {
             client,
-            request: self.sequence - 1,
+            request: 0,
             attempt: 0,
             prompt_tokens,
             completion_tokens,
@@ -323,9 +351,7 @@ impl<'s> Engine<'s> {
             stream,
             info: identity(client, caller, c, prompt_tokens, ip),
         };
-        self.arrive(now, call);
-        let gap = self.next_gap(client, now);
-        self.push(now + gap, Event::Generate { client });
+        call
     }
 
     fn trace_call(&self, client: usize, line: &TraceLine) -> Call {
@@ -532,7 +558,7 @@ impl<'s> Engine<'s> {
         });
         let wait = advice.unwrap_or_else(|| {
             let base = (0.5 * 2f64.powi(call.attempt as i32)).min(8.0);
-            let jitter = 1.0 - 0.25 * self.client_rngs[call.client].random::<f64>();
+            let jitter = 1.0 - 0.25 * self.retry_rngs[call.client].random::<f64>();
             Nanos((base * jitter * 1e9) as u64)
         });
         let mut next = call.clone();
