@@ -260,6 +260,7 @@ impl<'s> Engine<'s> {
 
     /// Sends the counter changes replica `replica` just made to the others, which
     /// hear of them `sync_lag` later.
+    ///
     /// Inline, as most scenarios share no counters and this is asked after every
     /// step of every request.
     #[inline]
