@@ -9,6 +9,7 @@
 //! actually processed in the last 60 s against the provisioned TPM.
 
 use crate::config::{DeploymentConfig, Faults, OutageMode};
+use crate::dist::round_to_u64;
 use gateway_core::limiter::SlidingLog;
 use gateway_core::Nanos;
 use rand::{Rng, RngExt, SeedableRng};
@@ -286,7 +287,7 @@ impl DeploymentModel {
             .filter(|s| s.start.0 <= since_start && since_start < s.end.0)
             .map(|s| s.extra_ms)
             .sum();
-        let ms = |v: f64| Nanos(crate::dist::round_to_u64(v * 1e6));
+        let ms = |v: f64| Nanos(round_to_u64(v * 1e6));
         let time_to_first_token = ms(self.config.latency.ttft_ms.sample(rng) + spike_ms);
         let time_per_token = ms(self.config.latency.per_token_ms.sample(rng));
         let fault_draw = rng.random::<f64>();
@@ -323,7 +324,7 @@ impl DeploymentModel {
         }
         let drawn = match req.completion_tokens {
             Some(n) => n,
-            None => crate::dist::round_to_u64(self.config.completion_tokens.sample(rng)).max(1),
+            None => round_to_u64(self.config.completion_tokens.sample(rng)).max(1),
         };
         match req.max_tokens {
             Some(max) if drawn >= max => (max, FinishReason::Length),
