@@ -1,10 +1,12 @@
 //! Simulated requests per second of wall time, on one core, and peak memory, for
 //! `benches/throughput.toml` (1,000 requests/s through the seed policy).
 //!
-//! `cargo bench -p aigw-benches --bench simulate [-- DURATION]` (default 1h; the
-//! issue's figure is for 24h).
+//! `cargo bench -p aigw-benches --bench simulate [-- DURATION [SCENARIO]]` (default
+//! 1h; the figure is for 24h). Another scenario file, given second, is run
+//! instead of the bench's own, for comparisons (its `duration = "1h"` line is the
+//! one replaced).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 // The allocator `aigw` ships with, so the figures are those of `aigw simulate`.
@@ -22,8 +24,12 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
-    let duration = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_else(|| "1h".to_owned());
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("throughput.toml");
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let duration = args.first().cloned().unwrap_or_else(|| "1h".to_owned());
+    let path = match args.get(1) {
+        Some(path) => PathBuf::from(path),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("throughput.toml"),
+    };
     let text = std::fs::read_to_string(&path).expect("the bench scenario");
     let text = text.replacen("duration = \"1h\"", &format!("duration = \"{duration}\""), 1);
     let scenario = simulator::Scenario::from_toml(&path.display().to_string(), &text).expect("valid");

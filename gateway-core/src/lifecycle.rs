@@ -202,17 +202,10 @@ impl Pipeline {
 
     /// A client request arrives. `draw` is a uniform `u64` from the driver's RNG.
     pub fn handle_request(&mut self, now: Nanos, req: &RequestInfo, draw: u64) -> Step {
-        let mut record = OutcomeRecord {
-            arrived: now,
-            finished: now,
-            attempts: SmallVec::new(),
-            status: 0,
-            reason: FinalReason::Backend,
-            usage: Usage::default(),
-        };
         let admitted = match self.gateway.handle_request(now, req) {
             RequestDecision::Forward(admitted) => admitted,
             RequestDecision::Reject(rejection) => {
+                let mut record = fresh_record(now);
                 record.status = rejection.status;
                 record.reason = FinalReason::Limited(rejection.reason);
                 let generated =
@@ -230,11 +223,14 @@ impl Pipeline {
         match self.router.start(now, draw) {
             Ok((route, attempt)) => {
                 let phase = Phase::Attempting { attempt: attempt.clone(), started: now, wait: Nanos::ZERO };
-                self.insert(Flight { id, route, phase, record });
+                // Built where it is kept: a flight made first and then moved into
+                // its slot would be copied whole.
+                *self.place(id) = Some(Flight { id, route, phase, record: fresh_record(now) });
                 Step::Forward { id, attempt, at: now }
             }
             Err(unavailable) => {
-                let flight = Flight { id, route: Route::default(), phase: Phase::Delivering { status: 503 }, record };
+                let phase = Phase::Delivering { status: 503 };
+                let flight = Flight { id, route: Route::default(), phase, record: fresh_record(now) };
                 let response = unavailable_response(unavailable);
                 Step::Respond(self.finish_generated(
                     now,
@@ -405,12 +401,19 @@ impl Pipeline {
     }
 
     fn insert(&mut self, flight: Flight) {
-        let slot = flight.id.slot();
+        let id = flight.id;
+        *self.place(id) = Some(flight);
+    }
+
+    /// The empty slot where the flight of request `id` is to be kept.
+    #[inline]
+    fn place(&mut self, id: RequestId) -> &mut Option<Flight> {
+        let slot = id.slot();
         if self.flights.len() <= slot {
             self.flights.resize_with(slot + 1, || None);
         }
         debug_assert!(self.flights[slot].is_none(), "the gateway hands out each live slot once");
-        self.flights[slot] = Some(flight);
+        &mut self.flights[slot]
     }
 
     fn take(&mut self, id: RequestId) -> Result<Flight, CoreError> {
@@ -428,6 +431,18 @@ fn flight_mut(flights: &mut [Option<Flight>], id: RequestId) -> Result<&mut Flig
     match flights.get_mut(id.slot()) {
         Some(Some(flight)) if flight.id == id => Ok(flight),
         _ => Err(CoreError::UnknownRequest(id)),
+    }
+}
+
+/// The record of a request that arrived at `now` and has not been answered yet.
+fn fresh_record(now: Nanos) -> OutcomeRecord {
+    OutcomeRecord {
+        arrived: now,
+        finished: now,
+        attempts: SmallVec::new(),
+        status: 0,
+        reason: FinalReason::Backend,
+        usage: Usage::default(),
     }
 }
 

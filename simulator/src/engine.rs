@@ -240,13 +240,14 @@ impl<'s> Engine<'s> {
                 let draw = self.rng.next_u64();
                 let step = self.replicas[replica].handle_attempt(now, id, outcome, Usage::default(), draw);
                 self.share_changes(now, replica);
-                self.follow(now, replica, step.expect("the engine reports each attempt once"));
+                self.follow(now, replica, step.as_ref().expect("the engine reports each attempt once"));
             }
             Event::Delivered { replica, id, usage, bytes } => {
                 let delivery = Delivery { usage, request_bytes: bytes.0, response_bytes: bytes.1 };
                 let finished = self.replicas[replica].handle_delivered(now, id, delivery);
                 self.share_changes(now, replica);
-                self.finish(now, replica, Some(id), finished.expect("the engine delivers each response once"));
+                // Borrowed where it lies: moving a `Finished` out of its `Result` copies it.
+                self.finish(now, replica, Some(id), finished.as_ref().expect("the engine delivers each response once"));
             }
             Event::Sync { from, delta } => {
                 for (r, replica) in self.replicas.iter_mut().enumerate() {
@@ -340,18 +341,17 @@ impl<'s> Engine<'s> {
         let prompt_tokens = round_to_u64(c.prompt_tokens.sample(rng));
         let completion_tokens = round_to_u64(c.completion_tokens.sample(rng)).max(1);
         let stream = rng.random::<f64>() < c.stream_share;
+        // A spare call is filled in place: building a new `Call` and moving it
+        // into the box would copy its 200-odd bytes for every call.
         let mut call = self.spare_calls.pop().unwrap_or_default();
-        let ip = std::mem::take(&mut call.info.ip);
-        *call = Call {
-            client,
-            request: 0,
-            attempt: 0,
-            prompt_tokens,
-            completion_tokens,
-            max_tokens: c.max_tokens,
-            stream,
-            info: identity(client, caller, c, prompt_tokens, ip),
-        };
+        call.client = client;
+        call.request = 0;
+        call.attempt = 0;
+        call.prompt_tokens = prompt_tokens;
+        call.completion_tokens = completion_tokens;
+        call.max_tokens = c.max_tokens;
+        call.stream = stream;
+        set_identity(&mut call.info, client, caller, c, prompt_tokens);
         call
     }
 
@@ -394,18 +394,14 @@ impl<'s> Engine<'s> {
         let draw = self.rng.next_u64();
         let step = self.replicas[replica].handle_request(now, &call.info, draw);
         self.share_changes(now, replica);
-        let id = match &step {
-            Step::Forward { id, .. } | Step::Deliver { id } => Some(*id),
-            Step::Respond(_) => None,
-        };
-        match id {
-            Some(id) => {
+        match &step {
+            Step::Forward { id, .. } | Step::Deliver { id } => {
+                let id = *id;
                 self.insert_flight(replica, id, InFlight { id, call, order, arrived: now, completion: None });
-                self.follow(now, replica, step);
+                self.follow(now, replica, &step);
             }
-            None => {
-                let Step::Respond(finished) = step else { unreachable!() };
-                self.record(now, order, &call, now, &finished);
+            Step::Respond(finished) => {
+                self.record(now, order, &call, now, finished);
                 self.recycle(call);
             }
         }
@@ -427,13 +423,13 @@ impl<'s> Engine<'s> {
     }
 
     /// Carries out what the gateway decided.
-    fn follow(&mut self, now: Nanos, replica: usize, step: Step) {
+    fn follow(&mut self, now: Nanos, replica: usize, step: &Step) {
         match step {
-            Step::Forward { id, attempt, at } => {
+            &Step::Forward { id, ref attempt, at } => {
                 let backend = self.backend_of_route[attempt.backend_index];
                 self.push(at, Event::Send { replica, id, backend });
             }
-            Step::Deliver { id } => {
+            &Step::Deliver { id } => {
                 let flight = self.flight(replica, id);
                 // An error response (429, 5xx) carries no usage and is over at once.
                 let (rest, usage) = match flight.completion {
@@ -488,11 +484,11 @@ impl<'s> Engine<'s> {
         self.push(now + after, Event::AttemptEnd { replica, id, outcome });
     }
 
-    fn finish(&mut self, now: Nanos, replica: usize, id: Option<RequestId>, finished: Finished) {
+    fn finish(&mut self, now: Nanos, replica: usize, id: Option<RequestId>, finished: &Finished) {
         let flight =
             id.and_then(|id| self.flights[replica][id.slot()].take()).expect("a finished request was in flight");
         debug_assert_eq!(Some(flight.id), id);
-        self.record(now, flight.order, &flight.call, flight.arrived, &finished);
+        self.record(now, flight.order, &flight.call, flight.arrived, finished);
         self.recycle(flight.call);
     }
 
@@ -586,15 +582,20 @@ fn write_caller_ip(ip: &mut String, client: usize, caller: usize) {
     }
 }
 
-/// A generated call's identity, its IP written into `ip` (a spare buffer).
-fn identity(client: usize, caller: usize, c: &Client, prompt: u64, mut ip: String) -> RequestInfo {
-    ip.clear();
+/// Makes `info` a generated call's identity, reusing its IP buffer: what
+/// `RequestInfo { ip, prompt_tokens_estimate, max_tokens, ..default }` with the
+/// client's identity would be.
+fn set_identity(info: &mut RequestInfo, client: usize, caller: usize, c: &Client, prompt: u64) {
+    info.ip.clear();
     match &c.ip {
-        Some(fixed) => ip.push_str(fixed),
-        None => write_caller_ip(&mut ip, client, caller),
+        Some(fixed) => info.ip.push_str(fixed),
+        None => write_caller_ip(&mut info.ip, client, caller),
     }
-    let mut info =
-        RequestInfo { ip, prompt_tokens_estimate: Some(prompt), max_tokens: c.max_tokens, ..RequestInfo::default() };
+    info.subscription = None;
+    info.product = None;
+    info.headers.clear();
+    info.prompt_tokens_estimate = Some(prompt);
+    info.max_tokens = c.max_tokens;
     let who = || format!("{}-{caller}", c.name);
     match &c.identity {
         Identity::Ip => {}
@@ -606,7 +607,6 @@ fn identity(client: usize, caller: usize, c: &Client, prompt: u64, mut ip: Strin
         Identity::Header { name } => info.headers.push((name.clone(), who())),
         Identity::Jwt => info.headers.push(("Authorization".into(), trace::jwt_for(&who()))),
     }
-    info
 }
 
 /// The gap to the next arrival of a Poisson process whose rate changes with time

@@ -253,8 +253,12 @@ impl Recorder {
         if let Some(b) = backend {
             m.backend_tokens[b] = m.backend_tokens[b].saturating_add(tokens);
         }
-        if let (Some(log), Some(decision)) = (&mut self.decisions, decision) {
-            log.push((order, decision));
+        // Matched apart, not as a pair: a pair would copy the decision even when
+        // there is none, for every call.
+        if let Some(decision) = decision {
+            if let Some(log) = &mut self.decisions {
+                log.push((order, decision));
+            }
         }
     }
 
