@@ -396,6 +396,11 @@ impl Gateway {
     pub fn prefetch(&mut self, req: &RequestInfo) {
         let Gateway { limits, store, scratch, .. } = self;
         for limit in limits.iter().filter(|limit| limit.same_key_as.is_none()) {
+            // Most keys are one field of the request, hashed where they lie.
+            if let Some(key) = limit.key.as_str(req) {
+                store.prefetch(key);
+                continue;
+            }
             scratch.clear();
             limit.key.write(req, scratch);
             store.prefetch(scratch);

@@ -83,6 +83,23 @@ fn default_jwt_header() -> String {
 }
 
 impl KeyExpr {
+    /// The key's value for `req` where it lies in `req`, when the expression is
+    /// one field or a constant (most keys are); `None` when it has to be built
+    /// (a concatenation, a JWT claim), for which [`KeyExpr::write`] builds it.
+    pub fn as_str<'r>(&'r self, req: &'r RequestInfo) -> Option<&'r str> {
+        let subscription = || req.subscription.as_ref();
+        match self {
+            KeyExpr::Ip => Some(&req.ip),
+            KeyExpr::SubscriptionId => Some(subscription().map_or("", |s| &s.id)),
+            KeyExpr::SubscriptionKey => Some(subscription().map_or("", |s| &s.key)),
+            KeyExpr::SubscriptionName => Some(subscription().map_or("", |s| &s.name)),
+            KeyExpr::Product => Some(req.product.as_deref().unwrap_or("")),
+            KeyExpr::Header { name, default } => Some(req.header(name).unwrap_or(default)),
+            KeyExpr::Const(text) => Some(text),
+            KeyExpr::Jwt { .. } | KeyExpr::Concat(_) => None,
+        }
+    }
+
     /// Appends the key's value for `req` to `out`, so hot paths can reuse one buffer.
     pub fn write(&self, req: &RequestInfo, out: &mut String) {
         match self {
@@ -164,5 +181,41 @@ mod tests {
             r#"{ concat = [{ header = { name = "X-Team" } }, "ip", { header = { name = "x-team" } }, { jwt = { header = "X-Token" } }] }"#,
             &["x-team", "x-token"],
         );
+    }
+
+    /// A key read where it lies is the key `write` builds; only the expressions
+    /// that have to be built say so.
+    #[test]
+    fn a_borrowed_key_is_the_written_key() {
+        let req = super::RequestInfo {
+            ip: "10.1.2.3".into(),
+            subscription: Some(super::Subscription { id: "sid".into(), key: "skey".into(), name: "sname".into() }),
+            product: Some("gold".into()),
+            headers: vec![("X-Team".into(), "blue".into())],
+            ..Default::default()
+        };
+        let bare = super::RequestInfo { ip: "10.9.9.9".into(), ..Default::default() };
+        let check = |toml_key: &str, borrowed: bool| {
+            let expr: KeyExpr =
+                toml::from_str::<toml::Table>(&format!("k = {toml_key}")).unwrap()["k"].clone().try_into().unwrap();
+            for req in [&req, &bare] {
+                let mut written = String::from("prefix:");
+                expr.write(req, &mut written);
+                match expr.as_str(req) {
+                    Some(key) => assert_eq!(Some(key), written.strip_prefix("prefix:"), "{toml_key}"),
+                    None => assert!(!borrowed, "{toml_key} is one field"),
+                }
+                assert_eq!(expr.as_str(req).is_some(), borrowed, "{toml_key}");
+            }
+        };
+        check(r#""ip""#, true);
+        check(r#""subscription_id""#, true);
+        check(r#""subscription_key""#, true);
+        check(r#""subscription_name""#, true);
+        check(r#""product""#, true);
+        check(r#"{ header = { name = "x-team", default = "none" } }"#, true);
+        check(r#"{ const = "global" }"#, true);
+        check(r#"{ jwt = { claim = "sub", default = "anon" } }"#, false);
+        check(r#"{ concat = ["ip", { const = ":" }, "product"] }"#, false);
     }
 }

@@ -304,9 +304,10 @@ impl Pipeline {
 
     /// The delivered response is over; charges the request's tokens once.
     pub fn handle_delivered(&mut self, now: Nanos, id: RequestId, delivery: Delivery) -> Result<Finished, CoreError> {
-        let mut flight = self.take(id)?;
+        // The flight is worked on in its slot and only its record leaves it:
+        // taking the whole flight out would copy it.
+        let flight = flight_mut(&mut self.flights, id)?;
         let Phase::Delivering { status } = flight.phase else {
-            self.insert(flight);
             return Err(CoreError::WrongPhase(id));
         };
         flight.record.usage.add(delivery.usage);
@@ -319,16 +320,24 @@ impl Pipeline {
             request_bytes: delivery.request_bytes,
             response_bytes: delivery.response_bytes,
         };
-        let completed = self.gateway.handle_response(now, id, &info)?;
+        let completed = match self.gateway.handle_response(now, id, &info) {
+            Ok(completed) => completed,
+            Err(error) => {
+                self.flights[id.slot()] = None;
+                return Err(error);
+            }
+        };
         flight.record.status = status;
         flight.record.reason = FinalReason::Backend;
         flight.record.finished = now;
+        let record = std::mem::replace(&mut flight.record, fresh_record(now));
+        self.flights[id.slot()] = None;
         Ok(Finished {
             id: Some(id),
             generated: None,
             headers: completed.headers,
             variables: completed.variables,
-            record: flight.record,
+            record,
         })
     }
 
@@ -398,11 +407,6 @@ impl Pipeline {
             variables,
             record: flight.record,
         }
-    }
-
-    fn insert(&mut self, flight: Flight) {
-        let id = flight.id;
-        *self.place(id) = Some(flight);
     }
 
     /// The empty slot where the flight of request `id` is to be kept.

@@ -462,7 +462,10 @@ impl Router {
     }
 
     fn index_of(&self, backend: &str) -> Option<usize> {
-        self.config.backends.iter().position(|b| b.id == backend)
+        // An attempt's backend is usually the router's own name (`Attempt::backend`
+        // shares it), found by address without comparing the text.
+        let shared = self.names.iter().position(|name| std::ptr::eq(&**name, backend));
+        shared.or_else(|| self.config.backends.iter().position(|b| b.id == backend))
     }
 
     fn attempt(&mut self, at: Nanos, route: &mut Route, draw: u64) -> Result<Attempt, Unavailable> {

@@ -226,8 +226,14 @@ impl Recorder {
         latency: Nanos,
         decision: Option<Decision>,
     ) {
-        let first = record.attempts.first().map(|a| &a.backend);
-        let failover = record.attempts.iter().any(|a| Some(&a.backend) != first);
+        // Names are compared by address first: the router hands out clones of
+        // one `Arc` per backend, and `Arc<str>`'s `==` always reads the text.
+        let failover = match record.attempts.split_first() {
+            Some((first, rest)) => {
+                rest.iter().any(|a| !Arc::ptr_eq(&a.backend, &first.backend) && a.backend != first.backend)
+            }
+            None => false,
+        };
         let c = &mut self.clients[client];
         c.requests += 1;
         c.by_reason.add(reason);
