@@ -73,6 +73,7 @@ pub struct Engine<'s> {
     /// The sequence number of the latest event scheduled.
     seq: u64,
     replicas: Vec<Pipeline>,
+    /// The replica the next arrival goes to (round robin), below `replicas.len()`.
     next_replica: usize,
     /// Replicas share counters through a store this late (their journals are on).
     sync_lag: Option<Nanos>,
@@ -328,8 +329,7 @@ impl<'s> Engine<'s> {
         // are made, so they are made now, and its counters are fetched toward
         // the cache while other events run (a hint; it decides nothing).
         let next = self.draw_call(client);
-        let replica = self.next_replica % self.replicas.len();
-        self.replicas[replica].prefetch(&next.info);
+        self.replicas[self.next_replica].prefetch(&next.info);
         self.upcoming[client] = Some(next);
     }
 
@@ -389,8 +389,9 @@ impl<'s> Engine<'s> {
     fn arrive(&mut self, now: Nanos, call: Box<Call>) {
         let order = self.arrivals;
         self.arrivals += 1;
-        let replica = self.next_replica % self.replicas.len();
-        self.next_replica += 1;
+        // Round robin, wrapped by a comparison rather than a division per call.
+        let replica = self.next_replica;
+        self.next_replica = if replica + 1 == self.replicas.len() { 0 } else { replica + 1 };
         let draw = self.rng.next_u64();
         let step = self.replicas[replica].handle_request(now, &call.info, draw);
         self.share_changes(now, replica);
