@@ -587,26 +587,29 @@ fn write_caller_ip(ip: &mut String, client: usize, caller: usize) {
 /// `RequestInfo { ip, prompt_tokens_estimate, max_tokens, ..default }` with the
 /// client's identity would be.
 fn set_identity(info: &mut RequestInfo, client: usize, caller: usize, c: &Client, prompt: u64) {
-    info.ip.clear();
+    // Every field by name: a field added to `RequestInfo` fails to compile here
+    // rather than keep a previous call's value.
+    let RequestInfo { ip, subscription, product, headers, prompt_tokens_estimate, max_tokens } = info;
+    ip.clear();
     match &c.ip {
-        Some(fixed) => info.ip.push_str(fixed),
-        None => write_caller_ip(&mut info.ip, client, caller),
+        Some(fixed) => ip.push_str(fixed),
+        None => write_caller_ip(ip, client, caller),
     }
-    info.subscription = None;
-    info.product = None;
-    info.headers.clear();
-    info.prompt_tokens_estimate = Some(prompt);
-    info.max_tokens = c.max_tokens;
+    *subscription = None;
+    *product = None;
+    headers.clear();
+    *prompt_tokens_estimate = Some(prompt);
+    *max_tokens = c.max_tokens;
     let who = || format!("{}-{caller}", c.name);
     match &c.identity {
         Identity::Ip => {}
-        Identity::Subscription { product } => {
+        Identity::Subscription { product: name } => {
             let who = who();
-            info.subscription = Some(Subscription { id: who.clone(), key: format!("key-{who}"), name: who });
-            info.product = Some(product.clone());
+            *subscription = Some(Subscription { id: who.clone(), key: format!("key-{who}"), name: who });
+            *product = Some(name.clone());
         }
-        Identity::Header { name } => info.headers.push((name.clone(), who())),
-        Identity::Jwt => info.headers.push(("Authorization".into(), trace::jwt_for(&who()))),
+        Identity::Header { name } => headers.push((name.clone(), who())),
+        Identity::Jwt => headers.push(("Authorization".into(), trace::jwt_for(&who()))),
     }
 }
 
