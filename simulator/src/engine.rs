@@ -199,11 +199,16 @@ impl<'s> Engine<'s> {
         // sequence yet, so an event due now goes first iff none is queued for now;
         // events pushed after it come after it too.
         self.seq += 1;
-        if at == self.now && self.immediate.is_none() && !self.queue.has_due(at) {
+        if self.is_next(at) {
             self.immediate = Some(event);
             return;
         }
         self.queue.push(at, self.seq, event);
+    }
+
+    /// Whether an event scheduled now for `at` is the next to be handled.
+    fn is_next(&self, at: Nanos) -> bool {
+        at == self.now && self.immediate.is_none() && !self.queue.has_due(at)
     }
 
     /// Runs to the end of the scenario; requests in flight then are left unfinished.
@@ -241,15 +246,12 @@ impl<'s> Engine<'s> {
                 let draw = self.rng.next_u64();
                 let step = self.replicas[replica].handle_attempt(now, id, outcome, Usage::default(), draw);
                 self.share_changes(now, replica);
-                self.follow(now, replica, step.as_ref().expect("the engine reports each attempt once"));
+                match step.as_ref().expect("the engine reports each attempt once") {
+                    &Step::Deliver { id } => self.deliver_now_or_later(now, replica, id),
+                    step => self.follow(now, replica, step),
+                }
             }
-            Event::Delivered { replica, id, usage, bytes } => {
-                let delivery = Delivery { usage, request_bytes: bytes.0, response_bytes: bytes.1 };
-                let finished = self.replicas[replica].handle_delivered(now, id, delivery);
-                self.share_changes(now, replica);
-                // Borrowed where it lies: moving a `Finished` out of its `Result` copies it.
-                self.finish(now, replica, Some(id), finished.as_ref().expect("the engine delivers each response once"));
-            }
+            Event::Delivered { replica, id, usage, bytes } => self.delivered(now, replica, id, usage, bytes),
             Event::Sync { from, delta } => {
                 for (r, replica) in self.replicas.iter_mut().enumerate() {
                     if r != from {
@@ -431,21 +433,48 @@ impl<'s> Engine<'s> {
                 self.push(at, Event::Send { replica, id, backend });
             }
             &Step::Deliver { id } => {
-                let flight = self.flight(replica, id);
-                // An error response (429, 5xx) carries no usage and is over at once.
-                let (rest, usage) = match flight.completion {
-                    None => (Nanos::ZERO, Usage::default()),
-                    Some(c) => {
-                        let sent = c.break_after.unwrap_or(c.completion_tokens);
-                        let usage = Usage { prompt_tokens: c.prompt_tokens, completion_tokens: sent };
-                        let head = if flight.call.stream { c.time_to_first_token } else { c.duration() };
-                        (c.duration().saturating_sub(head), usage)
-                    }
-                };
-                self.push(now + rest, Event::Delivered { replica, id, usage, bytes: wire_bytes(&flight.call, usage) });
+                let (at, usage, bytes) = self.delivery(now, replica, id);
+                self.push(at, Event::Delivered { replica, id, usage, bytes });
             }
             Step::Respond(finished) => self.finish(now, replica, finished.id, finished),
         }
+    }
+
+    /// When the response of request `id` is over, what it used and its body sizes.
+    fn delivery(&self, now: Nanos, replica: usize, id: RequestId) -> (Nanos, Usage, (u64, u64)) {
+        let flight = self.flight(replica, id);
+        // An error response (429, 5xx) carries no usage and is over at once.
+        let (rest, usage) = match flight.completion {
+            None => (Nanos::ZERO, Usage::default()),
+            Some(c) => {
+                let sent = c.break_after.unwrap_or(c.completion_tokens);
+                let usage = Usage { prompt_tokens: c.prompt_tokens, completion_tokens: sent };
+                let head = if flight.call.stream { c.time_to_first_token } else { c.duration() };
+                (c.duration().saturating_sub(head), usage)
+            }
+        };
+        (now + rest, usage, wire_bytes(&flight.call, usage))
+    }
+
+    /// `follow` for a delivery at the end of an attempt's handling: a delivery
+    /// the queue would hand out next (due now, nothing queued before it) is
+    /// handled at once, as the queue would, with its sequence number spent.
+    /// Most responses that are not streamed end this way.
+    fn deliver_now_or_later(&mut self, now: Nanos, replica: usize, id: RequestId) {
+        let (at, usage, bytes) = self.delivery(now, replica, id);
+        if !self.is_next(at) {
+            return self.push(at, Event::Delivered { replica, id, usage, bytes });
+        }
+        self.seq += 1;
+        self.delivered(now, replica, id, usage, bytes);
+    }
+
+    fn delivered(&mut self, now: Nanos, replica: usize, id: RequestId, usage: Usage, bytes: (u64, u64)) {
+        let delivery = Delivery { usage, request_bytes: bytes.0, response_bytes: bytes.1 };
+        let finished = self.replicas[replica].handle_delivered(now, id, delivery);
+        self.share_changes(now, replica);
+        // Borrowed where it lies: moving a `Finished` out of its `Result` copies it.
+        self.finish(now, replica, Some(id), finished.as_ref().expect("the engine delivers each response once"));
     }
 
     fn send(&mut self, now: Nanos, replica: usize, id: RequestId, backend: usize) {
