@@ -121,6 +121,11 @@ impl<S> CounterMap<S> {
         }
     }
 
+    /// The key of the counter at `row`, which the caller has pinned or has just found.
+    pub fn key(&self, row: RowId) -> &str {
+        &self.slots[row.0 as usize].key
+    }
+
     /// The counter at `row`, which the caller has pinned or has just found.
     pub fn state_mut(&mut self, row: RowId) -> &mut S {
         &mut self.slots[row.0 as usize].state

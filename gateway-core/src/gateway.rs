@@ -160,56 +160,54 @@ struct CompiledLimit {
     token_quota: Option<ClassId>,
 }
 
-/// The keys the limits of one request computed, in one buffer, and the pinned
-/// counter rows they name.
+/// The counter rows the limits of one request pinned. A pinned row keeps its
+/// key, so the row stands for the key: the book holds no key text of its own.
 #[derive(Default)]
 struct KeyBook {
-    text: String,
-    /// `spans[i]` is limit i's key in `text` (possibly an earlier limit's span);
-    /// only limits that ran have one.
-    spans: Vec<(usize, usize)>,
-    /// `rows[i]` is limit i's key's row, pinned once for each limit.
+    /// `rows[i]` is limit i's key's row, pinned once for each limit; only limits
+    /// that ran have one.
     rows: Vec<RowId>,
+    /// Where a key that is not one field of the request (a JWT claim, a
+    /// concatenation) is written.
+    scratch: String,
 }
 
 impl KeyBook {
     /// Computes the next limit's key and pins its row. A limit whose key
-    /// expression an earlier limit shares takes that limit's key and row as they
-    /// are; a key an earlier limit of this request computed reuses its row
-    /// without a lookup.
+    /// expression an earlier limit shares takes that limit's row as it is; a key
+    /// an earlier limit of this request computed reuses its row without a lookup.
     fn push(&mut self, limit: &CompiledLimit, req: &RequestInfo, store: &mut Store, now: Nanos) {
         if let Some(earlier) = limit.same_key_as {
-            let (span, row) = (self.spans[earlier], self.rows[earlier]);
+            let row = self.rows[earlier];
             store.pin_again(row);
-            self.spans.push(span);
             self.rows.push(row);
             return;
         }
-        let start = self.text.len();
-        limit.key.write(req, &mut self.text);
-        let key = &self.text[start..];
-        let row = match (0..self.ran()).find(|&limit| self.get(limit) == key) {
-            Some(limit) => {
-                store.pin_again(self.rows[limit]);
-                self.rows[limit]
+        // Most keys are one field of the request, read where they lie.
+        let KeyBook { rows, scratch } = self;
+        let key = match limit.key.as_str(req) {
+            Some(key) => key,
+            None => {
+                scratch.clear();
+                limit.key.write(req, scratch);
+                scratch.as_str()
+            }
+        };
+        let row = match rows.iter().find(|&&row| store.key(row) == key) {
+            Some(&row) => {
+                store.pin_again(row);
+                row
             }
             None => store.pin(now, key),
         };
-        self.spans.push((start, self.text.len()));
-        self.rows.push(row);
+        rows.push(row);
     }
 
-    /// Forgets the latest limit's key (its text stays until the ledger is cleared).
+    /// Forgets the latest limit's key.
     fn pop(&mut self, store: &mut Store) {
-        self.spans.pop();
         if let Some(row) = self.rows.pop() {
             store.unpin(row);
         }
-    }
-
-    fn get(&self, limit: usize) -> &str {
-        let (start, end) = self.spans[limit];
-        &self.text[start..end]
     }
 
     fn row(&self, limit: usize) -> RowId {
@@ -217,10 +215,10 @@ impl KeyBook {
     }
 
     fn ran(&self) -> usize {
-        self.spans.len()
+        self.rows.len()
     }
 
-    /// Unpins every row; the keys stay until the ledger is cleared for reuse.
+    /// Unpins every row.
     fn release(&mut self, store: &mut Store) {
         self.rows.drain(..).for_each(|row| store.unpin(row));
     }
@@ -265,8 +263,6 @@ struct Ledger {
 impl Ledger {
     fn clear(&mut self) {
         debug_assert!(self.keys.rows.is_empty(), "a free slot's ledger pins nothing");
-        self.keys.text.clear();
-        self.keys.spans.clear();
         self.effects.added.clear();
         self.effects.headers.clear();
         self.effects.variables.clear();
@@ -514,7 +510,7 @@ fn record_deltas(journal: &mut Option<VecDeque<CounterDelta>>, store: &Store, no
 fn journal_deltas(journal: &mut VecDeque<CounterDelta>, store: &Store, now: Nanos, ledger: &mut Ledger) {
     let Ledger { keys, effects, admitted_at, journaled } = ledger;
     for &(class, limit, amount, n) in &effects.added[*journaled..] {
-        let key = keys.get(limit);
+        let key = store.key(keys.row(limit));
         let change = match amount {
             Amount::Calls | Amount::Reserved => Change::Count(n),
             Amount::Bytes => Change::Bytes(n),

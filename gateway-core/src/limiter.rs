@@ -328,13 +328,35 @@ pub struct FixedWindow {
     pub index: i64,
     pub calls: u64,
     pub bytes: u64,
+    /// Instants known to lie in window `index`: `start <= t < end`. Empty until
+    /// the first roll. A roll inside them needs no division.
+    start: Nanos,
+    end: Nanos,
 }
 
 impl FixedWindow {
-    pub fn roll(&mut self, index: i64) {
-        if self.index != index {
-            *self = FixedWindow { index, calls: 0, bytes: 0 };
+    /// Makes this the counter of the window of `grid` holding `now`: the same
+    /// window keeps its counts, another starts from zero.
+    pub fn roll(&mut self, grid: WindowGrid, now: Nanos) {
+        if self.holds(now) {
+            return;
         }
+        let index = grid.index(now);
+        if self.index != index {
+            *self = FixedWindow { index, ..FixedWindow::default() };
+        }
+        (self.start, self.end) = grid.bounds(index);
+    }
+
+    /// Whether `now` is known to lie in this counter's window.
+    pub fn holds(&self, now: Nanos) -> bool {
+        self.start <= now && now < self.end
+    }
+
+    /// The end of the window as [`WindowGrid::window_end`] gives it (`Nanos::MAX`
+    /// for one that never ends), for an instant it [`holds`](FixedWindow::holds).
+    pub fn end(&self) -> Nanos {
+        self.end
     }
 }
 
@@ -366,8 +388,18 @@ impl WindowGrid {
         if self.period == Nanos::ZERO {
             return None;
         }
-        let end = self.origin_ns + (self.index(now) as i128 + 1) * self.period.0 as i128;
-        Some(Nanos(end.clamp(0, u64::MAX as i128) as u64))
+        Some(self.bounds(self.index(now)).1)
+    }
+
+    /// Window `index`'s instants `[start, end)` within the range of `Nanos`
+    /// (`end` is `Nanos::MAX` for the one window of a zero period).
+    pub fn bounds(&self, index: i64) -> (Nanos, Nanos) {
+        if self.period == Nanos::ZERO {
+            return (Nanos::ZERO, Nanos::MAX);
+        }
+        let start = self.origin_ns + index as i128 * self.period.0 as i128;
+        let clamp = |t: i128| Nanos(t.clamp(0, u64::MAX as i128) as u64);
+        (clamp(start), clamp(start + self.period.0 as i128))
     }
 }
 
@@ -441,6 +473,43 @@ mod tests {
                 prop_assert_eq!(log.total(), model.iter().map(|e| e.1).sum::<u64>());
                 prop_assert_eq!(log.entries.back().copied(), model.back().copied());
                 prop_assert_eq!(log.entries.iter().count(), model.len());
+            }
+        }
+
+        /// A window that remembers its bounds rolls exactly as one that divides
+        /// on every roll: the same index and counts at every instant, in any
+        /// order, and the end it remembers is the grid's.
+        #[test]
+        fn remembered_bounds_roll_like_the_division(
+            origin in prop_oneof![-1_000..1_000i128, -(1i128 << 70)..(1i128 << 70)],
+            period in prop_oneof![Just(0u64), 1..100u64, any::<u64>()],
+            instants in proptest::collection::vec((any::<u64>(), -3..3i128, -1..=1i128, any::<bool>()), 1..40),
+        ) {
+            let grid = WindowGrid { origin_ns: origin, period: Nanos(period) };
+            // Half the instants lie on or next to a window's edge.
+            let near_edge = |t: u64, k: i128, d: i128| {
+                let window = (t as i128 - origin).div_euclid(i128::from(period.max(1))) + k;
+                let at = origin + window * i128::from(period) + d;
+                Nanos(at.clamp(0, u64::MAX as i128) as u64)
+            };
+            let mut window = FixedWindow::default();
+            let (mut index, mut calls) = (0i64, 0u64);
+            for (t, k, d, edge) in instants {
+                let now = if edge { near_edge(t % 4_000, k, d) } else { Nanos(t) };
+                window.roll(grid, now);
+                window.calls += 1;
+                if grid.index(now) != index {
+                    (index, calls) = (grid.index(now), 0);
+                }
+                calls += 1;
+                prop_assert_eq!((window.index, window.calls), (index, calls));
+                if window.holds(now) {
+                    prop_assert_eq!(window.end(), grid.window_end(now).unwrap_or(Nanos::MAX));
+                }
+                // Past the ends of `Nanos` or of an `i64` index, a window may
+                // remember nothing and divide on every roll.
+                let edge = now == Nanos::MAX || index == i64::MIN || index == i64::MAX;
+                prop_assert!(window.holds(now) || edge, "a roll remembers the window of `now`");
             }
         }
 

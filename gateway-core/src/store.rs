@@ -61,6 +61,7 @@ impl State {
             // A window that counted nothing is fresh; one that counted is idle once
             // time has left it (a quota that never renews keeps its count for good).
             (Shape::Fixed(_), State::Fixed(w)) if w.calls == 0 && w.bytes == 0 => Nanos::ZERO,
+            (Shape::Fixed(_), State::Fixed(w)) if w.holds(now) => w.end(),
             (Shape::Fixed(grid), State::Fixed(w)) if w.index < grid.index(now) => Nanos::ZERO,
             (Shape::Fixed(grid), State::Fixed(_)) => grid.window_end(now).unwrap_or(Nanos::MAX),
             (Shape::Calendar(_), State::Calendar(count)) => count.period_end,
@@ -127,6 +128,11 @@ impl Store {
         self.rows.prefetch(key);
     }
 
+    /// The key of a pinned row.
+    pub fn key(&self, row: RowId) -> &str {
+        self.rows.key(row)
+    }
+
     /// Pins a row already pinned once more (another limit with the same key).
     pub fn pin_again(&mut self, row: RowId) {
         self.rows.pin(row);
@@ -155,7 +161,7 @@ impl Store {
         let Counter::Fixed(grid, window) = self.counter(row, class) else {
             unreachable!("quotas compile to fixed windows")
         };
-        window.roll(grid.index(now));
+        window.roll(grid, now);
         (grid, window)
     }
 
