@@ -166,6 +166,18 @@ impl Dist {
 /// error, and above it there is no fraction.
 #[inline]
 pub fn round_to_u64(x: f64) -> u64 {
+    // Below 2^63, the usual case, truncating is a signed conversion: one
+    // instruction on x86-64, where the unsigned one takes a dozen.
+    const TWO_TO_THE_63: f64 = 9_223_372_036_854_775_808.0;
+    if (0.0..TWO_TO_THE_63).contains(&x) {
+        let whole = x as i64;
+        return whole as u64 + u64::from(x - whole as f64 >= 0.5);
+    }
+    round_outside_i64(x)
+}
+
+/// [`round_to_u64`] for negatives, NaN and values from 2^63 up.
+fn round_outside_i64(x: f64) -> u64 {
     let whole = x as u64;
     match x - whole as f64 >= 0.5 {
         // Above 2^64 the cast saturated and the "fraction" is huge: stay at the top.
@@ -337,6 +349,9 @@ mod tests {
             -0.7,
             4503599627370495.5,
             9007199254740993.0,
+            9223372036854774784.0,
+            9223372036854775808.0,
+            9223372036854777856.0,
             1.8446744073709552e19,
             f64::MAX,
             f64::INFINITY,
