@@ -7,8 +7,8 @@
 #     benches/scripts/pgo.sh [DURATION]
 #
 # Needs `llvm-profdata` from the LLVM that rustc is built on (`rustc -vV` names
-# it): `apt install llvm-22` or `rustup component add llvm-tools`. Takes about 20
-# minutes on 2 cores (four release builds with fat LTO). Writes everything under
+# it): `apt install llvm-22` or `rustup component add llvm-tools`. Takes about half
+# an hour from scratch on 2 cores (four release builds with fat LTO). Writes everything under
 # `target/pgo/`; the build for use is `target/pgo/use/release/aigw`.
 #
 # Why: the simulator's hot path is long and branchy, and on a 2-core VM like CI's
