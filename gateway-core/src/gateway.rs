@@ -167,40 +167,29 @@ struct KeyBook {
     /// `rows[i]` is limit i's key's row, pinned once for each limit; only limits
     /// that ran have one.
     rows: Vec<RowId>,
-    /// Where a key that is not one field of the request (a JWT claim, a
-    /// concatenation) is written.
-    scratch: String,
 }
 
 impl KeyBook {
     /// Computes the next limit's key and pins its row. A limit whose key
     /// expression an earlier limit shares takes that limit's row as it is; a key
     /// an earlier limit of this request computed reuses its row without a lookup.
-    fn push(&mut self, limit: &CompiledLimit, req: &RequestInfo, store: &mut Store, now: Nanos) {
+    /// A key that is not one field of the request is written in `scratch`.
+    fn push(&mut self, limit: &CompiledLimit, req: &RequestInfo, store: &mut Store, now: Nanos, scratch: &mut String) {
         if let Some(earlier) = limit.same_key_as {
             let row = self.rows[earlier];
             store.pin_again(row);
             self.rows.push(row);
             return;
         }
-        // Most keys are one field of the request, read where they lie.
-        let KeyBook { rows, scratch } = self;
-        let key = match limit.key.as_str(req) {
-            Some(key) => key,
-            None => {
-                scratch.clear();
-                limit.key.write(req, scratch);
-                scratch.as_str()
-            }
-        };
-        let row = match rows.iter().find(|&&row| store.key(row) == key) {
+        let key = limit.key.read(req, scratch);
+        let row = match self.rows.iter().find(|&&row| store.key(row) == key) {
             Some(&row) => {
                 store.pin_again(row);
                 row
             }
             None => store.pin(now, key),
         };
-        rows.push(row);
+        self.rows.push(row);
     }
 
     /// Forgets the latest limit's key.
@@ -334,7 +323,7 @@ pub struct Gateway {
     last_now: Nanos,
     /// Counter changes not yet polled, when journaling is on.
     journal: Option<VecDeque<CounterDelta>>,
-    /// Where [`Gateway::prefetch`] writes keys.
+    /// Where keys that are not one field of the request are written.
     scratch: String,
 }
 
@@ -392,14 +381,7 @@ impl Gateway {
     pub fn prefetch(&mut self, req: &RequestInfo) {
         let Gateway { limits, store, scratch, .. } = self;
         for limit in limits.iter().filter(|limit| limit.same_key_as.is_none()) {
-            // Most keys are one field of the request, hashed where they lie.
-            if let Some(key) = limit.key.as_str(req) {
-                store.prefetch(key);
-                continue;
-            }
-            scratch.clear();
-            limit.key.write(req, scratch);
-            store.prefetch(scratch);
+            store.prefetch(limit.key.read(req, scratch));
         }
     }
 
@@ -408,11 +390,11 @@ impl Gateway {
         let now = self.observe(now);
         self.evict(now);
         let slot = self.requests.claim();
-        let Gateway { limits, store, requests, journal, .. } = self;
+        let Gateway { limits, store, requests, journal, scratch, .. } = self;
         let ledger = &mut requests.slots[slot].ledger;
         ledger.admitted_at = now;
         for (index, limit) in limits.iter().enumerate() {
-            ledger.keys.push(limit, req, store, now);
+            ledger.keys.push(limit, req, store, now, scratch);
             if let Err(rejection) = check(limit, index, store, now, req, ledger) {
                 let settled = settle_rejected(limits, store, now, journal, ledger, rejection);
                 requests.free(slot);

@@ -100,6 +100,17 @@ impl KeyExpr {
         }
     }
 
+    /// The key's value for `req`: where it lies for a one-field key, else
+    /// written in `scratch` (cleared first), so hot paths reuse one buffer.
+    pub fn read<'r>(&'r self, req: &'r RequestInfo, scratch: &'r mut String) -> &'r str {
+        if let Some(value) = self.as_str(req) {
+            return value;
+        }
+        scratch.clear();
+        self.write(req, scratch);
+        scratch
+    }
+
     /// Appends the key's value for `req` to `out`, so hot paths can reuse one buffer.
     pub fn write(&self, req: &RequestInfo, out: &mut String) {
         if let Some(value) = self.as_str(req) {
@@ -182,7 +193,7 @@ mod tests {
 
     /// A key read where it lies is the key `write` builds, and both are the
     /// field the expression names; only the expressions that have to be built
-    /// say so.
+    /// say so. `read` gives the same key either way.
     #[test]
     fn a_borrowed_key_is_the_written_key() {
         let req = super::RequestInfo {
@@ -204,6 +215,8 @@ mod tests {
                 let read = expr.as_str(req);
                 assert_eq!(read.is_some(), borrowed, "{toml_key}");
                 assert!(read.is_none_or(|key| key == expected), "{toml_key}");
+                let mut scratch = String::from("stale");
+                assert_eq!(expr.read(req, &mut scratch), expected, "{toml_key}");
             }
         };
         check(r#""ip""#, "10.1.2.3", "10.9.9.9", true);

@@ -600,23 +600,23 @@ impl<'s> Engine<'s> {
 /// on the stack and appended at once, rather than one `push` (and one capacity
 /// check) per character.
 fn write_caller_ip(ip: &mut String, client: usize, caller: usize) {
-    let mut text = [0u8; 15];
-    text[..2].copy_from_slice(b"10");
-    let mut len = 2;
+    let (mut text, mut len) = ([0u8; 15], 0);
+    let mut put = |byte: u8| {
+        text[len] = byte;
+        len += 1;
+    };
+    put(b'1');
+    put(b'0');
     for octet in [client % 256, caller / 256 % 256, caller % 256] {
         let octet = octet as u8;
-        text[len] = b'.';
-        len += 1;
+        put(b'.');
         if octet >= 100 {
-            text[len] = b'0' + octet / 100;
-            len += 1;
+            put(b'0' + octet / 100);
         }
         if octet >= 10 {
-            text[len] = b'0' + octet / 10 % 10;
-            len += 1;
+            put(b'0' + octet / 10 % 10);
         }
-        text[len] = b'0' + octet % 10;
-        len += 1;
+        put(b'0' + octet % 10);
     }
     debug_assert!(text[..len].iter().all(|b| b.is_ascii_digit() || *b == b'.'));
     // SAFETY: every byte written is an ASCII digit or a dot, so the bytes are
