@@ -155,9 +155,24 @@ pub struct Delivery {
 
 enum Phase {
     /// An attempt is on its way to a backend.
-    Attempting { attempt: Attempt, started: Nanos, wait: Nanos },
+    Attempting { attempt: Sent, started: Nanos, wait: Nanos },
     /// The backend's response with this status is being delivered.
     Delivering { status: u16 },
+}
+
+/// What a flight keeps of the attempt on its way: the backend by position and the
+/// timeout. Not the `Attempt` itself, whose shared name and URL would cost an
+/// atomic count to clone and another to drop, for every attempt.
+#[derive(Clone, Copy)]
+struct Sent {
+    backend_index: usize,
+    timeout: Nanos,
+}
+
+impl Sent {
+    fn of(attempt: &Attempt) -> Sent {
+        Sent { backend_index: attempt.backend_index, timeout: attempt.timeout }
+    }
 }
 
 struct Flight {
@@ -222,7 +237,7 @@ impl Pipeline {
         let id = admitted.id;
         match self.router.start(now, draw) {
             Ok((route, attempt)) => {
-                let phase = Phase::Attempting { attempt: attempt.clone(), started: now, wait: Nanos::ZERO };
+                let phase = Phase::Attempting { attempt: Sent::of(&attempt), started: now, wait: Nanos::ZERO };
                 // Built where it is kept: a flight made first and then moved into
                 // its slot would be copied whole.
                 *self.place(id) = Some(Flight { id, route, phase, record: fresh_record(now) });
@@ -260,21 +275,22 @@ impl Pipeline {
         if !matches!(flight.phase, Phase::Attempting { .. }) {
             return Err(CoreError::WrongPhase(id));
         }
-        // The attempt moves out of its phase (every branch below sets a new phase
-        // or ends the request), so its backend name moves into the record uncloned.
+        // Every branch below sets a new phase or ends the request.
         let Phase::Attempting { attempt, started, wait } =
             std::mem::replace(&mut flight.phase, Phase::Delivering { status: 0 })
         else {
             unreachable!("checked above")
         };
+        // The router's own name: found by address when the router looks it up.
+        let backend = Arc::clone(self.router.backend_name(attempt.backend_index));
         let outcome = match outcome {
             AttemptOutcome::Response { .. } if now.saturating_sub(started) > attempt.timeout => AttemptOutcome::Timeout,
             other => other,
         };
-        let next = self.router.handle_outcome(now, &mut flight.route, &attempt.backend, outcome, draw);
+        let next = self.router.handle_outcome(now, &mut flight.route, &backend, outcome, draw);
         flight.record.usage.add(usage);
         flight.record.attempts.push(AttemptRecord {
-            backend: attempt.backend,
+            backend,
             wait,
             started,
             ended: now,
@@ -283,7 +299,7 @@ impl Pipeline {
         });
         match (next, outcome) {
             (Next::Retry { attempt, wait }, _) => {
-                flight.phase = Phase::Attempting { attempt: attempt.clone(), started: now + wait, wait };
+                flight.phase = Phase::Attempting { attempt: Sent::of(&attempt), started: now + wait, wait };
                 Ok(Step::Forward { id, attempt, at: now + wait })
             }
             (Next::Respond, AttemptOutcome::Response { status, .. }) => {

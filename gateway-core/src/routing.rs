@@ -420,6 +420,11 @@ impl Router {
         &self.config
     }
 
+    /// The name of the backend at `index` in `Routing::backends`, as attempts carry it.
+    pub fn backend_name(&self, index: usize) -> &Arc<str> {
+        &self.names[index]
+    }
+
     /// The first attempt of a request.
     pub fn start(&mut self, now: Nanos, draw: u64) -> Result<(Route, Attempt), Unavailable> {
         let mut route = Route { target: self.start, attempts: 0 };
