@@ -272,14 +272,9 @@ impl Pipeline {
         // The flight stays in its slot while the request goes on (another attempt,
         // or delivery) and is taken out only when the request is over.
         let flight = flight_mut(&mut self.flights, id)?;
-        if !matches!(flight.phase, Phase::Attempting { .. }) {
+        // Copied out: every branch below sets a new phase or ends the request.
+        let Phase::Attempting { attempt, started, wait } = flight.phase else {
             return Err(CoreError::WrongPhase(id));
-        }
-        // Every branch below sets a new phase or ends the request.
-        let Phase::Attempting { attempt, started, wait } =
-            std::mem::replace(&mut flight.phase, Phase::Delivering { status: 0 })
-        else {
-            unreachable!("checked above")
         };
         // The router's own name: found by address when the router looks it up.
         let backend = Arc::clone(self.router.backend_name(attempt.backend_index));
