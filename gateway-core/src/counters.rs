@@ -116,8 +116,16 @@ impl<S> CounterMap<S> {
         let hash = self.hasher.hash_one(key);
         for &i in self.index.iter_hash(hash) {
             if let Some(slot) = self.slots.get(i as usize) {
-                prefetch_lines(slot);
+                crate::hint::prefetch(slot);
             }
+        }
+    }
+
+    /// Asks for the counter at `row` toward the CPU's cache (a hint, like
+    /// [`CounterMap::prefetch`]); a row that is not there is ignored.
+    pub fn prefetch_row(&self, row: RowId) {
+        if let Some(slot) = self.slots.get(row.0 as usize) {
+            crate::hint::prefetch(slot);
         }
     }
 
@@ -234,24 +242,6 @@ impl<S> CounterMap<S> {
         }
         Some(Nanos(turn.end << BUCKET_SHIFT))
     }
-}
-
-/// Prefetches every cache line of `value`.
-#[inline]
-fn prefetch_lines<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let start = (value as *const T).cast::<i8>();
-        for offset in (0..std::mem::size_of::<T>()).step_by(64) {
-            // SAFETY: a prefetch is a hint to the cache: it never faults, whatever
-            // the address, and neither reads into the program nor writes memory.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.wrapping_add(offset));
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
 }
 
 /// `a == b`, for the short keys counters have (an IP, an id), without a call to

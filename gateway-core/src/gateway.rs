@@ -1,11 +1,13 @@
 //! The limit pipeline: `handle_request` on the way in, `handle_response` on the way out.
 
 use crate::counters::RowId;
+use crate::hint;
 use crate::key::{KeyExpr, RequestInfo};
 use crate::limiter::{BucketShape, Check, WindowGrid};
 use crate::policy::{Algorithm, Limit, Policy, Quota, RateLimit, TokenLimit};
 use crate::store::{ClassId, Counter, Shape, Store};
 use crate::time::{format_hh_mm_ss, Nanos};
+use smallvec::SmallVec;
 use std::collections::VecDeque;
 
 /// Identifies one client request between `handle_request` and `handle_response`.
@@ -165,8 +167,9 @@ struct CompiledLimit {
 #[derive(Default)]
 struct KeyBook {
     /// `rows[i]` is limit i's key's row, pinned once for each limit; only limits
-    /// that ran have one.
-    rows: Vec<RowId>,
+    /// that ran have one. Inline for a policy of up to four limits, so the rows
+    /// can be found (and asked for early) from the ledger itself.
+    rows: SmallVec<[RowId; 4]>,
 }
 
 impl KeyBook {
@@ -383,6 +386,27 @@ impl Gateway {
         for limit in limits.iter().filter(|limit| limit.same_key_as.is_none()) {
             store.prefetch(limit.key.read(req, scratch));
         }
+    }
+
+    /// The first half of a hint that request `id` will be handled soon (its
+    /// response, say): brings its ledger toward the CPU's cache, reading nothing
+    /// that may be cold. Changes no state and no decision; an unknown id is ignored.
+    pub fn prefetch_request(&self, id: RequestId) {
+        if let Some(slot) = self.requests.slots.get(id.slot()) {
+            hint::prefetch(slot);
+        }
+    }
+
+    /// The second half, best called a little after the first: reads the ledger
+    /// and brings the counter rows it pinned and what it added toward the cache.
+    pub fn prefetch_request_counters(&self, id: RequestId) {
+        let Some(slot) = self.requests.slots.get(id.slot()) else {
+            return;
+        };
+        for &row in &slot.ledger.keys.rows {
+            self.store.prefetch_row(row);
+        }
+        hint::prefetch(slot.ledger.effects.added.as_slice());
     }
 
     /// Runs the limits in order on an arriving request.

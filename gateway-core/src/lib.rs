@@ -2,6 +2,7 @@
 
 pub mod counters;
 pub mod gateway;
+pub mod hint;
 pub mod key;
 pub mod lifecycle;
 pub mod limiter;

@@ -205,6 +205,22 @@ impl Pipeline {
         &self.router
     }
 
+    /// The first half of a hint that request `id` will be handled soon: brings
+    /// its records (this pipeline's and the gateway's) toward the CPU's cache,
+    /// reading nothing that may be cold. Changes no state and no decision.
+    pub fn prefetch_request(&self, id: RequestId) {
+        if let Some(flight) = self.flights.get(id.slot()) {
+            crate::hint::prefetch(flight);
+        }
+        self.gateway.prefetch_request(id);
+    }
+
+    /// The second half, best called a little after the first: see
+    /// [`Gateway::prefetch_request_counters`].
+    pub fn prefetch_request_counters(&self, id: RequestId) {
+        self.gateway.prefetch_request_counters(id);
+    }
+
     /// Requests between `handle_request` and their `Finished`.
     pub fn in_flight_count(&self) -> usize {
         self.gateway.in_flight_count()

@@ -128,6 +128,11 @@ impl Store {
         self.rows.prefetch(key);
     }
 
+    /// See [`CounterMap::prefetch_row`].
+    pub fn prefetch_row(&self, row: RowId) {
+        self.rows.prefetch_row(row);
+    }
+
     /// The key of a pinned row.
     pub fn key(&self, row: RowId) -> &str {
         self.rows.key(row)

@@ -49,6 +49,18 @@ enum Event {
     Sync { from: usize, delta: Box<CounterDelta> },
 }
 
+impl Event {
+    /// The replica and id of the request in flight an event is about.
+    fn request(&self) -> Option<(usize, RequestId)> {
+        match *self {
+            Event::Send { replica, id, .. }
+            | Event::AttemptEnd { replica, id, .. }
+            | Event::Delivered { replica, id, .. } => Some((replica, id)),
+            Event::Generate { .. } | Event::Arrive(_) | Event::Sync { .. } => None,
+        }
+    }
+}
+
 struct InFlight {
     id: RequestId,
     /// Boxed, so a flight moves as a few words; the box is reused (see `recycle`).
@@ -220,7 +232,29 @@ impl<'s> Engine<'s> {
             if handled.is_multiple_of(65_536) {
                 progress((now - self.start).as_secs_f64() / (self.end - self.start).as_secs_f64().max(1e-9));
             }
+            self.prefetch_ahead();
             self.handle(now, event);
+        }
+    }
+
+    /// Asks for the memory of the events after this one early. An event's
+    /// request was last touched a backend's latency ago, so its records (the
+    /// flight, the gateway's ledger, the pinned counter rows) have left the
+    /// cache; waiting for them was a fifth of the run time. Two events ahead,
+    /// the records themselves are asked for; one event ahead, they are read
+    /// and what they point to is asked for. Hints only: no state changes.
+    fn prefetch_ahead(&self) {
+        if let Some((replica, id)) = self.queue.peek(1).and_then(Event::request) {
+            self.replicas[replica].prefetch_request(id);
+            if let Some(flight) = self.flights[replica].get(id.slot()) {
+                gateway_core::hint::prefetch(flight);
+            }
+        }
+        if let Some((replica, id)) = self.queue.peek(0).and_then(Event::request) {
+            self.replicas[replica].prefetch_request_counters(id);
+            if let Some(Some(flight)) = self.flights[replica].get(id.slot()) {
+                gateway_core::hint::prefetch(&*flight.call);
+            }
         }
     }
 

@@ -108,6 +108,13 @@ impl<E> EventQueue<E> {
         self.current.last().is_some_and(|e| e.at <= now)
     }
 
+    /// The event `n` places after the next one, when the current bucket holds it:
+    /// a look ahead for cache hints, which may miss events in later buckets.
+    pub fn peek(&self, n: usize) -> Option<&E> {
+        let i = self.current.len().checked_sub(n + 1)?;
+        Some(&self.current[i].event)
+    }
+
     /// The next event in (time, sequence) order, and its instant.
     pub fn pop(&mut self) -> Option<(Nanos, E)> {
         loop {
