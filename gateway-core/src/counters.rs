@@ -18,9 +18,9 @@
 //! memory. Hash-map iteration order is never observed: the wheel's buckets are
 //! walked in time order, each in the order its slots were scheduled.
 
+use crate::slot_index::SlotIndex;
 use crate::time::Nanos;
 use compact_str::CompactString;
-use hashbrown::HashTable;
 use std::hash::BuildHasher;
 
 pub type FixedHasher = foldhash::fast::FixedState;
@@ -49,8 +49,8 @@ struct Slot<S> {
 
 pub struct CounterMap<S> {
     hasher: FixedHasher,
-    /// Slot numbers by key hash: four bytes an entry, so growing it is cheap.
-    index: HashTable<u32>,
+    /// Slot numbers by key hash.
+    index: SlotIndex,
     /// The counters; a freed slot is reused (with its key's buffer) for the next key.
     slots: Vec<Slot<S>>,
     free: Vec<u32>,
@@ -65,7 +65,7 @@ impl<S> CounterMap<S> {
     pub fn new(hash_seed: u64) -> CounterMap<S> {
         CounterMap {
             hasher: FixedHasher::with_seed(hash_seed),
-            index: HashTable::new(),
+            index: SlotIndex::default(),
             slots: Vec::new(),
             free: Vec::new(),
             wheel: Vec::new(),
@@ -83,7 +83,7 @@ impl<S> CounterMap<S> {
 
     pub fn get(&self, key: &str) -> Option<&S> {
         let hash = self.hasher.hash_one(key);
-        let &i = self.index.find(hash, |&i| same_key(&self.slots[i as usize].key, key))?;
+        let i = self.index.find(hash, |i| same_key(&self.slots[i as usize].key, key))?;
         Some(&self.slots[i as usize].state)
     }
 
@@ -98,26 +98,33 @@ impl<S> CounterMap<S> {
     pub fn find_or_insert(&mut self, now: Nanos, key: &str, fresh: impl FnOnce() -> S) -> RowId {
         let hash = self.hasher.hash_one(key);
         let slots = &self.slots;
-        if let Some(&i) = self.index.find(hash, |&i| same_key(&slots[i as usize].key, key)) {
+        if let Some(i) = self.index.find(hash, |i| same_key(&slots[i as usize].key, key)) {
             return RowId(i);
         }
         let i = self.allocate(hash, key, now, fresh());
-        let slots = &self.slots;
-        self.index.insert_unique(hash, i, |&j| slots[j as usize].hash);
+        self.index.insert(hash, i);
         self.schedule(i, now);
         RowId(i)
     }
 
-    /// Asks the CPU to bring the counter of `key` (and any other counter whose
-    /// hash looks alike) into its cache, without waiting for it. A hint only: no
-    /// state changes and nothing a decision reads depends on it, so a driver that
-    /// knows which key comes next can call it early and find the counter warm.
+    /// The first half of a hint that `key` will be looked up soon: asks for the
+    /// index entries where its lookup starts, reading nothing that may be cold.
+    /// No state changes and nothing a decision reads depends on it.
+    pub fn prefetch_lookup(&self, key: &str) {
+        self.index.prefetch(self.hasher.hash_one(key));
+    }
+
+    /// Asks the CPU to bring the counter of `key` into its cache, without waiting
+    /// for it; best called a little after [`CounterMap::prefetch_lookup`], when
+    /// the index entries it reads are at hand. A hint, like that one.
     pub fn prefetch(&self, key: &str) {
         let hash = self.hasher.hash_one(key);
-        for &i in self.index.iter_hash(hash) {
-            if let Some(slot) = self.slots.get(i as usize) {
-                crate::hint::prefetch(slot);
-            }
+        // The first entry with the hash's tag, its key unread: comparing keys
+        // would wait for the very counter asked for, and tags are 32 bits, so
+        // another key's tag is seldom there.
+        let found = self.index.find(hash, |_| true);
+        if let Some(slot) = found.and_then(|i| self.slots.get(i as usize)) {
+            crate::hint::prefetch(slot);
         }
     }
 
@@ -162,7 +169,7 @@ impl<S> CounterMap<S> {
             return i;
         }
         self.slots.push(Slot { hash, key: CompactString::from(key), due: now, pins: 0, state });
-        u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 counters")
+        u32::try_from(self.slots.len() - 1).ok().filter(|&i| i < u32::MAX).expect("fewer than 2^32 - 1 counters")
     }
 
     fn schedule(&mut self, i: u32, due: Nanos) {
@@ -217,12 +224,8 @@ impl<S> CounterMap<S> {
 
     fn remove(&mut self, i: u32) {
         let hash = self.slots[i as usize].hash;
-        match self.index.find_entry(hash, |&j| j == i) {
-            Ok(entry) => {
-                entry.remove();
-            }
-            Err(_) => debug_assert!(false, "every scheduled slot is indexed"),
-        }
+        let removed = self.index.remove(hash, i);
+        debug_assert!(removed, "every scheduled slot is indexed");
         self.free.push(i);
     }
 
@@ -360,6 +363,7 @@ mod tests {
             *map.entry(Nanos::ZERO, &k.to_string(), || 0) = k;
         }
         for k in (0..2_000u64).step_by(7) {
+            map.prefetch_lookup(&k.to_string());
             map.prefetch(&k.to_string());
         }
         assert_eq!(map.len(), 1_000, "an absent key is not created");

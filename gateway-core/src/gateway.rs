@@ -378,9 +378,19 @@ impl Gateway {
         self.store.apply(now, delta);
     }
 
+    /// The first half of a hint that `req` will arrive soon: asks for the index
+    /// entries where the lookups of its limits' keys start. Changes no state and
+    /// no decision; a driver may call it or not.
+    pub fn prefetch_lookup(&mut self, req: &RequestInfo) {
+        let Gateway { limits, store, scratch, .. } = self;
+        for limit in limits.iter().filter(|limit| limit.same_key_as.is_none()) {
+            store.prefetch_lookup(limit.key.read(req, scratch));
+        }
+    }
+
     /// A hint that `req` will arrive soon: the counters its limits' keys name are
     /// brought toward the CPU's cache, so its arrival does not wait on memory.
-    /// Changes no state and no decision; a driver may call it or not.
+    /// Best a little after [`Gateway::prefetch_lookup`], whose entries it reads.
     pub fn prefetch(&mut self, req: &RequestInfo) {
         let Gateway { limits, store, scratch, .. } = self;
         for limit in limits.iter().filter(|limit| limit.same_key_as.is_none()) {

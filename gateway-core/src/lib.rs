@@ -8,6 +8,7 @@ pub mod lifecycle;
 pub mod limiter;
 pub mod policy;
 pub mod routing;
+mod slot_index;
 pub mod status;
 mod store;
 pub mod time;

@@ -226,6 +226,11 @@ impl Pipeline {
         self.gateway.in_flight_count()
     }
 
+    /// See [`Gateway::prefetch_lookup`]: the first half of a hint that `req` will arrive soon.
+    pub fn prefetch_lookup(&mut self, req: &RequestInfo) {
+        self.gateway.prefetch_lookup(req);
+    }
+
     /// See [`Gateway::prefetch`]: a hint that `req` will arrive soon.
     pub fn prefetch(&mut self, req: &RequestInfo) {
         self.gateway.prefetch(req);

@@ -22,21 +22,25 @@ pub struct SlidingLog {
     total: u64,
 }
 
-/// A sliding log's entries, oldest first. Most keys hold one or two entries in a
-/// window, so two live inline, in the counter's own cache line, and a longer log
-/// moves to the heap until it empties.
+/// A sliding log's entries, oldest first. Most keys hold a few entries (those
+/// of the last period, and older ones until the next look expires them), so up
+/// to [`INLINE_ENTRIES`] live inline, in the counter's own memory, and a longer
+/// log moves to the heap until it empties. With two inline, a quarter of the
+/// simulator's per-key logs were on the heap, each a cache miss of its own.
 #[derive(Clone, Debug)]
 enum Entries {
-    Inline { len: u8, items: [Entry; 2] },
+    Inline { len: u8, items: [Entry; INLINE_ENTRIES] },
     Heap(VecDeque<Entry>),
 }
+
+const INLINE_ENTRIES: usize = 4;
 
 /// An amount counted at an instant.
 type Entry = (Nanos, u64);
 
 impl Default for Entries {
     fn default() -> Entries {
-        Entries::Inline { len: 0, items: [(Nanos::ZERO, 0); 2] }
+        Entries::Inline { len: 0, items: [(Nanos::ZERO, 0); INLINE_ENTRIES] }
     }
 }
 
@@ -90,7 +94,9 @@ impl Entries {
         match self {
             Entries::Inline { len: 0, .. } => {}
             Entries::Inline { len, items } => {
-                items[0] = items[1];
+                // The whole (fixed-size) array turns, a few moves and no call;
+                // the old front lands past `len`, where nothing reads it.
+                items.rotate_left(1);
                 *len -= 1;
             }
             Entries::Heap(deque) => {
@@ -109,33 +115,32 @@ impl Entries {
         }
     }
 
-    /// Appends, inline and without a call in the usual cases (room in the inline
-    /// pair, or a log already on the heap); a full pair moves to the heap.
+    /// Appends, inline and without a call in the usual cases (room inline, or
+    /// a log already on the heap); a full inline log moves to the heap.
     #[inline]
     fn push_back(&mut self, entry: (Nanos, u64)) {
         match self {
-            Entries::Inline { len: len @ (0 | 1), items } => {
+            Entries::Inline { len, items } if (*len as usize) < INLINE_ENTRIES => {
                 items[*len as usize] = entry;
                 *len += 1;
             }
             Entries::Heap(deque) => deque.push_back(entry),
-            Entries::Inline { .. } => self.insert(2, entry),
+            Entries::Inline { len, .. } => {
+                let at = *len as usize;
+                self.insert(at, entry);
+            }
         }
     }
 
     fn insert(&mut self, i: usize, entry: (Nanos, u64)) {
         match self {
-            Entries::Inline { len: len @ (0 | 1), items } => {
-                // Only an insertion before the one entry shifts it (a shift
-                // through `copy_within` would be a call even when empty).
-                if i < *len as usize {
-                    items[1] = items[0];
-                }
+            Entries::Inline { len, items } if (*len as usize) < INLINE_ENTRIES => {
+                items[i..=*len as usize].rotate_right(1);
                 items[i] = entry;
                 *len += 1;
             }
             Entries::Inline { items, .. } => {
-                let mut deque = VecDeque::with_capacity(4);
+                let mut deque = VecDeque::with_capacity(2 * INLINE_ENTRIES);
                 deque.extend(items.iter().copied());
                 deque.insert(i, entry);
                 *self = Entries::Heap(deque);

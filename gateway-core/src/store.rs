@@ -123,6 +123,11 @@ impl Store {
         self.rows.find_or_insert(now, key, || Row::fresh(families, now))
     }
 
+    /// See [`CounterMap::prefetch_lookup`].
+    pub fn prefetch_lookup(&self, key: &str) {
+        self.rows.prefetch_lookup(key);
+    }
+
     /// See [`CounterMap::prefetch`].
     pub fn prefetch(&self, key: &str) {
         self.rows.prefetch(key);

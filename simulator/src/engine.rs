@@ -16,7 +16,7 @@ use mock_aoai::model::{ModelRequest, ModelResponse, Operation};
 use mock_aoai::{round_to_u64, DeploymentModel};
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 /// One client call (an SDK retry is a new call with `attempt + 1`).
@@ -61,6 +61,20 @@ impl Event {
     }
 }
 
+/// How many of a generated client's calls are drawn before they arrive: three,
+/// so a call's counters can be asked for two arrivals before it comes, in two
+/// steps (see `Engine::draw_ahead`).
+const DRAWN_AHEAD: usize = 3;
+
+/// A generated client's next calls, drawn ahead of their arrivals.
+#[derive(Default)]
+struct Upcoming {
+    /// In arrival order, each with the gap after it.
+    calls: VecDeque<(Box<Call>, Nanos)>,
+    /// When the call after the last of `calls` arrives.
+    tail_at: Nanos,
+}
+
 struct InFlight {
     id: RequestId,
     /// Boxed, so a flight moves as a few words; the box is reused (see `recycle`).
@@ -101,9 +115,8 @@ pub struct Engine<'s> {
     client_rngs: Vec<ChaCha8Rng>,
     /// Each client's SDK retry jitter, apart, so retries do not shift arrivals.
     retry_rngs: Vec<ChaCha8Rng>,
-    /// Each generated client's next call, drawn as soon as the previous one
-    /// arrived, so its counters can be fetched into cache before it arrives.
-    upcoming: Vec<Option<Box<Call>>>,
+    /// Each generated client's next calls, drawn ahead of their arrivals.
+    upcoming: Vec<Upcoming>,
     sequence: u64,
     arrivals: u64,
     traces: Vec<Option<Vec<TraceLine>>>,
@@ -177,7 +190,7 @@ impl<'s> Engine<'s> {
             rng,
             client_rngs,
             retry_rngs,
-            upcoming: scenario.clients.iter().map(|_| None).collect(),
+            upcoming: scenario.clients.iter().map(|_| Upcoming::default()).collect(),
             sequence: 0,
             arrivals: 0,
             traces,
@@ -237,12 +250,13 @@ impl<'s> Engine<'s> {
         }
     }
 
-    /// Asks for the memory of the events after this one early. An event's
-    /// request was last touched a backend's latency ago, so its records (the
-    /// flight, the gateway's ledger, the pinned counter rows) have left the
-    /// cache; waiting for them was a fifth of the run time. Two events ahead,
-    /// the records themselves are asked for; one event ahead, they are read
-    /// and what they point to is asked for. Hints only: no state changes.
+    /// Asks for the memory of what comes next early, so handling it does not
+    /// wait on a cache miss. An event's request was last touched a backend's
+    /// latency ago, so its records (the flight, the gateway's ledger, the pinned
+    /// counter rows) have left the cache: two events ahead, the records are
+    /// asked for; one event ahead, they are read and what they point to is
+    /// asked for (a generated call's counters are asked for when it is drawn,
+    /// see `draw_ahead`). Hints only: no state changes.
     fn prefetch_ahead(&self) {
         if let Some((replica, id)) = self.queue.peek(1).and_then(Event::request) {
             self.replicas[replica].prefetch_request(id);
@@ -352,21 +366,44 @@ impl<'s> Engine<'s> {
     }
 
     fn generate(&mut self, now: Nanos, client: usize) {
-        let mut call = match self.upcoming[client].take() {
-            Some(call) => call,
-            None => self.draw_call(client),
+        let (mut call, gap) = match self.upcoming[client].calls.pop_front() {
+            Some(drawn) => drawn,
+            None => {
+                let call = self.draw_call(client);
+                (call, self.next_gap(client, now))
+            }
         };
         call.request = self.sequence;
         self.sequence += 1;
         self.arrive(now, call);
-        let gap = self.next_gap(client, now);
         self.push(now + gap, Event::Generate { client });
-        // The next call's draws come next in the client's stream whenever they
-        // are made, so they are made now, and its counters are fetched toward
-        // the cache while other events run (a hint; it decides nothing).
-        let next = self.draw_call(client);
-        self.replicas[self.next_replica].prefetch(&next.info);
-        self.upcoming[client] = Some(next);
+        self.draw_ahead(client, now + gap);
+    }
+
+    /// Draws the client's next calls, each with the gap after it, in the order
+    /// its stream would give them at their arrivals (so drawing early changes
+    /// no number), until [`DRAWN_AHEAD`] are waiting; `next_at` is when the first
+    /// waiting call arrives. Then asks for the counters of the calls ahead, in
+    /// two steps an arrival apart (hints that decide nothing): the index entries
+    /// that find the call just drawn, and the counters of the call before it,
+    /// whose entries were asked for one arrival ago.
+    fn draw_ahead(&mut self, client: usize, next_at: Nanos) {
+        if self.upcoming[client].calls.is_empty() {
+            self.upcoming[client].tail_at = next_at;
+        }
+        while self.upcoming[client].calls.len() < DRAWN_AHEAD {
+            let at = self.upcoming[client].tail_at;
+            let call = self.draw_call(client);
+            let gap = self.next_gap(client, at);
+            self.replicas[self.next_replica].prefetch_lookup(&call.info);
+            let upcoming = &mut self.upcoming[client];
+            upcoming.calls.push_back((call, gap));
+            upcoming.tail_at = at + gap;
+        }
+        let calls = &self.upcoming[client].calls;
+        if let Some((call, _)) = calls.len().checked_sub(2).map(|i| &calls[i]) {
+            self.replicas[self.next_replica].prefetch(&call.info);
+        }
     }
 
     /// A generated client's next call; its `request` number is given on arrival.
