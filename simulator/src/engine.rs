@@ -348,7 +348,8 @@ impl<'s> Engine<'s> {
             Arrival::Ramp { from_per_s, to_per_s } => {
                 let duration = self.scenario.duration.0.as_secs_f64().max(1e-9);
                 let rate = |t: f64| from_per_s + (to_per_s - from_per_s) * (t / duration).clamp(0.0, 1.0);
-                thinned(rng, now.saturating_sub(self.start).as_secs_f64(), from_per_s.max(*to_per_s), rate)
+                let (t0, end) = (now.saturating_sub(self.start).as_secs_f64(), duration);
+                thinned(rng, t0, end, from_per_s.max(*to_per_s), rate)
             }
             Arrival::Daily { peak_per_s, trough_per_s, peak_hour } => {
                 // The hour of day in UTC of the scenario's own clock.
@@ -358,7 +359,8 @@ impl<'s> Engine<'s> {
                     let phase = std::f64::consts::TAU * (hours - peak_hour) / 24.0;
                     trough_per_s + (peak_per_s - trough_per_s) * (1.0 + phase.cos()) / 2.0
                 };
-                thinned(rng, (now.0 - day_start) as f64 / 1e9, *peak_per_s, rate)
+                let since_day_start = |t: Nanos| t.0.saturating_sub(day_start) as f64 / 1e9;
+                thinned(rng, since_day_start(now), since_day_start(self.end), *peak_per_s, rate)
             }
             Arrival::Trace { .. } => unreachable!("traces are scheduled up front"),
         };
@@ -727,12 +729,14 @@ fn set_identity(info: &mut RequestInfo, client: usize, caller: usize, c: &Client
 
 /// The gap to the next arrival of a Poisson process whose rate changes with time
 /// (`rate(t)` at most `max`), by thinning: candidates at rate `max`, each kept with
-/// probability `rate(t) / max`.
-fn thinned(rng: &mut ChaCha8Rng, t0: f64, max: f64, rate: impl Fn(f64) -> f64) -> f64 {
+/// probability `rate(t) / max`. A candidate at or after `end`, where nothing is
+/// simulated, is taken as it is: a rate that falls to zero there (a ramp down to
+/// 0/s) would otherwise reject candidates for ever.
+fn thinned(rng: &mut ChaCha8Rng, t0: f64, end: f64, max: f64, rate: impl Fn(f64) -> f64) -> f64 {
     let mut t = t0;
     loop {
         t += -(1.0 - rng.random::<f64>()).ln() / max;
-        if rng.random::<f64>() * max < rate(t) {
+        if t >= end || rng.random::<f64>() * max < rate(t) {
             return t - t0;
         }
     }

@@ -46,6 +46,17 @@ fn arrivals_come_at_their_rates() {
     within(night, 3600.0 * (1.0 + 9.0 * (1.0 + (std::f64::consts::TAU * 11.5 / 24.0).cos()) / 2.0), 0.06);
 }
 
+/// A rate that falls to zero at the end has a last arrival: the run ends there
+/// (its next gap once searched for ever for an instant with a rate above zero).
+#[test]
+fn a_ramp_down_to_zero_ends() {
+    let expected = 3600.0 * 4.0 / 2.0;
+    let got = calls("{ ramp = { from_per_s = 4, to_per_s = 0 } }");
+    assert!((got as f64 - expected).abs() <= expected * 0.05, "{got} calls, expected about {expected}");
+    let dawn = calls("{ daily = { peak_per_s = 4, trough_per_s = 0, peak_hour = 12 } }");
+    assert!(dawn > 0, "a daily curve with a zero trough still has arrivals");
+}
+
 #[test]
 fn a_csv_trace_replays_like_its_jsonl_twin() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
