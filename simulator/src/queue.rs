@@ -188,6 +188,14 @@ mod tests {
                 }
                 let due = model.peek().is_some_and(|Reverse((at, _))| *at <= now);
                 prop_assert_eq!(queue.has_due(now), due);
+                // A look ahead, when it sees an event, sees the right one.
+                let mut next: Vec<_> = model.iter().map(|Reverse((at, seq))| (*at, *seq)).collect();
+                next.sort_unstable();
+                for n in 0..2 {
+                    if let Some(&seq) = queue.peek(n) {
+                        prop_assert_eq!(Some(seq), next.get(n).map(|e| e.1));
+                    }
+                }
             }
             while let Some(Reverse((at, seq))) = model.pop() {
                 prop_assert_eq!(queue.pop(), Some((at, seq)));
