@@ -156,6 +156,13 @@ impl Entries {
 impl SlidingLog {
     /// Drops what has left the window: an entry at `t` is outside iff `t <= now - period`.
     pub fn expire(&mut self, now: Nanos, period: Nanos) {
+        // A long log (a deployment's requests per minute) is read from its front
+        // as time goes by: the lines a few expiries on are asked for now.
+        if let Entries::Heap(deque) = &self.entries {
+            if let Some(ahead) = deque.get(16) {
+                crate::hint::prefetch(ahead);
+            }
+        }
         while let Some(&(t, amount)) = self.entries.front() {
             if t.saturating_add(period) > now {
                 break;
