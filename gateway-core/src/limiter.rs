@@ -125,10 +125,7 @@ impl Entries {
                 *len += 1;
             }
             Entries::Heap(deque) => deque.push_back(entry),
-            Entries::Inline { len, .. } => {
-                let at = *len as usize;
-                self.insert(at, entry);
-            }
+            Entries::Inline { .. } => self.insert(INLINE_ENTRIES, entry),
         }
     }
 
