@@ -35,9 +35,10 @@ fn slot_of(entry: u64) -> u32 {
     entry as u32 - 1
 }
 
-/// Where an entry's probe starts in a table of `mask + 1` entries.
-fn home(entry: u64, mask: usize) -> usize {
-    (entry >> 32) as usize & mask
+/// Where the probe of an entry, or of a hash (whose high half an entry keeps),
+/// starts in a table of `mask + 1` entries.
+fn home(entry_or_hash: u64, mask: usize) -> usize {
+    (entry_or_hash >> 32) as usize & mask
 }
 
 impl SlotIndex {
@@ -55,7 +56,7 @@ impl SlotIndex {
 
     /// Asks for the cache line where a lookup of `hash` starts (a hint).
     pub fn prefetch(&self, hash: u64) {
-        if let Some(start) = self.entries.get(tag(hash) as usize & self.mask()) {
+        if let Some(start) = self.entries.get(home(hash, self.mask())) {
             hint::prefetch(start);
         }
     }
@@ -63,7 +64,7 @@ impl SlotIndex {
     /// The first slot with this hash for which `is` holds.
     pub fn find(&self, hash: u64, mut is: impl FnMut(u32) -> bool) -> Option<u32> {
         let mask = self.mask();
-        let mut i = tag(hash) as usize & mask;
+        let mut i = home(hash, mask);
         // Ends at an empty entry: the table is never full.
         loop {
             let &e = self.entries.get(i)?;

@@ -348,8 +348,7 @@ impl<'s> Engine<'s> {
             Arrival::Ramp { from_per_s, to_per_s } => {
                 let duration = self.scenario.duration.0.as_secs_f64().max(1e-9);
                 let rate = |t: f64| from_per_s + (to_per_s - from_per_s) * (t / duration).clamp(0.0, 1.0);
-                let (t0, end) = (now.saturating_sub(self.start).as_secs_f64(), duration);
-                thinned(rng, t0, end, from_per_s.max(*to_per_s), rate)
+                thinned(rng, now.saturating_sub(self.start).as_secs_f64(), duration, from_per_s.max(*to_per_s), rate)
             }
             Arrival::Daily { peak_per_s, trough_per_s, peak_hour } => {
                 // The hour of day in UTC of the scenario's own clock.
