@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Side by side, in one run on this machine: a fixed-response backend (nginx
 # `return 200`) called directly, through nginx as a plain reverse proxy, and
-# through `aigw proxy` with the seed policy. Open loop at 2,000 requests/s
+# through `limitlab proxy` with the seed policy. Open loop at 2,000 requests/s
 # (latency), then closed loop (throughput), ROUNDS times interleaved so that
 # drifts of a shared VM hit all three alike; the summary gives medians, over
 # all rounds and over the quiet ones (little CPU stolen by the hypervisor).
 #
 # The backend and each proxy are separate processes, and each proxy gets one
-# worker: nginx `worker_processes 1`, aigw `--threads 1` (THREADS to change it).
+# worker: nginx `worker_processes 1`, limitlab `--threads 1` (THREADS to change it).
 # Everything shares this machine's cores with the load generator.
 #
 # Each line also says what the run cost and what disturbed it: the CPU time per
@@ -20,8 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nginx > /dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx > /dev/null; }
-cargo build --release -q -p aigw
-cargo bench -q -p aigw-benches --bench load --no-run 2> /dev/null
+cargo build --release -q -p limitlab
+cargo bench -q -p limitlab-benches --bench load --no-run 2> /dev/null
 load=$(ls -t target/release/deps/load-* | grep -v '\.d$' | head -1)
 tmp=$(mktemp -d)
 nginx_conf() { # NAME SERVER-BLOCK
@@ -35,7 +35,7 @@ http {
   access_log off;
   # nginx closes a keep-alive connection after 1,000 requests by default; the
   # reconnections (and their TIME_WAIT sockets) would slow every run after the
-  # first. aigw keeps its connections, and so does this nginx.
+  # first. limitlab keeps its connections, and so does this nginx.
   keepalive_requests 1000000000;
   upstream backend { server 127.0.0.1:18081; keepalive 128; keepalive_requests 1000000000; }
   $2
@@ -58,12 +58,12 @@ backend_pid=$!
 nginx -c "$tmp/proxy.conf" &
 proxy_pid=$!
 # Request logs off, as nginx runs with access_log off.
-AIGW_LOG=warn target/release/aigw proxy --config benches/proxy-bench.toml --threads "${THREADS:-1}" > "$tmp/aigw.out" 2> /dev/null &
-aigw_pid=$!
-trap 'kill $backend_pid $proxy_pid $aigw_pid 2> /dev/null; wait 2> /dev/null; rm -rf "$tmp"' EXIT
+LIMITLAB_LOG=warn target/release/limitlab proxy --config benches/proxy-bench.toml --threads "${THREADS:-1}" > "$tmp/limitlab.out" 2> /dev/null &
+limitlab_pid=$!
+trap 'kill $backend_pid $proxy_pid $limitlab_pid 2> /dev/null; wait 2> /dev/null; rm -rf "$tmp"' EXIT
 sleep 1
-# The process that serves each target: nginx's worker (a child of its master), or aigw.
-declare -A serving=([direct]=$(pgrep -P $backend_pid) [nginx]=$(pgrep -P $proxy_pid) [aigw]=$aigw_pid)
+# The process that serves each target: nginx's worker (a child of its master), or limitlab.
+declare -A serving=([direct]=$(pgrep -P $backend_pid) [nginx]=$(pgrep -P $proxy_pid) [limitlab]=$limitlab_pid)
 # CPU ticks of a process (user, system), its involuntary switches (all threads),
 # and the machine's (busy, steal) ticks.
 sample() {
@@ -80,21 +80,21 @@ cost() { # BEFORE AFTER REQUESTS
 path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 seconds=${SECONDS_PER_RUN:-10}
 rounds=${ROUNDS:-3}
-declare -A ports=([direct]=18081 [nginx]=18082 [aigw]=18080)
+declare -A ports=([direct]=18081 [nginx]=18082 [limitlab]=18080)
 for round in $(seq "$rounds"); do
   for rate in 2000 0; do
-    for target in direct nginx aigw; do
-      if [ $target = aigw ] && [ $rate = 2000 ]; then before=$(curl -s http://127.0.0.1:19090/metrics); fi
+    for target in direct nginx limitlab; do
+      if [ $target = limitlab ] && [ $rate = 2000 ]; then before=$(curl -s http://127.0.0.1:19090/metrics); fi
       s0=$(sample "${serving[$target]}")
       line=$("$load" "http://127.0.0.1:${ports[$target]}$path" $rate "$seconds" 64 "api-key:bench-key")
       s1=$(sample "${serving[$target]}")
       ok=$(echo "$line" | sed -n 's/.*: \([0-9]*\) ok.*/\1/p')
-      if [ $target = aigw ] && [ $rate = 2000 ]; then
-        # aigw's own view: time it added (total minus backend), from its histogram.
-        added() { echo "$1" | awk -F'[{} ]' '/^aigw_gateway_added_seconds_bucket/ && $2=="le=\"0.0005\"" {a=$4} /^aigw_gateway_added_seconds_bucket/ && $2=="le=\"0.001\"" {b=$4} /^aigw_gateway_added_seconds_count/ {c=$2} END {print a+0, b+0, c+0}'; }
+      if [ $target = limitlab ] && [ $rate = 2000 ]; then
+        # limitlab's own view: time it added (total minus backend), from its histogram.
+        added() { echo "$1" | awk -F'[{} ]' '/^limitlab_gateway_added_seconds_bucket/ && $2=="le=\"0.0005\"" {a=$4} /^limitlab_gateway_added_seconds_bucket/ && $2=="le=\"0.001\"" {b=$4} /^limitlab_gateway_added_seconds_count/ {c=$2} END {print a+0, b+0, c+0}'; }
         read -r a0 b0 c0 <<< "$(added "$before")"
         read -r a1 b1 c1 <<< "$(added "$(curl -s http://127.0.0.1:19090/metrics)")"
-        awk -v a=$((a1-a0)) -v b=$((b1-b0)) -v c=$((c1-c0)) 'BEGIN {printf "round '"$round"' aigw: own histogram: %.2f%% of requests added at most 0.5 ms, %.2f%% at most 1 ms\n", 100*a/c, 100*b/c}'
+        awk -v a=$((a1-a0)) -v b=$((b1-b0)) -v c=$((c1-c0)) 'BEGIN {printf "round '"$round"' limitlab: own histogram: %.2f%% of requests added at most 0.5 ms, %.2f%% at most 1 ms\n", 100*a/c, 100*b/c}'
       fi
       spent=$(cost "$s0" "$s1" "${ok:-1}")
       echo "round $round $target: ${line#* }; $spent"
@@ -108,11 +108,11 @@ field() { # RATE TARGET FIELD
   awk -v r="$1" -v t="$2" -v f="$3" '$2==r && $3==t {for (i=1;i<=NF;i++) if ($i==f) print $(i+1); else if ($i ~ /req\/s,$/ && f=="rps") print $(i-1)}' "$tmp/results" | tr -d ',' | median
 }
 echo "medians of $rounds rounds ($seconds s each):"
-for target in direct nginx aigw; do
+for target in direct nginx limitlab; do
   printf '  %-6s  closed loop %6.0f req/s   at 2000/s: latency_ms_p50 %.3f  latency_ms_p99 %.3f\n' "$target" \
     "$(field 0 $target rps)" "$(field 2000 $target latency_ms_p50)" "$(field 2000 $target latency_ms_p99)"
 done
-awk -v a="$(field 0 aigw rps)" -v n="$(field 0 nginx rps)" 'BEGIN {printf "  aigw throughput / nginx throughput: %.0f%% (goal: at least 80%%)\n", 100*a/n}'
+awk -v a="$(field 0 limitlab rps)" -v n="$(field 0 nginx rps)" 'BEGIN {printf "  limitlab throughput / nginx throughput: %.0f%% (goal: at least 80%%)\n", 100*a/n}'
 # Added latency: each round's proxy figure minus the same round's direct one
 # (they ran seconds apart), then the median over rounds.
 added_in() { # ROUND TARGET PERCENTILE
@@ -126,8 +126,8 @@ added() { # TARGET PERCENTILE [ROUNDS...]
   for round in "$@"; do added_in "$round" "$target" "$p"; done | median
 }
 for p in 50 99; do
-  printf '  added latency at p%s over direct (median of per-round differences): aigw %.3f ms, nginx %.3f ms\n' \
-    $p "$(added aigw $p)" "$(added nginx $p)"
+  printf '  added latency at p%s over direct (median of per-round differences): limitlab %.3f ms, nginx %.3f ms\n' \
+    $p "$(added limitlab $p)" "$(added nginx $p)"
 done
 # The same figures from the quiet rounds only: those where the hypervisor stole
 # less than QUIET_STEAL percent of the machine in each of the round's three runs
@@ -147,8 +147,8 @@ read -r -a calm <<< "$(quiet 2000)"
 echo "quiet rounds at 2000/s (steal under ${quiet_steal}% in all three runs): ${calm[*]:-none} of $rounds"
 if [ ${#calm[@]} -gt 0 ]; then
   for p in 50 99; do
-    printf '  added latency at p%s over direct in quiet rounds: aigw %.3f ms (per round: %s), nginx %.3f ms (per round: %s)\n' \
-      $p "$(added aigw $p "${calm[@]}")" "$(per_round aigw $p "${calm[@]}")" \
+    printf '  added latency at p%s over direct in quiet rounds: limitlab %.3f ms (per round: %s), nginx %.3f ms (per round: %s)\n' \
+      $p "$(added limitlab $p "${calm[@]}")" "$(per_round limitlab $p "${calm[@]}")" \
       "$(added nginx $p "${calm[@]}")" "$(per_round nginx $p "${calm[@]}")"
   done
 fi
@@ -156,5 +156,5 @@ read -r -a calm <<< "$(quiet 0)"
 echo "quiet rounds in the closed loop: ${calm[*]:-none} of $rounds"
 for round in "${calm[@]}"; do
   awk -v r="$round" '$1==r && $2==0 {for (i=1;i<=NF;i++) if ($i ~ /req\/s,$/) v[$3]=$(i-1)}
-    END {printf "  round %s: aigw %.0f req/s, nginx %.0f req/s: %.0f%%\n", r, v["aigw"], v["nginx"], 100*v["aigw"]/v["nginx"]}' "$tmp/results"
+    END {printf "  round %s: limitlab %.0f req/s, nginx %.0f req/s: %.0f%%\n", r, v["limitlab"], v["nginx"], 100*v["limitlab"]/v["nginx"]}' "$tmp/results"
 done

@@ -226,7 +226,7 @@ impl Reader<'_, '_> {
     }
 
     fn unmodelled(&mut self, node: Node<'_, '_>, name: &str) -> Result<(), Diagnostic> {
-        let message = format!("<{name}> is not modelled by aigw; the rest of the policy still runs without it");
+        let message = format!("<{name}> is not modelled by limitlab; the rest of the policy still runs without it");
         let diagnostic = self.at(node, message);
         if self.options.strict {
             return Err(Diagnostic { message: format!("{} (--strict)", diagnostic.message), ..diagnostic });

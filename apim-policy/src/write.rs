@@ -1,7 +1,7 @@
-//! Native policy → APIM XML, for `aigw policy export` and round-trip tests.
+//! Native policy → APIM XML, for `limitlab policy export` and round-trip tests.
 //!
 //! Only what APIM's XML can say is written: the limits' attributes, the backend
-//! choice, the retry with its switches and the timeout. aigw's own options
+//! choice, the retry with its switches and the timeout. limitlab's own options
 //! (`algorithm`, `reserve`) are tier settings or extensions with no XML form.
 
 use crate::expr::{write_condition, write_key};

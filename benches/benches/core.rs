@@ -5,7 +5,7 @@
 //! clock advancing 1 ms per request so every key is seen every 10 simulated seconds.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gateway_core::{Gateway, Nanos, Policy, RequestDecision, RequestInfo, ResponseInfo};
+use gateway_core::{LimitBook, Nanos, Policy, RequestDecision, RequestInfo, ResponseInfo};
 use std::hint::black_box;
 
 const KEYS: usize = 10_000;
@@ -17,7 +17,7 @@ fn requests() -> Vec<RequestInfo> {
 }
 
 /// One decision and its completion; returns whether the request was admitted.
-fn decide(gw: &mut Gateway, now: Nanos, req: &RequestInfo) -> bool {
+fn decide(gw: &mut LimitBook, now: Nanos, req: &RequestInfo) -> bool {
     match gw.handle_request(now, req) {
         RequestDecision::Forward(a) => {
             let info = ResponseInfo { status: Some(200), total_tokens: 30, ..ResponseInfo::default() };
@@ -37,7 +37,7 @@ fn bench_policy(c: &mut Criterion, name: &str, policy_toml: &str) {
     let mut group = c.benchmark_group("decision_10k_keys");
     group.throughput(Throughput::Elements(1));
     group.bench_function(BenchmarkId::from_parameter(name), |b| {
-        let mut gw = Gateway::new(&policy, 42);
+        let mut gw = LimitBook::new(&policy, 42);
         let mut now = Nanos::from_secs(1_700_000_000);
         // Warm every key so the maps hold 10,000 live counters.
         for req in &reqs {

@@ -7,7 +7,7 @@
 //! instant the timer actually fired: Tokio's timer fires up to a millisecond
 //! late, and that lateness belongs to the load generator, not to the server.
 //!
-//! `cargo bench -p aigw-benches --bench load -- URL RATE SECONDS [CONNECTIONS] [HEADER:VALUE]`
+//! `cargo bench -p limitlab-benches --bench load -- URL RATE SECONDS [CONNECTIONS] [HEADER:VALUE]`
 //! (RATE 0: closed loop, as fast as the connections go.)
 
 use bytes::Bytes;

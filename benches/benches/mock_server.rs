@@ -2,7 +2,7 @@
 //! with zero configured latency (`mocks/fast.toml`), so the proxy's benchmarks can
 //! show the mock is not their bottleneck. Server and load share this machine.
 //!
-//! `cargo bench -p aigw-benches --bench mock_server [-- SECONDS CONCURRENCY]`
+//! `cargo bench -p limitlab-benches --bench mock_server [-- SECONDS CONCURRENCY]`
 
 use mock_aoai::MockConfig;
 use serde_json::json;

@@ -1,10 +1,10 @@
 //! Criterion benchmarks of one request with one retry and a failover (the seed
 //! article's `<backend>` section), no I/O: the router alone, and the whole
-//! lifecycle through `Pipeline` (limits, attempts, delivery, token books, record).
+//! lifecycle through `Lifecycle` (limits, attempts, delivery, token books, record).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gateway_core::routing::{AttemptOutcome, Next, Router, Routing};
-use gateway_core::{Delivery, Nanos, Pipeline, Policy, RequestInfo, Step, Usage};
+use gateway_core::{Delivery, Lifecycle, Nanos, Policy, RequestInfo, Step, Usage};
 use std::hint::black_box;
 
 const SEED: &str = include_str!("../../policies/seed-failover-routing.toml");
@@ -39,7 +39,7 @@ const SEED_LIMITS: &str = include_str!("../../policies/seed-ip-limits.toml");
 fn lifecycle(c: &mut Criterion) {
     let routing: Routing = toml::from_str(SEED).expect("bench routing parses");
     let policy = Policy::from_toml(SEED_LIMITS).expect("bench policy parses");
-    let mut pipeline = Pipeline::new(&policy, routing, 1).expect("valid");
+    let mut pipeline = Lifecycle::new(&policy, routing, 1).expect("valid");
     let requests: Vec<RequestInfo> = (0..10_000u32)
         .map(|i| RequestInfo {
             ip: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),

@@ -1,7 +1,7 @@
 //! Simulated requests per second of wall time, on one core, and peak memory, for
 //! `benches/throughput.toml` (1,000 requests/s through the seed policy).
 //!
-//! `cargo bench -p aigw-benches --bench simulate [-- DURATION [SCENARIO]]` (default
+//! `cargo bench -p limitlab-benches --bench simulate [-- DURATION [SCENARIO]]` (default
 //! 1h; the figure is for 24h). Another scenario file, given second, is run
 //! instead of the bench's own, for comparisons (its `duration = "1h"` line is the
 //! one replaced).
@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-// The allocator `aigw` ships with, so the figures are those of `aigw simulate`.
+// The allocator `limitlab` ships with, so the figures are those of `limitlab simulate`.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

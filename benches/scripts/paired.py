@@ -6,7 +6,7 @@ two builds mostly measure the drift. Run side by side, both builds see the same
 host at the same moment; each pair is run in both orders, and the median of the
 ratios is the figure to trust.
 
-    cargo bench -p aigw-benches --bench simulate --no-run   # note the binary's path
+    cargo bench -p limitlab-benches --bench simulate --no-run   # note the binary's path
     cp target/release/deps/simulate-HASH /tmp/old           # before the change
     # ... make the change, build again, then:
     benches/scripts/paired.py /tmp/old target/release/deps/simulate-HASH --rounds 10 --duration 30m

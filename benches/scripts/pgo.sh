@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A profile-guided build of the simulator: `aigw` and the simulate bench, each
+# A profile-guided build of the simulator: `limitlab` and the simulate bench, each
 # compiled once with instrumentation, run on the bench scenario and every shipped
 # scenario, and compiled again with what those runs measured. Then the bench runs
 # for DURATION (default 24h) of simulated time.
@@ -9,7 +9,7 @@
 # Needs `llvm-profdata` from the LLVM that rustc is built on (`rustc -vV` names
 # it): `apt install llvm-22` or `rustup component add llvm-tools`. Takes about half
 # an hour from scratch on 2 cores (four release builds with fat LTO). Writes everything under
-# `target/pgo/`; the build for use is `target/pgo/use/release/aigw`.
+# `target/pgo/`; the build for use is `target/pgo/use/release/limitlab`.
 #
 # Why: the simulator's hot path is long and branchy, and on a 2-core VM like CI's
 # it spends much of its time waiting for instructions. With a measured profile,
@@ -17,9 +17,9 @@
 # actually taken.
 #
 # Each binary is trained on itself, since a profile is keyed by symbol names and
-# those differ between the bench and `aigw`. `aigw` is trained on `simulate` only:
+# those differ between the bench and `limitlab`. `limitlab` is trained on `simulate` only:
 # code a profile never saw running (the proxy's) is compiled as cold, so build
-# `aigw` the usual way (`cargo build --release`) to run the proxy.
+# `limitlab` the usual way (`cargo build --release`) to run the proxy.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 duration="${1:-24h}"
@@ -40,13 +40,13 @@ fi
 
 root="$PWD/target/pgo"
 rm -rf "$root/profiles" "$root/train"
-mkdir -p "$root/profiles/bench" "$root/profiles/aigw" "$root/train"
+mkdir -p "$root/profiles/bench" "$root/profiles/limitlab" "$root/train"
 scenarios=(benches/throughput.toml scenarios/*.toml)
 
 # Builds the simulate bench with RUSTFLAGS $1 and prints its binary's path.
 bench_binary() {
   local path
-  path=$(RUSTFLAGS="$1" cargo bench --locked -q -p aigw-benches --bench simulate --no-run --message-format=json \
+  path=$(RUSTFLAGS="$1" cargo bench --locked -q -p limitlab-benches --bench simulate --no-run --message-format=json \
     | sed -n 's/.*"executable":"\([^"]*simulate-[^"]*\)".*/\1/p' | tail -n 1)
   [ -x "$path" ] || { echo "pgo.sh: the simulate bench did not build" >&2; exit 1; }
   echo "$path"
@@ -55,24 +55,24 @@ bench_binary() {
 echo "== 1/4: instrumented builds"
 export CARGO_TARGET_DIR="$root/gen"
 bench=$(bench_binary "-Cprofile-generate=$root/profiles/bench")
-RUSTFLAGS="-Cprofile-generate=$root/profiles/aigw" cargo build --locked -q --release -p aigw
+RUSTFLAGS="-Cprofile-generate=$root/profiles/limitlab" cargo build --locked -q --release -p limitlab
 
 echo "== 2/4: training runs"
 # Build scripts and proc macros wrote profiles too while compiling; only the
 # training runs' profiles count.
-rm -f "$root"/profiles/bench/*.profraw "$root"/profiles/aigw/*.profraw
+rm -f "$root"/profiles/bench/*.profraw "$root"/profiles/limitlab/*.profraw
 for scenario in "${scenarios[@]}"; do
   "$bench" 1h "$scenario" > /dev/null
-  "$root/gen/release/aigw" simulate "$scenario" --out "$root/train/$(basename "$scenario" .toml)" > /dev/null
+  "$root/gen/release/limitlab" simulate "$scenario" --out "$root/train/$(basename "$scenario" .toml)" > /dev/null
 done
 "$profdata" merge -o "$root/profiles/bench.profdata" "$root"/profiles/bench/*.profraw
-"$profdata" merge -o "$root/profiles/aigw.profdata" "$root"/profiles/aigw/*.profraw
+"$profdata" merge -o "$root/profiles/limitlab.profdata" "$root"/profiles/limitlab/*.profraw
 
 echo "== 3/4: optimised builds"
 export CARGO_TARGET_DIR="$root/use"
 bench=$(bench_binary "-Cprofile-use=$root/profiles/bench.profdata")
-RUSTFLAGS="-Cprofile-use=$root/profiles/aigw.profdata" cargo build --locked -q --release -p aigw
-echo "aigw: $root/use/release/aigw"
+RUSTFLAGS="-Cprofile-use=$root/profiles/limitlab.profdata" cargo build --locked -q --release -p limitlab
+echo "limitlab: $root/use/release/limitlab"
 echo "simulate bench: $bench"
 
 echo "== 4/4: the simulate bench, $duration"

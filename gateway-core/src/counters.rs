@@ -110,29 +110,29 @@ impl<S> CounterMap<S> {
     /// The first half of a hint that `key` will be looked up soon: asks for the
     /// index entries where its lookup starts, reading nothing that may be cold.
     /// No state changes and nothing a decision reads depends on it.
-    pub fn prefetch_lookup(&self, key: &str) {
+    pub(crate) fn prefetch_lookup(&self, key: &str) {
         self.index.prefetch(self.hasher.hash_one(key));
     }
 
     /// Asks the CPU to bring the counter of `key` into its cache, without waiting
     /// for it; best called a little after [`CounterMap::prefetch_lookup`], when
     /// the index entries it reads are at hand. A hint, like that one.
-    pub fn prefetch(&self, key: &str) {
+    pub(crate) fn prefetch(&self, key: &str) {
         let hash = self.hasher.hash_one(key);
         // The first entry with the hash's tag, its key unread: comparing keys
         // would wait for the very counter asked for, and tags are 32 bits, so
         // another key's tag is seldom there.
         let found = self.index.find(hash, |_| true);
         if let Some(slot) = found.and_then(|i| self.slots.get(i as usize)) {
-            crate::hint::prefetch(slot);
+            cache_hint::prefetch(slot);
         }
     }
 
     /// Asks for the counter at `row` toward the CPU's cache (a hint, like
     /// [`CounterMap::prefetch`]); a row that is not there is ignored.
-    pub fn prefetch_row(&self, row: RowId) {
+    pub(crate) fn prefetch_row(&self, row: RowId) {
         if let Some(slot) = self.slots.get(row.0 as usize) {
-            crate::hint::prefetch(slot);
+            cache_hint::prefetch(slot);
         }
     }
 

@@ -1,7 +1,7 @@
 //! The whole life of a client request: limits on the way in, attempts at backends
 //! with retry and failover, delivery, and the books on the way out.
 //!
-//! [`Pipeline`] joins the limit pipeline ([`Gateway`]) and the `<backend>` side
+//! [`Lifecycle`] joins the limit book ([`LimitBook`]) and the `<backend>` side
 //! ([`Router`]). The driver (simulator or proxy) feeds it events and performs the
 //! [`Step`]s it returns:
 //!
@@ -16,9 +16,10 @@
 //! Every client request ends in exactly one [`Finished`], which carries its
 //! [`OutcomeRecord`] and charges its tokens once.
 
-use crate::gateway::{CoreError, CounterDelta, Gateway, RejectReason, RequestDecision, RequestId, ResponseInfo};
 use crate::key::RequestInfo;
+use crate::limit_book::{CoreError, LimitBook, RequestDecision, RequestId, ResponseInfo};
 use crate::policy::Policy;
+use crate::reason::Reason;
 use crate::routing::{Attempt, AttemptOutcome, Next, Route, Router, Routing, Unavailable};
 use crate::time::Nanos;
 use serde::Serialize;
@@ -50,10 +51,10 @@ impl Usage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Send the request to `attempt.backend` at instant `at` (now, or after the
-    /// retry wait), then report with [`Pipeline::handle_attempt`].
+    /// retry wait), then report with [`Lifecycle::handle_attempt`].
     Forward { id: RequestId, attempt: Attempt, at: Nanos },
     /// Pass the backend's response to the client unchanged, then report what was
-    /// delivered with [`Pipeline::handle_delivered`].
+    /// delivered with [`Lifecycle::handle_delivered`].
     Deliver { id: RequestId },
     /// Answer the client with this; the request is over.
     Respond(Finished),
@@ -81,27 +82,9 @@ pub struct GeneratedResponse {
     pub body: String,
 }
 
-/// Why a request ended the way it did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "kind", content = "detail")]
-pub enum FinalReason {
-    /// The client got a backend response (any status, after any retries).
-    Backend,
-    /// A limit rejected the request before any backend saw it.
-    Limited(RejectReason),
-    /// Every candidate backend's circuit breaker was open: 503.
-    Unavailable,
-    /// The last attempt timed out: 504.
-    Timeout,
-    /// The last attempt failed to connect or was reset: 500.
-    TransportFailure,
-    /// The last attempt's answer was not valid HTTP: 502.
-    BadResponse,
-}
-
 /// How one attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum AttemptResult {
     Status(u16),
     TransportFailure,
@@ -130,7 +113,7 @@ pub struct OutcomeRecord {
     pub attempts: SmallVec<[AttemptRecord; 1]>,
     /// The status the client received.
     pub status: u16,
-    pub reason: FinalReason,
+    pub reason: Reason,
     /// Tokens charged to the request's token counters: every attempt's usage plus
     /// what was delivered, exactly once.
     pub usage: Usage,
@@ -151,6 +134,17 @@ pub struct Delivery {
     pub usage: Usage,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    pub end: DeliveryEnd,
+}
+
+/// How the delivery of a backend's response ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeliveryEnd {
+    /// The whole response reached the client (or, for a stream, the backend ended it).
+    #[default]
+    Complete,
+    /// The client went away first: what was sent until then is charged.
+    ClientGone,
 }
 
 enum Phase {
@@ -175,75 +169,59 @@ impl Sent {
     }
 }
 
-struct Flight {
+pub(crate) struct Flight {
     id: RequestId,
     route: Route,
     phase: Phase,
     record: OutcomeRecord,
 }
 
-/// The sans-IO request lifecycle of one gateway: limits, routing and the books.
-pub struct Pipeline {
-    gateway: Gateway,
+/// The sans-IO lifecycle of one gateway's requests: the limit book on the way
+/// in and out, the router's attempts, retries and failover in between, and
+/// each request's record until it is finished.
+pub struct Lifecycle {
+    limits: LimitBook,
     router: Router,
     /// Indexed by the slot half of a `RequestId`, which the gateway keeps unique
     /// among requests in flight.
     flights: Vec<Option<Flight>>,
 }
 
-impl Pipeline {
+impl Lifecycle {
     /// Builds the pipeline; the routing is validated and an error names what is wrong.
-    pub fn new(policy: &Policy, routing: Routing, hash_seed: u64) -> Result<Pipeline, String> {
-        Ok(Pipeline { gateway: Gateway::new(policy, hash_seed), router: Router::new(routing)?, flights: Vec::new() })
+    pub fn new(policy: &Policy, routing: Routing, hash_seed: u64) -> Result<Lifecycle, String> {
+        Ok(Lifecycle { limits: LimitBook::new(policy, hash_seed), router: Router::new(routing)?, flights: Vec::new() })
     }
 
-    pub fn gateway(&self) -> &Gateway {
-        &self.gateway
+    /// The limit book: its counters, and the journal of counter changes that
+    /// replicas sharing counters with lag exchange.
+    pub fn limits(&self) -> &LimitBook {
+        &self.limits
+    }
+
+    /// The limit book, for the journal: [`LimitBook::enable_journal`],
+    /// [`LimitBook::poll_delta`] and [`LimitBook::handle_delta`].
+    pub fn limits_mut(&mut self) -> &mut LimitBook {
+        &mut self.limits
     }
 
     pub fn router(&self) -> &Router {
         &self.router
     }
 
-    /// The first half of a hint that request `id` will be handled soon: brings
-    /// its records (this pipeline's and the gateway's) toward the CPU's cache,
-    /// reading nothing that may be cold. Changes no state and no decision.
-    pub fn prefetch_request(&self, id: RequestId) {
-        if let Some(flight) = self.flights.get(id.slot()) {
-            crate::hint::prefetch(flight);
-        }
-        self.gateway.prefetch_request(id);
-    }
-
-    /// The second half, best called a little after the first: see
-    /// [`Gateway::prefetch_request_counters`].
-    pub fn prefetch_request_counters(&self, id: RequestId) {
-        self.gateway.prefetch_request_counters(id);
-    }
-
-    /// Requests between `handle_request` and their `Finished`.
-    pub fn in_flight_count(&self) -> usize {
-        self.gateway.in_flight_count()
-    }
-
-    /// See [`Gateway::prefetch_lookup`]: the first half of a hint that `req` will arrive soon.
-    pub fn prefetch_lookup(&mut self, req: &RequestInfo) {
-        self.gateway.prefetch_lookup(req);
-    }
-
-    /// See [`Gateway::prefetch`]: a hint that `req` will arrive soon.
-    pub fn prefetch(&mut self, req: &RequestInfo) {
-        self.gateway.prefetch(req);
+    /// The slot where request `id`'s flight is kept, for cache hints.
+    pub(crate) fn flight_slot(&self, id: RequestId) -> Option<&Option<Flight>> {
+        self.flights.get(id.slot())
     }
 
     /// A client request arrives. `draw` is a uniform `u64` from the driver's RNG.
     pub fn handle_request(&mut self, now: Nanos, req: &RequestInfo, draw: u64) -> Step {
-        let admitted = match self.gateway.handle_request(now, req) {
+        let admitted = match self.limits.handle_request(now, req) {
             RequestDecision::Forward(admitted) => admitted,
             RequestDecision::Reject(rejection) => {
                 let mut record = fresh_record(now);
                 record.status = rejection.status;
-                record.reason = FinalReason::Limited(rejection.reason);
+                record.reason = rejection.reason;
                 let generated =
                     GeneratedResponse { status: rejection.status, headers: rejection.headers, body: rejection.body };
                 return Step::Respond(Finished {
@@ -268,13 +246,7 @@ impl Pipeline {
                 let phase = Phase::Delivering { status: 503 };
                 let flight = Flight { id, route: Route::default(), phase, record: fresh_record(now) };
                 let response = unavailable_response(unavailable);
-                Step::Respond(self.finish_generated(
-                    now,
-                    flight,
-                    FinalReason::Unavailable,
-                    response,
-                    admitted.variables,
-                ))
+                Step::Respond(self.finish_generated(now, flight, Reason::NoBackend, response, admitted.variables))
             }
         }
     }
@@ -329,7 +301,7 @@ impl Pipeline {
             (Next::Unavailable(unavailable), _) => {
                 let flight = self.take(id)?;
                 let response = unavailable_response(unavailable);
-                Ok(Step::Respond(self.finish_generated(now, flight, FinalReason::Unavailable, response, Vec::new())))
+                Ok(Step::Respond(self.finish_generated(now, flight, Reason::NoBackend, response, Vec::new())))
             }
         }
     }
@@ -352,7 +324,7 @@ impl Pipeline {
             request_bytes: delivery.request_bytes,
             response_bytes: delivery.response_bytes,
         };
-        let completed = match self.gateway.handle_response(now, id, &info) {
+        let completed = match self.limits.handle_response(now, id, &info) {
             Ok(completed) => completed,
             Err(error) => {
                 self.flights[id.slot()] = None;
@@ -360,7 +332,10 @@ impl Pipeline {
             }
         };
         flight.record.status = status;
-        flight.record.reason = FinalReason::Backend;
+        flight.record.reason = match delivery.end {
+            DeliveryEnd::Complete => Reason::of_backend_status(status),
+            DeliveryEnd::ClientGone => Reason::ClientGone,
+        };
         flight.record.finished = now;
         let record = std::mem::replace(&mut flight.record, fresh_record(now));
         self.flights[id.slot()] = None;
@@ -373,26 +348,14 @@ impl Pipeline {
         })
     }
 
-    /// The next instant the core has timed work (idle counters to evict).
+    /// The next instant the core has timed work (idle counters to evict): the
+    /// one timer a driver keeps for this lifecycle.
     pub fn poll_timeout(&self) -> Option<Nanos> {
-        self.gateway.poll_timeout()
+        self.limits.poll_timeout()
     }
 
     pub fn handle_timeout(&mut self, now: Nanos) {
-        self.gateway.handle_timeout(now);
-    }
-
-    /// See [`Gateway::enable_journal`]: for replicas sharing counters with lag.
-    pub fn enable_journal(&mut self) {
-        self.gateway.enable_journal();
-    }
-
-    pub fn poll_delta(&mut self) -> Option<CounterDelta> {
-        self.gateway.poll_delta()
-    }
-
-    pub fn handle_delta(&mut self, now: Nanos, delta: &CounterDelta) {
-        self.gateway.handle_delta(now, delta);
+        self.limits.handle_timeout(now);
     }
 
     /// A transport failure or timeout as the last attempt's result becomes the
@@ -401,13 +364,11 @@ impl Pipeline {
     #[inline(never)]
     fn respond_with_error(&mut self, now: Nanos, flight: Flight, failure: AttemptOutcome) -> Finished {
         let (reason, response) = match failure {
-            AttemptOutcome::TransportFailure => {
-                (FinalReason::TransportFailure, gateway_error(500, "Internal server error"))
-            }
+            AttemptOutcome::TransportFailure => (Reason::TransportFailure, gateway_error(500, "Internal server error")),
             AttemptOutcome::BadResponse => {
-                (FinalReason::BadResponse, gateway_error(502, "Bad gateway: the backend's answer was not valid HTTP"))
+                (Reason::BadResponse, gateway_error(502, "Bad gateway: the backend's answer was not valid HTTP"))
             }
-            AttemptOutcome::Timeout => (FinalReason::Timeout, gateway_error(504, "Gateway timeout")),
+            AttemptOutcome::Timeout => (Reason::Timeout, gateway_error(504, "Gateway timeout")),
             AttemptOutcome::Response { .. } => unreachable!("a backend's response is delivered"),
         };
         self.finish_generated(now, flight, reason, response, Vec::new())
@@ -417,7 +378,7 @@ impl Pipeline {
         &mut self,
         now: Nanos,
         mut flight: Flight,
-        reason: FinalReason,
+        reason: Reason,
         generated: GeneratedResponse,
         mut variables: Vec<(String, i64)>,
     ) -> Finished {
@@ -428,7 +389,7 @@ impl Pipeline {
             ..ResponseInfo::default()
         };
         let completed =
-            self.gateway.handle_response(now, flight.id, &info).expect("a flight is admitted by the gateway");
+            self.limits.handle_response(now, flight.id, &info).expect("a flight is admitted by the gateway");
         variables.extend(completed.variables);
         flight.record.status = generated.status;
         flight.record.finished = now;
@@ -477,7 +438,7 @@ fn fresh_record(now: Nanos) -> OutcomeRecord {
         finished: now,
         attempts: SmallVec::new(),
         status: 0,
-        reason: FinalReason::Backend,
+        reason: Reason::Ok,
         usage: Usage::default(),
     }
 }

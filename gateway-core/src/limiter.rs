@@ -157,7 +157,7 @@ impl SlidingLog {
         // as time goes by: the lines a few expiries on are asked for now.
         if let Entries::Heap(deque) = &self.entries {
             if let Some(ahead) = deque.get(16) {
-                crate::hint::prefetch(ahead);
+                cache_hint::prefetch(ahead);
             }
         }
         while let Some(&(t, amount)) = self.entries.front() {

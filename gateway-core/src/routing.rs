@@ -160,7 +160,7 @@ pub struct Routing {
     pub timeout: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
-    /// aigw option (off in APIM-compatible mode): wait at least the backend's
+    /// limitlab option (off in APIM-compatible mode): wait at least the backend's
     /// `retry-after-ms`, `x-ms-retry-after-ms` or `Retry-After`.
     #[serde(default)]
     pub honor_retry_after: bool,

@@ -12,7 +12,7 @@
 //! so a probe usually ends in the line it starts in, and a removal shifts later
 //! entries of its run back (no tombstones), so runs never grow from churn.
 
-use crate::hint;
+use cache_hint as hint;
 
 const MIN_CAPACITY: usize = 16;
 
@@ -55,7 +55,7 @@ impl SlotIndex {
     }
 
     /// Asks for the cache line where a lookup of `hash` starts (a hint).
-    pub fn prefetch(&self, hash: u64) {
+    pub(crate) fn prefetch(&self, hash: u64) {
         if let Some(start) = self.entries.get(home(hash, self.mask())) {
             hint::prefetch(start);
         }

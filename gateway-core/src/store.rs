@@ -12,7 +12,7 @@
 //! holding states a key never uses changes memory, not decisions.
 
 use crate::counters::{CounterMap, RowId};
-use crate::gateway::{Change, CounterDelta};
+use crate::delta::{Change, CounterDelta};
 use crate::limiter::{Bucket, BucketShape, Check, FixedWindow, SlidingLog, WindowGrid};
 use crate::time::{CalendarPeriod, Nanos};
 use smallvec::SmallVec;
@@ -124,17 +124,17 @@ impl Store {
     }
 
     /// See [`CounterMap::prefetch_lookup`].
-    pub fn prefetch_lookup(&self, key: &str) {
+    pub(crate) fn prefetch_lookup(&self, key: &str) {
         self.rows.prefetch_lookup(key);
     }
 
     /// See [`CounterMap::prefetch`].
-    pub fn prefetch(&self, key: &str) {
+    pub(crate) fn prefetch(&self, key: &str) {
         self.rows.prefetch(key);
     }
 
     /// See [`CounterMap::prefetch_row`].
-    pub fn prefetch_row(&self, row: RowId) {
+    pub(crate) fn prefetch_row(&self, row: RowId) {
         self.rows.prefetch_row(row);
     }
 

@@ -1,10 +1,10 @@
-//! The whole life of a request through `Pipeline`: limits, attempts, retries,
+//! The whole life of a request through `Lifecycle`: limits, attempts, retries,
 //! failover, delivery, and tokens charged exactly once.
 
 use gateway_core::routing::{AttemptOutcome, Routing};
 use gateway_core::{
-    Delivery, FinalReason, Finished, Gateway, Nanos, Pipeline, Policy, RequestDecision, RequestInfo, ResponseInfo,
-    Step, Usage,
+    Delivery, Finished, Lifecycle, LimitBook, Nanos, Policy, Reason, RequestDecision, RequestInfo, ResponseInfo, Step,
+    Usage,
 };
 use proptest::prelude::*;
 
@@ -33,7 +33,7 @@ fn usage(total: u64) -> Usage {
 /// Runs one request whose attempts end as `script` says (each attempt takes
 /// `latency_ms`, each reports 10 tokens, the delivered body 100) and returns a
 /// trace: `backend+wait:result` per attempt, then `=> status reason tokens`.
-fn run(pipeline: &mut Pipeline, start: Nanos, script: &[&str], latency_ms: u64) -> String {
+fn run(pipeline: &mut Lifecycle, start: Nanos, script: &[&str], latency_ms: u64) -> String {
     let req = RequestInfo { ip: "10.0.0.1".into(), ..Default::default() };
     let mut trace = Vec::new();
     let mut step = pipeline.handle_request(start, &req, 0);
@@ -55,18 +55,14 @@ fn run(pipeline: &mut Pipeline, start: Nanos, script: &[&str], latency_ms: u64) 
         }
     };
     let record = &finished.record;
-    let reason = match record.reason {
-        FinalReason::Backend => "backend".to_owned(),
-        other => format!("{other:?}").to_lowercase(),
-    };
-    format!("{} => {} {reason} {}", trace.join(" "), record.status, record.tokens_charged())
+    format!("{} => {} {} {}", trace.join(" "), record.status, record.reason, record.tokens_charged())
 }
 
 fn check(routing_text: &str, script: &[&str], expected: &str) {
-    let mut pipeline = Pipeline::new(&Policy::default(), routing(routing_text), 0).unwrap();
+    let mut pipeline = Lifecycle::new(&Policy::default(), routing(routing_text), 0).unwrap();
     let trace = run(&mut pipeline, Nanos::from_secs(1_000), script, 100);
     assert_eq!(trace, expected, "script {script:?}");
-    assert_eq!(pipeline.in_flight_count(), 0, "the request is over");
+    assert_eq!(pipeline.limits().in_flight_count(), 0, "the request is over");
 }
 
 #[test]
@@ -76,27 +72,27 @@ fn seed_failover_policy_through_the_whole_lifecycle() {
         SEED,
         &["429"; 6],
         "primary+0s:429 secondary+1.1s:429 secondary+3s:429 secondary+6.5s:429 secondary+13.2s:429 \
-         secondary+21.3s:429 => 429 backend 160",
+         secondary+21.3s:429 => 429 backend-error 160",
     );
-    check(SEED, &["503", "200"], "primary+0s:503 secondary+1.1s:200 => 200 backend 120");
-    check(SEED, &["200"], "primary+0s:200 => 200 backend 110");
-    check(SEED, &["400"], "primary+0s:400 => 400 backend 110");
+    check(SEED, &["503", "200"], "primary+0s:503 secondary+1.1s:200 => 200 ok 120");
+    check(SEED, &["200"], "primary+0s:200 => 200 ok 110");
+    check(SEED, &["400"], "primary+0s:400 => 400 backend-error 110");
     // The seed's condition names statuses only: a timeout is not retried.
     check(SEED, &["timeout"], "primary+0s:timeout => 504 timeout 10");
-    check(SEED, &["reset"], "primary+0s:reset => 500 transportfailure 10");
+    check(SEED, &["reset"], "primary+0s:reset => 500 transport-failure 10");
     let with_transport =
         SEED.replace("first_fast_retry = false", "first_fast_retry = true\non_transport_failure = true");
     check(
         &with_transport,
         &["reset", "timeout", "200"],
-        "primary+0s:reset primary+0.1s:timeout primary+2s:200 => 200 backend 130",
+        "primary+0s:reset primary+0.1s:timeout primary+2s:200 => 200 ok 130",
     );
 }
 
 #[test]
 fn a_response_after_the_attempt_timeout_is_a_timeout() {
     let text = SEED.replace("set_backend = \"primary\"", "set_backend = \"primary\"\ntimeout = 2");
-    let mut pipeline = Pipeline::new(&Policy::default(), routing(&text), 0).unwrap();
+    let mut pipeline = Lifecycle::new(&Policy::default(), routing(&text), 0).unwrap();
     let trace = run(&mut pipeline, Nanos::from_secs(1_000), &["200"], 2_001);
     assert_eq!(trace, "primary+0s:200 => 504 timeout 10");
 }
@@ -112,9 +108,9 @@ circuit_breaker = { failure_count = 1, interval = 60, statuses = ">=500", trip_d
 
 #[test]
 fn an_open_breaker_answers_503_with_retry_after() {
-    let mut pipeline = Pipeline::new(&Policy::default(), routing(BREAKER), 0).unwrap();
+    let mut pipeline = Lifecycle::new(&Policy::default(), routing(BREAKER), 0).unwrap();
     let t = Nanos::from_secs(1_000);
-    assert_eq!(run(&mut pipeline, t, &["500"], 100), "only+0s:500 => 500 backend 110");
+    assert_eq!(run(&mut pipeline, t, &["500"], 100), "only+0s:500 => 500 backend-error 110");
     let req = RequestInfo::default();
     let Step::Respond(finished) = pipeline.handle_request(t + Nanos::from_secs(10), &req, 0) else {
         panic!("a tripped backend must not be tried")
@@ -123,8 +119,8 @@ fn an_open_breaker_answers_503_with_retry_after() {
     assert_eq!(generated.status, 503);
     // Tripped at t + 0.1 s for 30 s: 20.1 s remain, rounded up.
     assert!(generated.headers.contains(&("Retry-After".to_owned(), "21".to_owned())), "{:?}", generated.headers);
-    assert_eq!(finished.record.reason, FinalReason::Unavailable);
-    assert_eq!(run(&mut pipeline, t + Nanos::from_secs(31), &["200"], 100), "only+0s:200 => 200 backend 110");
+    assert_eq!(finished.record.reason, Reason::NoBackend);
+    assert_eq!(run(&mut pipeline, t + Nanos::from_secs(31), &["200"], 100), "only+0s:200 => 200 ok 110");
 }
 
 #[test]
@@ -139,7 +135,7 @@ fn limits_reject_before_any_backend_and_headers_come_back_on_delivery() {
         remaining_calls_header_name = "x-remaining"
         "#,
     );
-    let mut pipeline = Pipeline::new(&policy, routing(SEED), 0).unwrap();
+    let mut pipeline = Lifecycle::new(&policy, routing(SEED), 0).unwrap();
     let t = Nanos::from_secs(1_000);
     let req = RequestInfo { ip: "10.0.0.1".into(), ..Default::default() };
     let Step::Forward { id, .. } = pipeline.handle_request(t, &req, 0) else { panic!() };
@@ -157,7 +153,7 @@ fn limits_reject_before_any_backend_and_headers_come_back_on_delivery() {
 
 #[test]
 fn events_out_of_phase_or_for_unknown_requests_are_errors_not_panics() {
-    let mut pipeline = Pipeline::new(&Policy::default(), routing(SEED), 0).unwrap();
+    let mut pipeline = Lifecycle::new(&Policy::default(), routing(SEED), 0).unwrap();
     let t = Nanos::from_secs(1);
     let Step::Forward { id, .. } = pipeline.handle_request(t, &RequestInfo::default(), 0) else { panic!() };
     assert!(pipeline.handle_delivered(t, id, Delivery::default()).is_err(), "no response to deliver yet");
@@ -230,7 +226,7 @@ proptest! {
         scripts in prop::collection::vec(script(), 1..10),
         picks in prop::collection::vec(any::<u64>(), 80),
     ) {
-        let mut pipeline = Pipeline::new(&policy(TOKENS), routing(FAST_RETRY), 7).unwrap();
+        let mut pipeline = Lifecycle::new(&policy(TOKENS), routing(FAST_RETRY), 7).unwrap();
         let mut now = Nanos::from_secs(1_000);
         // Per request: (step awaiting the driver, attempts made, tokens reported).
         let mut live: Vec<(usize, Step, usize, u64)> = Vec::new();
@@ -269,7 +265,7 @@ proptest! {
                 live.push((i, step, made, reported));
             }
         }
-        prop_assert_eq!(pipeline.in_flight_count(), 0);
+        prop_assert_eq!(pipeline.limits().in_flight_count(), 0);
         let mut total = 0;
         for (i, f, reported) in &finished {
             prop_assert_eq!(f.record.tokens_charged(), *reported, "request {}", i);
@@ -294,7 +290,7 @@ proptest! {
         let text = format!(
             "[[limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = {tpm}\nreserve = true\n"
         );
-        let mut gw = Gateway::new(&policy(&text), 3);
+        let mut gw = LimitBook::new(&policy(&text), 3);
         let start = Nanos::from_secs(1_000);
         // Events in time order: arrivals (kind 1) after completions (kind 0) at the same instant.
         let mut events: Vec<(u64, u8, usize)> = Vec::new();
@@ -334,7 +330,7 @@ fn without_reserve_concurrent_requests_overshoot_and_with_it_they_cannot() {
         let text = format!(
             "[[limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = 1000\nreserve = {reserve}\n"
         );
-        let mut gw = Gateway::new(&policy(&text), 0);
+        let mut gw = LimitBook::new(&policy(&text), 0);
         let req = RequestInfo {
             ip: "k".into(),
             prompt_tokens_estimate: Some(100),
@@ -359,15 +355,15 @@ fn without_reserve_concurrent_requests_overshoot_and_with_it_they_cannot() {
 #[test]
 fn reserve_settles_to_the_real_usage_and_charges_an_excess() {
     let text = "[[limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = 1000\nreserve = true\nremaining_tokens_header_name = \"r\"\n";
-    let mut gw = Gateway::new(&policy(text), 0);
+    let mut gw = LimitBook::new(&policy(text), 0);
     let t = Nanos::from_secs(1);
     let req =
         |max| RequestInfo { ip: "k".into(), prompt_tokens_estimate: Some(100), max_tokens: max, ..Default::default() };
-    let admit = |gw: &mut Gateway, r: &RequestInfo| match gw.handle_request(t, r) {
+    let admit = |gw: &mut LimitBook, r: &RequestInfo| match gw.handle_request(t, r) {
         RequestDecision::Forward(a) => a.id,
         RequestDecision::Reject(r) => panic!("rejected: {}", r.body),
     };
-    let remaining = |gw: &mut Gateway, id, tokens| {
+    let remaining = |gw: &mut LimitBook, id, tokens| {
         let info = ResponseInfo { status: Some(200), total_tokens: tokens, ..Default::default() };
         gw.handle_response(t, id, &info).unwrap().headers[0].1.clone()
     };
@@ -468,7 +464,7 @@ proptest! {
         latencies_ms in prop::collection::vec(0u64..2_000, 120),
         draws in prop::collection::vec(any::<u64>(), 120),
     ) {
-        let mut pipeline = Pipeline::new(&Policy::default(), routing(PRIORITY_POOL), 0).unwrap();
+        let mut pipeline = Lifecycle::new(&Policy::default(), routing(PRIORITY_POOL), 0).unwrap();
         let ids = ["a", "b", "c", "d"];
         let priority = [0, 0, 1, 2];
         let mut reference = vec![RefBreaker::default(); 4];
@@ -501,7 +497,7 @@ proptest! {
                         break;
                     }
                     Step::Respond(finished) => {
-                        if finished.record.reason == FinalReason::Unavailable && attempts == 0 {
+                        if finished.record.reason == Reason::NoBackend && attempts == 0 {
                             prop_assert!((0..4).all(|j| reference[j].open_until > t_ms), "503 with a member available");
                         }
                         break;
@@ -521,7 +517,7 @@ fn absurd_usage_saturates_the_counters_instead_of_wrapping() {
     let bandwidth =
         "[[limits]]\ntype = \"quota-by-key\"\nbandwidth = \"1 MB\"\nrenewal_period = 3600\ncounter_key = \"ip\"\n";
     for text in [token_limit, bandwidth] {
-        let mut pipeline = Pipeline::new(&policy(text), routing(SEED), 0).unwrap();
+        let mut pipeline = Lifecycle::new(&policy(text), routing(SEED), 0).unwrap();
         let req = RequestInfo { ip: "10.0.0.1".into(), ..Default::default() };
         let now = Nanos::from_secs(1_000);
         let Step::Forward { id, .. } = pipeline.handle_request(now, &req, 0) else { panic!("the first is admitted") };
@@ -530,12 +526,12 @@ fn absurd_usage_saturates_the_counters_instead_of_wrapping() {
             panic!("a 200 is delivered")
         };
         let usage = Usage { prompt_tokens: u64::MAX, completion_tokens: u64::MAX };
-        let delivery = Delivery { usage, request_bytes: u64::MAX, response_bytes: u64::MAX };
+        let delivery = Delivery { usage, request_bytes: u64::MAX, response_bytes: u64::MAX, ..Delivery::default() };
         let finished = pipeline.handle_delivered(now, id, delivery).unwrap();
         assert_eq!(finished.record.tokens_charged(), u64::MAX, "the charge saturates");
         let Step::Respond(refused) = pipeline.handle_request(now + Nanos::from_secs(1), &req, 0) else {
             panic!("{text}: the counters are full, not wrapped to nearly empty")
         };
-        assert!(matches!(refused.record.reason, FinalReason::Limited(_)), "{:?}", refused.record.reason);
+        assert!(refused.record.reason.is_limit(), "{:?}", refused.record.reason);
     }
 }

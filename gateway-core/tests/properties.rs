@@ -2,7 +2,7 @@
 
 mod common;
 
-use gateway_core::{Gateway, Nanos, RequestDecision, RequestInfo, ResponseInfo};
+use gateway_core::{LimitBook, Nanos, RequestDecision, RequestInfo, ResponseInfo};
 use proptest::prelude::*;
 
 const SEC: u64 = 1_000_000_000;
@@ -21,7 +21,7 @@ fn ok() -> ResponseInfo {
 }
 
 /// Feeds one request and answers it at once; returns the retry-after of a rejection.
-fn step(gw: &mut Gateway, now: Nanos, caller: usize) -> Option<Option<u64>> {
+fn step(gw: &mut LimitBook, now: Nanos, caller: usize) -> Option<Option<u64>> {
     match gw.handle_request(now, &req(caller)) {
         RequestDecision::Forward(a) => {
             gw.handle_response(now, a.id, &ok()).unwrap();
@@ -49,7 +49,7 @@ proptest! {
     #[test]
     fn sliding_window_matches_the_reference(calls in 1usize..6, period_s in 1u64..10, arrivals in arrivals(3_000)) {
         let policy = format!("[[limits]]\ntype = \"rate-limit-by-key\"\ncalls = {calls}\nrenewal_period = {period_s}\ncounter_key = \"ip\"\n");
-        let mut gw = Gateway::new(&common::policy(&policy), 3);
+        let mut gw = LimitBook::new(&common::policy(&policy), 3);
         let mut log = vec![Vec::new(); 4];
         let mut now = 1_000 * SEC;
         for (gap_ms, caller) in arrivals {
@@ -67,7 +67,7 @@ proptest! {
     fn quota_matches_the_reference(calls in 1u64..5, period_s in 0u64..100, origin_s in -62_135_596_800i64..2_000_000_000, arrivals in arrivals(20_000)) {
         let origin = chrono::DateTime::from_timestamp(origin_s, 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let policy = format!("[[limits]]\ntype = \"quota-by-key\"\ncalls = {calls}\nrenewal_period = {period_s}\ncounter_key = \"ip\"\nfirst_period_start = \"{origin}\"\n");
-        let mut gw = Gateway::new(&common::policy(&policy), 3);
+        let mut gw = LimitBook::new(&common::policy(&policy), 3);
         let mut counts: Vec<(i128, u64)> = vec![(i128::MIN, 0); 4];
         let mut now = 1_700_000_000 * SEC;
         for (gap_ms, caller) in arrivals {
@@ -94,7 +94,7 @@ proptest! {
     #[test]
     fn token_bucket_never_admits_more_than_capacity_plus_rate(calls in 1u64..6, period_s in 1u64..20, arrivals in arrivals(2_000)) {
         let policy = format!("[[limits]]\ntype = \"rate-limit-by-key\"\ncalls = {calls}\nrenewal_period = {period_s}\ncounter_key = {{ const = \"one\" }}\nalgorithm = \"token-bucket\"\n");
-        let mut gw = Gateway::new(&common::policy(&policy), 3);
+        let mut gw = LimitBook::new(&common::policy(&policy), 3);
         let mut admitted = Vec::new();
         let mut now = 0;
         for (gap_ms, _) in arrivals {
@@ -119,7 +119,7 @@ proptest! {
     #[test]
     fn token_counts_are_never_lost(tpm in 50u64..500, calls in prop::collection::vec((0u64..4_000, 0u64..120, 0u64..30_000, 0..3usize), 1..120)) {
         let policy = format!("[[limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = {tpm}\nremaining_tokens_header_name = \"left\"\n");
-        let mut gw = Gateway::new(&common::policy(&policy), 3);
+        let mut gw = LimitBook::new(&common::policy(&policy), 3);
         // Events: (time, phase, index); responses are scheduled at arrival + latency.
         let mut t = 0;
         let mut events: Vec<(u64, u8, usize)> = Vec::new();
@@ -194,7 +194,7 @@ remaining_tokens_header_name = "tokens-left"
 /// Feeds timed calls (gap, caller, latency, status, tokens, max_tokens) to
 /// `gateways`, call i to gateway i % n; after every event the changes the gateway
 /// made are applied to the others at once. Returns every decision and header.
-fn replay_shared(gateways: &mut [Gateway], calls: &[(u64, usize, u64, u16, u64, u64)]) -> Vec<String> {
+fn replay_shared(gateways: &mut [LimitBook], calls: &[(u64, usize, u64, u16, u64, u64)]) -> Vec<String> {
     let mut events: Vec<(u64, u8, usize)> = Vec::new();
     let mut t = 0;
     for (i, call) in calls.iter().enumerate() {
@@ -249,9 +249,9 @@ proptest! {
         calls in prop::collection::vec((0u64..3_000, 0..3usize, 0u64..8_000, prop::sample::select(vec![200u16, 200, 429, 500]), 0u64..300, 1u64..200), 1..150),
     ) {
         let policy = common::policy(ALL_COUNTERS);
-        let mut one = [Gateway::new(&policy, 1)];
-        let mut many: Vec<Gateway> = (0..replicas).map(|r| Gateway::new(&policy, r as u64)).collect();
-        many.iter_mut().for_each(Gateway::enable_journal);
+        let mut one = [LimitBook::new(&policy, 1)];
+        let mut many: Vec<LimitBook> = (0..replicas).map(|r| LimitBook::new(&policy, r as u64)).collect();
+        many.iter_mut().for_each(LimitBook::enable_journal);
         // A single gateway is its own shared store: give it the same schedule.
         let single = replay_shared(&mut one, &calls);
         let shared = replay_shared(&mut many, &calls);

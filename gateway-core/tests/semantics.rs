@@ -4,7 +4,7 @@ mod common;
 
 use common::{call, check, check_at, run_at};
 use gateway_core::time::parse_rfc3339;
-use gateway_core::{Change, Gateway, KeyExpr, Nanos, RequestDecision, RequestInfo, ResponseInfo, Subscription};
+use gateway_core::{Change, KeyExpr, LimitBook, Nanos, RequestDecision, RequestInfo, ResponseInfo, Subscription};
 
 const RATE_2_PER_60: &str = r#"
 [[limits]]
@@ -185,7 +185,7 @@ fn quota_rejection_texts() {
         headers[2],
         vec![("Content-Type".into(), "application/json".into()), ("Retry-After".into(), "1800".into())]
     );
-    let mut gw = Gateway::new(&common::policy(QUOTA_2_PER_HOUR), 1);
+    let mut gw = LimitBook::new(&common::policy(QUOTA_2_PER_HOUR), 1);
     let req = common::request_for(&call(0, "a"));
     let now = at("2024-01-01T00:30:00Z");
     for _ in 0..2 {
@@ -256,7 +256,7 @@ fn bandwidth_quota_counts_request_and_response_bytes_when_the_response_completes
 fn bandwidth_rejection_text() {
     let policy =
         "[[limits]]\ntype = \"quota-by-key\"\nbandwidth = \"1 KB\"\nrenewal_period = 60\ncounter_key = \"ip\"\n";
-    let mut gw = Gateway::new(&common::policy(policy), 1);
+    let mut gw = LimitBook::new(&common::policy(policy), 1);
     let req = common::request_for(&call(0, "a"));
     let RequestDecision::Forward(a) = gw.handle_request(Nanos::from_secs(60), &req) else { panic!() };
     gw.handle_response(
@@ -368,7 +368,7 @@ fn token_rejection_texts() {
         "counter_key",
         "retry_after_header_name = \"x-retry\"\nretry_after_variable_name = \"wait\"\ncounter_key",
     );
-    let mut gw = Gateway::new(&common::policy(&policy), 1);
+    let mut gw = LimitBook::new(&common::policy(&policy), 1);
     let req = common::request_for(&call(0, "a"));
     let RequestDecision::Forward(a) = gw.handle_request(Nanos::from_secs(10), &req) else { panic!() };
     gw.handle_response(
@@ -427,7 +427,7 @@ remaining_quota_tokens_header_name = "quota-left"
 #[test]
 fn token_quota_rejection_text() {
     let policy = "[[limits]]\ntype = \"llm-token-limit\"\ncounter_key = \"ip\"\ntoken_quota = 10\ntoken_quota_period = \"Daily\"\n";
-    let mut gw = Gateway::new(&common::policy(policy), 1);
+    let mut gw = LimitBook::new(&common::policy(policy), 1);
     let req = common::request_for(&call(0, "a"));
     let now = at("2024-05-01T22:00:00Z");
     let RequestDecision::Forward(a) = gw.handle_request(now, &req) else { panic!() };
@@ -471,7 +471,7 @@ fn rate_limit_headers_and_variables() {
             ("x-total".into(), "2".into())
         ]
     );
-    let mut gw = Gateway::new(&common::policy(&policy), 0);
+    let mut gw = LimitBook::new(&common::policy(&policy), 0);
     let RequestDecision::Forward(a) = gw.handle_request(Nanos::ZERO, &common::request_for(&call(0, "a"))) else {
         panic!()
     };
@@ -492,7 +492,7 @@ fn policies_sharing_counter_key_and_kind_increment_once() {
 
 #[test]
 fn time_never_goes_backwards() {
-    let mut gw = Gateway::new(&common::policy(RATE_2_PER_60), 0);
+    let mut gw = LimitBook::new(&common::policy(RATE_2_PER_60), 0);
     let req = common::request_for(&call(0, "a"));
     assert!(matches!(gw.handle_request(Nanos::from_secs(100), &req), RequestDecision::Forward(_)));
     assert!(matches!(gw.handle_request(Nanos::from_secs(100), &req), RequestDecision::Forward(_)));
@@ -504,7 +504,7 @@ fn time_never_goes_backwards() {
 #[test]
 fn idle_counters_are_evicted() {
     let policy = format!("{RATE_2_PER_60}\n{TPM_100}");
-    let mut gw = Gateway::new(&common::policy(&policy), 0);
+    let mut gw = LimitBook::new(&common::policy(&policy), 0);
     for i in 0..1_000u64 {
         let req = RequestInfo { ip: format!("10.0.{}.{}", i / 256, i % 256), ..Default::default() };
         let now = Nanos::from_millis(i);
@@ -583,8 +583,8 @@ fn counter_keys_read_the_request() {
 
 #[test]
 fn a_late_delta_counts_from_when_the_call_was_made() {
-    let mut a = Gateway::new(&common::policy(RATE_2_PER_60), 0);
-    let mut b = Gateway::new(&common::policy(RATE_2_PER_60), 1);
+    let mut a = LimitBook::new(&common::policy(RATE_2_PER_60), 0);
+    let mut b = LimitBook::new(&common::policy(RATE_2_PER_60), 1);
     a.enable_journal();
     let req = common::request_for(&call(0, "a"));
     let secs = Nanos::from_secs;

@@ -220,8 +220,7 @@ pub struct LatencySpike {
 impl MockConfig {
     /// Reads a config; `path` is only used in error messages.
     pub fn from_toml(path: &str, text: &str) -> Result<MockConfig, String> {
-        let config: MockConfig =
-            toml::from_str(text).map_err(|e| gateway_core::policy::describe_toml_error(path, text, &e))?;
+        let config: MockConfig = toml::from_str(text).map_err(|e| diagnostics::describe_toml_error(path, text, &e))?;
         config.validate().map_err(|e| format!("{path}: {e}"))?;
         Ok(config)
     }

@@ -5,7 +5,6 @@ pub mod config;
 pub mod dist;
 pub mod model;
 pub mod server;
-pub mod tokens;
 pub mod wire;
 
 pub use config::{DeploymentConfig, Faults, MockConfig};

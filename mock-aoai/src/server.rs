@@ -177,7 +177,8 @@ fn admit(
         Operation::Completions => "cmpl",
         Operation::Embeddings => "emb",
     };
-    let meta = Meta { id: format!("{prefix}-aigw{served:012x}"), created: now.0 / 1_000_000_000, model: model_name };
+    let meta =
+        Meta { id: format!("{prefix}-limitlab{served:012x}"), created: now.0 / 1_000_000_000, model: model_name };
     Ok(Admission { meta, parsed, response, api_version, dimensions, seed: state.config.seed })
 }
 
@@ -271,7 +272,7 @@ fn sse_events(
     let tokens: Vec<Bytes> = (0..sent)
         .map(|i| match operation {
             Operation::ChatCompletions => chat.token(i),
-            _ => wire::completions_chunk(&meta, crate::tokens::completion_word(i), None),
+            _ => wire::completions_chunk(&meta, tokenizer::completion_word(i), None),
         })
         .map(|v| Bytes::from(format!("data: {v}\n\n")))
         .collect();

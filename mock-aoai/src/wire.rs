@@ -2,10 +2,10 @@
 //! stream chunks and error bodies.
 
 use crate::model::{Completion, FinishReason, Operation, Throttle};
-use crate::tokens;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
+use tokenizer as tokens;
 
 /// The request fields that matter to the model, read from the JSON body.
 #[derive(Clone, Debug, PartialEq)]
@@ -170,7 +170,7 @@ pub struct Meta {
 pub fn chat_response(meta: &Meta, c: &Completion) -> Value {
     json!({
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-        "system_fingerprint": "fp_aigw_mock",
+        "system_fingerprint": "fp_limitlab_mock",
         "prompt_filter_results": prompt_filter_results(),
         "choices": [{
             "index": 0, "finish_reason": finish(c.finish_reason), "logprobs": null,
@@ -250,7 +250,7 @@ impl ChatStream<'_> {
     fn chunk(&self, choice: Value) -> Value {
         json!({
             "id": self.meta.id, "object": "chat.completion.chunk", "created": self.meta.created,
-            "model": self.meta.model, "system_fingerprint": "fp_aigw_mock", "choices": [choice],
+            "model": self.meta.model, "system_fingerprint": "fp_limitlab_mock", "choices": [choice],
         })
     }
 
@@ -269,7 +269,7 @@ impl ChatStream<'_> {
     pub fn usage(&self) -> Value {
         json!({
             "id": self.meta.id, "object": "chat.completion.chunk", "created": self.meta.created,
-            "model": self.meta.model, "system_fingerprint": "fp_aigw_mock", "choices": [], "usage": usage(self.completion),
+            "model": self.meta.model, "system_fingerprint": "fp_limitlab_mock", "choices": [], "usage": usage(self.completion),
         })
     }
 }

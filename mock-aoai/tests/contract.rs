@@ -26,7 +26,7 @@ impl Spec {
         let embeddings = root["paths"]["/deployments/{deployment-id}/embeddings"]["post"]["responses"]["200"]
             ["content"]["application/json"]["schema"]
             .clone();
-        root["components"]["schemas"]["aigwEmbeddingsResponse"] = embeddings;
+        root["components"]["schemas"]["limitlabEmbeddingsResponse"] = embeddings;
         Spec { root }
     }
 
@@ -153,7 +153,7 @@ async fn chat_completions_match_the_spec_plain_and_streamed() {
     }
     let content: String =
         chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_owned)).collect();
-    assert_eq!(mock_aoai::tokens::count("gpt-4o", &content), 4, "the streamed text has max_tokens tokens");
+    assert_eq!(tokenizer::count("gpt-4o", &content), 4, "the streamed text has max_tokens tokens");
     let finish = chunks.iter().find_map(|c| c["choices"].get(0)?["finish_reason"].as_str().map(str::to_owned));
     assert_eq!(finish.as_deref(), Some("length"));
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 4);
@@ -187,7 +187,7 @@ async fn completions_and_embeddings_match_the_spec() {
 
     let r = server.post(&format!("/openai/deployments/embed/embeddings{V}"), json!({"input": ["a", "b c"]})).await;
     let body: Value = r.json().await.unwrap();
-    spec.check("aigwEmbeddingsResponse", &body);
+    spec.check("limitlabEmbeddingsResponse", &body);
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
     assert_eq!(body["data"][0]["embedding"].as_array().unwrap().len(), 1536);
     assert_eq!(body["usage"]["prompt_tokens"], 3);

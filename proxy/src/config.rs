@@ -107,7 +107,7 @@ impl ProductConfig {
 impl ProxyConfig {
     pub fn from_toml(path: &str, text: &str) -> Result<ProxyConfig, String> {
         let mut config: ProxyConfig =
-            toml::from_str(text).map_err(|e| gateway_core::policy::describe_toml_error(path, text, &e))?;
+            toml::from_str(text).map_err(|e| diagnostics::describe_toml_error(path, text, &e))?;
         let base = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("."));
         config.ca_files = config.ca_files.iter().map(|f| base.join(f)).collect();
         for product in &mut config.products {
@@ -118,7 +118,7 @@ impl ProxyConfig {
             for header in resolved.set_headers {
                 match header.values.iter().any(|v| v.trim_start().starts_with("@(")) {
                     true => eprintln!(
-                        "warning: product `{}`: set-header `{}` has an expression value, which aigw does not \
+                        "warning: product `{}`: set-header `{}` has an expression value, which limitlab does not \
                          evaluate; the header is left as it is (backend credentials come from `routing.backends`)",
                         product.name, header.name
                     ),

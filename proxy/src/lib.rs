@@ -1,5 +1,5 @@
 //! proxy: the real gateway. An axum/hyper front end that drives gateway-core's
-//! `Pipeline` (limits, retry, failover, pools, breakers, token accounting) against
+//! `Lifecycle` (limits, retry, failover, pools, breakers, token accounting) against
 //! real backends over HTTP/1.1 or HTTP/2, with rustls for https.
 
 pub mod config;
@@ -37,7 +37,7 @@ async fn metrics(axum::extract::State(proxy): axum::extract::State<Arc<server::P
 
 /// Serves both listeners on the current runtime until `shutdown` completes;
 /// requests and streams in progress then finish (the caller bounds how long
-/// with its own deadline). Tests use this; `aigw proxy` runs [`run_threads`].
+/// with its own deadline). Tests use this; `limitlab proxy` runs [`run_threads`].
 pub async fn serve(
     proxy: Arc<server::Proxy>,
     listener: tokio::net::TcpListener,
@@ -114,7 +114,7 @@ fn spawn_worker(
         tokio::net::TcpListener::from_std(listener.try_clone()?)?
     };
     let (finished, finished_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name(format!("aigw-worker-{i}")).spawn(move || {
+    std::thread::Builder::new().name(format!("limitlab-worker-{i}")).spawn(move || {
         let client_timeout = proxy.client_timeout();
         let serving = runtime.block_on(serve_front(listener, Worker::new(proxy), client_timeout, stop));
         let _ = finished.send(serving);

@@ -1,7 +1,7 @@
 //! Prometheus metrics of the proxy, rendered in the text exposition format.
 
 use crate::config::ProxyConfig;
-use gateway_core::{FinalReason, OutcomeRecord};
+use gateway_core::OutcomeRecord;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
@@ -45,7 +45,7 @@ struct Inner {
     /// (status, reason, product, backend) → requests; names by config index, and
     /// backend `usize::MAX` when no backend was tried.
     requests: BTreeMap<(u16, &'static str, usize, usize), u64>,
-    /// Requests refused before the pipeline (401, 404, 408, 413) by status.
+    /// Requests refused before the lifecycle (401, 404, 408, 413) by status.
     refused: BTreeMap<u16, u64>,
     /// (subscription, backend, kind) → tokens, by config index.
     tokens: BTreeMap<(usize, usize, &'static str), u64>,
@@ -62,22 +62,6 @@ pub struct Metrics {
     products: Vec<String>,
     subscriptions: Vec<String>,
     backends: Vec<String>,
-}
-
-fn reason(record: &OutcomeRecord) -> &'static str {
-    use gateway_core::RejectReason::*;
-    match record.reason {
-        FinalReason::Backend => "backend",
-        FinalReason::Limited(RateLimit) => "rate_limit",
-        FinalReason::Limited(CallQuota) => "call_quota",
-        FinalReason::Limited(BandwidthQuota) => "bandwidth_quota",
-        FinalReason::Limited(TokensPerMinute) => "tokens_per_minute",
-        FinalReason::Limited(TokenQuota) => "token_quota",
-        FinalReason::Unavailable => "no_backend",
-        FinalReason::Timeout => "timeout",
-        FinalReason::TransportFailure => "transport_failure",
-        FinalReason::BadResponse => "bad_response",
-    }
 }
 
 impl Metrics {
@@ -115,7 +99,7 @@ impl Metrics {
             .and_then(|a| self.backends.iter().position(|b| *b == *a.backend))
             .unwrap_or(usize::MAX);
         let mut m = self.lock();
-        *m.requests.entry((record.status, reason(record), product, backend)).or_default() += 1;
+        *m.requests.entry((record.status, record.reason.as_str(), product, backend)).or_default() += 1;
         m.retries += record.attempts.len().saturating_sub(1) as u64;
         let first = record.attempts.first().map(|a| &a.backend);
         m.failovers += u64::from(record.attempts.iter().any(|a| Some(&a.backend) != first));
@@ -133,35 +117,35 @@ impl Metrics {
     pub fn render(&self, available: impl Fn(&str) -> bool) -> String {
         let m = self.lock();
         let mut out = String::new();
-        out.push_str("# HELP aigw_requests_total Client requests by final status, reason, product and last backend.\n# TYPE aigw_requests_total counter\n");
+        out.push_str("# HELP limitlab_requests_total Client requests by final status, reason, product and last backend.\n# TYPE limitlab_requests_total counter\n");
         let backend_name = |i: usize| self.backends.get(i).map_or("", String::as_str);
         for ((status, reason, product, backend), n) in &m.requests {
             let (product, backend) = (&self.products[*product], backend_name(*backend));
-            let _ = writeln!(out, "aigw_requests_total{{status=\"{status}\",reason=\"{reason}\",product=\"{product}\",backend=\"{backend}\"}} {n}");
+            let _ = writeln!(out, "limitlab_requests_total{{status=\"{status}\",reason=\"{reason}\",product=\"{product}\",backend=\"{backend}\"}} {n}");
         }
-        out.push_str("# HELP aigw_refused_total Requests refused before the policy (missing or invalid key, too large).\n# TYPE aigw_refused_total counter\n");
+        out.push_str("# HELP limitlab_refused_total Requests refused before the policy (missing or invalid key, too large).\n# TYPE limitlab_refused_total counter\n");
         for (status, n) in &m.refused {
-            let _ = writeln!(out, "aigw_refused_total{{status=\"{status}\"}} {n}");
+            let _ = writeln!(out, "limitlab_refused_total{{status=\"{status}\"}} {n}");
         }
-        out.push_str("# HELP aigw_tokens_total Tokens charged, by subscription, backend and kind.\n# TYPE aigw_tokens_total counter\n");
+        out.push_str("# HELP limitlab_tokens_total Tokens charged, by subscription, backend and kind.\n# TYPE limitlab_tokens_total counter\n");
         for ((key, backend, kind), n) in &m.tokens {
             let (key, backend) = (&self.subscriptions[*key], backend_name(*backend));
-            let _ = writeln!(out, "aigw_tokens_total{{key=\"{key}\",backend=\"{backend}\",kind=\"{kind}\"}} {n}");
+            let _ = writeln!(out, "limitlab_tokens_total{{key=\"{key}\",backend=\"{backend}\",kind=\"{kind}\"}} {n}");
         }
-        out.push_str("# HELP aigw_backend_attempts_total Attempts sent to each backend.\n# TYPE aigw_backend_attempts_total counter\n");
+        out.push_str("# HELP limitlab_backend_attempts_total Attempts sent to each backend.\n# TYPE limitlab_backend_attempts_total counter\n");
         for (backend, n) in self.backends.iter().zip(&m.attempts).filter(|(_, n)| **n > 0) {
-            let _ = writeln!(out, "aigw_backend_attempts_total{{backend=\"{backend}\"}} {n}");
+            let _ = writeln!(out, "limitlab_backend_attempts_total{{backend=\"{backend}\"}} {n}");
         }
-        let _ = writeln!(out, "# HELP aigw_retries_total Retries decided by the policy.\n# TYPE aigw_retries_total counter\naigw_retries_total {}", m.retries);
-        let _ = writeln!(out, "# HELP aigw_failovers_total Requests that tried more than one backend.\n# TYPE aigw_failovers_total counter\naigw_failovers_total {}", m.failovers);
-        out.push_str("# HELP aigw_circuit_open Whether a backend's circuit breaker is open (1) or closed (0).\n# TYPE aigw_circuit_open gauge\n");
+        let _ = writeln!(out, "# HELP limitlab_retries_total Retries decided by the policy.\n# TYPE limitlab_retries_total counter\nlimitlab_retries_total {}", m.retries);
+        let _ = writeln!(out, "# HELP limitlab_failovers_total Requests that tried more than one backend.\n# TYPE limitlab_failovers_total counter\nlimitlab_failovers_total {}", m.failovers);
+        out.push_str("# HELP limitlab_circuit_open Whether a backend's circuit breaker is open (1) or closed (0).\n# TYPE limitlab_circuit_open gauge\n");
         for backend in &self.backends {
-            let _ = writeln!(out, "aigw_circuit_open{{backend=\"{backend}\"}} {}", u8::from(!available(backend)));
+            let _ = writeln!(out, "limitlab_circuit_open{{backend=\"{backend}\"}} {}", u8::from(!available(backend)));
         }
-        out.push_str("# HELP aigw_request_duration_seconds Time from request to response end.\n# TYPE aigw_request_duration_seconds histogram\n");
-        m.total.render(&mut out, "aigw_request_duration_seconds");
-        out.push_str("# HELP aigw_gateway_added_seconds Time the gateway added: total minus backend attempts and retry waits.\n# TYPE aigw_gateway_added_seconds histogram\n");
-        m.added.render(&mut out, "aigw_gateway_added_seconds");
+        out.push_str("# HELP limitlab_request_duration_seconds Time from request to response end.\n# TYPE limitlab_request_duration_seconds histogram\n");
+        m.total.render(&mut out, "limitlab_request_duration_seconds");
+        out.push_str("# HELP limitlab_gateway_added_seconds Time the gateway added: total minus backend attempts and retry waits.\n# TYPE limitlab_gateway_added_seconds histogram\n");
+        m.added.render(&mut out, "limitlab_gateway_added_seconds");
         out
     }
 }

@@ -1,5 +1,5 @@
 //! The front end: subscription keys, the request body, and the driver loop that
-//! carries out what `gateway-core`'s `Pipeline` decides, attempt by attempt.
+//! carries out what `gateway-core`'s `Lifecycle` decides, attempt by attempt.
 
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
@@ -10,7 +10,8 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, 
 use futures_util::StreamExt;
 use gateway_core::routing::{parse_retry_after, Attempt, AttemptOutcome, Credential};
 use gateway_core::{
-    Delivery, Finished, GeneratedResponse, Nanos, Pipeline, RequestId, RequestInfo, Step, Subscription, Usage,
+    Delivery, DeliveryEnd, Finished, GeneratedResponse, Lifecycle, Nanos, RequestId, RequestInfo, Step, Subscription,
+    Usage,
 };
 use http_body_util::{BodyExt, Full};
 use std::net::SocketAddr;
@@ -22,8 +23,8 @@ const MAX_BACKEND_BODY: usize = 64 * 1024 * 1024;
 
 pub struct Proxy {
     config: ProxyConfig,
-    /// One pipeline per product, in config order.
-    pipelines: Vec<Mutex<Pipeline>>,
+    /// One lifecycle per product, in config order.
+    lifecycles: Vec<Mutex<Lifecycle>>,
     /// Per product: whether a limit reads the prompt estimate (so it is counted
     /// before forwarding rather than only when a stream needs it).
     needs_estimate: Vec<bool>,
@@ -63,10 +64,10 @@ struct Admitted {
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Result<Proxy, String> {
-        let pipelines = config
+        let lifecycles = config
             .products
             .iter()
-            .map(|p| Pipeline::new(p.policy(), config.routing.clone(), rand::random()).map(Mutex::new))
+            .map(|p| Lifecycle::new(p.policy(), config.routing.clone(), rand::random()).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         let keys = config
             .subscriptions
@@ -112,8 +113,8 @@ impl Proxy {
             .map(|b| credential_header(b.credential.as_ref()).map_err(|e| format!("backend `{}`: {e}", b.id)))
             .collect::<Result<Vec<_>, _>>()?;
         // Load both vocabularies now, not on the first request (they take a while).
-        mock_aoai::tokens::count("gpt-4o", "warm up");
-        mock_aoai::tokens::count("gpt-35-turbo", "warm up");
+        tokenizer::count("gpt-4o", "warm up");
+        tokenizer::count("gpt-35-turbo", "warm up");
         Ok(Proxy {
             needs_estimate,
             needs_max_tokens,
@@ -122,7 +123,7 @@ impl Proxy {
             credentials,
             tls,
             config,
-            pipelines,
+            lifecycles,
             keys,
             epoch: Instant::now(),
             epoch_unix,
@@ -144,8 +145,8 @@ impl Proxy {
         tokio::time::Instant::from_std(self.epoch + std::time::Duration::from_nanos(offset.0))
     }
 
-    fn pipeline(&self, product: usize) -> std::sync::MutexGuard<'_, Pipeline> {
-        self.pipelines[product].lock().unwrap_or_else(|e| e.into_inner())
+    fn lifecycle(&self, product: usize) -> std::sync::MutexGuard<'_, Lifecycle> {
+        self.lifecycles[product].lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -216,7 +217,7 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
         Ok(Ok(body)) => body,
     };
     let model = deployment_model(parts.uri.path());
-    // Only the fields the pipeline reads; the rest of the body is skipped.
+    // Only the fields the lifecycle reads; the rest of the body is skipped.
     #[derive(serde::Deserialize, Default)]
     struct Fields {
         max_tokens: Option<u64>,
@@ -347,12 +348,12 @@ fn count_prompt(model: &str, body: &[u8]) -> u64 {
 
 fn prompt_tokens(model: &str, body: &serde_json::Value) -> u64 {
     if let Some(messages) = body.get("messages").and_then(serde_json::Value::as_array) {
-        return mock_aoai::tokens::count_chat(model, messages);
+        return tokenizer::count_chat(model, messages);
     }
     let text = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => mock_aoai::tokens::count(model, s),
+        serde_json::Value::String(s) => tokenizer::count(model, s),
         serde_json::Value::Array(items) => {
-            items.iter().filter_map(|i| i.as_str()).map(|s| mock_aoai::tokens::count(model, s)).sum()
+            items.iter().filter_map(|i| i.as_str()).map(|s| tokenizer::count(model, s)).sum()
         }
         _ => 0,
     };
@@ -371,9 +372,9 @@ async fn within<F: std::future::Future>(limit: std::time::Duration, future: F) -
     tokio::time::timeout(limit, future).await.map_err(|_| ())
 }
 
-/// Carries out the pipeline's steps until the client has its answer.
+/// Carries out the lifecycle's steps until the client has its answer.
 async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Response<Body> {
-    let mut step = proxy.pipeline(req.product).handle_request(proxy.now(), &req.info, rand::random());
+    let mut step = proxy.lifecycle(req.product).handle_request(proxy.now(), &req.info, rand::random());
     loop {
         match step {
             Step::Respond(finished) => return proxy.respond_generated(&req, finished),
@@ -385,7 +386,7 @@ async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Re
                     tokio::time::sleep_until(proxy.instant_of(at)).await;
                 }
                 let (outcome, response) = send(&proxy, upstream, &req, &attempt).await;
-                let next = proxy.pipeline(req.product).handle_attempt(
+                let next = proxy.lifecycle(req.product).handle_attempt(
                     proxy.now(),
                     id,
                     outcome,
@@ -399,7 +400,7 @@ async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Re
                     }
                     Ok(other) => step = other,
                     Err(e) => {
-                        tracing::error!(error = %e, "the pipeline refused an attempt's outcome");
+                        tracing::error!(error = %e, "the lifecycle refused an attempt's outcome");
                         return apim_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error");
                     }
                 }
@@ -503,7 +504,7 @@ fn retry_after_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<hyper::Request<Full<Bytes>>> {
     let index = proxy.config.routing.backends.iter().position(|b| *b.id == *attempt.backend)?;
     let client_path = req.parts.uri.path_and_query();
-    // The pipeline's routing is the config's: an attempt's URL is its backend's.
+    // The lifecycle's routing is the config's: an attempt's URL is its backend's.
     debug_assert_eq!(*attempt.url, proxy.config.routing.backends[index].url);
     let uri = proxy.bases[index].join(client_path)?;
     let mut request = hyper::Request::new(Full::new(req.body.clone()));
@@ -613,14 +614,14 @@ async fn deliver(
         }
         _ => {
             // The body broke or never ended: nothing was delivered, and that is charged.
-            let finished = proxy.finish_delivery(&req, id, Usage::default(), 0);
+            let finished = proxy.finish_delivery(&req, id, Usage::default(), 0, DeliveryEnd::Complete);
             proxy.metrics.finished(req.product, req.subscription, &finished.record, req.started);
             tracing::warn!(backend = %attempt.backend, "backend body broken; answering 502");
             return apim_error(StatusCode::BAD_GATEWAY, "Bad gateway: the backend's response was incomplete");
         }
     };
     let usage = usage::from_json(&bytes).unwrap_or_default();
-    let finished = proxy.finish_delivery(&req, id, usage, bytes.len() as u64);
+    let finished = proxy.finish_delivery(&req, id, usage, bytes.len() as u64, DeliveryEnd::Complete);
     for (name, value) in &finished.headers {
         if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
             out.headers_mut().insert(n, v);
@@ -632,9 +633,16 @@ async fn deliver(
 }
 
 impl Proxy {
-    fn finish_delivery(&self, req: &Admitted, id: RequestId, usage: Usage, response_bytes: u64) -> Finished {
-        let delivery = Delivery { usage, request_bytes: req.body.len() as u64, response_bytes };
-        let finished = self.pipeline(req.product).handle_delivered(self.now(), id, delivery);
+    fn finish_delivery(
+        &self,
+        req: &Admitted,
+        id: RequestId,
+        usage: Usage,
+        response_bytes: u64,
+        end: DeliveryEnd,
+    ) -> Finished {
+        let delivery = Delivery { usage, request_bytes: req.body.len() as u64, response_bytes, end };
+        let finished = self.lifecycle(req.product).handle_delivered(self.now(), id, delivery);
         let finished = finished.expect("each delivery is reported once");
         log_request(&finished);
         finished
@@ -642,7 +650,7 @@ impl Proxy {
 
     pub fn render_metrics(&self) -> String {
         let now = self.now();
-        self.metrics.render(|backend| self.pipeline(0).router().is_available(now, backend))
+        self.metrics.render(|backend| self.lifecycle(0).router().is_available(now, backend))
     }
 
     fn respond_generated(&self, req: &Admitted, finished: Finished) -> Response<Body> {
@@ -666,11 +674,12 @@ impl Proxy {
 
 fn log_request(finished: &Finished) {
     // The record is serialized only when someone reads request logs.
-    if !tracing::enabled!(target: "aigw::request", tracing::Level::INFO) {
+    if !tracing::enabled!(target: "limitlab::request", tracing::Level::INFO) {
         return;
     }
     let record = serde_json::to_string(&finished.record).unwrap_or_default();
-    tracing::info!(target: "aigw::request", status = finished.record.status, record = %record, "request");
+    let reason = finished.record.reason.as_str();
+    tracing::info!(target: "limitlab::request", status = finished.record.status, reason, record = %record, "request");
 }
 
 /// Charges a streamed response's tokens exactly once: when the stream ends,
@@ -690,20 +699,22 @@ impl Charge {
         Charge { proxy, req, id, tracker, response_bytes: 0, done: false }
     }
 
-    fn finish(&mut self) {
+    /// Charges what was streamed, once; `end` says whether the client stayed.
+    fn finish(&mut self, end: DeliveryEnd) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
         let prompt = self.req.prompt_tokens.unwrap_or_else(|| count_prompt(&self.req.model, &self.req.body));
         let usage = self.tracker.usage(prompt);
-        let finished = self.proxy.finish_delivery(&self.req, self.id, usage, self.response_bytes);
+        let finished = self.proxy.finish_delivery(&self.req, self.id, usage, self.response_bytes, end);
         self.proxy.metrics.finished(self.req.product, self.req.subscription, &finished.record, self.req.started);
     }
 }
 
 impl Drop for Charge {
+    /// A stream dropped before it ended is one whose client went away.
     fn drop(&mut self) {
-        self.finish();
+        self.finish(DeliveryEnd::ClientGone);
     }
 }
 
@@ -720,14 +731,14 @@ fn charged_stream(
         loop {
             match frames.next().await {
                 None => {
-                    charge.finish();
+                    charge.finish(DeliveryEnd::Complete);
                     if let Some(lease) = lease.take() {
                         lease.release();
                     }
                     return None;
                 }
                 Some(Err(e)) => {
-                    charge.finish();
+                    charge.finish(DeliveryEnd::Complete);
                     return Some((Err(std::io::Error::other(e)), (frames, charge, None)));
                 }
                 Some(Ok(frame)) => {

@@ -64,8 +64,7 @@ impl StreamTracker {
         for choice in value.get("choices").and_then(Value::as_array).into_iter().flatten() {
             let text = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
             if let Some(text) = text.filter(|t| !t.is_empty()) {
-                self.completion_tokens =
-                    self.completion_tokens.saturating_add(mock_aoai::tokens::count(&self.model, text));
+                self.completion_tokens = self.completion_tokens.saturating_add(tokenizer::count(&self.model, text));
             }
         }
     }

@@ -102,8 +102,8 @@ async fn a_429_fails_over_to_the_secondary_after_the_retry_interval() {
     let m = proxy.metrics().await;
     assert!(waited < Duration::from_millis(900), "APIM-compatible mode ignores Retry-After: {waited:?}\n{m}");
     let metrics = proxy.metrics().await;
-    assert!(metrics.contains("aigw_failovers_total 1"), "{metrics}");
-    assert!(metrics.contains("aigw_tokens_total{key=\"s\",backend=\"secondary\",kind=\"prompt\"} 10"), "{metrics}");
+    assert!(metrics.contains("limitlab_failovers_total 1"), "{metrics}");
+    assert!(metrics.contains("limitlab_tokens_total{key=\"s\",backend=\"secondary\",kind=\"prompt\"} 10"), "{metrics}");
 }
 
 #[tokio::test]
@@ -154,7 +154,7 @@ async fn a_tripped_breaker_answers_503_without_calling_the_backend() {
     let r = proxy.chat(json!({})).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 29);
-    assert!(proxy.metrics().await.contains("aigw_circuit_open{backend=\"primary\"} 1"));
+    assert!(proxy.metrics().await.contains("limitlab_circuit_open{backend=\"primary\"} 1"));
 }
 
 #[tokio::test]
@@ -199,7 +199,7 @@ async fn a_broken_stream_is_charged_for_what_was_sent() {
         .filter_map(|e| serde_json::from_str::<Value>(e).ok())
         .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_owned))
         .collect();
-    let sent_tokens = mock_aoai::tokens::count("gpt-4o", &sent);
+    let sent_tokens = tokenizer::count("gpt-4o", &sent);
     // The charge happens when the proxy sees the stream end; give it a moment.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let metrics = proxy.metrics().await;
@@ -228,7 +228,7 @@ async fn a_malformed_backend_answer_becomes_502() {
     let r = proxy.chat(json!({})).await;
     assert_eq!(r.status(), 502);
     assert!(r.text().await.unwrap().contains("not valid HTTP"));
-    assert!(proxy.metrics().await.contains("reason=\"bad_response\""));
+    assert!(proxy.metrics().await.contains("reason=\"bad-response\""));
 }
 
 #[tokio::test]
@@ -296,7 +296,7 @@ async fn a_policy_files_set_headers_apply_to_the_backend_request_and_the_respons
         .expect(1)
         .mount(&backend)
         .await;
-    let dir = std::env::temp_dir().join(format!("aigw-set-header-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("limitlab-set-header-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let xml = dir.join("policy.xml");
     std::fs::write(
@@ -304,7 +304,7 @@ async fn a_policy_files_set_headers_apply_to_the_backend_request_and_the_respons
         r#"<policies>
   <inbound><base /><set-header name="X-Team" exists-action="override"><value>blue</value></set-header></inbound>
   <backend><base /></backend>
-  <outbound><base /><set-header name="X-Served-By" exists-action="override"><value>aigw</value></set-header></outbound>
+  <outbound><base /><set-header name="X-Served-By" exists-action="override"><value>limitlab</value></set-header></outbound>
   <on-error><base /></on-error>
 </policies>"#,
     )
@@ -314,7 +314,7 @@ async fn a_policy_files_set_headers_apply_to_the_backend_request_and_the_respons
     let proxy = start(&text).await;
     let r = proxy.chat(json!({})).await;
     assert_eq!(r.status(), 200, "the backend saw X-Team: blue");
-    assert_eq!(r.headers()["x-served-by"], "aigw");
+    assert_eq!(r.headers()["x-served-by"], "limitlab");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -331,7 +331,7 @@ async fn a_backends_absurd_usage_saturates_the_counters() {
         assert_eq!(proxy.chat(json!({"messages": []})).await.status(), 200);
     }
     let metrics = proxy.metrics().await;
-    let line = format!("aigw_tokens_total{{key=\"s\",backend=\"primary\",kind=\"prompt\"}} {max}");
+    let line = format!("limitlab_tokens_total{{key=\"s\",backend=\"primary\",kind=\"prompt\"}} {max}");
     assert!(metrics.contains(&line), "{metrics}");
 }
 
@@ -388,10 +388,10 @@ counter_key = { jwt = { claim = "sub", header = "X-User-Token" } }
 
 #[test]
 fn two_subscriptions_with_one_key_are_refused_even_from_the_environment() {
-    std::env::set_var("AIGW_TEST_DUPLICATE_KEY", "k");
+    std::env::set_var("LIMITLAB_TEST_DUPLICATE_KEY", "k");
     let text = config("http://127.0.0.1:9", "http://127.0.0.1:9", "", "").replacen(
         "[[products]]",
-        "[[subscriptions]]\nid = \"t\"\nkey_env = \"AIGW_TEST_DUPLICATE_KEY\"\nproducts = [\"p\"]\n\n[[products]]",
+        "[[subscriptions]]\nid = \"t\"\nkey_env = \"LIMITLAB_TEST_DUPLICATE_KEY\"\nproducts = [\"p\"]\n\n[[products]]",
         1,
     );
     let config = ProxyConfig::from_toml("test.toml", &text).unwrap();
@@ -421,7 +421,7 @@ fn config_with_credentials(
 
 #[tokio::test]
 async fn backends_get_their_own_credential_and_never_the_clients_key() {
-    std::env::set_var("AIGW_TEST_BEARER", "from-env");
+    std::env::set_var("LIMITLAB_TEST_BEARER", "from-env");
     let (primary, secondary) = (MockServer::start().await, MockServer::start().await);
     // Each backend answers 200 only with its own credential; anything else is a 429,
     // which the retry would carry to the other backend and the metrics would show.
@@ -440,7 +440,7 @@ async fn backends_get_their_own_credential_and_never_the_clients_key() {
         &primary.uri(),
         "{ api_key = \"primary-secret\" }",
         &secondary.uri(),
-        "{ bearer_env = \"AIGW_TEST_BEARER\" }",
+        "{ bearer_env = \"LIMITLAB_TEST_BEARER\" }",
     );
     let proxy = start(&text).await;
     assert_eq!(proxy.chat(json!({})).await.status(), 200);
@@ -464,14 +464,17 @@ async fn backends_get_their_own_credential_and_never_the_clients_key() {
 fn a_credential_from_an_unset_variable_is_refused_at_start() {
     let text = config_with_credentials(
         "http://127.0.0.1:9",
-        "{ api_key_env = \"AIGW_TEST_NEVER_SET\" }",
+        "{ api_key_env = \"LIMITLAB_TEST_NEVER_SET\" }",
         "http://127.0.0.1:8",
         "{ api_key = \"bad\\nvalue\" }",
     );
     let err = Proxy::new(ProxyConfig::from_toml("test.toml", &text).unwrap()).err().expect("refused");
-    assert!(err.contains("backend `primary`: environment variable `AIGW_TEST_NEVER_SET` is not set or empty"), "{err}");
-    std::env::set_var("AIGW_TEST_SET_LATER", "fine");
-    let text = text.replace("AIGW_TEST_NEVER_SET", "AIGW_TEST_SET_LATER");
+    assert!(
+        err.contains("backend `primary`: environment variable `LIMITLAB_TEST_NEVER_SET` is not set or empty"),
+        "{err}"
+    );
+    std::env::set_var("LIMITLAB_TEST_SET_LATER", "fine");
+    let text = text.replace("LIMITLAB_TEST_NEVER_SET", "LIMITLAB_TEST_SET_LATER");
     let err = Proxy::new(ProxyConfig::from_toml("test.toml", &text).unwrap()).err().expect("refused");
     assert!(err.contains("backend `secondary`: the `api-key` credential is not a valid header value"), "{err}");
 }
@@ -502,14 +505,14 @@ async fn private_tls_backend() -> (String, String) {
 #[tokio::test]
 async fn an_https_backend_signed_by_a_private_ca_is_trusted_only_through_ca_files() {
     let (url, pem) = private_tls_backend().await;
-    let ca_file = std::env::temp_dir().join(format!("aigw-test-ca-{}.pem", url.rsplit(':').next().unwrap()));
+    let ca_file = std::env::temp_dir().join(format!("limitlab-test-ca-{}.pem", url.rsplit(':').next().unwrap()));
     std::fs::write(&ca_file, pem).unwrap();
     let plain = config(&url, &url, "", "");
     // Without the authority the handshake fails: the attempt is a transport
     // failure, which APIM answers with its 500.
     let untrusting = start(&plain).await;
     assert_eq!(untrusting.chat(json!({})).await.status(), 500);
-    assert!(untrusting.metrics().await.contains("reason=\"transport_failure\""));
+    assert!(untrusting.metrics().await.contains("reason=\"transport-failure\""));
     let trusting = start(&format!("ca_files = [{:?}]\n{plain}", ca_file.display().to_string())).await;
     let r = trusting.chat(json!({})).await;
     assert_eq!(r.status(), 200);
@@ -518,10 +521,10 @@ async fn an_https_backend_signed_by_a_private_ca_is_trusted_only_through_ca_file
 
 #[test]
 fn ca_files_that_cannot_be_read_or_hold_no_certificate_are_refused_at_start() {
-    let empty = std::env::temp_dir().join("aigw-test-empty-ca.pem");
+    let empty = std::env::temp_dir().join("limitlab-test-empty-ca.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
-    let missing = std::env::temp_dir().join("aigw-test-no-such-ca.pem");
-    for (file, expected) in [(&missing, "aigw-test-no-such-ca.pem: "), (&empty, "no certificate in the file")] {
+    let missing = std::env::temp_dir().join("limitlab-test-no-such-ca.pem");
+    for (file, expected) in [(&missing, "limitlab-test-no-such-ca.pem: "), (&empty, "no certificate in the file")] {
         let text =
             format!("ca_files = [{:?}]\n{}", file.display().to_string(), config("https://h", "https://h", "", ""));
         let err = Proxy::new(ProxyConfig::from_toml("test.toml", &text).unwrap()).err().expect("refused");

@@ -1,4 +1,4 @@
-//! `aigw check`: the scenario's promises (`[[expect]]`) against many perturbed
+//! `limitlab check`: the scenario's promises (`[[expect]]`) against many perturbed
 //! runs, with proptest's search and shrinking, so a failure comes back as the
 //! smallest perturbation found that breaks a promise.
 
@@ -18,7 +18,7 @@ pub struct Expect {
     /// Sugar for `figure = "client.NAME.rejected_ratio"`, `at_most = 0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub never_rejected: Option<String>,
-    /// A figure as `aigw sweep` names them: `rejected_ratio`,
+    /// A figure as `limitlab sweep` names them: `rejected_ratio`,
     /// `client.batch.rejected_ratio`, `client.chat.latency_ms_p99`,
     /// `backend.primary.throttled_ratio`, or `max_key_tokens_per_minute` (the
     /// most tokens any caller key, subscription or IP, used in a sliding minute).
@@ -57,7 +57,7 @@ impl Expect {
     }
 }
 
-/// How far `aigw check` may move the scenario: factors on every client's arrival
+/// How far `limitlab check` may move the scenario: factors on every client's arrival
 /// rates and token sizes, each a `[low, high]` range (`[1, 1]`: unchanged).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,7 +101,7 @@ pub struct Failure {
     pub promise: String,
     pub measured: f64,
     pub case: Case,
-    /// The case as a scenario file `aigw simulate` reproduces.
+    /// The case as a scenario file `limitlab simulate` reproduces.
     pub scenario: String,
 }
 

@@ -4,13 +4,13 @@
 //! events in the same order.
 
 use crate::queue::EventQueue;
-use crate::report::{Decision, Reason, Recorder};
+use crate::report::{Decision, Recorder};
 use crate::scenario::{Arrival, Client, Identity, Scenario};
 use crate::trace::{self, TraceLine};
 use gateway_core::routing::{AttemptOutcome, Routing};
 use gateway_core::{
-    CounterDelta, Delivery, FinalReason, Finished, Nanos, OutcomeRecord, Pipeline, RequestId, RequestInfo, Step,
-    Subscription, Usage,
+    CounterDelta, Delivery, DeliveryEnd, Finished, Lifecycle, Nanos, OutcomeRecord, Reason, RequestId, RequestInfo,
+    Step, Subscription, Usage,
 };
 use mock_aoai::model::{ModelRequest, ModelResponse, Operation};
 use mock_aoai::{round_to_u64, DeploymentModel};
@@ -98,7 +98,7 @@ pub struct Engine<'s> {
     immediate: Option<Event>,
     /// The sequence number of the latest event scheduled.
     seq: u64,
-    replicas: Vec<Pipeline>,
+    replicas: Vec<Lifecycle>,
     /// The replica the next arrival goes to (round robin), below `replicas.len()`.
     next_replica: usize,
     /// Replicas share counters through a store this late (their journals are on).
@@ -137,11 +137,11 @@ impl<'s> Engine<'s> {
             false => 1,
         };
         let mut replicas = (0..replica_count)
-            .map(|i| Pipeline::new(scenario.gateway.policy(), routing.clone(), seed ^ (i as u64 + 1)))
+            .map(|i| Lifecycle::new(scenario.gateway.policy(), routing.clone(), seed ^ (i as u64 + 1)))
             .collect::<Result<Vec<_>, _>>()?;
         let sync_lag = scenario.gateway.sync_lag.map(|lag| lag.0);
         if sync_lag.is_some() {
-            replicas.iter_mut().for_each(Pipeline::enable_journal);
+            replicas.iter_mut().for_each(|replica| replica.limits_mut().enable_journal());
         }
         let backends: Vec<DeploymentModel> = scenario
             .backends
@@ -259,15 +259,15 @@ impl<'s> Engine<'s> {
     /// see `draw_ahead`). Hints only: no state changes.
     fn prefetch_ahead(&self) {
         if let Some((replica, id)) = self.queue.peek(1).and_then(Event::request) {
-            self.replicas[replica].prefetch_request(id);
+            self.replicas[replica].hints().request(id);
             if let Some(flight) = self.flights[replica].get(id.slot()) {
-                gateway_core::hint::prefetch(flight);
+                cache_hint::prefetch(flight);
             }
         }
         if let Some((replica, id)) = self.queue.peek(0).and_then(Event::request) {
-            self.replicas[replica].prefetch_request_counters(id);
+            self.replicas[replica].hints().request_counters(id);
             if let Some(Some(flight)) = self.flights[replica].get(id.slot()) {
-                gateway_core::hint::prefetch(&*flight.call);
+                cache_hint::prefetch(&*flight.call);
             }
         }
     }
@@ -303,7 +303,7 @@ impl<'s> Engine<'s> {
             Event::Sync { from, delta } => {
                 for (r, replica) in self.replicas.iter_mut().enumerate() {
                     if r != from {
-                        replica.handle_delta(now, &delta);
+                        replica.limits_mut().handle_delta(now, &delta);
                     }
                 }
             }
@@ -323,7 +323,7 @@ impl<'s> Engine<'s> {
     }
 
     fn send_changes(&mut self, now: Nanos, replica: usize, lag: Nanos) {
-        while let Some(delta) = self.replicas[replica].poll_delta() {
+        while let Some(delta) = self.replicas[replica].limits_mut().poll_delta() {
             self.push(now + lag, Event::Sync { from: replica, delta: Box::new(delta) });
         }
     }
@@ -396,14 +396,14 @@ impl<'s> Engine<'s> {
             let at = self.upcoming[client].tail_at;
             let call = self.draw_call(client);
             let gap = self.next_gap(client, at);
-            self.replicas[self.next_replica].prefetch_lookup(&call.info);
+            self.replicas[self.next_replica].hints().lookup(&call.info);
             let upcoming = &mut self.upcoming[client];
             upcoming.calls.push_back((call, gap));
             upcoming.tail_at = at + gap;
         }
         let calls = &self.upcoming[client].calls;
         if let Some((call, _)) = calls.len().checked_sub(2).map(|i| &calls[i]) {
-            self.replicas[self.next_replica].prefetch(&call.info);
+            self.replicas[self.next_replica].hints().counters(&call.info);
         }
     }
 
@@ -542,7 +542,7 @@ impl<'s> Engine<'s> {
     }
 
     fn delivered(&mut self, now: Nanos, replica: usize, id: RequestId, usage: Usage, bytes: (u64, u64)) {
-        let delivery = Delivery { usage, request_bytes: bytes.0, response_bytes: bytes.1 };
+        let delivery = Delivery { usage, request_bytes: bytes.0, response_bytes: bytes.1, end: DeliveryEnd::Complete };
         let finished = self.replicas[replica].handle_delivered(now, id, delivery);
         self.share_changes(now, replica);
         // Borrowed where it lies: moving a `Finished` out of its `Result` copies it.
@@ -604,7 +604,7 @@ impl<'s> Engine<'s> {
 
     fn record(&mut self, now: Nanos, order: u64, call: &Call, arrived: Nanos, finished: &Finished) {
         let record = &finished.record;
-        let reason = reason(record.reason, record.status);
+        let reason = record.reason;
         let latency = now - arrived;
         // The full decision line (strings, keys) is built only for a decision log.
         let line = match self.recorder.wants_decisions() {
@@ -637,7 +637,7 @@ impl<'s> Engine<'s> {
             attempt: call.attempt,
             arrival_ms: (arrived - self.start).0 as f64 / 1e6,
             status: record.status,
-            reason: reason.name(),
+            reason: reason.as_str(),
             backends: record.attempts.iter().map(|a| a.backend.to_string()).collect(),
             latency_ms: latency.0 as f64 / 1e6,
             prompt_tokens: record.usage.prompt_tokens,
@@ -669,8 +669,7 @@ impl<'s> Engine<'s> {
 
 /// `10.{client}.{caller / 256}.{caller % 256}`, written without the formatting
 /// machinery: it is built for every generated call. The bytes are put together
-/// on the stack and appended at once, rather than one `push` (and one capacity
-/// check) per character.
+/// on the stack and appended at once.
 fn write_caller_ip(ip: &mut String, client: usize, caller: usize) {
     let (mut text, mut len) = ([0u8; 15], 0);
     let mut put = |byte: u8| {
@@ -690,10 +689,8 @@ fn write_caller_ip(ip: &mut String, client: usize, caller: usize) {
         }
         put(b'0' + octet % 10);
     }
-    debug_assert!(text[..len].iter().all(|b| b.is_ascii_digit() || *b == b'.'));
-    // SAFETY: every byte written is an ASCII digit or a dot, so the bytes are
-    // UTF-8. (`from_utf8` would check them, a call costing more than the rest.)
-    ip.push_str(unsafe { std::str::from_utf8_unchecked(&text[..len]) });
+    // Every byte is an ASCII digit or a dot, so each is its own `char`.
+    ip.extend(text[..len].iter().map(|&byte| char::from(byte)));
 }
 
 /// Makes `info` a generated call's identity, reusing its IP buffer: what
@@ -758,21 +755,6 @@ fn key_values(info: &RequestInfo) -> BTreeMap<String, String> {
         keys.insert("product".to_owned(), p.clone());
     }
     keys
-}
-
-/// The decision log's reason for the core's final reason and status.
-fn reason(reason: FinalReason, status: u16) -> Reason {
-    use gateway_core::RejectReason::*;
-    match reason {
-        FinalReason::Backend if status < 400 => Reason::Ok,
-        FinalReason::Backend => Reason::Backend,
-        FinalReason::Limited(RateLimit) => Reason::RateLimit,
-        FinalReason::Limited(CallQuota | BandwidthQuota) => Reason::Quota,
-        FinalReason::Limited(TokensPerMinute) => Reason::TokenLimit,
-        FinalReason::Limited(TokenQuota) => Reason::TokenQuota,
-        FinalReason::Unavailable => Reason::NoBackend,
-        FinalReason::Timeout | FinalReason::TransportFailure | FinalReason::BadResponse => Reason::Timeout,
-    }
 }
 
 #[cfg(test)]

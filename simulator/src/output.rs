@@ -27,7 +27,7 @@ fn escape(text: &str) -> String {
 /// A self-contained page: no scripts, no external files; the plots are inline SVG.
 pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> String {
     let mut out = String::new();
-    let title = format!("aigw simulation: {}", escape(&report.scenario));
+    let title = format!("limitlab simulation: {}", escape(&report.scenario));
     let _ = write!(
         out,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\n<style>\
@@ -46,9 +46,9 @@ pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> 
         escape(&report.start),
         report.schema_version
     );
-    let reasons = crate::report::Reason::ALL.map(crate::report::Reason::name);
+    let reasons: Vec<&str> = report.reasons_shown().into_iter().map(gateway_core::Reason::as_str).collect();
     out.push_str("<h2>Clients</h2>\n<table><tr><th>client</th><th>calls</th>");
-    for r in reasons {
+    for r in &reasons {
         let _ = write!(out, "<th>{r}</th>");
     }
     out.push_str(
@@ -56,7 +56,7 @@ pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> 
     );
     for c in &report.clients {
         let _ = write!(out, "<tr><td>{}</td><td>{}</td>", escape(&c.name), c.requests);
-        for r in reasons {
+        for r in &reasons {
             let _ = write!(out, "<td>{}</td>", c.by_reason.get(r).copied().unwrap_or(0));
         }
         let _ = writeln!(
@@ -165,7 +165,7 @@ fn sweep_plots(dir: &Path, result: &crate::sweep::SweepResult) -> Result<Vec<(St
 
 fn sweep_html(result: &crate::sweep::SweepResult, svgs: &[(String, String)]) -> String {
     let mut out = String::new();
-    let title = format!("aigw sweep: {}", escape(&result.scenario));
+    let title = format!("limitlab sweep: {}", escape(&result.scenario));
     let _ = write!(
         out,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\n<style>\

@@ -103,7 +103,7 @@ impl Chart {
 /// The report's charts, in the order the HTML shows them.
 pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
     let minute = |m: &crate::report::MinuteStats| m.minute as f64;
-    let reasons = crate::report::Reason::ALL.map(crate::report::Reason::name);
+    let reasons = gateway_core::Reason::ALL.map(gateway_core::Reason::as_str);
     let by_reason = reasons
         .iter()
         .filter(|r| report.minutes.iter().any(|m| m.by_reason.contains_key(*r)))

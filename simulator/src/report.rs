@@ -4,7 +4,7 @@
 
 use crate::scenario::Scenario;
 use gateway_core::routing::AttemptOutcome;
-use gateway_core::{FinalReason, Nanos, OutcomeRecord};
+use gateway_core::{Nanos, OutcomeRecord, Reason};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -30,46 +30,6 @@ pub struct Decision {
     pub completion_tokens: u64,
 }
 
-/// Why a call ended as it did: the decision log's `reason`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    Ok,
-    RateLimit,
-    Quota,
-    TokenLimit,
-    TokenQuota,
-    Backend,
-    NoBackend,
-    Timeout,
-}
-
-impl Reason {
-    /// Every reason, in the order tables and plots show them.
-    pub const ALL: [Reason; 8] = [
-        Reason::Ok,
-        Reason::RateLimit,
-        Reason::Quota,
-        Reason::TokenLimit,
-        Reason::TokenQuota,
-        Reason::Backend,
-        Reason::NoBackend,
-        Reason::Timeout,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Reason::Ok => "ok",
-            Reason::Backend => "backend",
-            Reason::RateLimit => "rate-limit",
-            Reason::Quota => "quota",
-            Reason::TokenLimit => "token-limit",
-            Reason::TokenQuota => "token-quota",
-            Reason::NoBackend => "no-backend",
-            Reason::Timeout => "timeout",
-        }
-    }
-}
-
 /// Calls counted by reason: an array while a run counts (every call adds one),
 /// a map by name in the report.
 #[derive(Clone, Copy, Debug, Default)]
@@ -82,7 +42,7 @@ impl Tally {
 
     /// The reasons that counted at least one call, by name.
     fn to_map(self) -> BTreeMap<&'static str, u64> {
-        Reason::ALL.iter().map(|&r| (r.name(), self.0[r as usize])).filter(|&(_, n)| n > 0).collect()
+        Reason::ALL.iter().map(|&r| (r.as_str(), self.0[r as usize])).filter(|&(_, n)| n > 0).collect()
     }
 }
 
@@ -248,7 +208,7 @@ impl Recorder {
         c.latency_us.saturating_record((latency.0 / 1000).max(1));
         let tokens = record.usage.total();
         let delivered_by = match record.reason {
-            FinalReason::Backend => record.attempts.last().map(|a| &a.backend),
+            Reason::Ok | Reason::BackendError | Reason::ClientGone => record.attempts.last().map(|a| &a.backend),
             _ => None,
         };
         let backend = delivered_by.and_then(|name| self.backend_index(name));
@@ -351,8 +311,8 @@ pub struct ClientReport {
     pub name: String,
     /// Calls that reached the gateway, SDK retries included.
     pub requests: u64,
-    /// Calls by reason: `ok`, `rate-limit`, `quota`, `token-limit`, `token-quota`,
-    /// `backend` (a backend error delivered), `no-backend`, `timeout`.
+    /// Calls by reason ([`Reason::as_str`]: `ok`, `rate-limit`, `quota`, ...),
+    /// only those that ended at least one call.
     pub by_reason: BTreeMap<&'static str, u64>,
     pub by_status: BTreeMap<u16, u64>,
     pub rejected_ratio: f64,
@@ -399,39 +359,44 @@ impl From<&ClientStats> for ClientReport {
 }
 
 impl Report {
-    /// The summary table printed after a run.
+    /// The reasons the tables show: `ok`, and every other reason that ended at
+    /// least one call, in [`Reason::ALL`]'s order.
+    pub fn reasons_shown(&self) -> Vec<Reason> {
+        let ended_some = |r: Reason| self.clients.iter().any(|c| c.by_reason.contains_key(r.as_str()));
+        Reason::ALL.into_iter().filter(|&r| r == Reason::Ok || ended_some(r)).collect()
+    }
+
+    /// The summary table printed after a run. Reason columns are headed with the
+    /// reasons' own names, as the decision log and `report.json` spell them.
     pub fn summary(&self) -> String {
         let mut out = String::new();
         let _ =
             writeln!(out, "scenario {} (seed {}), {} s from {}", self.scenario, self.seed, self.duration_s, self.start);
+        let reasons = self.reasons_shown();
+        let width = |r: &Reason| r.as_str().len().max(7);
+        let _ = write!(out, "{:<14} {:>8}", "client", "requests");
+        for r in &reasons {
+            let _ = write!(out, " {:>w$}", r.as_str(), w = width(r));
+        }
         let _ = writeln!(
             out,
-            "{:<14} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
-            "client",
-            "requests",
-            "ok",
-            "rate-lim",
-            "quota",
-            "tok-lim",
-            "tok-quo",
-            "backend",
-            "no-back",
-            "timeout",
-            "sdk-retry",
-            "failover",
-            "tokens",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms"
+            " {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+            "sdk-retry", "failover", "tokens", "p50 ms", "p95 ms", "p99 ms"
         );
         for c in &self.clients {
-            let n = |r: &str| c.by_reason.get(r).copied().unwrap_or(0);
+            let _ = write!(out, "{:<14} {:>8}", c.name, c.requests);
+            for r in &reasons {
+                let _ = write!(out, " {:>w$}", c.by_reason.get(r.as_str()).copied().unwrap_or(0), w = width(r));
+            }
             let _ = writeln!(
                 out,
-                "{:<14} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9.1} {:>9.1} {:>9.1}",
-                c.name, c.requests, n("ok"), n("rate-limit"), n("quota"), n("token-limit"), n("token-quota"),
-                n("backend"), n("no-backend"), n("timeout"), c.sdk_retries, c.failovers,
-                c.prompt_tokens.saturating_add(c.completion_tokens), c.latency_ms_p50, c.latency_ms_p95, c.latency_ms_p99
+                " {:>9} {:>9} {:>10} {:>9.1} {:>9.1} {:>9.1}",
+                c.sdk_retries,
+                c.failovers,
+                c.prompt_tokens.saturating_add(c.completion_tokens),
+                c.latency_ms_p50,
+                c.latency_ms_p95,
+                c.latency_ms_p99
             );
         }
         let _ = writeln!(

@@ -23,13 +23,13 @@ pub struct Scenario {
     pub gateway: GatewayConfig,
     pub backends: Vec<DeploymentConfig>,
     pub clients: Vec<Client>,
-    /// Promises `aigw check` tests.
+    /// Promises `limitlab check` tests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expect: Vec<crate::check::Expect>,
-    /// How far `aigw check` may perturb the scenario.
+    /// How far `limitlab check` may perturb the scenario.
     #[serde(default)]
     pub check: crate::check::CheckBounds,
-    /// Elements of a policy file that aigw does not model, with their lines.
+    /// Elements of a policy file that limitlab does not model, with their lines.
     #[serde(skip)]
     pub warnings: Vec<String>,
 }
@@ -182,7 +182,7 @@ impl Scenario {
 
     pub fn from_toml(path: &str, text: &str) -> Result<Scenario, String> {
         let mut scenario: Scenario =
-            toml::from_str(text).map_err(|e| gateway_core::policy::describe_toml_error(path, text, &e))?;
+            toml::from_str(text).map_err(|e| diagnostics::describe_toml_error(path, text, &e))?;
         let base = Path::new(path).parent().unwrap_or(Path::new("."));
         let gateway = &mut scenario.gateway;
         let (policy, warnings) = gateway.policy.resolve(base, &gateway.named_values, &mut gateway.routing)?;

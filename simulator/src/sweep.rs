@@ -1,4 +1,4 @@
-//! `aigw sweep`: run a scenario over a grid of values and many seeds, and find the
+//! `limitlab sweep`: run a scenario over a grid of values and many seeds, and find the
 //! cheapest grid point that meets the SLOs.
 
 use crate::report::Report;
@@ -250,7 +250,7 @@ fn numeric_paths(v: &toml::Value, prefix: String, out: &mut Vec<String>) {
 }
 
 fn distance(a: &str, b: &str) -> usize {
-    gateway_core::policy::edit_distance(a, b)
+    diagnostics::edit_distance(a, b)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

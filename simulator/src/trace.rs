@@ -47,7 +47,7 @@ fn load_csv(path: &Path, text: &str) -> Result<Vec<TraceLine>, String> {
         ["t_ms", "ip", "subscription", "product", "prompt_tokens", "max_tokens", "completion_tokens", "stream"];
     if let Some(bad) = names.iter().find(|n| !FIELDS.contains(&n.as_str()) && !n.starts_with("header:")) {
         let message = format!("unknown field `{bad}`, expected one of {}", FIELDS.map(|f| format!("`{f}`")).join(", "));
-        let hint = gateway_core::policy::suggestion(&message).map(|n| format!("; did you mean `{n}`?"));
+        let hint = diagnostics::suggestion(&message).map(|n| format!("; did you mean `{n}`?"));
         return Err(format!("{}:1: {message}{}", path.display(), hint.unwrap_or_default()));
     }
     if !names.iter().any(|n| n == "t_ms") {
@@ -100,7 +100,7 @@ fn load_jsonl(path: &Path, text: &str) -> Result<Vec<TraceLine>, String> {
         let mut line: TraceLine = serde_json::from_str(raw).map_err(|e| {
             let message = e.to_string();
             let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
-            let hint = gateway_core::policy::suggestion(&message).map(|n| format!("; did you mean `{n}`?"));
+            let hint = diagnostics::suggestion(&message).map(|n| format!("; did you mean `{n}`?"));
             format!("{}:{}:{}: {message}{}", path.display(), i + 1, e.column(), hint.unwrap_or_default())
         })?;
         line.line = i as u64;

@@ -1,4 +1,4 @@
-//! `aigw check`: promises against perturbed runs, and shrinking to the smallest case.
+//! `limitlab check`: promises against perturbed runs, and shrinking to the smallest case.
 
 use std::path::Path;
 
@@ -46,7 +46,7 @@ fn a_failure_shrinks_to_the_smallest_rate_that_breaks_the_promise() {
     assert!((0.5..0.52).contains(&failure.case.rate_scale), "shrunk to {:?}", failure.case);
     assert_eq!(failure.promise, "client `steady` is never rejected");
     assert!(failure.measured > 0.0);
-    // The written case reproduces the failure with `aigw simulate`.
+    // The written case reproduces the failure with `limitlab simulate`.
     let again = simulator::Scenario::from_toml("case.toml", &failure.scenario).unwrap();
     let report = simulator::run(&again, Path::new("."), None, false).unwrap().report;
     assert_eq!(report.clients[0].rejected_ratio, failure.measured);

@@ -41,7 +41,7 @@ fn another_seed_gives_another_run() {
 
 /// The committed example report (`examples/reports/seed-ip-limits/report.json`)
 /// is what the simulator produces today, byte for byte; regenerate it with
-/// `aigw simulate scenarios/seed-ip-limits.toml --out examples/reports/seed-ip-limits`
+/// `limitlab simulate scenarios/seed-ip-limits.toml --out examples/reports/seed-ip-limits`
 /// when a change is meant to alter results.
 #[test]
 fn the_committed_example_report_is_reproduced() {
@@ -60,7 +60,7 @@ fn the_report_files_are_written_with_their_plots() {
     let path = root.join("scenarios/replicas-local.toml");
     let scenario = simulator::Scenario::load(&path).unwrap();
     let outcome = simulator::run(&scenario, path.parent().unwrap(), None, false).unwrap();
-    let dir = std::env::temp_dir().join(format!("aigw-report-test-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("limitlab-report-test-{}", std::process::id()));
     simulator::output::write_report(&dir, &scenario, &outcome.report).unwrap();
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert_eq!(html.matches("<svg").count(), 5, "five inline plots");

@@ -52,7 +52,7 @@ fn errors_name_the_place_and_suggest_the_closest_name() {
 
 #[test]
 fn trace_errors_name_the_line_and_field() {
-    let dir = std::env::temp_dir().join(format!("aigw-trace-test-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("limitlab-trace-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let trace = dir.join("t.jsonl");
     std::fs::write(&trace, "{\"t_ms\": 1, \"ip\": \"a\"}\n{\"t_ms\": 2, \"prompt_tokns\": 5}\n").unwrap();

@@ -1,4 +1,4 @@
-//! `aigw sweep`: values, paths, SLOs, the recommendation rule, and determinism
+//! `limitlab sweep`: values, paths, SLOs, the recommendation rule, and determinism
 //! whatever the number of threads.
 
 use simulator::sweep::{self, parse_slo, parse_vary, recommend, Point, SweepOptions};

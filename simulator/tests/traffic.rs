@@ -74,7 +74,7 @@ fn a_csv_trace_replays_like_its_jsonl_twin() {
             v["completion_tokens"]
         );
     }
-    let dir = std::env::temp_dir().join(format!("aigw-csv-test-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("limitlab-csv-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("example.csv"), csv).unwrap();
     let text = std::fs::read_to_string(root.join("trace-replay.toml")).unwrap();

@@ -1,7 +1,7 @@
-"""The official `openai` package (AzureOpenAI, api_key="demo-key") through `aigw proxy`.
+"""The official `openai` package (AzureOpenAI, api_key="demo-key") through `limitlab proxy`.
 
-Usage: python tests/sdk/openai_proxy.py path/to/aigw
-Starts two `aigw mock` (mocks/fast.toml) as `primary` and `secondary` and `aigw proxy
+Usage: python tests/sdk/openai_proxy.py path/to/limitlab
+Starts two `limitlab mock` (mocks/fast.toml) as `primary` and `secondary` and `limitlab proxy
 --config examples/proxy.toml` in front of them, then checks chat (plain and
 streamed), the policy's headers, and the 429 the SDK sees past the rate limit.
 """
@@ -21,15 +21,15 @@ def start(args, lines):
 
 
 def main():
-    aigw = sys.argv[1]
+    limitlab = sys.argv[1]
     procs = []
     try:
-        mock = [aigw, "mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"]
+        mock = [limitlab, "mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"]
         p1, (primary,) = start(mock, 1)
         p2, (secondary,) = start(mock, 1)
         procs += [p1, p2]
         p3, (front, admin) = start(
-            [aigw, "proxy", "--config", "examples/proxy.toml", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+            [limitlab, "proxy", "--config", "examples/proxy.toml", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
              "--backend", f"primary={primary}", "--backend", f"secondary={secondary}"],
             2,
         )
@@ -60,7 +60,7 @@ def main():
             raise AssertionError("the 11th call in a minute must be refused")
         except openai.RateLimitError as e:
             assert e.status_code == 429 and "Rate limit is exceeded" in str(e), e
-        print(f"openai {openai.__version__} through aigw proxy: chat, stream, token headers and the 429 ok")
+        print(f"openai {openai.__version__} through limitlab proxy: chat, stream, token headers and the 429 ok")
     finally:
         for p in procs:
             p.terminate()

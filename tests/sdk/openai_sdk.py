@@ -1,7 +1,7 @@
-"""The official `openai` package (AzureOpenAI client) against `aigw mock`.
+"""The official `openai` package (AzureOpenAI client) against `limitlab mock`.
 
-Usage: python tests/sdk/openai_sdk.py path/to/aigw
-Starts `aigw mock --config mocks/sdk.toml --listen 127.0.0.1:0`, reads the port from
+Usage: python tests/sdk/openai_sdk.py path/to/limitlab
+Starts `limitlab mock --config mocks/sdk.toml --listen 127.0.0.1:0`, reads the port from
 its first line, and checks chat (plain and streamed), completions, embeddings, and
 that the SDK's own retry honours the mock's 429 headers. Exits non-zero on failure.
 """
@@ -16,9 +16,9 @@ import openai
 from openai import AzureOpenAI
 
 
-def start(aigw):
+def start(limitlab):
     proc = subprocess.Popen(
-        [aigw, "mock", "--config", "mocks/sdk.toml", "--listen", "127.0.0.1:0"],
+        [limitlab, "mock", "--config", "mocks/sdk.toml", "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -1,7 +1,7 @@
 //! A tiny timeline runner shared by the data-driven tests.
 #![allow(dead_code)]
 
-use gateway_core::{Gateway, Nanos, Policy, RequestDecision, RequestInfo, ResponseInfo, Subscription};
+use gateway_core::{LimitBook, Nanos, Policy, RequestDecision, RequestInfo, ResponseInfo, Subscription};
 
 /// One client request in a test timeline.
 #[derive(Clone, Debug, Default)]
@@ -79,7 +79,7 @@ pub fn policy(toml_text: &str) -> Policy {
 /// first at equal times) from `start`, and returns each call's outcome plus, for
 /// admitted calls, the headers added to their responses.
 pub fn run_at(policy_text: &str, start: Nanos, calls: &[Call]) -> (Vec<String>, Vec<Vec<(String, String)>>) {
-    let mut gw = Gateway::new(&policy(policy_text), 7);
+    let mut gw = LimitBook::new(&policy(policy_text), 7);
     // (time, phase, index): phase 0 = request, 1 = response.
     let mut events: Vec<(u64, u8, usize)> = calls.iter().enumerate().map(|(i, c)| (c.at_ms, 0, i)).collect();
     let mut ids = vec![None; calls.len()];

@@ -1,4 +1,4 @@
-//! `aigw simulate`: run a scenario, print the summary, write the report.
+//! `limitlab simulate`: run a scenario, print the summary, write the report.
 
 use anyhow::{Context, Result};
 use std::io::Write;

@@ -1,12 +1,15 @@
-//! The limit pipeline: `handle_request` on the way in, `handle_response` on the way out.
+//! The limit book: every limit's counters and the requests they hold, with
+//! `handle_request` on the way in and `handle_response` on the way out.
 
 use crate::counters::RowId;
-use crate::hint;
+use crate::delta::{Change, CounterDelta};
 use crate::key::{KeyExpr, RequestInfo};
 use crate::limiter::{BucketShape, Check, WindowGrid};
 use crate::policy::{Algorithm, Limit, Policy, Quota, RateLimit, TokenLimit};
+use crate::reason::Reason;
 use crate::store::{ClassId, Counter, Shape, Store};
 use crate::time::{format_hh_mm_ss, Nanos};
+use cache_hint as hint;
 use smallvec::SmallVec;
 use std::collections::VecDeque;
 
@@ -26,7 +29,7 @@ impl RequestId {
     }
 }
 
-/// What the pipeline decided for a request on its way in.
+/// What the limit book decided for a request on its way in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestDecision {
     /// Every limit admitted it: forward it, then report the outcome with `handle_response`.
@@ -42,31 +45,12 @@ pub struct Admitted {
     pub variables: Vec<(String, i64)>,
 }
 
-/// Why a limit rejected a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RejectReason {
-    RateLimit,
-    CallQuota,
-    BandwidthQuota,
-    TokensPerMinute,
-    TokenQuota,
-}
-
-impl RejectReason {
-    pub fn status(self) -> u16 {
-        match self {
-            RejectReason::RateLimit | RejectReason::TokensPerMinute => 429,
-            RejectReason::CallQuota | RejectReason::BandwidthQuota | RejectReason::TokenQuota => 403,
-        }
-    }
-}
-
 /// The response APIM sends for a rejection, byte for byte.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     pub status: u16,
-    pub reason: RejectReason,
+    /// A limit reason ([`Reason::is_limit`]).
+    pub reason: Reason,
     /// Index of the rejecting limit in the policy.
     pub limit_index: usize,
     /// `None` only for a quota that never renews (`renewal_period = 0`).
@@ -88,37 +72,13 @@ pub struct ResponseInfo {
     pub response_bytes: u64,
 }
 
-/// What the pipeline adds to the client's response on the way out.
+/// What the limit book adds to the client's response on the way out.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Completed {
     pub headers: Vec<(String, String)>,
     pub variables: Vec<(String, i64)>,
     /// Tokens charged to each distinct token counter (the same figure for each).
     pub tokens_charged: u64,
-}
-
-/// A change one gateway made to one of its counters, for replicas that share
-/// counters through a store with synchronisation lag: each applies the others'
-/// changes with [`Gateway::handle_delta`] when they arrive.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CounterDelta {
-    /// The counter family; replicas built from one policy number them alike.
-    pub class: usize,
-    pub key: String,
-    /// When the change was made.
-    pub at: Nanos,
-    pub change: Change,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// Calls or tokens counted at `at` (a sliding log's entry, a bucket's take, a
-    /// window's or calendar period's count).
-    Count(u64),
-    /// Bytes counted in the fixed window of `at`.
-    Bytes(u64),
-    /// Part of a reservation stamped at `stamped` given back.
-    Uncount { amount: u64, stamped: Nanos },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -318,8 +278,9 @@ impl Requests {
     }
 }
 
-/// The sans-IO limit pipeline of one gateway.
-pub struct Gateway {
+/// The sans-IO limit book of one gateway: the policy's limits, their counters
+/// per key, and the ledger of each request they admitted until its response.
+pub struct LimitBook {
     limits: Vec<CompiledLimit>,
     store: Store,
     requests: Requests,
@@ -332,10 +293,10 @@ pub struct Gateway {
 
 const MINUTE: Nanos = Nanos::from_secs(60);
 
-impl Gateway {
-    /// Builds the pipeline. `hash_seed` seeds the counter maps' hasher: fixed in a
+impl LimitBook {
+    /// Builds the limit book. `hash_seed` seeds the counter maps' hasher: fixed in a
     /// simulation, random in a server (the core never draws it itself).
-    pub fn new(policy: &Policy, hash_seed: u64) -> Gateway {
+    pub fn new(policy: &Policy, hash_seed: u64) -> LimitBook {
         let mut shapes: Vec<(&'static str, Shape)> = Vec::new();
         let mut class_of = |namespace: &'static str, shape: Shape| -> ClassId {
             if let Some(i) = shapes.iter().position(|&(n, s)| n == namespace && s == shape) {
@@ -349,7 +310,7 @@ impl Gateway {
             limits[i].same_key_as = (0..i).find(|&j| limits[j].key == limits[i].key);
         }
         let store = Store::new(shapes.iter().map(|&(_, shape)| shape).collect(), hash_seed);
-        Gateway {
+        LimitBook {
             limits,
             store,
             requests: Requests::default(),
@@ -359,7 +320,7 @@ impl Gateway {
         }
     }
 
-    /// Keeps a journal of every counter change, drained with [`Gateway::poll_delta`].
+    /// Keeps a journal of every counter change, drained with [`LimitBook::poll_delta`].
     pub fn enable_journal(&mut self) {
         self.journal.get_or_insert_with(VecDeque::new);
     }
@@ -378,38 +339,33 @@ impl Gateway {
         self.store.apply(now, delta);
     }
 
-    /// The first half of a hint that `req` will arrive soon: asks for the index
-    /// entries where the lookups of its limits' keys start. Changes no state and
-    /// no decision; a driver may call it or not.
-    pub fn prefetch_lookup(&mut self, req: &RequestInfo) {
-        let Gateway { limits, store, scratch, .. } = self;
-        for limit in limits.iter().filter(|limit| limit.same_key_as.is_none()) {
-            store.prefetch_lookup(limit.key.read(req, scratch));
+    /// See [`crate::Hints::lookup`]. Keys that are not one field of the request
+    /// are written into a buffer of the hint's own, so the book is not changed.
+    pub(crate) fn hint_lookup(&self, req: &RequestInfo) {
+        let mut scratch = String::new();
+        for limit in self.limits.iter().filter(|limit| limit.same_key_as.is_none()) {
+            self.store.prefetch_lookup(limit.key.read(req, &mut scratch));
         }
     }
 
-    /// A hint that `req` will arrive soon: the counters its limits' keys name are
-    /// brought toward the CPU's cache, so its arrival does not wait on memory.
-    /// Best a little after [`Gateway::prefetch_lookup`], whose entries it reads.
-    pub fn prefetch(&mut self, req: &RequestInfo) {
-        let Gateway { limits, store, scratch, .. } = self;
-        for limit in limits.iter().filter(|limit| limit.same_key_as.is_none()) {
-            store.prefetch(limit.key.read(req, scratch));
+    /// See [`crate::Hints::counters`].
+    pub(crate) fn hint_counters(&self, req: &RequestInfo) {
+        let mut scratch = String::new();
+        for limit in self.limits.iter().filter(|limit| limit.same_key_as.is_none()) {
+            self.store.prefetch(limit.key.read(req, &mut scratch));
         }
     }
 
-    /// The first half of a hint that request `id` will be handled soon (its
-    /// response, say): brings its ledger toward the CPU's cache, reading nothing
-    /// that may be cold. Changes no state and no decision; an unknown id is ignored.
-    pub fn prefetch_request(&self, id: RequestId) {
+    /// See [`crate::Hints::request`]: the ledger of request `id`.
+    pub(crate) fn hint_request(&self, id: RequestId) {
         if let Some(slot) = self.requests.slots.get(id.slot()) {
             hint::prefetch(slot);
         }
     }
 
-    /// The second half, best called a little after the first: reads the ledger
-    /// and brings the counter rows it pinned and what it added toward the cache.
-    pub fn prefetch_request_counters(&self, id: RequestId) {
+    /// See [`crate::Hints::request_counters`]: reads the ledger and asks for the
+    /// counter rows it pinned and what it added.
+    pub(crate) fn hint_request_counters(&self, id: RequestId) {
         let Some(slot) = self.requests.slots.get(id.slot()) else {
             return;
         };
@@ -424,7 +380,7 @@ impl Gateway {
         let now = self.observe(now);
         self.evict(now);
         let slot = self.requests.claim();
-        let Gateway { limits, store, requests, journal, scratch, .. } = self;
+        let LimitBook { limits, store, requests, journal, scratch, .. } = self;
         let ledger = &mut requests.slots[slot].ledger;
         ledger.admitted_at = now;
         for (index, limit) in limits.iter().enumerate() {
@@ -445,7 +401,7 @@ impl Gateway {
     pub fn handle_response(&mut self, now: Nanos, id: RequestId, info: &ResponseInfo) -> Result<Completed, CoreError> {
         let now = self.observe(now);
         let slot = self.requests.find(id).ok_or(CoreError::UnknownRequest(id))?;
-        let Gateway { limits, store, requests, journal, .. } = self;
+        let LimitBook { limits, store, requests, journal, .. } = self;
         let ledger = &mut requests.slots[slot].ledger;
         finish(limits, store, now, ledger, info);
         record_deltas(journal, store, now, ledger);
@@ -627,7 +583,7 @@ fn check_rate(
 #[inline(never)]
 fn rate_rejection(r: &RateLimit, index: usize, retry_in: Nanos) -> Rejection {
     let mut rejection =
-        reject(RejectReason::RateLimit, index, Some(retry_in.retry_after_secs()), r.retry_after_header_name.as_deref());
+        reject(Reason::RateLimit, index, Some(retry_in.retry_after_secs()), r.retry_after_header_name.as_deref());
     set_var(&mut rejection.variables, &r.retry_after_variable_name, rejection.retry_after_secs.unwrap_or(0) as i64);
     push_header(&mut rejection.headers, &r.remaining_calls_header_name, 0);
     push_header(&mut rejection.headers, &r.total_calls_header_name, r.calls);
@@ -648,10 +604,10 @@ fn check_quota(
     // Only a rejection needs the wait, and its division: it is worked out then.
     let retry_after = || grid.window_end(now).map(|end| end.saturating_sub(now).retry_after_secs());
     if q.calls.is_some_and(|calls| (window.calls - own) + q.increment_count > calls) {
-        return Err(reject(RejectReason::CallQuota, index, retry_after(), None));
+        return Err(reject(Reason::Quota, index, retry_after(), None));
     }
     if q.bandwidth.is_some_and(|b| window.bytes >= b.0) {
-        return Err(reject(RejectReason::BandwidthQuota, index, retry_after(), None));
+        return Err(reject(Reason::BandwidthQuota, index, retry_after(), None));
     }
     if own == 0 && q.increment_condition.is_none() {
         window.calls = window.calls.saturating_add(q.increment_count);
@@ -688,7 +644,7 @@ fn check_tokens(
         // A counter shared with an earlier limit already holds this request's reservation.
         let own = effects.added(keys, class, row, Amount::Reserved);
         if let Check::Reject { retry_in } = store.counter(row, class).check_tpm(now, tpm, estimate, own) {
-            return Err(token_rejection(RejectReason::TokensPerMinute, index, retry_in.retry_after_secs(), t));
+            return Err(token_rejection(Reason::TokenLimit, index, retry_in.retry_after_secs(), t));
         }
     }
     if let (Some(class), Some(quota)) = (classes.1, t.token_quota) {
@@ -699,7 +655,7 @@ fn check_tokens(
         };
         if over {
             let secs = count.period_end.saturating_sub(now).retry_after_secs();
-            return Err(token_rejection(RejectReason::TokenQuota, index, secs, t));
+            return Err(token_rejection(Reason::TokenQuota, index, secs, t));
         }
     }
     if let (true, Some(class), Some(estimate)) = (t.reserve, classes.0, estimate) {
@@ -880,26 +836,25 @@ fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> Clas
 
 #[cold]
 #[inline(never)]
-fn reject(
-    reason: RejectReason,
-    limit_index: usize,
-    retry_after_secs: Option<u64>,
-    header_name: Option<&str>,
-) -> Rejection {
-    let status = reason.status();
+fn reject(reason: Reason, limit_index: usize, retry_after_secs: Option<u64>, header_name: Option<&str>) -> Rejection {
+    debug_assert!(reason.is_limit(), "{reason:?} is not a limit's");
+    let status = match reason {
+        Reason::RateLimit | Reason::TokenLimit => 429,
+        _ => 403,
+    };
     let message = match (reason, retry_after_secs) {
-        (RejectReason::RateLimit, Some(n)) => format!("Rate limit is exceeded. Try again in {n} seconds."),
-        (RejectReason::TokensPerMinute, Some(n)) => format!("Token limit is exceeded. Try again in {n} seconds."),
-        (RejectReason::CallQuota, Some(n)) => {
+        (Reason::RateLimit, Some(n)) => format!("Rate limit is exceeded. Try again in {n} seconds."),
+        (Reason::TokenLimit, Some(n)) => format!("Token limit is exceeded. Try again in {n} seconds."),
+        (Reason::Quota, Some(n)) => {
             format!("Out of call volume quota. Quota will be replenished in {}.", format_hh_mm_ss(n))
         }
-        (RejectReason::BandwidthQuota, Some(n)) => {
+        (Reason::BandwidthQuota, Some(n)) => {
             format!("Out of bandwidth quota. Quota will be replenished in {}.", format_hh_mm_ss(n))
         }
-        (RejectReason::TokenQuota, Some(n)) => format!("Token quota is exceeded. Try again in {}.", format_hh_mm_ss(n)),
-        (RejectReason::CallQuota, None) => "Out of call volume quota. Quota will not be replenished.".to_owned(),
-        (RejectReason::BandwidthQuota, None) => "Out of bandwidth quota. Quota will not be replenished.".to_owned(),
-        (_, None) => unreachable!("only quotas that never renew have no retry-after"),
+        (Reason::TokenQuota, Some(n)) => format!("Token quota is exceeded. Try again in {}.", format_hh_mm_ss(n)),
+        (Reason::Quota, None) => "Out of call volume quota. Quota will not be replenished.".to_owned(),
+        (Reason::BandwidthQuota, None) => "Out of bandwidth quota. Quota will not be replenished.".to_owned(),
+        _ => unreachable!("{reason:?}: only limits reject, and only quotas that never renew have no retry-after"),
     };
     let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
     if let Some(n) = retry_after_secs {
@@ -911,11 +866,11 @@ fn reject(
 
 #[cold]
 #[inline(never)]
-fn token_rejection(reason: RejectReason, index: usize, secs: u64, t: &TokenLimit) -> Rejection {
+fn token_rejection(reason: Reason, index: usize, secs: u64, t: &TokenLimit) -> Rejection {
     let mut rejection = reject(reason, index, Some(secs), t.retry_after_header_name.as_deref());
     set_var(&mut rejection.variables, &t.retry_after_variable_name, secs as i64);
     let remaining_header = match reason {
-        RejectReason::TokenQuota => &t.remaining_quota_tokens_header_name,
+        Reason::TokenQuota => &t.remaining_quota_tokens_header_name,
         _ => &t.remaining_tokens_header_name,
     };
     push_header(&mut rejection.headers, remaining_header, 0);

@@ -1,4 +1,4 @@
-//! `aigw policy check` and `aigw policy import`: what aigw understands of APIM
+//! `limitlab policy check` and `limitlab policy import`: what limitlab understands of APIM
 //! policy files.
 
 use anyhow::Result;
@@ -58,7 +58,7 @@ pub fn import(path: &Path, options: &ReadOptions) -> Result<bool> {
     for w in &doc.warnings {
         eprintln!("{}:{w} (warning)", path.display());
     }
-    say!("# Imported from {} by aigw policy import.", path.display());
+    say!("# Imported from {} by limitlab policy import.", path.display());
     say_raw!("{}", toml::to_string(&doc.policy)?);
     let mut routing = toml::Table::new();
     if let Some(b) = &doc.backend_id {

@@ -1,4 +1,4 @@
-//! End to end: `aigw mock` (two of them) and `aigw proxy` as real processes,
+//! End to end: `limitlab mock` (two of them) and `limitlab proxy` as real processes,
 //! driven by a real HTTP client, with the shipped `examples/proxy.toml`.
 
 use serde_json::{json, Value};
@@ -19,20 +19,20 @@ impl Drop for Process {
 }
 
 fn spawn(args: &[&str], lines: usize) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_aigw"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_limitlab"))
         .args(args)
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("aigw starts");
+        .expect("limitlab starts");
     let mut out = BufReader::new(child.stdout.take().expect("piped"));
     let urls = (0..lines)
         .map(|_| {
             let mut line = String::new();
             out.read_line(&mut line).expect("a line");
             let url = line.trim().rsplit(' ').next().unwrap_or_default().to_owned();
-            assert!(url.starts_with("http://"), "unexpected line {line:?} from aigw {args:?}");
+            assert!(url.starts_with("http://"), "unexpected line {line:?} from limitlab {args:?}");
             url
         })
         .collect();
@@ -136,7 +136,7 @@ async fn a_primary_outage_fails_over_to_the_secondary_and_no_key_is_401() {
     assert_eq!(secondary["deployments"]["gpt-4o"]["completed"], 1);
     let metrics =
         stack.client.get(format!("{}/metrics", stack.proxy.urls[1])).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("aigw_failovers_total 1"), "{metrics}");
+    assert!(metrics.contains("limitlab_failovers_total 1"), "{metrics}");
 
     let keyless = stack.client.post(format!("{}{CHAT}", stack.proxy.urls[0])).json(&hello()).send().await.unwrap();
     assert_eq!(keyless.status(), 401);
@@ -145,7 +145,7 @@ async fn a_primary_outage_fails_over_to_the_secondary_and_no_key_is_401() {
 
 /// A mock that takes `ttft_ms` before it answers.
 fn slow_mock(ttft_ms: u64) -> (Process, TempFile) {
-    let path = TempFile(std::env::temp_dir().join(format!("aigw-{}-slow-mock.toml", std::process::id())));
+    let path = TempFile(std::env::temp_dir().join(format!("limitlab-{}-slow-mock.toml", std::process::id())));
     let config = format!(
         "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 1000000000\n\
          completion_tokens = {{ fixed = 5 }}\nlatency = {{ ttft_ms = {{ fixed = {ttft_ms} }}, per_token_ms = {{ fixed = 0 }} }}\n"
@@ -180,9 +180,8 @@ async fn sigterm_stops_accepting_lets_the_call_in_flight_finish_and_exits_0() {
     let body = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5});
     let in_flight = tokio::spawn(client.post(&url).header("api-key", "demo-key").json(&body).send());
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let pid = i32::try_from(proxy.child.id()).unwrap();
-    // SAFETY: kill(2) on our own child's pid has no memory effects.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let killed = Command::new("kill").args(["-TERM", &proxy.child.id().to_string()]).status().unwrap();
+    assert!(killed.success(), "kill -TERM the proxy");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let refused = reqwest::Client::new().post(&url).header("api-key", "demo-key").json(&body).send().await;
     assert!(refused.as_ref().is_err_and(|e| e.is_connect()), "a new call after SIGTERM: {refused:?}");

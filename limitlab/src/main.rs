@@ -1,4 +1,4 @@
-//! `aigw`: one thin CLI over the aigw crates.
+//! `limitlab`: one thin CLI over the limitlab crates.
 
 /// `println!` that hands a failed write back to the caller instead of panicking
 /// (a full disk behind `> file`): the command then exits 2 and says why.
@@ -31,13 +31,17 @@ use std::process::ExitCode;
 
 // The proxy allocates a little per request; with mimalloc its user time per
 // request is about 15% lower than with glibc's allocator (benches/proxy-bench.sh).
-// It reserves its arena up front, so `aigw simulate` peaks about 30 MiB higher,
+// It reserves its arena up front, so `limitlab simulate` peaks about 30 MiB higher,
 // still the same for any simulated duration.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "aigw", version, about = "Predict and enforce Azure API Management limits in front of Azure OpenAI")]
+#[command(
+    name = "limitlab",
+    version,
+    about = "Predict and enforce Azure API Management limits in front of Azure OpenAI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,7 +51,7 @@ struct Cli {
 enum Command {
     /// Replays a JSONL file of requests through a policy and prints each decision.
     Decide {
-        /// A policy in aigw's TOML form (`[[limits]]` tables).
+        /// A policy in limitlab's TOML form (`[[limits]]` tables).
         policy: PathBuf,
         /// One JSON object per line: `t_ms`, `ip`, optional `subscription`, `product`,
         /// `headers`, `status`, `total_tokens`, `latency_ms`, `prompt_tokens`, `bytes`.
@@ -91,7 +95,7 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Reads APIM policy XML: `check` says what aigw understood, `import` prints native TOML.
+    /// Reads APIM policy XML: `check` says what limitlab understood, `import` prints native TOML.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
@@ -147,7 +151,7 @@ enum PolicyCommand {
     /// Checks policy files: a summary of each pipeline, or FILE:LINE:COL errors (exit 2).
     Check {
         files: Vec<PathBuf>,
-        /// Elements aigw does not model are errors, not warnings.
+        /// Elements limitlab does not model are errors, not warnings.
         #[arg(long)]
         strict: bool,
         /// An APIM named value for `{{NAME}}`: `--named-value backend-id=primary`.
@@ -176,13 +180,6 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
-    // Piped into `head`, a command should stop quietly, as other Unix tools do,
-    // rather than panic on a closed stdout.
-    #[cfg(unix)]
-    // SAFETY: restoring the default action of SIGPIPE before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy { command } => match policy_command(command) {
@@ -215,9 +212,19 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Piped into `head`, a command stops quietly, as other Unix tools do when
+        // SIGPIPE ends them, and with their status (128 + 13).
+        Err(e) if is_broken_pipe(&e) => ExitCode::from(141),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+/// Whether an error came from writing to a pipe whose reader has gone.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
 }

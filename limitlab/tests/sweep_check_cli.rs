@@ -1,21 +1,21 @@
-//! `aigw sweep` and `aigw check` as users and CI run them.
+//! `limitlab sweep` and `limitlab check` as users and CI run them.
 
 mod common;
 
-use common::aigw;
+use common::limitlab;
 
 #[test]
 fn check_exits_0_when_promises_hold_1_when_one_breaks_2_on_bad_input() {
-    let dir = std::env::temp_dir().join(format!("aigw-check-cli-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("limitlab-check-cli-{}", std::process::id()));
     let out = dir.to_str().unwrap();
-    let (code, stdout, _) = aigw(&["check", "scenarios/tenant-tpm.toml", "--cases", "20", "--out", out]);
+    let (code, stdout, _) = limitlab(&["check", "scenarios/tenant-tpm.toml", "--cases", "20", "--out", out]);
     assert_eq!(code, 0, "{stdout}");
-    let (code, stdout, _) = aigw(&["check", "scenarios/tenant-tpm-raised.toml", "--cases", "20", "--out", out]);
+    let (code, stdout, _) = limitlab(&["check", "scenarios/tenant-tpm-raised.toml", "--cases", "20", "--out", out]);
     assert_eq!(code, 1, "{stdout}");
-    assert!(stdout.contains("FAILED: client.chat-") && stdout.contains("reproduce: aigw simulate"), "{stdout}");
-    let (code, reproduced, _) = aigw(&["simulate", &format!("{out}/failing-case.toml"), "--out", out]);
+    assert!(stdout.contains("FAILED: client.chat-") && stdout.contains("reproduce: limitlab simulate"), "{stdout}");
+    let (code, reproduced, _) = limitlab(&["simulate", &format!("{out}/failing-case.toml"), "--out", out]);
     assert_eq!(code, 0, "{reproduced}");
-    let (code, _, err) = aigw(&["check", "scenarios/seed-ip-limits.toml"]);
+    let (code, _, err) = limitlab(&["check", "scenarios/seed-ip-limits.toml"]);
     assert_eq!(code, 2, "no promises is bad input");
     assert!(err.contains("no [[expect]] promises"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -23,9 +23,9 @@ fn check_exits_0_when_promises_hold_1_when_one_breaks_2_on_bad_input() {
 
 #[test]
 fn a_sweep_of_ten_values_and_ten_seeds_recommends_a_point() {
-    let dir = std::env::temp_dir().join(format!("aigw-sweep-cli-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("limitlab-sweep-cli-{}", std::process::id()));
     let out = dir.to_str().unwrap();
-    let (code, stdout, err) = aigw(&[
+    let (code, stdout, err) = limitlab(&[
         "sweep",
         "scenarios/seed-ip-limits.toml",
         "--vary",
@@ -44,7 +44,7 @@ fn a_sweep_of_ten_values_and_ten_seeds_recommends_a_point() {
     }
     let csv = std::fs::read_to_string(dir.join("sweep.csv")).unwrap();
     assert_eq!(csv.lines().count(), 11, "a header and one row per grid point");
-    let (code, _, err) = aigw(&["sweep", "scenarios/seed-ip-limits.toml", "--vary", "backends.primry.tpm=1,2"]);
+    let (code, _, err) = limitlab(&["sweep", "scenarios/seed-ip-limits.toml", "--vary", "backends.primry.tpm=1,2"]);
     assert_eq!(code, 2);
     assert!(err.contains("backends.primary.tpm"), "{err}");
     // Options that cannot mean anything are refused before any run.
@@ -54,7 +54,7 @@ fn a_sweep_of_ten_values_and_ten_seeds_recommends_a_point() {
         ("--jobs", "0", "--jobs must be at least 1"),
         ("--pass-share", "1.5", "--pass-share is a share of seeds, 0 to 1"),
     ] {
-        let (code, _, err) = aigw(&[&vary[..], &[flag, value]].concat());
+        let (code, _, err) = limitlab(&[&vary[..], &[flag, value]].concat());
         assert_eq!((code, err.contains(message)), (2, true), "{flag} {value}: {err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();

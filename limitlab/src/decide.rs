@@ -1,8 +1,8 @@
-//! `aigw decide`: the core's decisions on a request log, one line each.
+//! `limitlab decide`: the core's decisions on a request log, one line each.
 
 use anyhow::{bail, Context, Result};
 use gateway_core::time::parse_rfc3339;
-use gateway_core::{Gateway, Nanos, Policy, RequestDecision, RequestId, RequestInfo, ResponseInfo, Subscription};
+use gateway_core::{LimitBook, Nanos, Policy, RequestDecision, RequestId, RequestInfo, ResponseInfo, Subscription};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -44,7 +44,7 @@ pub fn run(policy_path: &Path, requests_path: &Path) -> Result<()> {
     let policy = Policy::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", policy_path.display()))?;
     let lines = read_lines(requests_path)?;
     let start = parse_rfc3339(START).map_err(anyhow::Error::msg)?;
-    let mut gw = Gateway::new(&policy, 0);
+    let mut gw = LimitBook::new(&policy, 0);
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -92,7 +92,7 @@ pub fn run(policy_path: &Path, requests_path: &Path) -> Result<()> {
 }
 
 fn complete_until(
-    gw: &mut Gateway,
+    gw: &mut LimitBook,
     pending: &mut Vec<(u64, usize, RequestId)>,
     lines: &[Line],
     start: Nanos,

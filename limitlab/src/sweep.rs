@@ -1,4 +1,4 @@
-//! `aigw sweep`: a scenario over a grid of values and many seeds, against SLOs.
+//! `limitlab sweep`: a scenario over a grid of values and many seeds, against SLOs.
 
 use anyhow::{Context, Result};
 use simulator::sweep::{self, SweepOptions};

@@ -1,4 +1,4 @@
-//! `aigw check`: the scenario's promises against perturbed runs.
+//! `limitlab check`: the scenario's promises against perturbed runs.
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<b
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let file = dir.join("failing-case.toml");
     let header = format!(
-        "# Written by `aigw check {}`: the smallest case found that breaks\n# \"{}\" (measured {}).\n",
+        "# Written by `limitlab check {}`: the smallest case found that breaks\n# \"{}\" (measured {}).\n",
         path.display(),
         failure.promise,
         failure.measured
@@ -46,6 +46,6 @@ pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<b
         c.fault_shift_s,
         c.seed
     );
-    say!("  reproduce: aigw simulate {}", file.display());
+    say!("  reproduce: limitlab simulate {}", file.display());
     Ok(false)
 }

@@ -1,33 +1,33 @@
-//! `aigw policy check` and `aigw policy import` as users run them.
+//! `limitlab policy check` and `limitlab policy import` as users run them.
 
 mod common;
 
-use common::aigw;
+use common::limitlab;
 
 #[test]
 fn check_summarises_understood_files_and_locates_errors() {
-    let (code, out, _) = aigw(&["policy", "check", "policies/seed-ip-limits.xml"]);
+    let (code, out, _) = limitlab(&["policy", "check", "policies/seed-ip-limits.xml"]);
     assert_eq!(code, 0);
     assert!(out.contains("rate-limit-by-key: 10 calls per 60 s by client IP"), "{out}");
     assert!(out.contains("switch to secondary"), "{out}");
-    let bad = std::env::temp_dir().join(format!("aigw-bad-policy-{}.xml", std::process::id()));
+    let bad = std::env::temp_dir().join(format!("limitlab-bad-policy-{}.xml", std::process::id()));
     std::fs::write(
         &bad,
         "<policies>\n<inbound>\n<rate-limit calls=\"x\" renewal-period=\"60\" />\n</inbound>\n</policies>\n",
     )
     .unwrap();
-    let (code, _, err) = aigw(&["policy", "check", bad.to_str().unwrap()]);
+    let (code, _, err) = limitlab(&["policy", "check", bad.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(err.contains(&format!("{}:3:", bad.display())) && err.contains("`x` is not a whole number"), "{err}");
     std::fs::remove_file(bad).unwrap();
-    let (code, _, err) = aigw(&["policy", "check", "policies/seed-jwt-limits.xml"]);
+    let (code, _, err) = limitlab(&["policy", "check", "policies/seed-jwt-limits.xml"]);
     assert_eq!(code, 2, "an undefined named value");
     assert!(err.contains("policies/seed-jwt-limits.xml:20:"), "{err}");
 }
 
 #[test]
 fn import_prints_native_toml_that_loads_as_the_same_policy() {
-    let (code, out, _) = aigw(&["policy", "import", "policies/seed-ip-limits.xml"]);
+    let (code, out, _) = limitlab(&["policy", "import", "policies/seed-ip-limits.xml"]);
     assert_eq!(code, 0);
     let imported = gateway_core_policy(&out);
     let native = gateway_core_policy(
@@ -47,12 +47,12 @@ fn gateway_core_policy(text: &str) -> String {
 #[test]
 fn a_full_stdout_is_an_error_not_a_panic() {
     let full = std::fs::File::create("/dev/full").expect("Linux has /dev/full");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aigw"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_limitlab"))
         .args(["policy", "check", "policies/seed-ip-limits.xml"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .stdout(full)
         .output()
-        .expect("aigw runs");
+        .expect("limitlab runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("writing to standard output"), "{stderr}");

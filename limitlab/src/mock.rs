@@ -1,4 +1,4 @@
-//! `aigw mock`: the Azure OpenAI stand-in as a server.
+//! `limitlab mock`: the Azure OpenAI stand-in as a server.
 
 use anyhow::{Context, Result};
 use mock_aoai::MockConfig;

@@ -1,4 +1,4 @@
-//! `aigw proxy`: the real gateway.
+//! `limitlab proxy`: the real gateway.
 
 use anyhow::{Context, Result};
 use proxy::ProxyConfig;
@@ -73,8 +73,8 @@ fn bind(address: &str) -> Result<std::net::TcpListener> {
 }
 
 fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AIGW_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,aigw::request=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIMITLAB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,limitlab::request=info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match json {
         true => builder.json().try_init(),
