@@ -33,13 +33,66 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// The attributes whose policy expressions limitlab reads (in the subset `expr`
+/// parses); an expression anywhere else is an error, never read as text.
+const EXPRESSION_ATTRIBUTES: [&str; 3] = ["counter-key", "increment-condition", "condition"];
+
+/// The error for an `@...` value that is not a single `@(...)` expression: a
+/// statement block `@{ ... }`, or an expression with text around it.
+fn unsupported_expression(value: &str) -> String {
+    let form = match value.trim_start().starts_with("@{") {
+        true => "a statement block `@{ ... }` is not supported",
+        false => "only a whole `@( ... )` expression is supported",
+    };
+    format!("in `{value}`: {form}; {}", expr::KEY_FORMS)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SetHeader {
     /// `inbound` (on the request to the backend) or `outbound` (on the response).
     pub section: String,
     pub name: String,
-    pub exists_action: String,
+    pub exists_action: ExistsAction,
     pub values: Vec<String>,
+}
+
+/// `set-header exists-action`: what to do when the header is already there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExistsAction {
+    /// Replace the header's values with the policy's (APIM's default).
+    #[default]
+    Override,
+    /// Leave a header that is there as it is; set it when it is not.
+    Skip,
+    /// Add the policy's values to the header's.
+    Append,
+    /// Remove the header.
+    Delete,
+}
+
+impl ExistsAction {
+    pub const ALL: [ExistsAction; 4] =
+        [ExistsAction::Override, ExistsAction::Skip, ExistsAction::Append, ExistsAction::Delete];
+
+    /// The attribute value, as APIM spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExistsAction::Override => "override",
+            ExistsAction::Skip => "skip",
+            ExistsAction::Append => "append",
+            ExistsAction::Delete => "delete",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ExistsAction> {
+        ExistsAction::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+}
+
+impl fmt::Display for ExistsAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -256,6 +309,13 @@ impl Reader<'_, '_> {
     fn value(&self, node: Node<'_, '_>, name: &str) -> Result<Option<(String, usize)>, Diagnostic> {
         let Some(attr) = node.attribute_node(name) else { return Ok(None) };
         let start = attr.range_value().start;
+        if attr.value().trim_start().starts_with('@') && !EXPRESSION_ATTRIBUTES.contains(&name) {
+            let message = format!(
+                "`{name}`: a policy expression is not supported here (limitlab reads expressions only in {})",
+                EXPRESSION_ATTRIBUTES.join(", ")
+            );
+            return Err(self.at_offset(start, message));
+        }
         let mut value = restore(attr.value());
         while let Some(open) = value.find("{{") {
             let Some(close) = value[open..].find("}}").map(|c| open + c) else { break };
@@ -318,6 +378,9 @@ impl Reader<'_, '_> {
                 let key = match expr::unwrap_expression(value) {
                     Some((inner, offset)) => {
                         expr::parse_key(inner).map_err(|e| self.expr_error(start, offset, e, value))?
+                    }
+                    None if value.trim_start().starts_with('@') => {
+                        return Err(here(unsupported_expression(value)));
                     }
                     None => gateway_core::KeyExpr::Const(value.to_owned()),
                 };
@@ -461,7 +524,13 @@ impl Reader<'_, '_> {
     fn set_header(&mut self, node: Node<'_, '_>) -> Result<(), Diagnostic> {
         self.check_attributes(node, &["name", "exists-action"])?;
         let name = self.value(node, "name")?.ok_or_else(|| self.at(node, "<set-header> needs `name`".into()))?.0;
-        let exists_action = self.value(node, "exists-action")?.map_or("override".to_owned(), |v| v.0);
+        let exists_action = match self.value(node, "exists-action")? {
+            None => ExistsAction::default(),
+            Some((action, start)) => ExistsAction::from_name(&action).ok_or_else(|| {
+                let valid = "`override`, `skip`, `append` or `delete`";
+                self.at_offset(start, format!("<set-header> `exists-action`: `{action}` is not {valid}"))
+            })?,
+        };
         let values =
             node.children().filter(|c| c.has_tag_name("value")).map(|v| v.text().unwrap_or("").to_owned()).collect();
         self.out.set_headers.push(SetHeader { section: self.current.clone(), name, exists_action, values });

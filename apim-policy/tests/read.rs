@@ -180,6 +180,24 @@ fn bad_input_is_one_clear_message_with_its_place() {
     check("<policy/>", 1, 1, "not <policies>");
 }
 
+/// An expression outside the supported subset is an error at its place, never
+/// read as literal text (which would put every caller on one counter).
+#[test]
+fn unsupported_expressions_are_errors_at_their_place() {
+    let check = |attributes: &str, column: u32, needle: &str| {
+        let xml = format!("<policies><inbound>\n  <rate-limit-by-key calls=\"1\" renewal-period=\"60\" {attributes} />\n</inbound></policies>");
+        let err = read(&xml, &ReadOptions::default()).unwrap_err();
+        assert!(err.message.contains(needle), "`{err}` lacks `{needle}`");
+        assert_eq!((err.line, err.column), (2, column), "{err}");
+    };
+    let block = r#"counter-key="@{ var ip = context.Request.IpAddress; return ip.Substring(0, 7); }""#;
+    check(block, 65, "a statement block `@{ ... }` is not supported");
+    check(r#"counter-key="@(context.Request.IpAddress.Substring(0, 7))""#, 92, "unexpected `.Substring(0, 7)`");
+    check(r#"counter-key="@(context.Request.IpAddress + 1)""#, 95, "unsupported expression `1`");
+    check(r#"counter-key="@(context.Request.IpAddress) + x""#, 65, "only a whole `@( ... )` expression");
+    check(r#"counter-key="ip" increment-count="@(2)""#, 86, "a policy expression is not supported here");
+}
+
 #[test]
 fn writing_and_reading_back_gives_the_seed_policy() {
     let policy = gateway_core::Policy::from_toml(include_str!("../../policies/seed-ip-limits.toml")).unwrap();

@@ -145,6 +145,10 @@ pub enum DeliveryEnd {
     Complete,
     /// The client went away first: what was sent until then is charged.
     ClientGone,
+    /// The backend's body broke (or never ended) before any of it reached the
+    /// client: the core answers 502 in its place, and the policy's increment
+    /// conditions see 502. What the body reported until then is charged.
+    BodyBroken,
 }
 
 enum Phase {
@@ -318,8 +322,14 @@ impl Lifecycle {
         if let Some(last) = flight.record.attempts.last_mut() {
             last.tokens = last.tokens.saturating_add(delivery.usage.total());
         }
+        // A body that broke before the client saw any of it is the gateway's 502,
+        // to the client and to the policy alike.
+        let client_status = match delivery.end {
+            DeliveryEnd::BodyBroken => 502,
+            DeliveryEnd::Complete | DeliveryEnd::ClientGone => status,
+        };
         let info = ResponseInfo {
-            status: Some(status),
+            status: Some(client_status),
             total_tokens: flight.record.usage.total(),
             request_bytes: delivery.request_bytes,
             response_bytes: delivery.response_bytes,
@@ -331,21 +341,20 @@ impl Lifecycle {
                 return Err(error);
             }
         };
-        flight.record.status = status;
+        flight.record.status = info.status.expect("set above");
         flight.record.reason = match delivery.end {
             DeliveryEnd::Complete => Reason::of_backend_status(status),
             DeliveryEnd::ClientGone => Reason::ClientGone,
+            DeliveryEnd::BodyBroken => Reason::BadResponse,
         };
         flight.record.finished = now;
         let record = std::mem::replace(&mut flight.record, fresh_record(now));
         self.flights[id.slot()] = None;
-        Ok(Finished {
-            id: Some(id),
-            generated: None,
-            headers: completed.headers,
-            variables: completed.variables,
-            record,
-        })
+        let generated = match delivery.end {
+            DeliveryEnd::BodyBroken => Some(Box::new(broken_body_response())),
+            DeliveryEnd::Complete | DeliveryEnd::ClientGone => None,
+        };
+        Ok(Finished { id: Some(id), generated, headers: completed.headers, variables: completed.variables, record })
     }
 
     /// The next instant the core has timed work (idle counters to evict): the
@@ -467,6 +476,13 @@ fn unavailable_response(unavailable: Unavailable) -> GeneratedResponse {
             "{{\"statusCode\": 503, \"message\": \"Service Unavailable: no backend is available. Try again in {secs} seconds.\"}}"
         ),
     }
+}
+
+/// The gateway's answer when a backend's body broke before the client saw any of it.
+#[cold]
+#[inline(never)]
+fn broken_body_response() -> GeneratedResponse {
+    gateway_error(502, "Bad gateway: the backend's response was incomplete")
 }
 
 #[cold]

@@ -65,7 +65,8 @@ pub struct CircuitBreaker {
     pub interval: u64,
     /// The statuses that count as failures.
     pub statuses: StatusPredicate,
-    /// Whether transport failures and timeouts count as failures.
+    /// Whether transport failures and timeouts count as failures whatever
+    /// `statuses` says (they are seen by it as 500 and 504 in any case).
     #[serde(default = "yes")]
     pub transport_failures: bool,
     /// Seconds the breaker stays open.
@@ -117,7 +118,8 @@ fn one() -> u32 {
 pub struct Retry {
     /// Statuses to retry on.
     pub condition: StatusPredicate,
-    /// Also retry transport failures and timeouts.
+    /// Also retry transport failures and timeouts whatever `condition` says (they
+    /// are seen by it as 500 and 504 in any case).
     #[serde(default)]
     pub on_transport_failure: bool,
     pub count: u32,
@@ -283,11 +285,27 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
-    fn matches(&self, statuses: &StatusPredicate, transport: bool) -> bool {
+    /// The status the policy's conditions (`retry condition`, `choose/when`,
+    /// circuit-breaker rules, increment conditions) see for this outcome. APIM shows
+    /// a backend it could not reach as 500 (its `BackendConnectionFailure`, which
+    /// Microsoft's troubleshooting guide retries with `condition="@(context.Response.StatusCode
+    /// == 500)"`), an attempt that timed out as 504, and an answer that is not HTTP
+    /// as 502, the statuses the client then gets.
+    pub fn policy_status(&self) -> u16 {
         match self {
-            AttemptOutcome::Response { status, .. } => statuses.matches(*status),
-            AttemptOutcome::TransportFailure | AttemptOutcome::BadResponse | AttemptOutcome::Timeout => transport,
+            AttemptOutcome::Response { status, .. } => *status,
+            AttemptOutcome::TransportFailure => 500,
+            AttemptOutcome::BadResponse => 502,
+            AttemptOutcome::Timeout => 504,
         }
+    }
+
+    /// Whether a condition matches: by the outcome's policy status, or, for an
+    /// outcome without a response, by the rule's `on_transport_failure` /
+    /// `transport_failures` switch.
+    fn matches(&self, statuses: &StatusPredicate, transport: bool) -> bool {
+        let failed_without_response = !matches!(self, AttemptOutcome::Response { .. });
+        statuses.matches(self.policy_status()) || (transport && failed_without_response)
     }
 }
 

@@ -77,15 +77,21 @@ fn seed_failover_policy_through_the_whole_lifecycle() {
     check(SEED, &["503", "200"], "primary+0s:503 secondary+1.1s:200 => 200 ok 120");
     check(SEED, &["200"], "primary+0s:200 => 200 ok 110");
     check(SEED, &["400"], "primary+0s:400 => 400 backend-error 110");
-    // The seed's condition names statuses only: a timeout is not retried.
-    check(SEED, &["timeout"], "primary+0s:timeout => 504 timeout 10");
-    check(SEED, &["reset"], "primary+0s:reset => 500 transport-failure 10");
+    // A timeout is seen as 504 and a reset as 500: the seed's `>= 500` fails over.
+    check(SEED, &["timeout", "200"], "primary+0s:timeout secondary+1.1s:200 => 200 ok 120");
+    check(SEED, &["reset", "200"], "primary+0s:reset secondary+1.1s:200 => 200 ok 120");
+    check(
+        SEED,
+        &["reset"; 6],
+        "primary+0s:reset secondary+1.1s:reset secondary+3s:reset secondary+6.5s:reset \
+         secondary+13.2s:reset secondary+21.3s:reset => 500 transport-failure 60",
+    );
     let with_transport =
         SEED.replace("first_fast_retry = false", "first_fast_retry = true\non_transport_failure = true");
     check(
         &with_transport,
         &["reset", "timeout", "200"],
-        "primary+0s:reset primary+0.1s:timeout primary+2s:200 => 200 ok 130",
+        "primary+0s:reset secondary+0.1s:timeout secondary+2s:200 => 200 ok 130",
     );
 }
 
@@ -93,8 +99,12 @@ fn seed_failover_policy_through_the_whole_lifecycle() {
 fn a_response_after_the_attempt_timeout_is_a_timeout() {
     let text = SEED.replace("set_backend = \"primary\"", "set_backend = \"primary\"\ntimeout = 2");
     let mut pipeline = Lifecycle::new(&Policy::default(), routing(&text), 0).unwrap();
-    let trace = run(&mut pipeline, Nanos::from_secs(1_000), &["200"], 2_001);
-    assert_eq!(trace, "primary+0s:200 => 504 timeout 10");
+    let trace = run(&mut pipeline, Nanos::from_secs(1_000), &["200"; 6], 2_001);
+    // Each answer comes after the 2 s timeout: every attempt is a timeout, seen as
+    // 504, so the seed's `>= 500` retries until its count runs out.
+    let expected = "primary+0s:200 secondary+3.001s:200 secondary+6.802s:200 secondary+12.203s:200 \
+                    secondary+20.804s:200 secondary+30.805s:200 => 504 timeout 60";
+    assert_eq!(trace, expected);
 }
 
 const BREAKER: &str = r#"

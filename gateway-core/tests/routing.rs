@@ -66,8 +66,41 @@ fn seed_failover_switches_to_secondary_and_backs_off_exponentially() {
 fn seed_failover_stops_at_the_first_success_and_ignores_4xx() {
     check(SEED, &[status(503), status(200)], 0, &[("primary", None), ("secondary", Some((1.0, 1.0)))]);
     check(SEED, &[status(400)], 0, &[("primary", None)]);
-    // Transport failures are not in the condition, so they are not retried.
-    check(SEED, &[AttemptOutcome::Timeout], 0, &[("primary", None)]);
+}
+
+/// APIM shows the retry condition a backend it cannot reach as 500 and an attempt
+/// that timed out as 504, so `StatusCode >= 500` retries both and fails over.
+#[test]
+fn transport_failures_and_timeouts_are_seen_as_500_and_504() {
+    let failed_over = [("primary", None), ("secondary", Some((1.0, 1.0)))];
+    check(SEED, &[AttemptOutcome::TransportFailure, status(200)], 0, &failed_over);
+    check(SEED, &[AttemptOutcome::Timeout, status(200)], 0, &failed_over);
+    check(SEED, &[AttemptOutcome::BadResponse, status(200)], 0, &failed_over);
+    // Microsoft's fix for `BackendConnectionFailure`: retry on exactly 500.
+    let only_500 = "set_backend = \"primary\"\nbackends = [{ id = \"primary\", url = \"http://p\" }, { id = \"secondary\", url = \"http://s\" }]\nretry = { condition = \"500\", count = 1, interval = 1, switch = [{ when = \"500\", backend = \"secondary\" }] }\n";
+    check(only_500, &[AttemptOutcome::TransportFailure, status(200)], 0, &failed_over);
+    check(only_500, &[AttemptOutcome::Timeout], 0, &[("primary", None)]);
+    let only_504 = only_500.replace("\"500\"", "\"504\"");
+    check(&only_504, &[AttemptOutcome::Timeout, status(200)], 0, &failed_over);
+    check(&only_504, &[AttemptOutcome::TransportFailure], 0, &[("primary", None)]);
+}
+
+#[test]
+fn a_breaker_counting_500s_trips_on_refused_connections() {
+    let text = "set_backend = \"primary\"\nbackends = [{ id = \"primary\", url = \"http://p\", circuit_breaker = { failure_count = 2, interval = 60, statuses = \"500\", transport_failures = false, trip_duration = 30 } }]\n";
+    let mut router = Router::new(routing(text)).unwrap();
+    let now = Nanos::from_secs(1_000);
+    for _ in 0..2 {
+        let (mut route, attempt) = router.start(now, 0).unwrap();
+        router.handle_outcome(now, &mut route, &attempt.backend, AttemptOutcome::TransportFailure, 0);
+    }
+    assert!(!router.is_available(now, "primary"), "two refused connections are two 500s");
+    let mut timeouts = Router::new(routing(text)).unwrap();
+    for _ in 0..2 {
+        let (mut route, attempt) = timeouts.start(now, 0).unwrap();
+        timeouts.handle_outcome(now, &mut route, &attempt.backend, AttemptOutcome::Timeout, 0);
+    }
+    assert!(timeouts.is_available(now, "primary"), "a timeout is a 504, not a 500");
 }
 
 #[test]

@@ -192,3 +192,49 @@ async fn sigterm_stops_accepting_lets_the_call_in_flight_finish_and_exits_0() {
     let status = proxy.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
 }
+
+/// The decision line of the simulator's `primary-down` scenario for a call while
+/// the primary refuses connections: (status, reason, backends).
+fn simulated_outage_call() -> (u64, String, Vec<String>) {
+    let dir = std::env::temp_dir().join(format!("limitlab-{}-primary-down", std::process::id()));
+    let decisions = dir.join("decisions.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_limitlab"))
+        .args(["simulate", "scenarios/primary-down.toml", "--out", dir.to_str().unwrap()])
+        .args(["--decisions", decisions.to_str().unwrap()])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&decisions).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    // The outage runs from the fifth minute to the tenth.
+    let line = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| (300_000.0..600_000.0).contains(&l["arrival_ms"].as_f64().unwrap()))
+        .expect("a call during the outage");
+    let backends = line["backends"].as_array().unwrap().iter().map(|b| b.as_str().unwrap().to_owned()).collect();
+    (line["status"].as_u64().unwrap(), line["reason"].as_str().unwrap().to_owned(), backends)
+}
+
+#[tokio::test]
+async fn a_stopped_primary_fails_over_as_the_simulator_says() {
+    let mut stack = stack();
+    // The primary's process is gone: its port refuses connections.
+    stack.primary.child.kill().unwrap();
+    stack.primary.child.wait().unwrap();
+    let r = stack.chat(hello()).await;
+    let status = r.status().as_u16();
+    assert_eq!(status, 200, "{}", r.text().await.unwrap());
+    let secondary =
+        stack.client.get(format!("{}/_mock/stats", stack.secondary.urls[0])).send().await.unwrap().json::<Value>();
+    assert_eq!(secondary.await.unwrap()["deployments"]["gpt-4o"]["completed"], 1);
+    let metrics =
+        stack.client.get(format!("{}/metrics", stack.proxy.urls[1])).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("limitlab_failovers_total 1"), "{metrics}");
+    let proxied = "limitlab_requests_total{status=\"200\",reason=\"ok\",product=\"starter\",backend=\"secondary\"} 1";
+    assert!(metrics.contains(proxied), "{metrics}");
+    // The simulator decides the same for a call while its primary refuses connections.
+    let simulated = simulated_outage_call();
+    assert_eq!(simulated, (200, "ok".to_owned(), vec!["primary".to_owned(), "secondary".to_owned()]));
+}

@@ -26,6 +26,19 @@ fn check_summarises_understood_files_and_locates_errors() {
 }
 
 #[test]
+fn a_statement_block_in_a_counter_key_is_an_error_not_one_shared_counter() {
+    let file = std::env::temp_dir().join(format!("limitlab-block-policy-{}.xml", std::process::id()));
+    let key = "@{ var ip = context.Request.IpAddress; return ip.Substring(0, 7); }";
+    let xml = format!("<policies>\n<inbound>\n<rate-limit-by-key calls=\"10\" renewal-period=\"60\" counter-key=\"{key}\" />\n</inbound>\n</policies>\n");
+    std::fs::write(&file, xml).unwrap();
+    let (code, out, err) = limitlab(&["policy", "check", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(code, 2, "{out}");
+    assert!(err.contains(&format!("{}:3:64:", file.display())), "{err}");
+    assert!(err.contains("a statement block `@{ ... }` is not supported"), "{err}");
+}
+
+#[test]
 fn import_prints_native_toml_that_loads_as_the_same_policy() {
     let (code, out, _) = limitlab(&["policy", "import", "policies/seed-ip-limits.xml"]);
     assert_eq!(code, 0);

@@ -187,6 +187,10 @@ pub enum OutageMode {
     Fail,
     /// Every request hangs: no response until the client gives up.
     Hang,
+    /// Every connection is refused, as when the deployment's process is down: a
+    /// transport failure at once, with no response at all. (The mock server,
+    /// which still listens, closes each connection without an answer.)
+    Refuse,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

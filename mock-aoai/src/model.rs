@@ -115,6 +115,8 @@ pub enum ModelResponse {
     Reset,
     /// No response ever (an outage in `hang` mode).
     Hang,
+    /// The connection is refused (an outage in `refuse` mode): the backend is down.
+    Refused,
 }
 
 /// Counts for `GET /_mock/stats` and the simulator's report.
@@ -126,6 +128,7 @@ pub struct Stats {
     pub faults: u64,
     pub resets: u64,
     pub hangs: u64,
+    pub refused: u64,
     pub broken_streams: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -187,6 +190,7 @@ impl DeploymentModel {
         if let Some(outage) = faults.outages.iter().find(|o| o.start.0 <= since_start && since_start < o.end.0) {
             return match outage.mode {
                 OutageMode::Hang => self.count(ModelResponse::Hang),
+                OutageMode::Refuse => self.count(ModelResponse::Refused),
                 OutageMode::Fail => self.count(ModelResponse::Fault { status: outage.status, after: Nanos::ZERO }),
             };
         }
@@ -214,6 +218,7 @@ impl DeploymentModel {
             ModelResponse::Fault { .. } => stats.faults += 1,
             ModelResponse::Reset => stats.resets += 1,
             ModelResponse::Hang => stats.hangs += 1,
+            ModelResponse::Refused => stats.refused += 1,
         }
         response
     }

@@ -118,7 +118,7 @@ async fn handle(
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             (status, [(header::CONTENT_TYPE, "application/json")], wire::fault_body(status.as_u16())).into_response()
         }
-        ModelResponse::Reset => reset(),
+        ModelResponse::Reset | ModelResponse::Refused => reset(),
         ModelResponse::Hang => std::future::pending().await,
         ModelResponse::Complete(c) => complete(operation, admission, c).await,
     }

@@ -113,8 +113,10 @@ impl Metrics {
         m.added.record(added);
     }
 
-    /// The text exposition; `available` says whether a backend's breaker is closed.
-    pub fn render(&self, available: impl Fn(&str) -> bool) -> String {
+    /// The text exposition; `available(product, backend)` says whether the
+    /// product's breaker of that backend is closed (each product's lifecycle keeps
+    /// its own breakers).
+    pub fn render(&self, available: impl Fn(usize, &str) -> bool) -> String {
         let m = self.lock();
         let mut out = String::new();
         out.push_str("# HELP limitlab_requests_total Client requests by final status, reason, product and last backend.\n# TYPE limitlab_requests_total counter\n");
@@ -138,9 +140,12 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP limitlab_retries_total Retries decided by the policy.\n# TYPE limitlab_retries_total counter\nlimitlab_retries_total {}", m.retries);
         let _ = writeln!(out, "# HELP limitlab_failovers_total Requests that tried more than one backend.\n# TYPE limitlab_failovers_total counter\nlimitlab_failovers_total {}", m.failovers);
-        out.push_str("# HELP limitlab_circuit_open Whether a backend's circuit breaker is open (1) or closed (0).\n# TYPE limitlab_circuit_open gauge\n");
-        for backend in &self.backends {
-            let _ = writeln!(out, "limitlab_circuit_open{{backend=\"{backend}\"}} {}", u8::from(!available(backend)));
+        out.push_str("# HELP limitlab_circuit_open Whether a product's circuit breaker of a backend is open (1) or closed (0).\n# TYPE limitlab_circuit_open gauge\n");
+        for (i, product) in self.products.iter().enumerate() {
+            for backend in &self.backends {
+                let open = u8::from(!available(i, backend));
+                let _ = writeln!(out, "limitlab_circuit_open{{product=\"{product}\",backend=\"{backend}\"}} {open}");
+            }
         }
         out.push_str("# HELP limitlab_request_duration_seconds Time from request to response end.\n# TYPE limitlab_request_duration_seconds histogram\n");
         m.total.render(&mut out, "limitlab_request_duration_seconds");

@@ -5,6 +5,7 @@ use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 use crate::upstream::{Lease, Upstream, UpstreamError};
 use crate::usage::{self, StreamTracker};
+use apim_policy::read::ExistsAction;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use futures_util::StreamExt;
@@ -473,15 +474,15 @@ fn apply_set_headers(headers: &mut HeaderMap, set: &[apim_policy::read::SetHeade
     for h in set.iter().filter(|h| h.section == section) {
         let Ok(name) = HeaderName::try_from(h.name.as_str()) else { continue };
         let values = h.values.iter().filter_map(|v| HeaderValue::from_str(v).ok());
-        match h.exists_action.as_str() {
-            "delete" => {
+        match h.exists_action {
+            ExistsAction::Delete => {
                 headers.remove(&name);
             }
-            "skip" if headers.contains_key(&name) => {}
-            "append" => values.for_each(|v| {
+            ExistsAction::Skip if headers.contains_key(&name) => {}
+            ExistsAction::Append => values.for_each(|v| {
                 headers.append(&name, v);
             }),
-            _ => {
+            ExistsAction::Skip | ExistsAction::Override => {
                 headers.remove(&name);
                 values.for_each(|v| {
                     headers.append(&name, v);
@@ -613,11 +614,13 @@ async fn deliver(
             collected.to_bytes()
         }
         _ => {
-            // The body broke or never ended: nothing was delivered, and that is charged.
-            let finished = proxy.finish_delivery(&req, id, Usage::default(), 0, DeliveryEnd::Complete);
-            proxy.metrics.finished(req.product, req.subscription, &finished.record, req.started);
-            tracing::warn!(backend = %attempt.backend, "backend body broken; answering 502");
-            return apim_error(StatusCode::BAD_GATEWAY, "Bad gateway: the backend's response was incomplete");
+            // The body broke or never ended before the client saw any of it: the
+            // core answers in its place, and charges what was delivered (nothing).
+            tracing::warn!(backend = %attempt.backend, "backend body broken");
+            let delivery =
+                Delivery { request_bytes: req.body.len() as u64, end: DeliveryEnd::BodyBroken, ..Delivery::default() };
+            let finished = proxy.lifecycle(req.product).handle_delivered(proxy.now(), id, delivery);
+            return proxy.respond_generated(&req, finished.expect("each delivery is reported once"));
         }
     };
     let usage = usage::from_json(&bytes).unwrap_or_default();
@@ -650,7 +653,7 @@ impl Proxy {
 
     pub fn render_metrics(&self) -> String {
         let now = self.now();
-        self.metrics.render(|backend| self.lifecycle(0).router().is_available(now, backend))
+        self.metrics.render(|product, backend| self.lifecycle(product).router().is_available(now, backend))
     }
 
     fn respond_generated(&self, req: &Admitted, finished: Finished) -> Response<Body> {

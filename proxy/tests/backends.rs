@@ -148,13 +148,19 @@ async fn when_retries_run_out_the_client_gets_the_last_response_unchanged() {
 async fn a_tripped_breaker_answers_503_without_calling_the_backend() {
     let (primary, secondary) = (MockServer::start().await, MockServer::start().await);
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(500)).expect(2).mount(&primary).await;
-    let proxy = start(&config(&primary.uri(), &secondary.uri(), "#breaker", "")).await;
+    // A second product, whose lifecycle keeps breakers of its own.
+    let other_product =
+        "#breaker\n[[subscriptions]]\nid = \"s2\"\nkey = \"k2\"\nproducts = [\"q\"]\n[[products]]\nname = \"q\"\n";
+    let proxy = start(&config(&primary.uri(), &secondary.uri(), other_product, "")).await;
     assert_eq!(proxy.chat(json!({})).await.status(), 500);
     assert_eq!(proxy.chat(json!({})).await.status(), 500);
     let r = proxy.chat(json!({})).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 29);
-    assert!(proxy.metrics().await.contains("limitlab_circuit_open{backend=\"primary\"} 1"));
+    let metrics = proxy.metrics().await;
+    for (labels, open) in [("product=\"p\",backend=\"primary\"", 1), ("product=\"q\",backend=\"primary\"", 0)] {
+        assert!(metrics.contains(&format!("limitlab_circuit_open{{{labels}}} {open}")), "{labels}: {metrics}");
+    }
 }
 
 #[tokio::test]
@@ -229,6 +235,46 @@ async fn a_malformed_backend_answer_becomes_502() {
     assert_eq!(r.status(), 502);
     assert!(r.text().await.unwrap().contains("not valid HTTP"));
     assert!(proxy.metrics().await.contains("reason=\"bad-response\""));
+}
+
+/// A backend that answers 200 with a `Content-Length` of 1,000 and closes after 10 bytes.
+async fn truncating_backend() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
+            let _ = socket.write_all(format!("{head}{{\"id\": \"x\"").as_bytes()).await;
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_body_that_breaks_is_the_cores_502_and_increment_conditions_see_502() {
+    let url = truncating_backend().await;
+    // Counted only on 2xx: a broken body is a 502, so it is not counted, and the
+    // second call is still admitted.
+    let limits = "[[products.policy.limits]]\ntype = \"rate-limit-by-key\"\ncalls = 1\nrenewal_period = 60\ncounter_key = \"ip\"\nincrement_condition = \"200-299\"\n";
+    let proxy = start(&config(&url, &url, "", limits)).await;
+    for call in 1..=2 {
+        let r = proxy.chat(json!({})).await;
+        assert_eq!(r.status(), 502, "call {call}");
+        assert_eq!(
+            r.text().await.unwrap(),
+            r#"{"statusCode": 502, "message": "Bad gateway: the backend's response was incomplete"}"#
+        );
+    }
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains(
+            "limitlab_requests_total{status=\"502\",reason=\"bad-response\",product=\"p\",backend=\"primary\"} 2"
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

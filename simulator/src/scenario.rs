@@ -25,10 +25,10 @@ pub struct Scenario {
     pub clients: Vec<Client>,
     /// Promises `limitlab check` tests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub expect: Vec<crate::check::Expect>,
+    pub expect: Vec<Expect>,
     /// How far `limitlab check` may perturb the scenario.
     #[serde(default)]
-    pub check: crate::check::CheckBounds,
+    pub check: CheckBounds,
     /// Elements of a policy file that limitlab does not model, with their lines.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -245,5 +245,79 @@ impl Scenario {
             }
         }
         Ok(())
+    }
+}
+
+/// A promise: a report figure stays within bounds in every run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Sugar for `figure = "client.NAME.rejected_ratio"`, `at_most = 0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub never_rejected: Option<String>,
+    /// A figure as `limitlab sweep` names them: `rejected_ratio`,
+    /// `client.batch.rejected_ratio`, `client.chat.latency_ms_p99`,
+    /// `backend.primary.throttled_ratio`, or `max_key_tokens_per_minute` (the
+    /// most tokens any caller key, subscription or IP, used in a sliding minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figure: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_most: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_least: Option<f64>,
+}
+
+impl Expect {
+    pub(crate) fn figure(&self) -> String {
+        match (&self.never_rejected, &self.figure) {
+            (Some(client), _) => format!("client.{client}.rejected_ratio"),
+            (None, Some(f)) => f.replace("latency_p99_ms", "latency_ms_p99"),
+            (None, None) => String::new(),
+        }
+    }
+
+    pub(crate) fn bounds(&self) -> (f64, f64) {
+        match &self.never_rejected {
+            Some(_) => (f64::NEG_INFINITY, 0.0),
+            None => (self.at_least.unwrap_or(f64::NEG_INFINITY), self.at_most.unwrap_or(f64::INFINITY)),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match (&self.never_rejected, self.at_least, self.at_most) {
+            (Some(c), _, _) => format!("client `{c}` is never rejected"),
+            (None, Some(l), Some(h)) => format!("{} within [{l}, {h}]", self.figure()),
+            (None, Some(l), None) => format!("{} >= {l}", self.figure()),
+            (None, None, Some(h)) => format!("{} <= {h}", self.figure()),
+            (None, None, None) => self.figure(),
+        }
+    }
+}
+
+/// How far `limitlab check` may move the scenario: factors on every client's arrival
+/// rates and token sizes, each a `[low, high]` range (`[1, 1]`: unchanged).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBounds {
+    #[serde(default = "unit")]
+    pub rate_scale: [f64; 2],
+    #[serde(default = "unit")]
+    pub token_scale: [f64; 2],
+    /// Burstiness b >= 1: a client's arrivals come in bursts b times as dense,
+    /// on for 1/b of each minute, at the same average rate (1: as written).
+    #[serde(default = "unit")]
+    pub burstiness: [f64; 2],
+    /// Seconds added to every backend's outage and latency-spike windows.
+    #[serde(default)]
+    pub fault_shift_s: [i64; 2],
+}
+
+fn unit() -> [f64; 2] {
+    [1.0, 1.0]
+}
+
+impl Default for CheckBounds {
+    fn default() -> CheckBounds {
+        CheckBounds { rate_scale: unit(), token_scale: unit(), burstiness: unit(), fault_shift_s: [0, 0] }
     }
 }
