@@ -62,11 +62,15 @@ fn lifecycle(c: &mut Criterion) {
             draw = draw.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             i = (i + 1) % requests.len();
             let step = pipeline.handle_request(now, &requests[i], draw);
-            let Step::Forward { id, at, .. } = step else { unreachable!("each key is far below its limits: {step:?}") };
+            let Step::Forward { id, .. } = step else { unreachable!("each key is far below its limits: {step:?}") };
             let throttled = AttemptOutcome::Response { status: 429, retry_after: None };
-            let Ok(Step::Forward { at, .. }) = pipeline.handle_attempt(at, id, throttled, Usage::default(), draw)
-            else {
-                unreachable!("429 is retried on the secondary")
+            let Ok(Step::Wait { .. }) = pipeline.handle_attempt(now, id, throttled, Usage::default(), draw) else {
+                unreachable!("429 is retried on the secondary after the retry interval")
+            };
+            // The retry's instant is the lifecycle's; at it, the retry is sent.
+            let at = pipeline.poll_timeout_of(id).expect("the retry's instant");
+            let Some(Step::Forward { .. }) = pipeline.handle_timeout_of(at, id, draw) else {
+                unreachable!("the retry goes out at its instant")
             };
             let ok = AttemptOutcome::Response { status: 200, retry_after: None };
             let Ok(Step::Deliver { .. }) = pipeline.handle_attempt(at, id, ok, Usage::default(), draw) else {

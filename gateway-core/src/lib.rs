@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod counters;
+mod deadlines;
 pub mod delta;
 pub mod hints;
 pub mod key;

@@ -6,16 +6,22 @@
 //! [`Step`]s it returns:
 //!
 //! ```text
-//! handle_request ──► Forward{attempt, at} ──(driver sends at `at`)──► handle_attempt
-//!        │                    ▲                                            │
-//!        │                    └──────────── Forward (retry) ◄──────────────┤
-//!        ▼                                                                 ▼
-//!   Respond(Finished)  ◄── Respond (503, 500, 504) ◄───────── Deliver ─► handle_delivered ─► Finished
+//! handle_request ──► Forward{attempt} ──(driver sends it now)──► handle_attempt
+//!        │                  ▲                                        │
+//!        │                  ├──── Forward (retry at once) ◄──────────┤
+//!        │                  └── handle_timeout ◄── Wait (retry later)┤
+//!        ▼                                                           ▼
+//!   Respond(Finished) ◄── Respond (503, 500, 502, 504) ◄─── Deliver ─► handle_delivered ─► Finished
 //! ```
 //!
-//! Every client request ends in exactly one [`Finished`], which carries its
-//! [`OutcomeRecord`] and charges its tokens once.
+//! The lifecycle holds every deadline itself: each attempt's timeout and each
+//! retry's instant. A driver learns the next one from [`Lifecycle::poll_timeout`]
+//! (or, driving one request, [`Lifecycle::poll_timeout_of`]) and reports that it
+//! came with [`Lifecycle::handle_timeout`] (or [`Lifecycle::handle_timeout_of`]);
+//! it never computes a timeout or a wait. Every client request ends in exactly
+//! one [`Finished`], which carries its [`OutcomeRecord`] and charges its tokens once.
 
+use crate::deadlines::{Deadlines, Due, Ticket};
 use crate::key::RequestInfo;
 use crate::limit_book::{CoreError, LimitBook, RequestDecision, RequestId, ResponseInfo};
 use crate::policy::Policy;
@@ -24,6 +30,7 @@ use crate::routing::{Attempt, AttemptOutcome, Next, Route, Router, Routing, Unav
 use crate::time::Nanos;
 use serde::Serialize;
 use smallvec::SmallVec;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// Tokens a response reported in `usage`, or the driver counted (prompt with the
@@ -50,9 +57,13 @@ impl Usage {
 /// What the driver does next for a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Send the request to `attempt.backend` at instant `at` (now, or after the
-    /// retry wait), then report with [`Lifecycle::handle_attempt`].
-    Forward { id: RequestId, attempt: Attempt, at: Nanos },
+    /// Send the request to `attempt.backend` now, then report how it ended with
+    /// [`Lifecycle::handle_attempt`]. An attempt with no answer by its deadline
+    /// (see [`Lifecycle::poll_timeout`]) is timed out by the lifecycle itself.
+    Forward { id: RequestId, attempt: Attempt },
+    /// The request waits for a retry. Nothing to do until the lifecycle's
+    /// deadline for it; [`Lifecycle::handle_timeout`] then gives its `Forward`.
+    Wait { id: RequestId },
     /// Pass the backend's response to the client unchanged, then report what was
     /// delivered with [`Lifecycle::handle_delivered`].
     Deliver { id: RequestId },
@@ -152,10 +163,19 @@ pub enum DeliveryEnd {
 }
 
 enum Phase {
-    /// An attempt is on its way to a backend.
-    Attempting { attempt: Sent, started: Nanos, wait: Nanos },
+    /// An attempt is on its way to a backend; `ticket` names its deadline.
+    Attempting { attempt: Sent, started: Nanos, wait: Nanos, ticket: Ticket },
+    /// A retry waits for its instant. Boxed: retries are rare, and a flight
+    /// moves through every driver's hot path.
+    Waiting(Box<Waiting>),
     /// The backend's response with this status is being delivered.
     Delivering { status: u16 },
+}
+
+struct Waiting {
+    next: Attempt,
+    until: Nanos,
+    wait: Nanos,
 }
 
 /// What a flight keeps of the attempt on its way: the backend by position and the
@@ -189,12 +209,24 @@ pub struct Lifecycle {
     /// Indexed by the slot half of a `RequestId`, which the gateway keeps unique
     /// among requests in flight.
     flights: Vec<Option<Flight>>,
+    deadlines: Deadlines,
+    /// Steps decided by `handle_timeout`, for `poll_step`.
+    steps: VecDeque<Step>,
+    /// The latest instant seen: time never runs backwards in the core.
+    latest: Nanos,
 }
 
 impl Lifecycle {
     /// Builds the pipeline; the routing is validated and an error names what is wrong.
     pub fn new(policy: &Policy, routing: Routing, hash_seed: u64) -> Result<Lifecycle, String> {
-        Ok(Lifecycle { limits: LimitBook::new(policy, hash_seed), router: Router::new(routing)?, flights: Vec::new() })
+        Ok(Lifecycle {
+            limits: LimitBook::new(policy, hash_seed),
+            router: Router::new(routing)?,
+            flights: Vec::new(),
+            deadlines: Deadlines::default(),
+            steps: VecDeque::new(),
+            latest: Nanos::ZERO,
+        })
     }
 
     /// The limit book: its counters, and the journal of counter changes that
@@ -220,6 +252,7 @@ impl Lifecycle {
 
     /// A client request arrives. `draw` is a uniform `u64` from the driver's RNG.
     pub fn handle_request(&mut self, now: Nanos, req: &RequestInfo, draw: u64) -> Step {
+        let now = self.observe(now);
         let admitted = match self.limits.handle_request(now, req) {
             RequestDecision::Forward(admitted) => admitted,
             RequestDecision::Reject(rejection) => {
@@ -240,11 +273,12 @@ impl Lifecycle {
         let id = admitted.id;
         match self.router.start(now, draw) {
             Ok((route, attempt)) => {
-                let phase = Phase::Attempting { attempt: Sent::of(&attempt), started: now, wait: Nanos::ZERO };
+                let ticket = self.deadlines.add_attempt(deadline(now, attempt.timeout), id);
+                let phase = Phase::Attempting { attempt: Sent::of(&attempt), started: now, wait: Nanos::ZERO, ticket };
                 // Built where it is kept: a flight made first and then moved into
                 // its slot would be copied whole.
                 *self.place(id) = Some(Flight { id, route, phase, record: fresh_record(now) });
-                Step::Forward { id, attempt, at: now }
+                Step::Forward { id, attempt }
             }
             Err(unavailable) => {
                 let phase = Phase::Delivering { status: 503 };
@@ -256,9 +290,29 @@ impl Lifecycle {
     }
 
     /// An attempt ended: the backend answered (status known; for a response that
-    /// will not be delivered, `usage` is what its body reported), or failed, or
-    /// timed out. A response that comes after the attempt's timeout is a timeout.
+    /// will not be delivered, `usage` is what its body reported), or could not be
+    /// reached, or answered something that is not HTTP. A response that comes after
+    /// the attempt's deadline is a timeout. (Timeouts themselves are the
+    /// lifecycle's: see [`Lifecycle::handle_timeout`].)
     pub fn handle_attempt(
+        &mut self,
+        now: Nanos,
+        id: RequestId,
+        outcome: AttemptOutcome,
+        usage: Usage,
+        draw: u64,
+    ) -> Result<Step, CoreError> {
+        let now = self.observe(now);
+        let flight = flight_mut(&mut self.flights, id)?;
+        let Phase::Attempting { ticket, .. } = flight.phase else {
+            return Err(CoreError::WrongPhase(id));
+        };
+        self.deadlines.cancel_attempt(ticket);
+        self.end_attempt(now, id, outcome, usage, draw)
+    }
+
+    /// Records how the current attempt of `id` ended and decides what follows.
+    fn end_attempt(
         &mut self,
         now: Nanos,
         id: RequestId,
@@ -270,13 +324,13 @@ impl Lifecycle {
         // or delivery) and is taken out only when the request is over.
         let flight = flight_mut(&mut self.flights, id)?;
         // Copied out: every branch below sets a new phase or ends the request.
-        let Phase::Attempting { attempt, started, wait } = flight.phase else {
+        let Phase::Attempting { attempt, started, wait, .. } = flight.phase else {
             return Err(CoreError::WrongPhase(id));
         };
         // The router's own name: found by address when the router looks it up.
         let backend = Arc::clone(self.router.backend_name(attempt.backend_index));
         let outcome = match outcome {
-            AttemptOutcome::Response { .. } if now.saturating_sub(started) > attempt.timeout => AttemptOutcome::Timeout,
+            AttemptOutcome::Response { .. } if now >= deadline(started, attempt.timeout) => AttemptOutcome::Timeout,
             other => other,
         };
         let next = self.router.handle_outcome(now, &mut flight.route, &backend, outcome, draw);
@@ -290,9 +344,11 @@ impl Lifecycle {
             tokens: usage.total(),
         });
         match (next, outcome) {
+            (Next::Retry { attempt, wait }, _) if wait == Nanos::ZERO => Ok(self.start_attempt(now, id, attempt, wait)),
             (Next::Retry { attempt, wait }, _) => {
-                flight.phase = Phase::Attempting { attempt: Sent::of(&attempt), started: now + wait, wait };
-                Ok(Step::Forward { id, attempt, at: now + wait })
+                flight.phase = Phase::Waiting(Box::new(Waiting { next: attempt, until: now + wait, wait }));
+                self.deadlines.add_retry(now + wait, id);
+                Ok(Step::Wait { id })
             }
             (Next::Respond, AttemptOutcome::Response { status, .. }) => {
                 flight.phase = Phase::Delivering { status };
@@ -310,8 +366,17 @@ impl Lifecycle {
         }
     }
 
+    /// Sends request `id`'s next attempt now, with its deadline.
+    fn start_attempt(&mut self, now: Nanos, id: RequestId, attempt: Attempt, wait: Nanos) -> Step {
+        let ticket = self.deadlines.add_attempt(deadline(now, attempt.timeout), id);
+        let flight = flight_mut(&mut self.flights, id).expect("a request that starts an attempt is in flight");
+        flight.phase = Phase::Attempting { attempt: Sent::of(&attempt), started: now, wait, ticket };
+        Step::Forward { id, attempt }
+    }
+
     /// The delivered response is over; charges the request's tokens once.
     pub fn handle_delivered(&mut self, now: Nanos, id: RequestId, delivery: Delivery) -> Result<Finished, CoreError> {
+        let now = self.observe(now);
         // The flight is worked on in its slot and only its record leaves it:
         // taking the whole flight out would copy it.
         let flight = flight_mut(&mut self.flights, id)?;
@@ -357,14 +422,139 @@ impl Lifecycle {
         Ok(Finished { id: Some(id), generated, headers: completed.headers, variables: completed.variables, record })
     }
 
-    /// The next instant the core has timed work (idle counters to evict): the
-    /// one timer a driver keeps for this lifecycle.
-    pub fn poll_timeout(&self) -> Option<Nanos> {
-        self.limits.poll_timeout()
+    /// The client went away before a response was delivered (during an attempt or
+    /// a retry's wait): the request ends as `client-gone`, with no status for the
+    /// policy's increment conditions (a request with no response matches none),
+    /// and the usage of its finished attempts charged.
+    pub fn handle_client_gone(&mut self, now: Nanos, id: RequestId) -> Result<Finished, CoreError> {
+        let now = self.observe(now);
+        let flight = flight_mut(&mut self.flights, id)?;
+        match &flight.phase {
+            Phase::Attempting { ticket, .. } => self.deadlines.cancel_attempt(*ticket),
+            Phase::Waiting(_) => {}
+            Phase::Delivering { .. } => return Err(CoreError::WrongPhase(id)),
+        }
+        let mut flight = self.take(id)?;
+        self.drop_stale_retries();
+        let info = ResponseInfo { status: None, total_tokens: flight.record.usage.total(), ..ResponseInfo::default() };
+        let completed = self.limits.handle_response(now, id, &info)?;
+        flight.record.reason = Reason::ClientGone;
+        flight.record.status = CLIENT_CLOSED_REQUEST;
+        flight.record.finished = now;
+        Ok(Finished {
+            id: Some(id),
+            generated: None,
+            headers: completed.headers,
+            variables: completed.variables,
+            record: flight.record,
+        })
     }
 
-    pub fn handle_timeout(&mut self, now: Nanos) {
-        self.limits.handle_timeout(now);
+    /// The next instant at which the lifecycle acts on its own: an attempt's
+    /// timeout or a retry's instant. The one timer a driver of many requests
+    /// keeps for this lifecycle; at that instant, call [`Lifecycle::handle_timeout`].
+    /// (Idle counters are evicted as requests come; see [`LimitBook::poll_timeout`]
+    /// for a driver that wants their memory back while no request comes.)
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        self.deadlines.next()
+    }
+
+    /// Acts on every deadline due at `now`: a timed-out attempt ends as a
+    /// timeout (`draw` gives a uniform `u64` for its retry, as `handle_attempt`'s
+    /// `draw` does); a retry whose instant has come is sent. The steps that
+    /// follow come out of [`Lifecycle::poll_step`].
+    pub fn handle_timeout(&mut self, now: Nanos, draw: &mut dyn FnMut() -> u64) {
+        let now = self.observe(now);
+        while let Some(due) = self.deadlines.pop_due(now) {
+            let step = match due {
+                Due::AttemptTimeout(id) => Some(self.time_out(now, id, draw())),
+                Due::Retry(at, id) => self.retry_due(now, at, id),
+            };
+            self.steps.extend(step);
+        }
+    }
+
+    /// The next step `handle_timeout` decided, in the order it decided them.
+    pub fn poll_step(&mut self) -> Option<Step> {
+        self.steps.pop_front()
+    }
+
+    /// When the lifecycle next acts on request `id` on its own: its attempt's
+    /// deadline, or its retry's instant (`None` while its response is delivered).
+    /// For a driver that waits on each request apart, as the proxy does.
+    pub fn poll_timeout_of(&self, id: RequestId) -> Option<Nanos> {
+        let flight = match self.flights.get(id.slot()) {
+            Some(Some(flight)) if flight.id == id => flight,
+            _ => return None,
+        };
+        match &flight.phase {
+            Phase::Attempting { attempt, started, .. } => Some(deadline(*started, attempt.timeout)),
+            Phase::Waiting(waiting) => Some(waiting.until),
+            Phase::Delivering { .. } => None,
+        }
+    }
+
+    /// Acts on request `id`'s deadline if it has come by `now` (see
+    /// [`Lifecycle::handle_timeout`]); `None` when it has not, or the request has
+    /// moved on.
+    pub fn handle_timeout_of(&mut self, now: Nanos, id: RequestId, draw: u64) -> Option<Step> {
+        let now = self.observe(now);
+        if self.poll_timeout_of(id)? > now {
+            return None;
+        }
+        let flight = flight_mut(&mut self.flights, id).expect("it has a deadline");
+        let step = match &flight.phase {
+            Phase::Attempting { ticket, .. } => {
+                self.deadlines.cancel_attempt(*ticket);
+                self.time_out(now, id, draw)
+            }
+            Phase::Waiting(waiting) => {
+                let until = waiting.until;
+                self.retry_due(now, until, id).expect("a waiting request's retry")
+            }
+            Phase::Delivering { .. } => unreachable!("a delivery has no deadline"),
+        };
+        self.drop_stale_retries();
+        Some(step)
+    }
+
+    fn time_out(&mut self, now: Nanos, id: RequestId, draw: u64) -> Step {
+        let step = self.end_attempt(now, id, AttemptOutcome::Timeout, Usage::default(), draw);
+        step.expect("a deadline's request is attempting")
+    }
+
+    /// Sends the retry of `id` that was due at `at`, unless the request has
+    /// moved on (a driver of one request handled it already).
+    fn retry_due(&mut self, now: Nanos, at: Nanos, id: RequestId) -> Option<Step> {
+        let flight = match self.flights.get_mut(id.slot()) {
+            Some(Some(flight)) if flight.id == id => flight,
+            _ => return None,
+        };
+        let Phase::Waiting(waiting) = &flight.phase else { return None };
+        if waiting.until != at {
+            return None;
+        }
+        let Phase::Waiting(waiting) = std::mem::replace(&mut flight.phase, Phase::Delivering { status: 0 }) else {
+            unreachable!("just matched")
+        };
+        Some(self.start_attempt(now, id, waiting.next, waiting.wait))
+    }
+
+    /// Drops retry entries at the heap's top whose requests have moved on, so
+    /// that a driver of single requests, which never pops them, keeps the heap
+    /// bounded by the requests waiting.
+    fn drop_stale_retries(&mut self) {
+        let flights = &self.flights;
+        let live = |at: Nanos, id: RequestId| match flights.get(id.slot()) {
+            Some(Some(flight)) if flight.id == id => matches!(&flight.phase, Phase::Waiting(w) if w.until == at),
+            _ => false,
+        };
+        self.deadlines.drop_retries_while(|at, id| !live(at, id));
+    }
+
+    fn observe(&mut self, now: Nanos) -> Nanos {
+        self.latest = self.latest.max(now);
+        self.latest
     }
 
     /// A transport failure or timeout as the last attempt's result becomes the
@@ -438,6 +628,16 @@ fn flight_mut(flights: &mut [Option<Flight>], id: RequestId) -> Result<&mut Flig
         Some(Some(flight)) if flight.id == id => Ok(flight),
         _ => Err(CoreError::UnknownRequest(id)),
     }
+}
+
+/// The status recorded for a request whose client left before any answer (nginx's
+/// 499, "client closed request"); the policy sees no status at all.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// The first instant at which an attempt sent at `started` has timed out: an
+/// answer at `started + timeout` itself is still in time.
+fn deadline(started: Nanos, timeout: Nanos) -> Nanos {
+    started + timeout + Nanos(1)
 }
 
 /// The record of a request that arrived at `now` and has not been answered yet.

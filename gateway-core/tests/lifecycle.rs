@@ -31,8 +31,10 @@ fn usage(total: u64) -> Usage {
 }
 
 /// Runs one request whose attempts end as `script` says (each attempt takes
-/// `latency_ms`, each reports 10 tokens, the delivered body 100) and returns a
-/// trace: `backend+wait:result` per attempt, then `=> status reason tokens`.
+/// `latency_ms` and reports 10 tokens, the delivered body 100; a `timeout` gets
+/// no answer, and the lifecycle's own deadline ends it) and returns a trace:
+/// `backend+start:result` per attempt, then `=> status reason tokens`. The
+/// driver keeps no timer of its own: it sleeps until `poll_timeout`.
 fn run(pipeline: &mut Lifecycle, start: Nanos, script: &[&str], latency_ms: u64) -> String {
     let req = RequestInfo { ip: "10.0.0.1".into(), ..Default::default() };
     let mut trace = Vec::new();
@@ -41,12 +43,17 @@ fn run(pipeline: &mut Lifecycle, start: Nanos, script: &[&str], latency_ms: u64)
     let mut now = start;
     let finished: Finished = loop {
         match step {
-            Step::Forward { id, attempt, at } => {
+            Step::Forward { id, attempt } => {
                 let word = script.next().unwrap_or_else(|| panic!("script ran out: {trace:?}"));
-                trace.push(format!("{}+{}s:{word}", attempt.backend, (at - start).as_secs_f64()));
-                now = at + Nanos::from_millis(latency_ms);
+                trace.push(format!("{}+{}s:{word}", attempt.backend, (now - start).as_secs_f64()));
+                if *word == "timeout" {
+                    step = until_deadline(pipeline, &mut now);
+                    continue;
+                }
+                now = now + Nanos::from_millis(latency_ms);
                 step = pipeline.handle_attempt(now, id, outcome(word), usage(10), 0).unwrap();
             }
+            Step::Wait { .. } => step = until_deadline(pipeline, &mut now),
             Step::Deliver { id } => {
                 let delivery = Delivery { usage: usage(100), ..Default::default() };
                 break pipeline.handle_delivered(now + Nanos::from_millis(10), id, delivery).unwrap();
@@ -56,6 +63,15 @@ fn run(pipeline: &mut Lifecycle, start: Nanos, script: &[&str], latency_ms: u64)
     };
     let record = &finished.record;
     format!("{} => {} {} {}", trace.join(" "), record.status, record.reason, record.tokens_charged())
+}
+
+/// Sleeps until the lifecycle's next deadline and reports it, as a driver does.
+fn until_deadline(pipeline: &mut Lifecycle, now: &mut Nanos) -> Step {
+    *now = pipeline.poll_timeout().expect("a request waits on a deadline");
+    pipeline.handle_timeout(*now, &mut || 0);
+    let step = pipeline.poll_step().expect("the deadline decided a step");
+    assert_eq!(pipeline.poll_step(), None, "one request, one step");
+    step
 }
 
 fn check(routing_text: &str, script: &[&str], expected: &str) {
@@ -78,7 +94,9 @@ fn seed_failover_policy_through_the_whole_lifecycle() {
     check(SEED, &["200"], "primary+0s:200 => 200 ok 110");
     check(SEED, &["400"], "primary+0s:400 => 400 backend-error 110");
     // A timeout is seen as 504 and a reset as 500: the seed's `>= 500` fails over.
-    check(SEED, &["timeout", "200"], "primary+0s:timeout secondary+1.1s:200 => 200 ok 120");
+    // A timeout is the lifecycle's own: 300 s (APIM's default) after the attempt
+    // went out with no answer; the timed-out attempt reported no tokens.
+    check(SEED, &["timeout", "200"], "primary+0s:timeout secondary+301.000000001s:200 => 200 ok 110");
     check(SEED, &["reset", "200"], "primary+0s:reset secondary+1.1s:200 => 200 ok 120");
     check(
         SEED,
@@ -91,7 +109,7 @@ fn seed_failover_policy_through_the_whole_lifecycle() {
     check(
         &with_transport,
         &["reset", "timeout", "200"],
-        "primary+0s:reset secondary+0.1s:timeout secondary+2s:200 => 200 ok 130",
+        "primary+0s:reset secondary+0.1s:timeout secondary+301.900000001s:200 => 200 ok 120",
     );
 }
 
@@ -253,8 +271,12 @@ proptest! {
             let (i, step, made, reported) = live.swap_remove(pick);
             let script = &scripts[i];
             let next = match step {
-                Step::Forward { id, at, .. } => {
-                    now = now.max(at);
+                Step::Wait { id } => {
+                    now = now.max(pipeline.poll_timeout_of(id).expect("a retry's instant"));
+                    let step = pipeline.handle_timeout_of(now, id, k as u64).expect("due");
+                    Some((step, made, reported))
+                }
+                Step::Forward { id, .. } => {
                     let (word, tokens) = script.attempts[made.min(script.attempts.len() - 1)];
                     let step = pipeline.handle_attempt(now, id, outcome(word), usage(tokens), k as u64).unwrap();
                     Some((step, made + 1, reported + tokens))
@@ -484,11 +506,16 @@ proptest! {
         let ms = |n: Nanos| (n - base).0 / 1_000_000;
         for k in 0..120 {
             t_ms += gaps_ms[k];
-            let mut step = pipeline.handle_request(base + Nanos::from_millis(t_ms), &RequestInfo::default(), draws[k]);
+            let mut at = base + Nanos::from_millis(t_ms);
+            let mut step = pipeline.handle_request(at, &RequestInfo::default(), draws[k]);
             let mut attempts = 0;
             loop {
                 match step {
-                    Step::Forward { id, attempt, at } => {
+                    Step::Wait { id } => {
+                        at = pipeline.poll_timeout_of(id).expect("a retry's instant");
+                        step = pipeline.handle_timeout_of(at, id, draws[k]).expect("due");
+                    }
+                    Step::Forward { id, attempt } => {
                         attempts += 1;
                         prop_assert!(attempts <= 4);
                         let at_ms = ms(at);
@@ -499,8 +526,8 @@ proptest! {
                         let Some(result) = results.next() else { return Ok(()) };
                         t_ms = at_ms + latencies_ms[k];
                         reference[i].record(i, t_ms, result);
-                        let now = base + Nanos::from_millis(t_ms);
-                        step = pipeline.handle_attempt(now, id, outcome(result), Usage::default(), draws[(k + attempts) % 120]).unwrap();
+                        at = base + Nanos::from_millis(t_ms);
+                        step = pipeline.handle_attempt(at, id, outcome(result), Usage::default(), draws[(k + attempts) % 120]).unwrap();
                     }
                     Step::Deliver { id } => {
                         pipeline.handle_delivered(base + Nanos::from_millis(t_ms), id, Delivery::default()).unwrap();
@@ -544,4 +571,57 @@ fn absurd_usage_saturates_the_counters_instead_of_wrapping() {
         };
         assert!(refused.record.reason.is_limit(), "{:?}", refused.record.reason);
     }
+}
+
+/// Deadlines live in the core: a driver of many requests keeps one timer, set
+/// to `poll_timeout`, and computes no timeout or wait of its own.
+#[test]
+fn a_driver_with_one_timer_gets_every_timeout_and_retry_from_the_core() {
+    let text = SEED.replace("set_backend = \"primary\"", "set_backend = \"primary\"\ntimeout = 2");
+    let mut pipeline = Lifecycle::new(&Policy::default(), routing(&text), 0).unwrap();
+    let t0 = Nanos::from_secs(1_000);
+    let ids: Vec<_> = (0..3u64)
+        .map(|k| match pipeline.handle_request(t0 + Nanos::from_millis(k), &RequestInfo::default(), 0) {
+            Step::Forward { id, .. } => id,
+            other => panic!("admitted and sent: {other:?}"),
+        })
+        .collect();
+    // Request 0 is answered in time; 1 and 2 hang.
+    let answered = pipeline.handle_attempt(t0 + Nanos::from_millis(500), ids[0], outcome("200"), usage(10), 0);
+    assert!(matches!(answered, Ok(Step::Deliver { .. })));
+    // The next deadline is request 1's: 2 s after it went out, plus the instant
+    // at which an answer is late.
+    let first = pipeline.poll_timeout().unwrap();
+    assert_eq!(first, t0 + Nanos::from_millis(1) + Nanos::from_secs(2) + Nanos(1));
+    pipeline.handle_timeout(first - Nanos(1), &mut || 0);
+    assert_eq!(pipeline.poll_step(), None, "nothing is due a nanosecond early");
+    let mut steps = Vec::new();
+    pipeline.handle_timeout(first + Nanos::from_millis(5), &mut || 0);
+    while let Some(step) = pipeline.poll_step() {
+        steps.push(step);
+    }
+    // Both hung attempts timed out, in the order they went out; each waits for
+    // its retry (the seed's `>= 500` sees a timeout as 504).
+    assert_eq!(steps, vec![Step::Wait { id: ids[1] }, Step::Wait { id: ids[2] }]);
+    // A late answer to a timed-out attempt is refused, not counted twice.
+    let late = pipeline.handle_attempt(first + Nanos::from_millis(6), ids[1], outcome("200"), usage(10), 0);
+    assert!(late.is_err(), "{late:?}");
+    // The retries go out at the core's instants: 1 s after each timeout (draw 0).
+    let retry = pipeline.poll_timeout().unwrap();
+    assert_eq!(retry, first + Nanos::from_millis(5) + Nanos::from_secs(1));
+    pipeline.handle_timeout(retry, &mut || 0);
+    let sent: Vec<_> = std::iter::from_fn(|| pipeline.poll_step()).collect();
+    assert_eq!(sent.len(), 2);
+    assert!(sent.iter().all(|s| matches!(s, Step::Forward { attempt, .. } if &*attempt.backend == "secondary")));
+}
+
+#[test]
+fn a_client_that_leaves_during_an_attempt_ends_the_request_as_client_gone() {
+    let mut pipeline = Lifecycle::new(&policy(TOKENS), routing(SEED), 0).unwrap();
+    let t = Nanos::from_secs(1_000);
+    let Step::Forward { id, .. } = pipeline.handle_request(t, &RequestInfo::default(), 0) else { panic!() };
+    let finished = pipeline.handle_client_gone(t + Nanos::from_secs(1), id).unwrap();
+    assert_eq!(finished.record.reason, Reason::ClientGone);
+    assert_eq!(pipeline.limits().in_flight_count(), 0);
+    assert_eq!(pipeline.poll_timeout(), None, "its deadline went with it");
 }

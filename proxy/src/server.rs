@@ -373,20 +373,32 @@ async fn within<F: std::future::Future>(limit: std::time::Duration, future: F) -
     tokio::time::timeout(limit, future).await.map_err(|_| ())
 }
 
-/// Carries out the lifecycle's steps until the client has its answer.
+/// Carries out the lifecycle's steps until the client has its answer. Every
+/// deadline is the lifecycle's: an attempt races its `poll_timeout_of`, a retry
+/// sleeps until it, and `handle_timeout_of` says what follows.
 async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Response<Body> {
     let mut step = proxy.lifecycle(req.product).handle_request(proxy.now(), &req.info, rand::random());
+    // If the client goes away before its answer, the request ends as client-gone.
+    let mut gone = ClientGone { proxy: &proxy, req: &req, id: None };
     loop {
-        match step {
-            Step::Respond(finished) => return proxy.respond_generated(&req, finished),
+        step = match step {
+            Step::Respond(finished) => {
+                gone.id = None;
+                return proxy.respond_generated(&req, finished);
+            }
             Step::Deliver { .. } => unreachable!("a response is delivered only after an attempt"),
-            Step::Forward { id, attempt, at } => {
-                // Only a retry waits; a timer for an instant already past would
-                // still cost a tick of the timer wheel (a millisecond).
-                if at > proxy.now() {
-                    tokio::time::sleep_until(proxy.instant_of(at)).await;
-                }
-                let (outcome, response) = send(&proxy, upstream, &req, &attempt).await;
+            Step::Wait { id } => {
+                gone.id = Some(id);
+                proxy.when_due(req.product, id).await
+            }
+            Step::Forward { id, attempt } => {
+                gone.id = Some(id);
+                let deadline = proxy.lifecycle(req.product).poll_timeout_of(id).expect("an attempt has a deadline");
+                let answer = tokio::select! {
+                    answer = send(&proxy, upstream, &req, &attempt) => answer,
+                    due = proxy.at_deadline(req.product, id, deadline) => { step = due; continue; }
+                };
+                let (outcome, response) = answer;
                 let next = proxy.lifecycle(req.product).handle_attempt(
                     proxy.now(),
                     id,
@@ -396,16 +408,68 @@ async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Re
                 );
                 match next {
                     Ok(Step::Deliver { id }) => {
+                        // From here the delivery's own guard (`Charge`) reports a departure.
+                        gone.id = None;
+                        drop(gone);
                         let response = response.expect("a delivered attempt has a response");
                         return deliver(proxy, req, id, attempt, response).await;
                     }
-                    Ok(other) => step = other,
+                    Ok(other) => other,
                     Err(e) => {
+                        gone.id = None;
                         tracing::error!(error = %e, "the lifecycle refused an attempt's outcome");
                         return apim_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error");
                     }
                 }
             }
+        };
+    }
+}
+
+/// Ends request `id` as client-gone if the future driving it is dropped (the
+/// client disconnected) before its answer.
+struct ClientGone<'a> {
+    proxy: &'a Proxy,
+    req: &'a Admitted,
+    id: Option<RequestId>,
+}
+
+impl Drop for ClientGone<'_> {
+    fn drop(&mut self) {
+        let Some(id) = self.id else { return };
+        let finished = self.proxy.lifecycle(self.req.product).handle_client_gone(self.proxy.now(), id);
+        match finished {
+            Ok(finished) => {
+                log_request(&finished);
+                self.proxy.metrics.finished(
+                    self.req.product,
+                    self.req.subscription,
+                    &finished.record,
+                    self.req.started,
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "the lifecycle refused a client's departure"),
+        }
+    }
+}
+
+impl Proxy {
+    /// Sleeps until the lifecycle's deadline for request `id`, then returns what
+    /// the lifecycle decided at it.
+    async fn when_due(&self, product: usize, id: RequestId) -> Step {
+        let deadline = self.lifecycle(product).poll_timeout_of(id).expect("a waiting request has a deadline");
+        self.at_deadline(product, id, deadline).await
+    }
+
+    async fn at_deadline(&self, product: usize, id: RequestId, mut deadline: Nanos) -> Step {
+        loop {
+            tokio::time::sleep_until(self.instant_of(deadline)).await;
+            let mut lifecycle = self.lifecycle(product);
+            if let Some(step) = lifecycle.handle_timeout_of(self.now(), id, rand::random()) {
+                return step;
+            }
+            // The timer woke a hair early: wait for the lifecycle's instant again.
+            deadline = lifecycle.poll_timeout_of(id).expect("the request still waits on its deadline");
         }
     }
 }
@@ -441,9 +505,9 @@ async fn send(
         return (AttemptOutcome::TransportFailure, None);
     };
     proxy.metrics.attempt(&attempt.backend);
-    match tokio::time::timeout(attempt.timeout.into_std(), upstream.send(request)).await {
-        Err(_) => (AttemptOutcome::Timeout, None),
-        Ok(Err(e)) => {
+    // No timeout here: the attempt's deadline is the lifecycle's (see `drive`).
+    match upstream.send(request).await {
+        Err(e) => {
             // A connection that opened but answered something that is not HTTP is a
             // bad gateway, not a transport failure.
             let malformed = matches!(&e, UpstreamError::Http(e) if error_chain_has_parse_error(e));
@@ -451,7 +515,7 @@ async fn send(
             let outcome = if malformed { AttemptOutcome::BadResponse } else { AttemptOutcome::TransportFailure };
             (outcome, None)
         }
-        Ok(Ok((response, lease))) => {
+        Ok((response, lease)) => {
             let retry_after = parse_retry_after(&retry_after_headers(response.headers()), proxy.now());
             (AttemptOutcome::Response { status: response.status().as_u16(), retry_after }, Some((response, lease)))
         }
@@ -607,30 +671,31 @@ async fn deliver(
         *out.body_mut() = Body::from_stream(charged_stream(body, charge, lease));
         return out;
     }
-    let read = within(attempt.timeout.into_std(), http_body_util::Limited::new(body, MAX_BACKEND_BODY).collect());
+    // APIM's `forward-request timeout` covers the response head only: the body
+    // is read for as long as it comes. A client that leaves first drops this
+    // future, and `charge` reports it.
+    let mut charge = Charge::new(proxy, req, id);
+    let read = http_body_util::Limited::new(body, MAX_BACKEND_BODY).collect();
     let bytes = match read.await {
-        Ok(Ok(collected)) => {
+        Ok(collected) => {
             lease.release();
             collected.to_bytes()
         }
-        _ => {
-            // The body broke or never ended before the client saw any of it: the
-            // core answers in its place, and charges what was delivered (nothing).
+        Err(_) => {
+            // The body broke before the client saw any of it: the core answers
+            // in its place, and charges what was delivered (nothing).
             tracing::warn!(backend = %attempt.backend, "backend body broken");
-            let delivery =
-                Delivery { request_bytes: req.body.len() as u64, end: DeliveryEnd::BodyBroken, ..Delivery::default() };
-            let finished = proxy.lifecycle(req.product).handle_delivered(proxy.now(), id, delivery);
-            return proxy.respond_generated(&req, finished.expect("each delivery is reported once"));
+            let finished = charge.settle(Usage::default(), 0, DeliveryEnd::BodyBroken);
+            return generated_response(finished);
         }
     };
     let usage = usage::from_json(&bytes).unwrap_or_default();
-    let finished = proxy.finish_delivery(&req, id, usage, bytes.len() as u64, DeliveryEnd::Complete);
+    let finished = charge.settle(usage, bytes.len() as u64, DeliveryEnd::Complete);
     for (name, value) in &finished.headers {
         if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
             out.headers_mut().insert(n, v);
         }
     }
-    proxy.metrics.finished(req.product, req.subscription, &finished.record, req.started);
     *out.body_mut() = Body::from(bytes);
     out
 }
@@ -659,20 +724,25 @@ impl Proxy {
     fn respond_generated(&self, req: &Admitted, finished: Finished) -> Response<Body> {
         log_request(&finished);
         self.metrics.finished(req.product, req.subscription, &finished.record, req.started);
-        let generated = finished.generated.map(|g| *g).unwrap_or_else(|| GeneratedResponse {
-            status: 500,
-            headers: Vec::new(),
-            body: String::new(),
-        });
-        let mut out = Response::new(Body::from(generated.body));
-        *out.status_mut() = StatusCode::from_u16(generated.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        for (name, value) in generated.headers.iter().chain(&finished.headers) {
-            if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
-                out.headers_mut().insert(n, v);
-            }
-        }
-        out
+        generated_response(finished)
     }
+}
+
+/// The client's answer when the gateway made it (a rejection, 500, 502, 503, 504).
+fn generated_response(finished: Finished) -> Response<Body> {
+    let generated = finished.generated.map(|g| *g).unwrap_or_else(|| GeneratedResponse {
+        status: 500,
+        headers: Vec::new(),
+        body: String::new(),
+    });
+    let mut out = Response::new(Body::from(generated.body));
+    *out.status_mut() = StatusCode::from_u16(generated.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (name, value) in generated.headers.iter().chain(&finished.headers) {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+            out.headers_mut().insert(n, v);
+        }
+    }
+    out
 }
 
 fn log_request(finished: &Finished) {
@@ -704,13 +774,21 @@ impl Charge {
 
     /// Charges what was streamed, once; `end` says whether the client stayed.
     fn finish(&mut self, end: DeliveryEnd) {
-        if std::mem::replace(&mut self.done, true) {
+        if self.done {
             return;
         }
         let prompt = self.req.prompt_tokens.unwrap_or_else(|| count_prompt(&self.req.model, &self.req.body));
         let usage = self.tracker.usage(prompt);
-        let finished = self.proxy.finish_delivery(&self.req, self.id, usage, self.response_bytes, end);
+        self.settle(usage, self.response_bytes, end);
+    }
+
+    /// Reports the delivery's end with what it used (a buffered body's `usage`,
+    /// or a stream's), logs and counts the request: once.
+    fn settle(&mut self, usage: Usage, response_bytes: u64, end: DeliveryEnd) -> Finished {
+        assert!(!std::mem::replace(&mut self.done, true), "a delivery is settled once");
+        let finished = self.proxy.finish_delivery(&self.req, self.id, usage, response_bytes, end);
         self.proxy.metrics.finished(self.req.product, self.req.subscription, &finished.record, self.req.started);
+        finished
     }
 }
 

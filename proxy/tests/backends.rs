@@ -178,6 +178,32 @@ async fn a_slow_backend_times_out_with_504() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_during_an_attempt_is_logged_as_client_gone() {
+    let (primary, secondary) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok_body()).set_delay(Duration::from_millis(2000)))
+        .mount(&primary)
+        .await;
+    let proxy = start(&config(&primary.uri(), &secondary.uri(), "", "")).await;
+    let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base);
+    let impatient = proxy.client.post(url).header("api-key", "k").json(&json!({})).timeout(Duration::from_millis(300));
+    assert!(impatient.send().await.is_err(), "the client gives up first");
+    // The proxy sees the connection close and ends the request in the core.
+    let mut metrics = String::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = proxy.metrics().await;
+        if metrics.contains("reason=\"client-gone\"") {
+            break;
+        }
+    }
+    assert!(
+        metrics.contains("limitlab_requests_total{status=\"499\",reason=\"client-gone\",product=\"p\",backend=\"\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_broken_stream_is_charged_for_what_was_sent() {
     // A real mock deployment whose streams always break midway.
     let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\

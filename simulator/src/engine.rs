@@ -41,8 +41,13 @@ enum Event {
     Arrive(Box<Call>),
     /// The gateway sends an attempt to a backend.
     Send { replica: usize, id: RequestId, backend: usize },
-    /// An attempt's response head (or failure) is back at the gateway.
-    AttemptEnd { replica: usize, id: RequestId, outcome: AttemptOutcome },
+    /// An attempt's response head (or failure) is back at the gateway. `attempt`
+    /// numbers the flight's attempts: an answer to an attempt the gateway has
+    /// already timed out is dropped, as a real gateway drops the connection.
+    AttemptEnd { replica: usize, id: RequestId, attempt: u32, outcome: AttemptOutcome },
+    /// A replica's next deadline (an attempt's timeout, a retry's instant), as
+    /// its lifecycle's `poll_timeout` named it.
+    Timer { replica: usize },
     /// The delivered response is over.
     Delivered { replica: usize, id: RequestId, usage: Usage, bytes: (u64, u64) },
     /// A counter change made by replica `from` reaches the others (shared store with lag).
@@ -56,7 +61,7 @@ impl Event {
             Event::Send { replica, id, .. }
             | Event::AttemptEnd { replica, id, .. }
             | Event::Delivered { replica, id, .. } => Some((replica, id)),
-            Event::Generate { .. } | Event::Arrive(_) | Event::Sync { .. } => None,
+            Event::Generate { .. } | Event::Arrive(_) | Event::Sync { .. } | Event::Timer { .. } => None,
         }
     }
 }
@@ -84,6 +89,11 @@ struct InFlight {
     arrived: Nanos,
     /// The model's decision for the current attempt, once sent.
     completion: Option<mock_aoai::model::Completion>,
+    /// How many attempts were sent: the current one's number plus one.
+    attempts: u32,
+    /// The current attempt's backend, when it was sent (since the start), and
+    /// the outcome it was recorded with, until it ends.
+    sent: Option<(usize, Nanos, AttemptOutcome)>,
 }
 
 pub struct Engine<'s> {
@@ -99,6 +109,8 @@ pub struct Engine<'s> {
     /// The sequence number of the latest event scheduled.
     seq: u64,
     replicas: Vec<Lifecycle>,
+    /// Per replica, the instant of its `Timer` event in the queue, if any.
+    armed: Vec<Option<Nanos>>,
     /// The replica the next arrival goes to (round robin), below `replicas.len()`.
     next_replica: usize,
     /// Replicas share counters through a store this late (their journals are on).
@@ -181,6 +193,7 @@ impl<'s> Engine<'s> {
             now: start,
             immediate: None,
             seq: 0,
+            armed: vec![None; replicas.len()],
             replicas,
             next_replica: 0,
             sync_lag,
@@ -290,16 +303,12 @@ impl<'s> Engine<'s> {
             Event::Generate { client } => self.generate(now, client),
             Event::Arrive(call) => self.arrive(now, call),
             Event::Send { replica, id, backend } => self.send(now, replica, id, backend),
-            Event::AttemptEnd { replica, id, outcome } => {
-                let draw = self.rng.next_u64();
-                let step = self.replicas[replica].handle_attempt(now, id, outcome, Usage::default(), draw);
-                self.share_changes(now, replica);
-                match step.as_ref().expect("the engine reports each attempt once") {
-                    &Step::Deliver { id } => self.deliver_now_or_later(now, replica, id),
-                    step => self.follow(now, replica, step),
-                }
+            Event::AttemptEnd { replica, id, attempt, outcome } => self.attempt_end(now, replica, id, attempt, outcome),
+            Event::Delivered { replica, id, usage, bytes } => {
+                self.delivered(now, replica, id, usage, bytes);
+                self.arm(replica);
             }
-            Event::Delivered { replica, id, usage, bytes } => self.delivered(now, replica, id, usage, bytes),
+            Event::Timer { replica } => self.timer(now, replica),
             Event::Sync { from, delta } => {
                 for (r, replica) in self.replicas.iter_mut().enumerate() {
                     if r != from {
@@ -308,6 +317,58 @@ impl<'s> Engine<'s> {
                 }
             }
         }
+    }
+
+    fn attempt_end(&mut self, now: Nanos, replica: usize, id: RequestId, attempt: u32, outcome: AttemptOutcome) {
+        let Some(flight) = self.flights[replica].get_mut(id.slot()).and_then(Option::as_mut) else { return };
+        if flight.id != id || flight.attempts != attempt + 1 || flight.sent.is_none() {
+            // The gateway timed this attempt out before its answer came.
+            return;
+        }
+        flight.sent = None;
+        let draw = self.rng.next_u64();
+        let step = self.replicas[replica].handle_attempt(now, id, outcome, Usage::default(), draw);
+        self.share_changes(now, replica);
+        match step.as_ref().expect("the engine reports each attempt once") {
+            &Step::Deliver { id } => self.deliver_now_or_later(now, replica, id),
+            step => self.follow(now, replica, step),
+        }
+        self.arm(replica);
+    }
+
+    /// A replica's deadline came: its lifecycle times attempts out and sends the
+    /// retries that are due. An attempt it timed out had been recorded with the
+    /// answer its backend would give; it is recorded as the timeout it became.
+    fn timer(&mut self, now: Nanos, replica: usize) {
+        if self.armed[replica] != Some(now) {
+            return;
+        }
+        self.armed[replica] = None;
+        let rng = &mut self.rng;
+        self.replicas[replica].handle_timeout(now, &mut || rng.next_u64());
+        self.share_changes(now, replica);
+        while let Some(step) = self.replicas[replica].poll_step() {
+            let id = step_id(&step);
+            let flight = self.flights[replica][id.slot()].as_mut().expect("a deadline's request is in flight");
+            if let Some((backend, since_start, recorded)) = flight.sent.take() {
+                self.recorder.retract_attempt(backend, since_start, &recorded);
+                self.recorder.backend_attempt(backend, since_start, &AttemptOutcome::Timeout);
+            }
+            self.follow(now, replica, &step);
+        }
+        self.arm(replica);
+    }
+
+    /// Keeps one `Timer` event queued for the replica's next deadline. Deadlines
+    /// only come later as requests go on, so one armed earlier stays valid (it
+    /// may find nothing due, and arms the next).
+    fn arm(&mut self, replica: usize) {
+        let Some(next) = self.replicas[replica].poll_timeout() else { return };
+        if self.armed[replica].is_some_and(|armed| armed <= next) {
+            return;
+        }
+        self.armed[replica] = Some(next);
+        self.push(next, Event::Timer { replica });
     }
 
     /// Sends the counter changes replica `replica` just made to the others, which
@@ -470,10 +531,12 @@ impl<'s> Engine<'s> {
         let step = self.replicas[replica].handle_request(now, &call.info, draw);
         self.share_changes(now, replica);
         match &step {
-            Step::Forward { id, .. } | Step::Deliver { id } => {
+            Step::Forward { id, .. } | Step::Deliver { id } | Step::Wait { id } => {
                 let id = *id;
-                self.insert_flight(replica, id, InFlight { id, call, order, arrived: now, completion: None });
+                let flight = InFlight { id, call, order, arrived: now, completion: None, attempts: 0, sent: None };
+                self.insert_flight(replica, id, flight);
                 self.follow(now, replica, &step);
+                self.arm(replica);
             }
             Step::Respond(finished) => {
                 self.record(now, order, &call, now, finished);
@@ -500,10 +563,12 @@ impl<'s> Engine<'s> {
     /// Carries out what the gateway decided.
     fn follow(&mut self, now: Nanos, replica: usize, step: &Step) {
         match step {
-            &Step::Forward { id, ref attempt, at } => {
+            &Step::Forward { id, ref attempt } => {
                 let backend = self.backend_of_route[attempt.backend_index];
-                self.push(at, Event::Send { replica, id, backend });
+                self.push(now, Event::Send { replica, id, backend });
             }
+            // The lifecycle holds the retry's instant; the replica's timer brings it.
+            Step::Wait { .. } => {}
             &Step::Deliver { id } => {
                 let (at, usage, bytes) = self.delivery(now, replica, id);
                 self.push(at, Event::Delivered { replica, id, usage, bytes });
@@ -549,8 +614,10 @@ impl<'s> Engine<'s> {
         self.finish(now, replica, Some(id), finished.as_ref().expect("the engine delivers each response once"));
     }
 
+    /// Sends an attempt to the backend's model. Its answer comes back when the
+    /// model says; a backend that hangs never answers, and the lifecycle's
+    /// deadline ends the attempt instead.
     fn send(&mut self, now: Nanos, replica: usize, id: RequestId, backend: usize) {
-        let timeout = Nanos::from_secs(self.scenario.gateway.routing.timeout);
         let flight = self.flights[replica][id.slot()].as_mut().expect("in flight");
         let call = &flight.call;
         let request = ModelRequest {
@@ -573,17 +640,15 @@ impl<'s> Engine<'s> {
             }
             ModelResponse::Fault { status, after } => (after, AttemptOutcome::Response { status, retry_after: None }),
             ModelResponse::Reset | ModelResponse::Refused => (Nanos::ZERO, AttemptOutcome::TransportFailure),
-            ModelResponse::Hang => (timeout, AttemptOutcome::Timeout),
+            ModelResponse::Hang => (Nanos::MAX, AttemptOutcome::Timeout),
         };
-        let (after, outcome) = match after > timeout {
-            true => {
-                flight.completion = None;
-                (timeout, AttemptOutcome::Timeout)
-            }
-            false => (after, outcome),
-        };
+        let attempt = flight.attempts;
+        flight.attempts += 1;
+        flight.sent = Some((backend, now - self.start, outcome));
         self.recorder.backend_attempt(backend, now - self.start, &outcome);
-        self.push(now + after, Event::AttemptEnd { replica, id, outcome });
+        if after != Nanos::MAX {
+            self.push(now.saturating_add(after), Event::AttemptEnd { replica, id, attempt, outcome });
+        }
     }
 
     fn finish(&mut self, now: Nanos, replica: usize, id: Option<RequestId>, finished: &Finished) {
@@ -664,6 +729,13 @@ impl<'s> Engine<'s> {
         next.attempt += 1;
         self.recorder.sdk_retry(call.client);
         self.push(now + wait, Event::Arrive(Box::new(next)));
+    }
+}
+
+fn step_id(step: &Step) -> RequestId {
+    match step {
+        Step::Forward { id, .. } | Step::Wait { id } | Step::Deliver { id } => *id,
+        Step::Respond(finished) => finished.id.expect("a request in flight has an id"),
     }
 }
 

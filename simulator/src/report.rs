@@ -246,21 +246,32 @@ impl Recorder {
     }
 
     pub fn backend_attempt(&mut self, backend: usize, since_start: Nanos, outcome: &AttemptOutcome) {
+        self.tally_attempt(backend, since_start, outcome, 1);
+    }
+
+    /// Undoes `backend_attempt`: the attempt was recorded with the answer its
+    /// backend would give, and the gateway timed it out first.
+    pub fn retract_attempt(&mut self, backend: usize, since_start: Nanos, outcome: &AttemptOutcome) {
+        self.tally_attempt(backend, since_start, outcome, -1);
+    }
+
+    fn tally_attempt(&mut self, backend: usize, since_start: Nanos, outcome: &AttemptOutcome, by: i64) {
         let b = &mut self.backends[backend];
-        b.attempts += 1;
+        let count = |n: &mut u64| *n = n.wrapping_add_signed(by);
+        count(&mut b.attempts);
+        match outcome {
+            AttemptOutcome::Response { status, .. } if *status < 400 => count(&mut b.ok),
+            AttemptOutcome::Response { status: 429, .. } => count(&mut b.throttled),
+            AttemptOutcome::Response { status, .. } if *status >= 500 => count(&mut b.errors_5xx),
+            AttemptOutcome::Response { .. } => {}
+            AttemptOutcome::Timeout => count(&mut b.timeouts),
+            AttemptOutcome::TransportFailure | AttemptOutcome::BadResponse => count(&mut b.transport_failures),
+        }
         let throttled = matches!(outcome, AttemptOutcome::Response { status: 429, .. });
         let error = matches!(outcome, AttemptOutcome::Response { status, .. } if *status >= 500);
-        match outcome {
-            AttemptOutcome::Response { status, .. } if *status < 400 => b.ok += 1,
-            AttemptOutcome::Response { status: 429, .. } => b.throttled += 1,
-            AttemptOutcome::Response { status, .. } if *status >= 500 => b.errors_5xx += 1,
-            AttemptOutcome::Response { .. } => {}
-            AttemptOutcome::Timeout => b.timeouts += 1,
-            AttemptOutcome::TransportFailure | AttemptOutcome::BadResponse => b.transport_failures += 1,
-        }
         let (m, _) = self.minute(since_start);
-        m.backend_throttled[backend] += u64::from(throttled);
-        m.backend_5xx[backend] += u64::from(error);
+        m.backend_throttled[backend] = m.backend_throttled[backend].wrapping_add_signed(by * i64::from(throttled));
+        m.backend_5xx[backend] = m.backend_5xx[backend].wrapping_add_signed(by * i64::from(error));
     }
 
     /// The decision log in arrival order.
