@@ -2,6 +2,7 @@
 
 pub mod counters;
 mod deadlines;
+pub mod decision_log;
 pub mod delta;
 pub mod hints;
 pub mod key;
@@ -16,6 +17,7 @@ pub mod status;
 mod store;
 pub mod time;
 
+pub use decision_log::Decision;
 pub use delta::{Change, CounterDelta};
 pub use hints::Hints;
 pub use key::{KeyExpr, RequestInfo, Subscription};

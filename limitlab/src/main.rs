@@ -94,6 +94,11 @@ enum Command {
         /// Worker threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Writes one JSON line per finished request, with the fields of `simulate
+        /// --decisions` (`x-limitlab-request`, `x-limitlab-client` and
+        /// `x-limitlab-attempt` headers name the scenario's request).
+        #[arg(long)]
+        decisions: Option<PathBuf>,
     },
     /// Reads APIM policy XML: `check` says what limitlab understood, `import` prints native TOML.
     Policy {
@@ -189,9 +194,10 @@ fn main() -> ExitCode {
         },
         Command::Decide { policy, requests } => decide::run(&policy, &requests),
         Command::Simulate { scenario, seed, out, decisions } => simulate::run(&scenario, seed, out, decisions),
-        Command::Proxy { config, listen, admin, backends, log_json, shutdown_grace_secs, threads } => {
+        Command::Proxy { config, listen, admin, backends, log_json, shutdown_grace_secs, threads, decisions } => {
             proxy::run(proxy::Options {
                 threads,
+                decisions: decisions.as_deref(),
                 config: &config,
                 listen,
                 admin,

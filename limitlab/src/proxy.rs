@@ -16,6 +16,8 @@ pub struct Options<'a> {
     pub shutdown_grace: Duration,
     /// Runtime worker threads; `None`: one per core.
     pub threads: Option<usize>,
+    /// Where the decision log goes, if anywhere.
+    pub decisions: Option<&'a Path>,
 }
 
 pub fn run(options: Options<'_>) -> Result<()> {
@@ -31,12 +33,24 @@ pub fn run(options: Options<'_>) -> Result<()> {
     if let Some(admin) = options.admin {
         config.admin = admin;
     }
+    // Checked before anything listens: a path that cannot be written is an
+    // error now, not a log lost later.
+    let decisions = match options.decisions {
+        Some(path) => Some(
+            std::fs::File::create(path).with_context(|| format!("cannot write the decision log {}", path.display()))?,
+        ),
+        None => None,
+    };
     init_logs(options.log_json);
     let threads = options.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let listener = bind(&config.listen)?;
     let admin = bind(&config.admin)?;
     let (front, back) = (listener.local_addr()?, admin.local_addr()?);
-    let proxy = Arc::new(proxy::server::Proxy::new(config).map_err(anyhow::Error::msg)?);
+    let mut proxy = proxy::server::Proxy::new(config).map_err(anyhow::Error::msg)?;
+    if let Some(file) = decisions {
+        proxy.write_decisions(file);
+    }
+    let proxy = Arc::new(proxy);
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening on http://{front}")?;
     writeln!(out, "admin on http://{back}")?;

@@ -3,6 +3,7 @@
 //! real backends over HTTP/1.1 or HTTP/2, with rustls for https.
 
 pub mod config;
+pub mod decisions;
 pub mod metrics;
 pub mod server;
 pub mod upstream;

@@ -2,6 +2,7 @@
 //! carries out what `gateway-core`'s `Lifecycle` decides, attempt by attempt.
 
 use crate::config::ProxyConfig;
+use crate::decisions::{DecisionLog, Tags};
 use crate::metrics::Metrics;
 use crate::upstream::{Lease, Upstream, UpstreamError};
 use crate::usage::{self, StreamTracker};
@@ -46,6 +47,8 @@ pub struct Proxy {
     epoch: Instant,
     epoch_unix: Nanos,
     pub metrics: Metrics,
+    /// `--decisions FILE`: one line per finished request.
+    decisions: Option<DecisionLog>,
 }
 
 /// What a request is, once its key and body are read.
@@ -129,7 +132,24 @@ impl Proxy {
             epoch: Instant::now(),
             epoch_unix,
             metrics,
+            decisions: None,
         })
+    }
+
+    /// Writes the decision log (the simulator's `--decisions` lines) to `file`.
+    pub fn write_decisions(&mut self, file: std::fs::File) {
+        self.decisions = Some(DecisionLog::new(file, self.epoch_unix));
+    }
+
+    /// Everything a finished request leaves behind: its log line, its metrics
+    /// and its decision line.
+    fn finished(&self, req: &Admitted, finished: &Finished) {
+        log_request(finished);
+        self.metrics.finished(req.product, req.subscription, &finished.record, req.started);
+        if let Some(decisions) = &self.decisions {
+            let subscription = &self.config.subscriptions[req.subscription].id;
+            decisions.write(Tags { headers: &req.parts.headers, subscription, info: &req.info }, finished);
+        }
     }
 
     /// How long a client may take to send a request's headers or body.
@@ -439,15 +459,7 @@ impl Drop for ClientGone<'_> {
         let Some(id) = self.id else { return };
         let finished = self.proxy.lifecycle(self.req.product).handle_client_gone(self.proxy.now(), id);
         match finished {
-            Ok(finished) => {
-                log_request(&finished);
-                self.proxy.metrics.finished(
-                    self.req.product,
-                    self.req.subscription,
-                    &finished.record,
-                    self.req.started,
-                );
-            }
+            Ok(finished) => self.proxy.finished(self.req, &finished),
             Err(e) => tracing::error!(error = %e, "the lifecycle refused a client's departure"),
         }
     }
@@ -711,9 +723,7 @@ impl Proxy {
     ) -> Finished {
         let delivery = Delivery { usage, request_bytes: req.body.len() as u64, response_bytes, end };
         let finished = self.lifecycle(req.product).handle_delivered(self.now(), id, delivery);
-        let finished = finished.expect("each delivery is reported once");
-        log_request(&finished);
-        finished
+        finished.expect("each delivery is reported once")
     }
 
     pub fn render_metrics(&self) -> String {
@@ -722,8 +732,7 @@ impl Proxy {
     }
 
     fn respond_generated(&self, req: &Admitted, finished: Finished) -> Response<Body> {
-        log_request(&finished);
-        self.metrics.finished(req.product, req.subscription, &finished.record, req.started);
+        self.finished(req, &finished);
         generated_response(finished)
     }
 }
@@ -787,7 +796,7 @@ impl Charge {
     fn settle(&mut self, usage: Usage, response_bytes: u64, end: DeliveryEnd) -> Finished {
         assert!(!std::mem::replace(&mut self.done, true), "a delivery is settled once");
         let finished = self.proxy.finish_delivery(&self.req, self.id, usage, response_bytes, end);
-        self.proxy.metrics.finished(self.req.product, self.req.subscription, &finished.record, self.req.started);
+        self.proxy.finished(&self.req, &finished);
         finished
     }
 }

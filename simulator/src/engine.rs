@@ -7,6 +7,7 @@ use crate::queue::EventQueue;
 use crate::report::{Decision, Recorder};
 use crate::scenario::{Arrival, Client, Identity, Scenario};
 use crate::trace::{self, TraceLine};
+use gateway_core::decision_log::Caller;
 use gateway_core::routing::{AttemptOutcome, Routing};
 use gateway_core::{
     CounterDelta, Delivery, DeliveryEnd, Finished, Lifecycle, Nanos, OutcomeRecord, Reason, RequestId, RequestInfo,
@@ -16,7 +17,7 @@ use mock_aoai::model::{ModelRequest, ModelResponse, Operation};
 use mock_aoai::{round_to_u64, DeploymentModel};
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::Path;
 
 /// One client call (an SDK retry is a new call with `attempt + 1`).
@@ -695,19 +696,11 @@ impl<'s> Engine<'s> {
         reason: Reason,
         latency: Nanos,
     ) -> Decision {
-        Decision {
-            request: call.request,
-            client: self.scenario.clients[call.client].name.clone(),
-            key: key_values(&call.info),
-            attempt: call.attempt,
-            arrival_ms: (arrived - self.start).0 as f64 / 1e6,
-            status: record.status,
-            reason: reason.as_str(),
-            backends: record.attempts.iter().map(|a| a.backend.to_string()).collect(),
-            latency_ms: latency.0 as f64 / 1e6,
-            prompt_tokens: record.usage.prompt_tokens,
-            completion_tokens: record.usage.completion_tokens,
-        }
+        debug_assert_eq!(record.reason, reason);
+        debug_assert_eq!(record.arrived, arrived);
+        let client = &self.scenario.clients[call.client].name;
+        let caller = Caller { request: call.request, client, attempt: call.attempt, info: &call.info };
+        Decision::new(caller, self.start, record, latency)
     }
 
     /// The client SDK's own retry, like the `openai` SDKs'.
@@ -816,18 +809,6 @@ fn thinned(rng: &mut ChaCha8Rng, t0: f64, end: f64, max: f64, rate: impl Fn(f64)
 fn wire_bytes(call: &Call, usage: Usage) -> (u64, u64) {
     let bytes = |envelope: u64, tokens: u64| tokens.saturating_mul(4).saturating_add(envelope);
     (bytes(200, call.prompt_tokens), if usage.total() == 0 { 150 } else { bytes(800, usage.completion_tokens) })
-}
-
-fn key_values(info: &RequestInfo) -> BTreeMap<String, String> {
-    let mut keys = BTreeMap::new();
-    keys.insert("ip".to_owned(), info.ip.clone());
-    if let Some(s) = &info.subscription {
-        keys.insert("subscription".to_owned(), s.id.clone());
-    }
-    if let Some(p) = &info.product {
-        keys.insert("product".to_owned(), p.clone());
-    }
-    keys
 }
 
 #[cfg(test)]

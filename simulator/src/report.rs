@@ -14,21 +14,7 @@ use std::sync::Arc;
 /// The report's schema version; bump it when a field changes meaning.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// One line of the decision log.
-#[derive(Clone, Debug, Serialize)]
-pub struct Decision {
-    pub request: u64,
-    pub client: String,
-    pub key: BTreeMap<String, String>,
-    pub attempt: u32,
-    pub arrival_ms: f64,
-    pub status: u16,
-    pub reason: &'static str,
-    pub backends: Vec<String>,
-    pub latency_ms: f64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-}
+pub use gateway_core::Decision;
 
 /// Calls counted by reason: an array while a run counts (every call adds one),
 /// a map by name in the report.
