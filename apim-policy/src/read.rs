@@ -279,6 +279,11 @@ impl Reader<'_, '_> {
     }
 
     fn unmodelled(&mut self, node: Node<'_, '_>, name: &str) -> Result<(), Diagnostic> {
+        // A near miss of a limit is a typo, not another policy: read as a warning,
+        // it would drop the limit without a word.
+        if let Some(limit) = LIMITS.iter().find(|limit| diagnostics::edit_distance(name, limit) <= 2) {
+            return Err(self.at(node, format!("unknown element <{name}>; did you mean <{limit}>?")));
+        }
         let message = format!("<{name}> is not modelled by limitlab; the rest of the policy still runs without it");
         let diagnostic = self.at(node, message);
         if self.options.strict {

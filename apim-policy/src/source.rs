@@ -79,7 +79,7 @@ impl PolicySource {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{shown}: cannot read the policy: {e}"))?;
         if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
-            let policy = Policy::from_toml(&text).map_err(|e| format!("{shown}: {e}"))?;
+            let policy = Policy::from_toml_file(&shown, &text)?;
             return Ok(Resolved { policy, set_headers: Vec::new(), warnings: Vec::new() });
         }
         let options = ReadOptions { strict: false, named_values: named_values.clone() };

@@ -178,6 +178,25 @@ fn bad_input_is_one_clear_message_with_its_place() {
         "`max-interval` must be a number of seconds",
     );
     check("<policy/>", 1, 1, "not <policies>");
+    check(
+        "<policies><inbound>\n  <rate-limit-by-kye calls=\"1\" renewal-period=\"60\" counter-key=\"x\" />\n</inbound></policies>",
+        2,
+        3,
+        "unknown element <rate-limit-by-kye>; did you mean <rate-limit-by-key>?",
+    );
+    check(
+        "<policies><inbound><qouta calls=\"1\" renewal-period=\"60\" /></inbound></policies>",
+        1,
+        20,
+        "did you mean <quota>?",
+    );
+}
+
+#[test]
+fn an_element_far_from_every_limit_stays_a_warning() {
+    let doc = read("<policies><inbound><cors /></inbound></policies>", &ReadOptions::default()).unwrap();
+    assert_eq!(doc.warnings.len(), 1);
+    assert!(doc.warnings[0].message.contains("<cors> is not modelled"), "{}", doc.warnings[0]);
 }
 
 /// An expression outside the supported subset is an error at its place, never

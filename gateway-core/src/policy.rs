@@ -32,24 +32,48 @@ impl Policy {
     /// Reads a policy from TOML text. Errors name the line, column and field;
     /// an error that concerns a whole limit points at that limit's table.
     pub fn from_toml(text: &str) -> Result<Policy, String> {
+        Policy::parse(text).map_err(|e| match e {
+            PolicyError::Toml(e) => e.to_string(),
+            PolicyError::Limit { line, column, message } => format!("line {line}, column {column}: {message}"),
+        })
+    }
+
+    /// `from_toml` for a file: an error is one located line, `FILE:LINE:COLUMN:
+    /// message`, then the offending source line.
+    pub fn from_toml_file(path: &str, text: &str) -> Result<Policy, String> {
+        Policy::parse(text).map_err(|e| match e {
+            PolicyError::Toml(e) => diagnostics::describe_toml_error(path, text, &e),
+            PolicyError::Limit { line, column, message } => {
+                let source = text.lines().nth(line - 1).unwrap_or("").trim_end();
+                format!("{path}:{line}:{column}: {message}\n    {source}")
+            }
+        })
+    }
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Doc {
             #[serde(default)]
             limits: Vec<toml::Spanned<RawLimit>>,
         }
-        let doc: Doc = toml::from_str(text).map_err(|e| e.to_string())?;
+        let doc: Doc = toml::from_str(text).map_err(PolicyError::Toml)?;
         let mut limits = Vec::with_capacity(doc.limits.len());
         for (index, spanned) in doc.limits.into_iter().enumerate() {
             let span = spanned.span();
             let limit = Limit::try_from(spanned.into_inner()).map_err(|e| {
                 let (line, column) = line_column(text, span.start);
-                format!("line {line}, column {column}: limits[{index}]: {e}")
+                PolicyError::Limit { line, column, message: format!("limits[{index}]: {e}") }
             })?;
             limits.push(limit);
         }
         Ok(Policy { limits })
     }
+}
+
+enum PolicyError {
+    Toml(toml::de::Error),
+    Limit { line: usize, column: usize, message: String },
 }
 
 /// One limiting policy, tagged in TOML by `type` with APIM's element name.

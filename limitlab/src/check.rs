@@ -8,6 +8,10 @@ pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<b
     let scenario = simulator::Scenario::load(path).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(!scenario.expect.is_empty(), "{}: no [[expect]] promises to check", path.display());
     let base = path.parent().unwrap_or(Path::new("."));
+    // Checked now: a broken promise found after minutes must be written (exit 1),
+    // never lost to an unwritable directory (exit 2).
+    let dir = out.unwrap_or_else(|| Path::new("reports").join(format!("{}-check", scenario.name)));
+    crate::paths::writable_dir(&dir)?;
     let b = &scenario.check;
     say!(
         "checking {}: {} promises, {cases} cases (seed {seed}), rate x {:?}, tokens x {:?}, burstiness x {:?}, \
@@ -26,8 +30,6 @@ pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>) -> Result<b
         say!("ok: every promise held in every case");
         return Ok(true);
     };
-    let dir = out.unwrap_or_else(|| Path::new("reports").join(format!("{}-check", scenario.name)));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let file = dir.join("failing-case.toml");
     let header = format!(
         "# Written by `limitlab check {}`: the smallest case found that breaks\n# \"{}\" (measured {}).\n",

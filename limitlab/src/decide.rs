@@ -38,10 +38,24 @@ fn ok_status() -> Option<u16> {
 /// The instant the request log's `t_ms` counts from.
 const START: &str = "2024-01-01T09:00:00Z";
 
+/// A policy file as `simulate` and `proxy` read one: native TOML (`.toml`) or
+/// APIM policy XML; the XML's backend side is not used here.
+fn load_policy(path: &Path) -> Result<Policy> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {shown}"))?;
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
+        return Policy::from_toml_file(&shown, &text).map_err(anyhow::Error::msg);
+    }
+    let doc =
+        apim_policy::read(&text, &apim_policy::ReadOptions::default()).map_err(|d| anyhow::anyhow!("{shown}:{d}"))?;
+    for warning in &doc.warnings {
+        eprintln!("{shown}:{warning} (warning)");
+    }
+    Ok(doc.policy)
+}
+
 pub fn run(policy_path: &Path, requests_path: &Path) -> Result<()> {
-    let text =
-        std::fs::read_to_string(policy_path).with_context(|| format!("cannot read {}", policy_path.display()))?;
-    let policy = Policy::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", policy_path.display()))?;
+    let policy = load_policy(policy_path)?;
     let lines = read_lines(requests_path)?;
     let start = parse_rfc3339(START).map_err(anyhow::Error::msg)?;
     let mut gw = LimitBook::new(&policy, 0);

@@ -20,6 +20,7 @@ macro_rules! say_raw {
 mod check;
 mod decide;
 mod mock;
+mod paths;
 mod policy;
 mod proxy;
 mod simulate;
@@ -130,8 +131,8 @@ enum Command {
     /// Tests the scenario's [[expect]] promises against perturbed runs; exit 1 with the smallest failing case.
     Check {
         scenario: PathBuf,
-        /// Perturbed cases to run.
-        #[arg(long, default_value_t = 100)]
+        /// Perturbed cases to run (at least 1: a check of no case checks nothing).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         cases: u32,
         /// Seeds the search, so a CI run is repeatable.
         #[arg(long, default_value_t = 1)]
@@ -155,6 +156,7 @@ enum Command {
 enum PolicyCommand {
     /// Checks policy files: a summary of each pipeline, or FILE:LINE:COL errors (exit 2).
     Check {
+        #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Elements limitlab does not model are errors, not warnings.
         #[arg(long)]

@@ -1,12 +1,18 @@
 //! `limitlab simulate`: run a scenario, print the summary, write the report.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub fn run(scenario_path: &Path, seed: Option<u64>, out: Option<PathBuf>, decisions: Option<PathBuf>) -> Result<()> {
     let scenario = simulator::Scenario::load(scenario_path).map_err(anyhow::Error::msg)?;
     let base = scenario_path.parent().unwrap_or(Path::new("."));
+    let dir = out.unwrap_or_else(|| Path::new("reports").join(&scenario.name));
+    crate::paths::writable_dir(&dir)?;
+    let decisions = match decisions {
+        Some(path) => Some((crate::paths::created_file(&path)?, path)),
+        None => None,
+    };
     let bar = progress_bar();
     let mut progress = |done: f64| {
         if let Some(bar) = &bar {
@@ -19,13 +25,10 @@ pub fn run(scenario_path: &Path, seed: Option<u64>, out: Option<PathBuf>, decisi
         bar.finish_and_clear();
     }
     say_raw!("{}", outcome.report.summary());
-    let dir = out.unwrap_or_else(|| Path::new("reports").join(&scenario.name));
     simulator::output::write_report(&dir, &scenario, &outcome.report).map_err(anyhow::Error::msg)?;
     say!("report: {} (report.json, report.html, plots as SVG and PNG)", dir.display());
-    if let Some(path) = decisions {
-        let mut file = std::io::BufWriter::new(
-            std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
-        );
+    if let Some((file, path)) = decisions {
+        let mut file = std::io::BufWriter::new(file);
         for d in &outcome.decisions {
             serde_json::to_writer(&mut file, d)?;
             file.write_all(b"\n")?;

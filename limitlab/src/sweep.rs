@@ -37,6 +37,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let options = SweepOptions { varies, seeds: args.seeds, slos, jobs, pass_share: args.pass_share };
+    let dir = args.out.clone().unwrap_or_else(|| Path::new("reports").join(format!("{}-sweep", scenario.name)));
+    crate::paths::writable_dir(&dir)?;
     let bar = progress_bar();
     let progress = |done: usize, total: usize| {
         if let Some(bar) = &bar {
@@ -51,7 +53,6 @@ pub fn run(args: Args) -> Result<()> {
     }
     let wall = started.elapsed().as_secs_f64();
     let simulated: u64 = result.points.iter().map(|p| p.simulated_requests).sum();
-    let dir = args.out.unwrap_or_else(|| Path::new("reports").join(format!("{}-sweep", scenario.name)));
     simulator::output::write_sweep(&dir, &result).map_err(anyhow::Error::msg).context("writing the sweep")?;
     print_table(&result)?;
     match result.recommended {
