@@ -91,6 +91,9 @@ pub struct GeneratedResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// The wait the answer's retry header carries, in seconds (whatever the
+    /// header is named), for reports.
+    pub retry_after_secs: Option<u64>,
 }
 
 /// How one attempt ended.
@@ -259,8 +262,12 @@ impl Lifecycle {
                 let mut record = fresh_record(now);
                 record.status = rejection.status;
                 record.reason = rejection.reason;
-                let generated =
-                    GeneratedResponse { status: rejection.status, headers: rejection.headers, body: rejection.body };
+                let generated = GeneratedResponse {
+                    status: rejection.status,
+                    headers: rejection.headers,
+                    body: rejection.body,
+                    retry_after_secs: rejection.retry_after_secs,
+                };
                 return Step::Respond(Finished {
                     id: None,
                     generated: Some(Box::new(generated)),
@@ -675,6 +682,7 @@ fn unavailable_response(unavailable: Unavailable) -> GeneratedResponse {
         body: format!(
             "{{\"statusCode\": 503, \"message\": \"Service Unavailable: no backend is available. Try again in {secs} seconds.\"}}"
         ),
+        retry_after_secs: Some(secs),
     }
 }
 
@@ -692,5 +700,6 @@ fn gateway_error(status: u16, message: &str) -> GeneratedResponse {
         status,
         headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
         body: format!("{{\"statusCode\": {status}, \"message\": \"{message}\"}}"),
+        retry_after_secs: None,
     }
 }

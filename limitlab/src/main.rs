@@ -127,6 +127,10 @@ enum Command {
         /// A point passes when every SLO holds on at least this share of seeds.
         #[arg(long, default_value_t = 0.95)]
         pass_share: f64,
+        /// Allows varying a client's demand (`clients.*`): the cheapest point is then
+        /// the least traffic, not the smallest limit.
+        #[arg(long)]
+        allow_demand: bool,
     },
     /// Tests the scenario's [[expect]] promises against perturbed runs; exit 1 with the smallest failing case.
     Check {
@@ -208,8 +212,8 @@ fn main() -> ExitCode {
                 shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
             })
         }
-        Command::Sweep { scenario, vary, seeds, slo, out, jobs, pass_share } => {
-            sweep::run(sweep::Args { scenario, vary, seeds, slo, out, jobs, pass_share })
+        Command::Sweep { scenario, vary, seeds, slo, out, jobs, pass_share, allow_demand } => {
+            sweep::run(sweep::Args { scenario, vary, seeds, slo, out, jobs, pass_share, allow_demand })
         }
         Command::Check { scenario, cases, seed, out } => match check::run(&scenario, cases, seed, out) {
             Ok(true) => Ok(()),

@@ -13,6 +13,7 @@ pub struct Args {
     pub out: Option<PathBuf>,
     pub jobs: Option<usize>,
     pub pass_share: f64,
+    pub allow_demand: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -31,6 +32,16 @@ pub fn run(args: Args) -> Result<()> {
     let slos =
         args.slo.iter().map(|s| sweep::parse_slo(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
     sweep::check_slos(&scenario, &slos).map_err(anyhow::Error::msg)?;
+    // A sweep sizes limits and capacity: over demand, "the cheapest passing point"
+    // would be the least traffic, an answer to a question nobody asked.
+    if let Some(v) = varies.iter().find(|v| v.path.starts_with("clients.")).filter(|_| !args.allow_demand) {
+        anyhow::bail!(
+            "`--vary {}` changes a client's demand, not a limit or a capacity: the point recommended would be the \
+             one with the least traffic. Vary a limit (`gateway.policy...`) or a backend (`backends...`), or pass \
+             --allow-demand to explore demand anyway",
+            v.path
+        );
+    }
     // Every path is tried on the scenario first, so a typo fails before any run.
     for v in &varies {
         sweep::apply(&scenario, &v.path, v.values[0]).map_err(anyhow::Error::msg)?;
@@ -55,9 +66,22 @@ pub fn run(args: Args) -> Result<()> {
     let simulated: u64 = result.points.iter().map(|p| p.simulated_requests).sum();
     simulator::output::write_sweep(&dir, &result).map_err(anyhow::Error::msg).context("writing the sweep")?;
     print_table(&result)?;
-    match result.recommended {
-        Some(i) => say!("recommended: {}", simulator::output::point_text(&result, i)),
-        None => say!("no point meets the SLOs on {:.0}% of seeds", result.pass_share * 100.0),
+    match (result.recommended, result.slos.is_empty()) {
+        (Some(i), _) => {
+            say!("recommended: {}", simulator::output::point_text(&result, i));
+            let bounds_refusals = result.slos.iter().any(|s| s.figure.ends_with("ratio") || s.figure.ends_with("ok"));
+            if !bounds_refusals {
+                say!(
+                    "note: no SLO bounds rejections, so the smallest passing limit is the one that refuses the \
+                     most; add one, e.g. --slo \"rejected_ratio<=0.05\""
+                );
+            }
+        }
+        (None, true) => say!(
+            "no --slo given: the grid is listed and nothing is recommended (the smallest limit always \
+             \"passes\" a sweep with no goal); give one, e.g. --slo \"client.NAME.latency_ms_p95<=3000\""
+        ),
+        (None, false) => say!("no point meets the SLOs on {:.0}% of seeds", result.pass_share * 100.0),
     }
     say!(
         "{} runs ({} points x {} seeds) in {wall:.1} s on {jobs} threads: {simulated} simulated requests, {:.0} per second",
@@ -72,11 +96,17 @@ pub fn run(args: Args) -> Result<()> {
 
 fn print_table(result: &sweep::SweepResult) -> Result<()> {
     let header: Vec<&str> = result.varies.iter().map(|v| v.path.as_str()).collect();
-    say!("{}  {:>10}", header.join("  "), "SLO pass");
+    let goals = !result.slos.is_empty();
+    say!("{}  {:>10}{}", header.join("  "), "rejected", if goals { "    SLO pass" } else { "" });
     for p in &result.points {
         let values: Vec<String> =
             p.values.iter().zip(&header).map(|(v, h)| format!("{v:>width$}", width = h.len())).collect();
-        say!("{}  {:>9.0}%{}", values.join("  "), p.slo_pass_rate * 100.0, if p.passes { "  pass" } else { "" });
+        let rejected = p.figures.get("rejected_ratio").map_or(f64::NAN, |f| f.mean) * 100.0;
+        let verdict = match (goals, p.passes) {
+            (false, _) => String::new(),
+            (true, passes) => format!("  {:>9.0}%{}", p.slo_pass_rate * 100.0, if passes { "  pass" } else { "" }),
+        };
+        say!("{}  {rejected:>9.1}%{verdict}", values.join("  "));
     }
     Ok(())
 }

@@ -59,3 +59,21 @@ fn a_sweep_of_ten_values_and_ten_seeds_recommends_a_point() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_sweep_without_an_slo_recommends_nothing_and_one_over_demand_is_refused() {
+    let dir = std::env::temp_dir().join(format!("limitlab-sweep-questions-{}", std::process::id()));
+    let out = dir.to_str().unwrap();
+    let grid = ["sweep", "scenarios/seed-ip-limits.toml", "--seeds", "1", "--out", out];
+    let (code, stdout, err) = limitlab(&[&grid[..], &["--vary", "gateway.policy.rate_limit.calls=1,10"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(!stdout.contains("recommended:"), "{stdout}");
+    assert!(stdout.contains("no --slo given") && stdout.contains("rejected"), "{stdout}");
+    let demand = ["--vary", "clients.power-user.callers=1,2"];
+    let (code, _, err) = limitlab(&[&grid[..], &demand].concat());
+    assert_eq!(code, 2);
+    assert!(err.contains("changes a client's demand") && err.contains("--allow-demand"), "{err}");
+    let (code, _, err) = limitlab(&[&grid[..], &demand, &["--allow-demand"]].concat());
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

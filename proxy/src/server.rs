@@ -743,6 +743,7 @@ fn generated_response(finished: Finished) -> Response<Body> {
         status: 500,
         headers: Vec::new(),
         body: String::new(),
+        retry_after_secs: None,
     });
     let mut out = Response::new(Body::from(generated.body));
     *out.status_mut() = StatusCode::from_u16(generated.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

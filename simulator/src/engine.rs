@@ -130,6 +130,8 @@ pub struct Engine<'s> {
     retry_rngs: Vec<ChaCha8Rng>,
     /// Each generated client's next calls, drawn ahead of their arrivals.
     upcoming: Vec<Upcoming>,
+    /// Where each client's caller addresses start in 10.0.0.0/8.
+    address_bases: Vec<u32>,
     sequence: u64,
     arrivals: u64,
     traces: Vec<Option<Vec<TraceLine>>>,
@@ -205,6 +207,7 @@ impl<'s> Engine<'s> {
             client_rngs,
             retry_rngs,
             upcoming: scenario.clients.iter().map(|_| Upcoming::default()).collect(),
+            address_bases: scenario.caller_address_bases()?,
             sequence: 0,
             arrivals: 0,
             traces,
@@ -487,7 +490,7 @@ impl<'s> Engine<'s> {
         call.completion_tokens = completion_tokens;
         call.max_tokens = c.max_tokens;
         call.stream = stream;
-        set_identity(&mut call.info, client, caller, c, prompt_tokens);
+        set_identity(&mut call.info, self.address_bases[client], caller, c, prompt_tokens);
         call
     }
 
@@ -681,7 +684,8 @@ impl<'s> Engine<'s> {
             let key = call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id);
             self.recorder.key_tokens(key, now, record.usage.total());
         }
-        self.recorder.request(call.client, now - self.start, order, record, reason, latency, line);
+        let retry_after = finished.generated.as_ref().and_then(|g| g.retry_after_secs);
+        self.recorder.request(call.client, now - self.start, order, record, reason, latency, retry_after, line);
         self.sdk_retry(now, call, finished);
     }
 
@@ -732,10 +736,12 @@ fn step_id(step: &Step) -> RequestId {
     }
 }
 
-/// `10.{client}.{caller / 256}.{caller % 256}`, written without the formatting
-/// machinery: it is built for every generated call. The bytes are put together
-/// on the stack and appended at once.
-fn write_caller_ip(ip: &mut String, client: usize, caller: usize) {
+/// Address `address` of 10.0.0.0/8 (below 2^24; see
+/// `Scenario::caller_address_bases`), written without the formatting machinery:
+/// it is built for every generated call. The bytes are put together on the stack
+/// and appended at once.
+fn write_caller_ip(ip: &mut String, address: u32) {
+    debug_assert!(address < 1 << 24, "the address plan is 10.0.0.0/8");
     let (mut text, mut len) = ([0u8; 15], 0);
     let mut put = |byte: u8| {
         text[len] = byte;
@@ -743,7 +749,7 @@ fn write_caller_ip(ip: &mut String, client: usize, caller: usize) {
     };
     put(b'1');
     put(b'0');
-    for octet in [client % 256, caller / 256 % 256, caller % 256] {
+    for octet in [address >> 16, address >> 8 & 255, address & 255] {
         let octet = octet as u8;
         put(b'.');
         if octet >= 100 {
@@ -762,14 +768,14 @@ fn write_caller_ip(ip: &mut String, client: usize, caller: usize) {
 /// Makes `info` a generated call's identity, reusing its IP buffer: what
 /// `RequestInfo { ip, prompt_tokens_estimate, max_tokens, ..default }` with the
 /// client's identity would be.
-fn set_identity(info: &mut RequestInfo, client: usize, caller: usize, c: &Client, prompt: u64) {
+fn set_identity(info: &mut RequestInfo, address_base: u32, caller: usize, c: &Client, prompt: u64) {
     // Every field by name: a field added to `RequestInfo` fails to compile here
     // rather than keep a previous call's value.
     let RequestInfo { ip, subscription, product, headers, prompt_tokens_estimate, max_tokens } = info;
     ip.clear();
     match &c.ip {
         Some(fixed) => ip.push_str(fixed),
-        None => write_caller_ip(ip, client, caller),
+        None => write_caller_ip(ip, address_base + caller as u32),
     }
     *subscription = None;
     *product = None;
@@ -813,13 +819,58 @@ fn wire_bytes(call: &Call, usage: Usage) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
+    /// A scenario of clients with these caller counts.
+    fn scenario(callers: &[usize]) -> Result<crate::Scenario, String> {
+        let mut text = String::from(
+            "name = \"t\"\nstart = \"2024-01-01T00:00:00Z\"\nduration = \"1m\"\nseed = 1\n\
+             [[backends]]\nname = \"b\"\nmodel = \"gpt-4o\"\ntpm = 1000\n\
+             [gateway.routing]\nset_backend = \"b\"\nbackends = [{ id = \"b\", url = \"http://b\" }]\n",
+        );
+        for (i, n) in callers.iter().enumerate() {
+            text += &format!(
+                "[[clients]]\nname = \"c{i}\"\ncallers = {n}\narrival = {{ poisson = {{ rate_per_s = 1 }} }}\n\
+                 prompt_tokens = {{ fixed = 10 }}\ncompletion_tokens = {{ fixed = 10 }}\n"
+            );
+        }
+        crate::Scenario::from_toml("t.toml", &text)
+    }
+
+    #[test]
+    fn every_caller_of_a_scenario_has_an_address_of_its_own() {
+        let callers = [100_000, 3, 65_536, 70_000];
+        let bases = scenario(&callers).unwrap().caller_address_bases().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for (client, n) in callers.iter().enumerate() {
+            for caller in 0..*n {
+                let mut ip = String::new();
+                super::write_caller_ip(&mut ip, bases[client] + caller as u32);
+                assert!(seen.insert(ip), "client {client} caller {caller} shares an address");
+            }
+        }
+        assert_eq!(seen.len(), callers.iter().sum::<usize>());
+        // A client of at most 65,536 callers keeps the plain plan: 10.{client}.x.y.
+        assert_eq!(scenario(&[5, 5, 5]).unwrap().caller_address_bases().unwrap(), vec![0, 1 << 16, 2 << 16]);
+    }
+
+    #[test]
+    fn a_scenario_with_more_callers_than_addresses_is_refused() {
+        let error = scenario(&[16_000_000, 1_000_000]).expect_err("refused");
+        assert!(error.contains("callers would share addresses"), "{error}");
+        assert!(scenario(&[257 * 65_536 - 65_536]).is_ok(), "256 blocks fit");
+    }
+
     #[test]
     fn caller_ips_are_dotted_quads() {
-        for (client, caller) in [(0, 0), (1, 255), (7, 256), (300, 65_535), (255, 100_000), (9, 10_109)] {
-            let expected = format!("10.{}.{}.{}", client % 256, caller / 256 % 256, caller % 256);
+        for (address, expected) in [
+            (0, "10.0.0.0"),
+            (255, "10.0.0.255"),
+            (256, "10.0.1.0"),
+            ((7 << 16) + 300, "10.7.1.44"),
+            ((1 << 24) - 1, "10.255.255.255"),
+        ] {
             let mut ip = "stale".to_owned();
             ip.clear();
-            super::write_caller_ip(&mut ip, client, caller);
+            super::write_caller_ip(&mut ip, address);
             assert_eq!(ip, expected);
         }
     }

@@ -1,7 +1,7 @@
 //! Writes a run's files: `report.json`, `report.html` and the plots.
 
 use crate::plots;
-use crate::report::Report;
+use crate::report::{millis_text, Report};
 use crate::scenario::Scenario;
 use std::fmt::Write;
 use std::path::Path;
@@ -61,13 +61,13 @@ pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> 
         }
         let _ = writeln!(
             out,
-            "<td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td></tr>",
+            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             c.sdk_retries,
             c.failovers,
             c.prompt_tokens.saturating_add(c.completion_tokens),
-            c.latency_ms_p50,
-            c.latency_ms_p95,
-            c.latency_ms_p99
+            millis_text(c.latency_ms_p50),
+            millis_text(c.latency_ms_p95),
+            millis_text(c.latency_ms_p99)
         );
     }
     out.push_str("</table>\n<h2>Backends</h2>\n<table><tr><th>backend</th><th>attempts</th><th>ok</th><th>429</th><th>5xx</th><th>timeouts</th><th>resets</th></tr>\n");

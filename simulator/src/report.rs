@@ -12,7 +12,9 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 /// The report's schema version; bump it when a field changes meaning.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: latency figures are over served calls only (calls that reached a backend),
+/// and refusals have their own (`refused`, `refused_ratio`, `retry_after_s_*`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub use gateway_core::Decision;
 
@@ -44,7 +46,14 @@ struct ClientStats {
     failovers: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
+    /// Calls that reached a backend, and their latency: a refusal's instant
+    /// answer is not a latency anyone waited for.
+    served: u64,
     latency_us: Histogram<u64>,
+    /// Calls the gateway answered itself before any backend (a limit, or no
+    /// backend available), and the `Retry-After` they carried.
+    refused: u64,
+    retry_after_s: Histogram<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -106,7 +115,10 @@ impl Recorder {
                 failovers: 0,
                 prompt_tokens: 0,
                 completion_tokens: 0,
+                served: 0,
                 latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+                refused: 0,
+                retry_after_s: Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid bounds"),
             })
             .collect();
         let backends =
@@ -170,6 +182,7 @@ impl Recorder {
         record: &OutcomeRecord,
         reason: Reason,
         latency: Nanos,
+        retry_after_secs: Option<u64>,
         decision: Option<Decision>,
     ) {
         // Names are compared by address first: the router hands out clones of
@@ -191,7 +204,15 @@ impl Recorder {
         c.failovers += u64::from(failover);
         c.prompt_tokens = c.prompt_tokens.saturating_add(record.usage.prompt_tokens);
         c.completion_tokens = c.completion_tokens.saturating_add(record.usage.completion_tokens);
-        c.latency_us.saturating_record((latency.0 / 1000).max(1));
+        if record.attempts.is_empty() {
+            c.refused += 1;
+            if let Some(secs) = retry_after_secs {
+                c.retry_after_s.saturating_record(secs.max(1));
+            }
+        } else {
+            c.served += 1;
+            c.latency_us.saturating_record((latency.0 / 1000).max(1));
+        }
         let tokens = record.usage.total();
         let delivered_by = match record.reason {
             Reason::Ok | Reason::BackendError | Reason::ClientGone => record.attempts.last().map(|a| &a.backend),
@@ -318,12 +339,23 @@ pub struct ClientReport {
     pub failovers: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
-    pub latency_ms_p50: f64,
-    pub latency_ms_p95: f64,
-    pub latency_ms_p99: f64,
-    pub latency_ms_max: f64,
-    /// (quantile, latency ms) pairs for the CDF plot.
+    /// Calls that reached a backend (whatever it answered).
+    pub served: u64,
+    /// Latency of served calls only, from arrival to the response's end; `null`
+    /// when no call was served.
+    pub latency_ms_p50: Option<f64>,
+    pub latency_ms_p95: Option<f64>,
+    pub latency_ms_p99: Option<f64>,
+    pub latency_ms_max: Option<f64>,
+    /// (quantile, latency ms) pairs of served calls, for the CDF plot.
     pub latency_ms_cdf: Vec<(f64, f64)>,
+    /// Calls the gateway answered itself before any backend: a limit's 429 or
+    /// 403, or 503 with no backend available.
+    pub refused: u64,
+    pub refused_ratio: f64,
+    /// The `Retry-After` refusals carried, in seconds (`null` when none did).
+    pub retry_after_s_p50: Option<f64>,
+    pub retry_after_s_max: Option<f64>,
 }
 
 const CDF_QUANTILES: [f64; 26] = [
@@ -333,7 +365,9 @@ const CDF_QUANTILES: [f64; 26] = [
 
 impl From<&ClientStats> for ClientReport {
     fn from(c: &ClientStats) -> ClientReport {
-        let q = |p: f64| if c.requests == 0 { 0.0 } else { c.latency_us.value_at_quantile(p) as f64 / 1000.0 };
+        let served = |value: f64| (c.served > 0).then_some(value);
+        let q = |p: f64| c.latency_us.value_at_quantile(p) as f64 / 1000.0;
+        let waits = !c.retry_after_s.is_empty();
         let ok = c.by_reason.0[Reason::Ok as usize];
         ClientReport {
             name: c.name.clone(),
@@ -346,13 +380,26 @@ impl From<&ClientStats> for ClientReport {
             failovers: c.failovers,
             prompt_tokens: c.prompt_tokens,
             completion_tokens: c.completion_tokens,
-            latency_ms_p50: q(0.50),
-            latency_ms_p95: q(0.95),
-            latency_ms_p99: q(0.99),
-            latency_ms_max: if c.requests == 0 { 0.0 } else { c.latency_us.max() as f64 / 1000.0 },
-            latency_ms_cdf: CDF_QUANTILES.iter().map(|&p| (p, q(p))).collect(),
+            served: c.served,
+            latency_ms_p50: served(q(0.50)),
+            latency_ms_p95: served(q(0.95)),
+            latency_ms_p99: served(q(0.99)),
+            latency_ms_max: served(c.latency_us.max() as f64 / 1000.0),
+            latency_ms_cdf: match c.served {
+                0 => Vec::new(),
+                _ => CDF_QUANTILES.iter().map(|&p| (p, q(p))).collect(),
+            },
+            refused: c.refused,
+            refused_ratio: if c.requests == 0 { 0.0 } else { c.refused as f64 / c.requests as f64 },
+            retry_after_s_p50: waits.then(|| c.retry_after_s.value_at_quantile(0.5) as f64),
+            retry_after_s_max: waits.then(|| c.retry_after_s.max() as f64),
         }
     }
+}
+
+/// A latency figure as tables show it: `-` when no call was served.
+pub fn millis_text(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1}"))
 }
 
 impl Report {
@@ -387,15 +434,16 @@ impl Report {
             }
             let _ = writeln!(
                 out,
-                " {:>9} {:>9} {:>10} {:>9.1} {:>9.1} {:>9.1}",
+                " {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
                 c.sdk_retries,
                 c.failovers,
                 c.prompt_tokens.saturating_add(c.completion_tokens),
-                c.latency_ms_p50,
-                c.latency_ms_p95,
-                c.latency_ms_p99
+                millis_text(c.latency_ms_p50),
+                millis_text(c.latency_ms_p95),
+                millis_text(c.latency_ms_p99)
             );
         }
+        let _ = writeln!(out, "(latency: calls that reached a backend; a refusal is answered at once and not counted)");
         let _ = writeln!(
             out,
             "{:<14} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}",

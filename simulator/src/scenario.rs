@@ -224,6 +224,7 @@ impl Scenario {
         if self.gateway.sync_lag.is_some() && self.gateway.counters == CounterSharing::Local {
             return Err("`gateway.sync_lag` is the lag of a shared store: set `counters = \"shared\"` with it".into());
         }
+        self.caller_address_bases()?;
         for (i, c) in self.clients.iter().enumerate() {
             if c.callers == 0 || !(0.0..=1.0).contains(&c.stream_share) {
                 return Err(format!("clients[{i}] (`{}`): need `callers` >= 1 and `stream_share` 0 to 1", c.name));
@@ -245,6 +246,34 @@ impl Scenario {
             }
         }
         Ok(())
+    }
+}
+
+/// Addresses in a block of the caller address plan: a /16.
+const ADDRESS_BLOCK: usize = 1 << 16;
+
+impl Scenario {
+    /// Where each client's caller addresses start in 10.0.0.0/8: every client
+    /// takes whole /16 blocks, enough for its callers, in order. So caller k of a
+    /// client of at most 65,536 callers is `10.{client}.{k / 256}.{k % 256}`, and
+    /// no two callers of a scenario ever share an address; a scenario that needs
+    /// more than the 16,777,216 addresses of 10.0.0.0/8 is refused.
+    pub fn caller_address_bases(&self) -> Result<Vec<u32>, String> {
+        let mut bases = Vec::with_capacity(self.clients.len());
+        let mut next = 0usize;
+        for c in &self.clients {
+            bases.push(next as u32);
+            next = next.saturating_add(c.callers.max(1).div_ceil(ADDRESS_BLOCK).saturating_mul(ADDRESS_BLOCK));
+        }
+        if next > 256 * ADDRESS_BLOCK {
+            let blocks = next / ADDRESS_BLOCK;
+            return Err(format!(
+                "`clients`: the callers need {blocks} blocks of 65,536 addresses (each client takes whole blocks), \
+                 but 10.0.0.0/8 has 256: with more, callers would share addresses and per-IP limits would merge \
+                 them. Use fewer callers or clients, or `identity = \"subscription\"`"
+            ));
+        }
+        Ok(bases)
     }
 }
 

@@ -108,9 +108,13 @@ pub fn figures(report: &Report) -> BTreeMap<String, f64> {
         f.insert(format!("{p}.requests"), c.requests as f64);
         f.insert(format!("{p}.ok"), c_ok as f64);
         f.insert(format!("{p}.rejected_ratio"), c.rejected_ratio);
-        f.insert(format!("{p}.latency_ms_p50"), c.latency_ms_p50);
-        f.insert(format!("{p}.latency_ms_p95"), c.latency_ms_p95);
-        f.insert(format!("{p}.latency_ms_p99"), c.latency_ms_p99);
+        // Latency of served calls; with none served there is no figure, and NaN
+        // fails every SLO on it (a run that serves nothing meets no latency goal).
+        f.insert(format!("{p}.latency_ms_p50"), c.latency_ms_p50.unwrap_or(f64::NAN));
+        f.insert(format!("{p}.latency_ms_p95"), c.latency_ms_p95.unwrap_or(f64::NAN));
+        f.insert(format!("{p}.latency_ms_p99"), c.latency_ms_p99.unwrap_or(f64::NAN));
+        f.insert(format!("{p}.served"), c.served as f64);
+        f.insert(format!("{p}.refused_ratio"), c.refused_ratio);
         f.insert(format!("{p}.sdk_retries"), c.sdk_retries as f64);
         f.insert(format!("{p}.failovers"), c.failovers as f64);
         f.insert(format!("{p}.tokens"), c.prompt_tokens.saturating_add(c.completion_tokens) as f64);
@@ -329,7 +333,9 @@ pub fn sweep(
         let reports: Vec<&Report> = results.iter().zip(&runs).filter(|(_, r)| r.0 == p).map(|(rep, _)| rep).collect();
         out.push(summarise(values, &reports, &options.slos, options.pass_share));
     }
-    let recommended = recommend(&out);
+    // Without an SLO there is no question to answer: the cheapest point would be
+    // the smallest limit, which refuses the most.
+    let recommended = if options.slos.is_empty() { None } else { recommend(&out) };
     Ok(SweepResult {
         scenario: scenario.name.clone(),
         varies: options.varies.clone(),
@@ -370,7 +376,12 @@ fn summarise(values: Vec<f64>, reports: &[&Report], slos: &[Slo], pass_share: f6
     let per_seed: Vec<BTreeMap<String, f64>> = reports.iter().map(|r| figures(r)).collect();
     let mut figures_out = BTreeMap::new();
     for name in per_seed.first().map(|f| f.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
-        let xs: Vec<f64> = per_seed.iter().filter_map(|f| f.get(&name).copied()).collect();
+        // A figure a seed has no value for (NaN: latency with no call served) is
+        // left out; with none at all, the point has no such figure.
+        let xs: Vec<f64> = per_seed.iter().filter_map(|f| f.get(&name).copied()).filter(|v| !v.is_nan()).collect();
+        if xs.is_empty() {
+            continue;
+        }
         let mean = xs.iter().sum::<f64>() / xs.len().max(1) as f64;
         let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
         let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -384,7 +395,7 @@ fn summarise(values: Vec<f64>, reports: &[&Report], slos: &[Slo], pass_share: f6
         .map(|s| {
             per_seed
                 .iter()
-                .map(|f| f.get(&s.figure).map_or(f64::NEG_INFINITY, |v| s.margin(*v)))
+                .map(|f| f.get(&s.figure).filter(|v| !v.is_nan()).map_or(f64::NEG_INFINITY, |v| s.margin(*v)))
                 .fold(f64::INFINITY, f64::min)
         })
         .collect();
