@@ -71,6 +71,9 @@ enum Command {
         /// Writes one JSON line per request that reached the gateway.
         #[arg(long)]
         decisions: Option<PathBuf>,
+        /// Runs a scenario of more than 500 million expected calls all the same.
+        #[arg(long)]
+        allow_large: bool,
     },
     /// Runs the gateway: the policy's limits, retry and failover in front of real backends.
     Proxy {
@@ -131,6 +134,9 @@ enum Command {
         /// the least traffic, not the smallest limit.
         #[arg(long)]
         allow_demand: bool,
+        /// Runs points of more than 500 million expected calls all the same.
+        #[arg(long)]
+        allow_large: bool,
     },
     /// Tests the scenario's [[expect]] promises against perturbed runs; exit 1 with the smallest failing case.
     Check {
@@ -144,6 +150,9 @@ enum Command {
         /// Where the failing case is written (default `reports/<scenario>-check/`).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Runs cases of more than 500 million expected calls all the same.
+        #[arg(long)]
+        allow_large: bool,
     },
     /// Serves a mock Azure OpenAI: real wire formats, Azure's TPM/RPM limits and 429s, faults.
     Mock {
@@ -199,7 +208,9 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Decide { policy, requests } => decide::run(&policy, &requests),
-        Command::Simulate { scenario, seed, out, decisions } => simulate::run(&scenario, seed, out, decisions),
+        Command::Simulate { scenario, seed, out, decisions, allow_large } => {
+            simulate::run(&scenario, seed, out, decisions, allow_large)
+        }
         Command::Proxy { config, listen, admin, backends, log_json, shutdown_grace_secs, threads, decisions } => {
             proxy::run(proxy::Options {
                 threads,
@@ -212,14 +223,16 @@ fn main() -> ExitCode {
                 shutdown_grace: std::time::Duration::from_secs(shutdown_grace_secs),
             })
         }
-        Command::Sweep { scenario, vary, seeds, slo, out, jobs, pass_share, allow_demand } => {
-            sweep::run(sweep::Args { scenario, vary, seeds, slo, out, jobs, pass_share, allow_demand })
+        Command::Sweep { scenario, vary, seeds, slo, out, jobs, pass_share, allow_demand, allow_large } => {
+            sweep::run(sweep::Args { scenario, vary, seeds, slo, out, jobs, pass_share, allow_demand, allow_large })
         }
-        Command::Check { scenario, cases, seed, out } => match check::run(&scenario, cases, seed, out) {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::from(1),
-            Err(e) => Err(e),
-        },
+        Command::Check { scenario, cases, seed, out, allow_large } => {
+            match check::run(&scenario, cases, seed, out, allow_large) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::from(1),
+                Err(e) => Err(e),
+            }
+        }
         Command::Mock { config, listen } => mock::run(config.as_deref(), &listen),
     };
     match result {

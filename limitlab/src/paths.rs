@@ -18,3 +18,16 @@ pub fn writable_dir(dir: &Path) -> Result<()> {
 pub fn created_file(path: &Path) -> Result<std::fs::File> {
     std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))
 }
+
+/// A scenario, its warnings shown (a trace's unplayed lines, an unmodelled
+/// policy element), and its size checked: `rate_scale` is the largest factor a
+/// run puts on its rates.
+pub fn load_scenario(path: &Path, rate_scale: f64, allow_large: bool) -> Result<simulator::Scenario> {
+    let scenario = simulator::Scenario::load(path).map_err(anyhow::Error::msg)?;
+    for warning in &scenario.warnings {
+        eprintln!("{warning} (warning)");
+    }
+    let allow = if allow_large { simulator::scenario::AllowLarge::Yes } else { simulator::scenario::AllowLarge::No };
+    scenario.check_size(rate_scale, allow).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(scenario)
+}

@@ -4,8 +4,14 @@ use anyhow::Result;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub fn run(scenario_path: &Path, seed: Option<u64>, out: Option<PathBuf>, decisions: Option<PathBuf>) -> Result<()> {
-    let scenario = simulator::Scenario::load(scenario_path).map_err(anyhow::Error::msg)?;
+pub fn run(
+    scenario_path: &Path,
+    seed: Option<u64>,
+    out: Option<PathBuf>,
+    decisions: Option<PathBuf>,
+    allow_large: bool,
+) -> Result<()> {
+    let scenario = crate::paths::load_scenario(scenario_path, 1.0, allow_large)?;
     let base = scenario_path.parent().unwrap_or(Path::new("."));
     let dir = out.unwrap_or_else(|| Path::new("reports").join(&scenario.name));
     crate::paths::writable_dir(&dir)?;

@@ -14,10 +14,11 @@ pub struct Args {
     pub jobs: Option<usize>,
     pub pass_share: f64,
     pub allow_demand: bool,
+    pub allow_large: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let scenario = simulator::Scenario::load(&args.scenario).map_err(anyhow::Error::msg)?;
+    let scenario = crate::paths::load_scenario(&args.scenario, 1.0, args.allow_large)?;
     let base = args.scenario.parent().unwrap_or(Path::new("."));
     let varies =
         args.vary.iter().map(|v| sweep::parse_vary(v)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
@@ -42,9 +43,15 @@ pub fn run(args: Args) -> Result<()> {
             v.path
         );
     }
-    // Every path is tried on the scenario first, so a typo fails before any run.
+    // Every path is tried on the scenario first, so a typo fails before any run;
+    // each value of a demand path is sized like a scenario of its own.
+    let allow =
+        if args.allow_large { simulator::scenario::AllowLarge::Yes } else { simulator::scenario::AllowLarge::No };
     for v in &varies {
-        sweep::apply(&scenario, &v.path, v.values[0]).map_err(anyhow::Error::msg)?;
+        for value in &v.values {
+            let point = sweep::apply(&scenario, &v.path, *value).map_err(anyhow::Error::msg)?;
+            point.check_size(1.0, allow).map_err(|e| anyhow::anyhow!("`{}` = {value}: {e}", v.path))?;
+        }
     }
     let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let options = SweepOptions { varies, seeds: args.seeds, slos, jobs, pass_share: args.pass_share };

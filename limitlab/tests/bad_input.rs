@@ -71,3 +71,56 @@ fn output_paths_are_checked_before_the_run() {
         assert!(!out.contains("client ") && !out.contains("case"), "the run started: {out}");
     }
 }
+
+/// A small scenario: `client` is the body of its one `[[clients]]` table.
+fn scenario(name: &str, top: &str, client: &str) -> String {
+    let text = format!(
+        "name = \"bad\"\nstart = \"2024-01-01T00:00:00Z\"\nseed = 1\n{top}\n\
+         [gateway.routing]\nset_backend = \"b\"\nbackends = [{{ id = \"b\", url = \"http://b\" }}]\n\
+         [[backends]]\nname = \"b\"\nmodel = \"gpt-4o\"\ntpm = 1000000\n\
+         [[clients]]\nname = \"c\"\n{client}\n"
+    );
+    scratch(name, &text)
+}
+
+#[test]
+fn empty_impossible_or_huge_scenarios_are_refused_before_a_run() {
+    let poisson = "arrival = { poisson = { rate_per_s = 1 } }";
+    let zero = scenario("zero.toml", "duration = \"0s\"", poisson);
+    check(&["simulate", &zero], 2, "`duration`: 0s simulates nothing");
+    let no_tokens = scenario("no-tokens.toml", "duration = \"1m\"", &format!("{poisson}\nmax_tokens = 0"));
+    check(&["simulate", &no_tokens], 2, "`max_tokens = 0`");
+    let huge = scenario("huge.toml", "duration = \"1m\"", "arrival = { poisson = { rate_per_s = 1e12 } }");
+    let out = check(&["simulate", &huge], 2, "would make about 6.000e13 calls");
+    assert!(out.is_empty(), "refused before the run: {out}");
+    let (code, _, err) = limitlab(&["simulate", &huge, "--allow-large", "--out", "/dev/null/x"]);
+    assert_eq!(code, 2);
+    assert!(!err.contains("would make"), "--allow-large lets it pass the bound: {err}");
+    let scaled = scenario(
+        "scaled.toml",
+        "duration = \"10m\"\n[[expect]]\nfigure = \"rejected_ratio\"\nat_most = 1\n[check]\nrate_scale = [1, 1e6]",
+        "arrival = { poisson = { rate_per_s = 1000 } }",
+    );
+    check(&["check", &scaled], 2, "with rates x 1000000");
+}
+
+#[test]
+fn a_trace_that_is_empty_or_wrong_is_an_error_naming_its_line() {
+    let trace = |name: &str, lines: &str| {
+        let path = scratch(name, lines);
+        let file = std::path::Path::new(&path).file_name().unwrap().to_str().unwrap().to_owned();
+        scenario(
+            &format!("{name}.toml"),
+            "duration = \"1m\"",
+            &format!("arrival = {{ trace = {{ path = \"{file}\" }} }}"),
+        )
+    };
+    let empty = trace("empty.jsonl", "\n");
+    check(&["simulate", &empty], 2, "the trace has no requests");
+    let bad_ip = trace("bad-ip.jsonl", "{\"t_ms\": 1, \"ip\": \"10.0.0.1\"}\n{\"t_ms\": 2, \"ip\": \"999.1.1.1\"}\n");
+    check(&["simulate", &bad_ip], 2, "bad-ip.jsonl:2: `ip`: `999.1.1.1` is not an IP address");
+    let late = trace("late.jsonl", "{\"t_ms\": 1, \"ip\": \"10.0.0.1\"}\n{\"t_ms\": 60000, \"ip\": \"10.0.0.1\"}\n");
+    let dir = std::env::temp_dir().join(format!("limitlab-bad-input-{}-late-out", std::process::id()));
+    check(&["simulate", &late, "--out", dir.to_str().unwrap()], 0, "late.jsonl:2: 1 of 2 lines come at or after");
+    let _ = std::fs::remove_dir_all(dir);
+}

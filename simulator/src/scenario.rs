@@ -189,7 +189,51 @@ impl Scenario {
         gateway.policy = PolicySource::Inline(policy);
         scenario.warnings = warnings;
         scenario.validate().map_err(|e| format!("{path}: {e}"))?;
+        scenario.check_traces(base)?;
         Ok(scenario)
+    }
+
+    /// Reads each trace now, so that a bad one is an error before any run.
+    fn check_traces(&mut self, base: &Path) -> Result<(), String> {
+        let end_ms = self.duration.0 .0 / 1_000_000;
+        for c in &self.clients {
+            let Arrival::Trace { path } = &c.arrival else { continue };
+            let path = base.join(path);
+            let lines = crate::trace::load(&path)?;
+            self.warnings.extend(crate::trace::check(&path, &lines, end_ms)?);
+        }
+        Ok(())
+    }
+
+    /// The calls the clients are expected to make (SDK retries aside; a trace
+    /// counts as nothing here, its lines being already in memory).
+    pub fn expected_requests(&self) -> f64 {
+        let secs = self.duration.0.as_secs_f64();
+        let rate = |c: &Client| match &c.arrival {
+            Arrival::Constant { rate_per_s } | Arrival::Poisson { rate_per_s } | Arrival::Bursts { rate_per_s, .. } => {
+                *rate_per_s
+            }
+            Arrival::Ramp { from_per_s, to_per_s } => (from_per_s + to_per_s) / 2.0,
+            Arrival::Daily { peak_per_s, trough_per_s, .. } => (peak_per_s + trough_per_s) / 2.0,
+            Arrival::Trace { .. } => 0.0,
+        };
+        self.clients.iter().map(|c| rate(c) * secs).sum()
+    }
+
+    /// Refuses a run expected to make more than [`REQUEST_BOUND`] calls, with
+    /// its rates multiplied by `rate_scale` (`check` perturbs them), unless
+    /// `allow_large`: its time and the memory of its calls in flight grow with it.
+    pub fn check_size(&self, rate_scale: f64, allow_large: AllowLarge) -> Result<(), String> {
+        let expected = self.expected_requests() * rate_scale;
+        if expected <= REQUEST_BOUND || allow_large == AllowLarge::Yes {
+            return Ok(());
+        }
+        Err(format!(
+            "the scenario would make about {expected:.3e} calls{}, more than the {REQUEST_BOUND:.0e} a run makes \
+             without --allow-large (time, and memory for every call in flight, grow with it); shorten it or lower \
+             its rates, or pass --allow-large",
+            if rate_scale == 1.0 { String::new() } else { format!(" with rates x {rate_scale}") }
+        ))
     }
 
     pub fn start_nanos(&self) -> Nanos {
@@ -198,6 +242,9 @@ impl Scenario {
 
     pub(crate) fn validate(&self) -> Result<(), String> {
         let start = parse_rfc3339(&self.start).map_err(|e| format!("`start`: {e}"))?;
+        if self.duration.0 == Nanos::ZERO {
+            return Err("`duration`: 0s simulates nothing; give the traffic some time, e.g. \"10m\"".into());
+        }
         if start.0.checked_add(self.duration.0 .0).is_none() {
             return Err(format!(
                 "`start` plus `duration` ends after {}, the last instant the simulated clock can represent",
@@ -229,6 +276,15 @@ impl Scenario {
             if c.callers == 0 || !(0.0..=1.0).contains(&c.stream_share) {
                 return Err(format!("clients[{i}] (`{}`): need `callers` >= 1 and `stream_share` 0 to 1", c.name));
             }
+            if c.max_tokens == Some(0) {
+                return Err(format!(
+                    "clients[{i}] (`{}`): `max_tokens = 0` asks for no completion at all (Azure answers 400)",
+                    c.name
+                ));
+            }
+            if let Some(ip) = c.ip.as_deref().filter(|ip| ip.parse::<std::net::IpAddr>().is_err()) {
+                return Err(format!("clients[{i}] (`{}`): `ip`: `{ip}` is not an IP address", c.name));
+            }
             let rates = match &c.arrival {
                 Arrival::Constant { rate_per_s } | Arrival::Poisson { rate_per_s } => vec![*rate_per_s],
                 Arrival::Bursts { rate_per_s, .. } => vec![*rate_per_s],
@@ -247,6 +303,17 @@ impl Scenario {
         }
         Ok(())
     }
+}
+
+/// The most calls a run makes without `--allow-large`: about six minutes of
+/// simulation on one core.
+pub const REQUEST_BOUND: f64 = 5e8;
+
+/// Whether a run may exceed [`REQUEST_BOUND`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllowLarge {
+    Yes,
+    No,
 }
 
 /// Addresses in a block of the caller address plan: a /16.

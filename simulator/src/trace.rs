@@ -114,3 +114,32 @@ pub fn jwt_for(sub: &str) -> String {
     let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
     format!("Bearer {}.{}.c2ln", enc(r#"{"alg":"none"}"#), enc(&format!(r#"{{"sub":"{sub}"}}"#)))
 }
+
+/// Checks a loaded trace against the scenario that plays it: an empty trace, an
+/// address that is not one, or `max_tokens = 0` is an error naming the line;
+/// lines at or after the scenario's end (never played) are a warning.
+pub fn check(path: &Path, lines: &[TraceLine], end_ms: u64) -> Result<Vec<String>, String> {
+    let shown = path.display();
+    if lines.is_empty() {
+        return Err(format!("{shown}: the trace has no requests"));
+    }
+    for l in lines {
+        let at = l.line + 1;
+        if let Some(ip) = l.ip.as_deref().filter(|ip| ip.parse::<std::net::IpAddr>().is_err()) {
+            return Err(format!("{shown}:{at}: `ip`: `{ip}` is not an IP address"));
+        }
+        if l.max_tokens == Some(0) {
+            return Err(format!("{shown}:{at}: `max_tokens`: 0 asks for no completion at all (Azure answers 400)"));
+        }
+    }
+    let late: Vec<&TraceLine> = lines.iter().filter(|l| l.t_ms >= end_ms).collect();
+    let Some(first) = late.iter().min_by_key(|l| l.line) else { return Ok(Vec::new()) };
+    Ok(vec![format!(
+        "{shown}:{}: {} of {} lines come at or after the scenario's end ({end_ms} ms) and are never played \
+         (first: t_ms {})",
+        first.line + 1,
+        late.len(),
+        lines.len(),
+        first.t_ms
+    )])
+}

@@ -80,7 +80,8 @@ fn a_csv_trace_replays_like_its_jsonl_twin() {
     let text = std::fs::read_to_string(root.join("trace-replay.toml")).unwrap();
     let csv_scenario = text.replace("traces/example.jsonl", dir.join("example.csv").to_str().unwrap());
     let run = |text: &str| {
-        let scenario = simulator::Scenario::from_toml("trace-replay.toml", text).unwrap();
+        let label = root.join("trace-replay.toml").display().to_string();
+        let scenario = simulator::Scenario::from_toml(&label, text).unwrap();
         let outcome = simulator::run(&scenario, &root, None, true).unwrap();
         outcome.decisions.iter().map(|d| (d.request, d.status, d.reason)).collect::<Vec<_>>()
     };
