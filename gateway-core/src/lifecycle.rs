@@ -413,7 +413,12 @@ impl Lifecycle {
                 return Err(error);
             }
         };
-        flight.record.status = info.status.expect("set above");
+        // A client that left mid-answer is logged as nginx logs it (499); the
+        // policy saw the backend's status, which it did answer.
+        flight.record.status = match delivery.end {
+            DeliveryEnd::ClientGone => CLIENT_CLOSED_REQUEST,
+            DeliveryEnd::Complete | DeliveryEnd::BodyBroken => info.status.expect("set above"),
+        };
         flight.record.reason = match delivery.end {
             DeliveryEnd::Complete => Reason::of_backend_status(status),
             DeliveryEnd::ClientGone => Reason::ClientGone,

@@ -181,6 +181,12 @@ pub fn format_hh_mm_ss(secs: u64) -> String {
     format!("{:02}:{:02}:{:02}", secs / 3600, (secs / 60) % 60, secs % 60)
 }
 
+/// An instant as RFC 3339 in UTC with microseconds, as logs show it.
+pub fn format_rfc3339(at: Nanos) -> String {
+    let at = Utc.timestamp_nanos(i64::try_from(at.0).unwrap_or(i64::MAX));
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
 /// Parses an RFC 3339 instant into [`Nanos`]; used by drivers and tests.
 pub fn parse_rfc3339(text: &str) -> Result<Nanos, String> {
     let t = DateTime::parse_from_rfc3339(text).map_err(|e| format!("`{text}` is not an RFC 3339 instant: {e}"))?;

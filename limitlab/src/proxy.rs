@@ -87,9 +87,15 @@ fn bind(address: &str) -> Result<std::net::TcpListener> {
 }
 
 fn init_logs(json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("LIMITLAB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,limitlab::request=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,limitlab::request=info,limitlab::refusal=info"));
+    // Colour only for a person at a terminal: a file or a pipe gets plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    proxy::logs::write_json(json);
     let _ = match json {
         true => builder.json().try_init(),
         false => builder.try_init(),

@@ -185,6 +185,9 @@ async fn sigterm_stops_accepting_lets_the_call_in_flight_finish_and_exits_0() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let refused = reqwest::Client::new().post(&url).header("api-key", "demo-key").json(&body).send().await;
     assert!(refused.as_ref().is_err_and(|e| e.is_connect()), "a new call after SIGTERM: {refused:?}");
+    // `/metrics` is still served while the call in flight finishes.
+    let metrics = reqwest::Client::new().get(format!("{}/metrics", proxy.urls[1])).send().await;
+    assert_eq!(metrics.map(|r| r.status().as_u16()).ok(), Some(200), "metrics after SIGTERM, before the end");
     let answered = in_flight.await.unwrap().expect("the call in flight is answered");
     assert_eq!(answered.status(), 200);
     let usage: Value = answered.json().await.unwrap();

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod decisions;
+pub mod logs;
 pub mod metrics;
 pub mod server;
 pub mod upstream;
@@ -46,7 +47,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (tx, rx) = watch::channel(false);
-    let admin_rx = rx.clone();
+    // The admin server (metrics) stops only once the front end has.
+    let (admin_tx, admin_rx) = watch::channel(false);
     let client_timeout = proxy.client_timeout();
     let front = serve_front(listener, Worker::new(proxy.clone()), client_timeout, wait(rx));
     let back = axum::serve(admin, admin_router(proxy)).with_graceful_shutdown(wait(admin_rx));
@@ -54,6 +56,11 @@ pub async fn serve(
         shutdown.await;
         let _ = tx.send(true);
     });
+    let front = async move {
+        let served = front.await;
+        let _ = admin_tx.send(true);
+        served
+    };
     let (a, b) = tokio::join!(front, back.into_future());
     a.and(b)
 }
@@ -83,17 +90,23 @@ pub fn run_threads(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let admin = tokio::net::TcpListener::from_std(admin)?;
-        let back = axum::serve(admin, admin_router(proxy)).with_graceful_shutdown(wait(rx));
+        // `/metrics` is served until the work in flight has ended (or the grace
+        // period has), so the last scrape sees every request.
+        let (admin_tx, admin_rx) = watch::channel(false);
+        let back = axum::serve(admin, admin_router(proxy)).with_graceful_shutdown(wait(admin_rx));
         let back = tokio::spawn(back.into_future());
         shutdown.await;
         let _ = tx.send(true);
-        let all = async {
+        let workers = async {
             for worker in done {
                 worker.await.unwrap_or(Ok(()))?;
             }
-            back.await.unwrap_or(Ok(()))
+            Ok::<(), std::io::Error>(())
         };
-        match tokio::time::timeout(grace, all).await {
+        let finished = tokio::time::timeout(grace, workers).await;
+        let _ = admin_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(1), back).await;
+        match finished {
             Ok(result) => result.map(|()| true),
             Err(_) => Ok(false),
         }

@@ -144,7 +144,7 @@ impl Proxy {
     /// Everything a finished request leaves behind: its log line, its metrics
     /// and its decision line.
     fn finished(&self, req: &Admitted, finished: &Finished) {
-        log_request(finished);
+        crate::logs::request(finished);
         self.metrics.finished(req.product, req.subscription, &finished.record, req.started);
         if let Some(decisions) = &self.decisions {
             let subscription = &self.config.subscriptions[req.subscription].id;
@@ -216,7 +216,9 @@ pub async fn handle(worker: Worker, peer: Arc<Peer>, request: Request<Body>) -> 
     let Worker { proxy, upstream } = worker;
     let admitted = match admit(&proxy, &peer, request).await {
         Ok(a) => a,
-        Err(response) => {
+        Err(refusal) => {
+            let response = refusal.response();
+            crate::logs::refusal(response.status().as_u16(), refusal.name());
             proxy.metrics.refused(response.status().as_u16());
             return response;
         }
@@ -224,17 +226,52 @@ pub async fn handle(worker: Worker, peer: Arc<Peer>, request: Request<Body>) -> 
     drive(proxy, &upstream, admitted).await
 }
 
-async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Admitted, Response<Body>> {
+/// Why a request was refused before the policy ran.
+enum Refusal {
+    NotFound,
+    Key(KeyRefusal),
+    BodyTooSlow,
+    BodyTooLarge,
+}
+
+impl Refusal {
+    fn response(&self) -> Response<Body> {
+        match self {
+            Refusal::NotFound => apim_error(StatusCode::NOT_FOUND, "Resource not found"),
+            Refusal::Key(key) => key.response(),
+            Refusal::BodyTooSlow => apim_error(StatusCode::REQUEST_TIMEOUT, "Request timed out"),
+            Refusal::BodyTooLarge => apim_error(StatusCode::PAYLOAD_TOO_LARGE, "Request entity too large"),
+        }
+    }
+
+    /// How the request log names it.
+    fn name(&self) -> &'static str {
+        match self {
+            Refusal::NotFound => "not-found",
+            Refusal::Key(KeyRefusal::Missing) => "missing-subscription-key",
+            Refusal::Key(KeyRefusal::Invalid) => "invalid-subscription-key",
+            Refusal::BodyTooSlow => "body-timeout",
+            Refusal::BodyTooLarge => "body-too-large",
+        }
+    }
+}
+
+async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Admitted, Refusal> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     if !parts.uri.path().starts_with("/openai/") {
-        return Err(apim_error(StatusCode::NOT_FOUND, "Resource not found"));
+        return Err(Refusal::NotFound);
     }
-    let (subscription, product) = subscription(proxy, &parts.headers, &parts.uri).map_err(KeyRefusal::response)?;
+    let (subscription, product) = subscription(proxy, &parts.headers, &parts.uri).map_err(Refusal::Key)?;
     let limit = proxy.config.max_body_bytes;
+    // A body announced too large is refused at once, not after waiting for it.
+    let announced = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > limit as u64) {
+        return Err(Refusal::BodyTooLarge);
+    }
     let body = match within(proxy.client_timeout(), axum::body::to_bytes(body, limit)).await {
-        Err(_) => return Err(apim_error(StatusCode::REQUEST_TIMEOUT, "Request timed out")),
-        Ok(Err(_)) => return Err(apim_error(StatusCode::PAYLOAD_TOO_LARGE, "Request entity too large")),
+        Err(_) => return Err(Refusal::BodyTooSlow),
+        Ok(Err(_)) => return Err(Refusal::BodyTooLarge),
         Ok(Ok(body)) => body,
     };
     let model = deployment_model(parts.uri.path());
@@ -286,7 +323,7 @@ enum KeyRefusal {
 }
 
 impl KeyRefusal {
-    fn response(self) -> Response<Body> {
+    fn response(&self) -> Response<Body> {
         let message = match self {
             KeyRefusal::Missing => {
                 "Access denied due to missing subscription key. Make sure to include subscription key when making \
@@ -753,16 +790,6 @@ fn generated_response(finished: Finished) -> Response<Body> {
         }
     }
     out
-}
-
-fn log_request(finished: &Finished) {
-    // The record is serialized only when someone reads request logs.
-    if !tracing::enabled!(target: "limitlab::request", tracing::Level::INFO) {
-        return;
-    }
-    let record = serde_json::to_string(&finished.record).unwrap_or_default();
-    let reason = finished.record.reason.as_str();
-    tracing::info!(target: "limitlab::request", status = finished.record.status, reason, record = %record, "request");
 }
 
 /// Charges a streamed response's tokens exactly once: when the stream ends,

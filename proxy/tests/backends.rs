@@ -204,6 +204,33 @@ async fn a_client_that_leaves_during_an_attempt_is_logged_as_client_gone() {
 }
 
 #[tokio::test]
+async fn a_client_that_aborts_a_stream_is_logged_as_499_client_gone() {
+    // A slow stream: 200 tokens at 20 ms each.
+    let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\
+                completion_tokens = { fixed = 200 }\nlatency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 20 } }\n";
+    let mock = mock_aoai::MockConfig::from_toml("mock.toml", text).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(mock_aoai::server::serve(listener, mock, std::future::pending()));
+    let proxy = start(&config(&mock_url, &mock_url, "", "")).await;
+    let streamed = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})).await;
+    assert_eq!(streamed.status(), 200);
+    let mut chunks = streamed.bytes_stream();
+    assert!(futures_util::StreamExt::next(&mut chunks).await.is_some(), "a first chunk");
+    drop(chunks);
+    let mut metrics = String::new();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = proxy.metrics().await;
+        if metrics.contains("reason=\"client-gone\"") {
+            break;
+        }
+    }
+    let line = "limitlab_requests_total{status=\"499\",reason=\"client-gone\",product=\"p\",backend=\"primary\"} 1";
+    assert!(metrics.contains(line), "{metrics}");
+}
+
+#[tokio::test]
 async fn a_broken_stream_is_charged_for_what_was_sent() {
     // A real mock deployment whose streams always break midway.
     let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\
