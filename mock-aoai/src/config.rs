@@ -67,16 +67,7 @@ impl DeploymentConfig {
         if self.tpm == 0 || self.rpm == Some(0) {
             return Err("`tpm` and `rpm` must be at least 1".into());
         }
-        for o in &self.faults.outages {
-            if o.end <= o.start || !(400..=599).contains(&o.status) {
-                return Err("an outage needs `start` < `end` and a status 400 to 599".into());
-            }
-        }
-        let total: f64 = self.faults.error_rates.values().map(|p| p.0).sum();
-        if total > 1.0 {
-            return Err(format!("`error_rates` add up to {total}, above 1"));
-        }
-        Ok(())
+        self.faults.validate()
     }
 
     /// RPM as configured, or Azure's default ratio: 6 RPM per 1,000 TPM.
@@ -157,6 +148,26 @@ pub struct Faults {
     /// Probability that the connection is reset before a response.
     #[serde(default)]
     pub connection_reset: Probability,
+}
+
+impl Faults {
+    /// What serde cannot check, for a config file and a run-time change alike.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, o) in self.outages.iter().enumerate() {
+            if o.end <= o.start {
+                let (end, start) = (o.end.0.as_secs_f64(), o.start.0.as_secs_f64());
+                return Err(format!("`outages[{i}]`: it ends ({end} s) no later than it starts ({start} s)"));
+            }
+            if !(400..=599).contains(&o.status) {
+                return Err(format!("`outages[{i}]`: `status` {} is not 400 to 599", o.status));
+            }
+        }
+        let total: f64 = self.error_rates.values().map(|p| p.0).sum();
+        if total > 1.0 {
+            return Err(format!("`error_rates` add up to {total}, above 1"));
+        }
+        Ok(())
+    }
 }
 
 /// A 5xx status the mock can inject.

@@ -117,6 +117,13 @@ pub enum ModelResponse {
     Hang,
     /// The connection is refused (an outage in `refuse` mode): the backend is down.
     Refused,
+    /// The request costs more tokens (prompt plus `max_tokens`) than the
+    /// deployment admits in a whole minute: it can never succeed, and Azure
+    /// answers 400 rather than a 429 to retry.
+    TooLarge {
+        cost: u64,
+        tpm: u64,
+    },
 }
 
 /// Counts for `GET /_mock/stats` and the simulator's report.
@@ -129,6 +136,7 @@ pub struct Stats {
     pub resets: u64,
     pub hangs: u64,
     pub refused: u64,
+    pub too_large: u64,
     pub broken_streams: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -197,6 +205,10 @@ impl DeploymentModel {
         if rng.random::<f64>() < faults.connection_reset.0 {
             return self.count(ModelResponse::Reset);
         }
+        let (cost, tpm) = (self.cost(req), self.config.tpm);
+        if !self.config.provisioned && cost > tpm {
+            return self.count(ModelResponse::TooLarge { cost, tpm });
+        }
         if let Err(throttle) = self.admit(now, req) {
             return self.count(ModelResponse::Throttled(throttle));
         }
@@ -219,6 +231,7 @@ impl DeploymentModel {
             ModelResponse::Reset => stats.resets += 1,
             ModelResponse::Hang => stats.hangs += 1,
             ModelResponse::Refused => stats.refused += 1,
+            ModelResponse::TooLarge { .. } => stats.too_large += 1,
         }
         response
     }
@@ -253,10 +266,8 @@ impl DeploymentModel {
         if self.tokens.total().saturating_add(cost) > tpm {
             // A request that costs more than a whole minute's tokens never fits;
             // the honest advice is a full minute.
-            let retry_after = match cost <= tpm {
-                true => self.tokens.wait_until_at_most(now, MINUTE, tpm - cost),
-                false => MINUTE,
-            };
+            debug_assert!(cost <= tpm, "a request larger than a minute's tokens is refused before");
+            let retry_after = self.tokens.wait_until_at_most(now, MINUTE, tpm.saturating_sub(cost));
             return Err(self.throttle(LimitKind::Tokens, retry_after));
         }
         self.requests.add(now, 1);

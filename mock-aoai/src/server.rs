@@ -119,6 +119,14 @@ async fn handle(
             (status, [(header::CONTENT_TYPE, "application/json")], wire::fault_body(status.as_u16())).into_response()
         }
         ModelResponse::Reset | ModelResponse::Refused => reset(),
+        ModelResponse::TooLarge { cost, tpm } => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!(
+                "This request needs {cost} tokens (its prompt plus max_tokens), more than this deployment's \
+                 rate limit of {tpm} tokens per minute can ever admit. Lower max_tokens or the prompt."
+            ),
+        ),
         ModelResponse::Hang => std::future::pending().await,
         ModelResponse::Complete(c) => complete(operation, admission, c).await,
     }
@@ -139,6 +147,10 @@ fn admit(
             "The api-version query parameter (?api-version=) is required for all requests.",
         ));
     };
+    if !wire::is_known_api_version(&api_version) {
+        // Azure's answer to an api-version it does not serve.
+        return Err(refuse(StatusCode::NOT_FOUND, "404", "Resource not found"));
+    }
     let mut state = mock.lock();
     if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, headers) {
         return Err(refuse(
@@ -160,6 +172,13 @@ fn admit(
         ));
     };
     let model_name = model.config().model.clone();
+    if !wire::serves(&model_name, operation) {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "OperationNotSupported",
+            &wire::not_supported(operation, &model_name),
+        ));
+    }
     let parsed = wire::parse_request(operation, &model_name, body)
         .map_err(|message| refuse(StatusCode::BAD_REQUEST, "BadRequest", &message))?;
     let request = ModelRequest {
@@ -331,6 +350,9 @@ async fn set_faults(State(mock): State<Mock>, body: Bytes) -> Response {
     let Some(model) = state.models.get_mut(&change.deployment) else {
         return error(StatusCode::NOT_FOUND, "DeploymentNotFound", &format!("no deployment `{}`", change.deployment));
     };
+    if let Err(e) = change.faults.validate() {
+        return error(StatusCode::BAD_REQUEST, "BadRequest", &format!("invalid faults: {e}"));
+    }
     model.set_faults(change.faults, now);
     Json(json!({ "deployment": change.deployment, "faults": model.config().faults })).into_response()
 }

@@ -285,3 +285,63 @@ pub fn completions_chunk(meta: &Meta, text: &str, finish_reason: Option<FinishRe
 pub fn completions_usage_chunk(meta: &Meta, c: &Completion) -> Value {
     json!({ "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model, "choices": [], "usage": usage(c) })
 }
+
+/// The inference API versions Azure OpenAI documents (GA, then previews); the
+/// mock answers others as Azure does, 404.
+const API_VERSIONS: [&str; 24] = [
+    "2022-12-01",
+    "2023-05-15",
+    "2024-02-01",
+    "2024-06-01",
+    "2024-10-21",
+    "2023-03-15-preview",
+    "2023-06-01-preview",
+    "2023-07-01-preview",
+    "2023-08-01-preview",
+    "2023-09-01-preview",
+    "2023-12-01-preview",
+    "2024-02-15-preview",
+    "2024-03-01-preview",
+    "2024-04-01-preview",
+    "2024-05-01-preview",
+    "2024-07-01-preview",
+    "2024-08-01-preview",
+    "2024-09-01-preview",
+    "2024-10-01-preview",
+    "2024-12-01-preview",
+    "2025-01-01-preview",
+    "2025-02-01-preview",
+    "2025-03-01-preview",
+    "2025-04-01-preview",
+];
+
+pub fn is_known_api_version(version: &str) -> bool {
+    API_VERSIONS.contains(&version)
+}
+
+/// Whether a model serves an operation, as Azure's deployments do: embedding
+/// models only embeddings, instruct models only completions, chat models only
+/// chat completions.
+pub fn serves(model: &str, operation: Operation) -> bool {
+    let embedding = model.starts_with("text-embedding");
+    let completion = model.contains("instruct") || model.starts_with("davinci") || model.starts_with("babbage");
+    match operation {
+        Operation::Embeddings => embedding,
+        Operation::Completions => completion,
+        Operation::ChatCompletions => !embedding && !completion,
+    }
+}
+
+/// Azure's message for an operation the deployment's model does not serve.
+pub fn not_supported(operation: Operation, model: &str) -> String {
+    let name = match operation {
+        Operation::ChatCompletions => "chatCompletion",
+        Operation::Completions => "completion",
+        Operation::Embeddings => "embeddings",
+    };
+    format!(
+        "The {name} operation does not work with the specified model, {model}. Please choose different model and \
+         try again. You can learn more about which models can be used with each operation here: \
+         https://go.microsoft.com/fwlink/?linkid=2197993."
+    )
+}

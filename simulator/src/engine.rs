@@ -644,6 +644,9 @@ impl<'s> Engine<'s> {
             }
             ModelResponse::Fault { status, after } => (after, AttemptOutcome::Response { status, retry_after: None }),
             ModelResponse::Reset | ModelResponse::Refused => (Nanos::ZERO, AttemptOutcome::TransportFailure),
+            ModelResponse::TooLarge { .. } => {
+                (Nanos::ZERO, AttemptOutcome::Response { status: 400, retry_after: None })
+            }
             ModelResponse::Hang => (Nanos::MAX, AttemptOutcome::Timeout),
         };
         let attempt = flight.attempts;
