@@ -30,8 +30,16 @@ pub fn run(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    say_raw!("{}", outcome.report.summary());
-    simulator::output::write_report(&dir, &scenario, &outcome.report).map_err(anyhow::Error::msg)?;
+    // The verdict comes right after the summary's first line (the scenario's).
+    let summary = outcome.report.summary();
+    let (head, tables) = summary.split_once('\n').unwrap_or((&summary, ""));
+    say_raw!("{head}\n");
+    for line in simulator::verdict::verdict(&outcome.report, &scenario, &scenario_path.display().to_string()) {
+        say!("verdict: {line}");
+    }
+    say_raw!("{tables}");
+    simulator::output::write_report(&dir, &scenario, &scenario_path.display().to_string(), &outcome.report)
+        .map_err(anyhow::Error::msg)?;
     say!("report: {} (report.json, report.html, plots as SVG and PNG)", dir.display());
     if let Some((file, path)) = decisions {
         let mut file = std::io::BufWriter::new(file);

@@ -6,26 +6,43 @@ use crate::scenario::Scenario;
 use std::fmt::Write;
 use std::path::Path;
 
-/// Writes every report file into `dir` (created if missing).
-pub fn write_report(dir: &Path, scenario: &Scenario, report: &Report) -> Result<(), String> {
+/// Writes every report file into `dir` (created if missing); `scenario_path` is
+/// how the user named the scenario, for the commands the verdict suggests.
+pub fn write_report(dir: &Path, scenario: &Scenario, scenario_path: &str, report: &Report) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())? + "\n";
     let path = dir.join("report.json");
     std::fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))?;
     let svgs = plots::charts(scenario, report)
         .iter()
-        .map(|chart| chart.render(dir).map(|svg| (chart.title.clone(), svg)))
+        .map(|chart| chart.render(dir).map(|svg| (chart.caption.clone(), svg)))
         .collect::<Result<Vec<_>, _>>()?;
     let path = dir.join("report.html");
-    std::fs::write(&path, html(scenario, report, &svgs)).map_err(|e| format!("{}: {e}", path.display()))
+    let verdict = crate::verdict::verdict(report, scenario, scenario_path);
+    std::fs::write(&path, html(scenario, report, &verdict, &svgs)).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// What the figures mean, for a reader who did not write the scenario.
+const GUIDE: &str = "<details><summary>How to read this report</summary><ul>\n\
+<li><b>calls</b>: client calls that reached the gateway, the SDK's own retries included; each ends with one \
+reason: <code>ok</code>, a limit (<code>rate-limit</code> and <code>token-limit</code> answer 429, <code>quota</code> \
+and <code>token-quota</code> 403), <code>backend-error</code> (the backend's error status, after retries), \
+<code>no-backend</code> (every breaker open: 503), <code>timeout</code> (504), <code>transport-failure</code> (500), \
+<code>bad-response</code> (502) or <code>client-gone</code>.</li>\n\
+<li><b>p50/p95/p99 ms</b>: latency of served calls only (calls that reached a backend), from arrival to the \
+end of the response, retries and failover included; a refusal is answered at once and not counted \
+(<code>report.json</code> has <code>refused</code>, <code>refused_ratio</code> and the <code>Retry-After</code> \
+refusals carried).</li>\n\
+<li><b>SDK retries</b>: calls that were a client's retry of a 429 or 5xx; <b>failovers</b>: calls that tried more \
+than one backend; <b>tokens</b>: prompt plus completion tokens charged.</li>\n\
+<li><b>Backends</b>: attempts the gateway sent to each deployment and how they ended.</li>\n</ul></details>\n";
+
 /// A self-contained page: no scripts, no external files; the plots are inline SVG.
-pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> String {
+pub fn html(scenario: &Scenario, report: &Report, verdict: &[String], svgs: &[(String, String)]) -> String {
     let mut out = String::new();
     let title = format!("limitlab simulation: {}", escape(&report.scenario));
     let _ = write!(
@@ -46,6 +63,12 @@ pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> 
         escape(&report.start),
         report.schema_version
     );
+    out.push_str("<h2>Verdict</h2>\n<ul>\n");
+    for line in verdict {
+        let _ = writeln!(out, "<li>{}</li>", escape(line));
+    }
+    out.push_str("</ul>\n");
+    out.push_str(GUIDE);
     let reasons: Vec<&str> = report.reasons_shown().into_iter().map(gateway_core::Reason::as_str).collect();
     out.push_str("<h2>Clients</h2>\n<table><tr><th>client</th><th>calls</th>");
     for r in &reasons {
@@ -85,9 +108,9 @@ pub fn html(scenario: &Scenario, report: &Report, svgs: &[(String, String)]) -> 
         );
     }
     out.push_str("</table>\n<h2>Plots</h2>\n");
-    for (title, svg) in svgs {
+    for (caption, svg) in svgs {
         let svg = svg.find("<svg").map_or(svg.as_str(), |i| &svg[i..]);
-        let _ = writeln!(out, "<figure>{svg}<figcaption>{}</figcaption></figure>", escape(title));
+        let _ = writeln!(out, "<figure>{svg}<figcaption>{}</figcaption></figure>", escape(caption));
     }
     out.push_str("</body></html>\n");
     out
@@ -138,7 +161,13 @@ fn sweep_plots(dir: &Path, result: &crate::sweep::SweepResult) -> Result<Vec<(St
             .enumerate()
             .map(|(i, (figure, bound))| {
                 let series = |pick: fn(&crate::sweep::Spread) -> f64, name: &str| {
-                    let points = result.points.iter().map(|p| (p.values[0], pick(&p.figures[figure]))).collect();
+                    // A point with no value of the figure (latency where nothing
+                    // was served) has no dot.
+                    let points = result
+                        .points
+                        .iter()
+                        .filter_map(|p| Some((p.values[0], pick(p.figures.get(figure)?))))
+                        .collect();
                     (name.to_owned(), points)
                 };
                 let chart = plots::Chart {
@@ -149,15 +178,23 @@ fn sweep_plots(dir: &Path, result: &crate::sweep::SweepResult) -> Result<Vec<(St
                     series: vec![series(|s| s.mean, "mean over seeds")],
                     limits: bound.map(|b| ("SLO".to_owned(), b)).into_iter().collect(),
                     band: Some((series(|s| s.min, "min").1, series(|s| s.max, "max").1)),
+                    caption: format!(
+                        "The line is the mean of {figure} over the seeds of each point, the band its lowest and \
+                         highest value; the horizontal line is the SLO's bound."
+                    ),
                 };
-                chart.render(dir).map(|svg| (chart.title.clone(), svg))
+                chart.render(dir).map(|svg| (chart.caption.clone(), svg))
             })
             .collect(),
         2 => {
             let (x, y) = (&result.varies[0], &result.varies[1]);
             let rate = |i: usize, j: usize| result.points[i * y.values.len() + j].slo_pass_rate;
             let svg = plots::heatmap(dir, "sweep-pass-rate", (&x.path, &x.values), (&y.path, &y.values), &rate)?;
-            Ok(vec![("SLO pass rate".to_owned(), svg)])
+            let caption = format!(
+                "The share of seeds on which every SLO held, for each pair of {} and {} (darker: more seeds pass).",
+                x.path, y.path
+            );
+            Ok(vec![(caption, svg)])
         }
         _ => Ok(Vec::new()),
     }
@@ -183,6 +220,7 @@ fn sweep_html(result: &crate::sweep::SweepResult, svgs: &[(String, String)]) -> 
     );
     let answer = match result.recommended {
         Some(i) => format!("Recommended: {}", point_text(result, i)),
+        None if result.slos.is_empty() => "No --slo given: nothing is recommended.".to_owned(),
         None => "No point meets the SLOs.".to_owned(),
     };
     let _ = writeln!(out, "<p><strong>{}</strong></p>\n<table><tr>", escape(&answer));
@@ -199,9 +237,9 @@ fn sweep_html(result: &crate::sweep::SweepResult, svgs: &[(String, String)]) -> 
         let _ = writeln!(out, "<td>{:.0}%</td></tr>", p.slo_pass_rate * 100.0);
     }
     out.push_str("</table>\n");
-    for (title, svg) in svgs {
+    for (caption, svg) in svgs {
         let svg = svg.find("<svg").map_or(svg.as_str(), |i| &svg[i..]);
-        let _ = writeln!(out, "<figure>{svg}<figcaption>{}</figcaption></figure>", escape(title));
+        let _ = writeln!(out, "<figure>{svg}<figcaption>{}</figcaption></figure>", escape(caption));
     }
     out.push_str("</body></html>\n");
     out

@@ -19,6 +19,9 @@ pub struct Chart {
     pub limits: Vec<(String, f64)>,
     /// A shaded band between two lines (min and max over seeds), drawn first.
     pub band: Option<(Line, Line)>,
+    /// What the plot shows and how to read it, under it in the HTML (the title
+    /// is already in the picture).
+    pub caption: String,
 }
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -134,7 +137,7 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             (stats.name.clone(), report.minutes.iter().map(|m| (minute(m), m.client_tokens[c] as f64)).collect())
         })
         .collect();
-    let key_limits = scenario
+    let key_limits: Vec<(String, f64)> = scenario
         .gateway
         .policy()
         .limits
@@ -161,6 +164,9 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             series: by_reason,
             limits: Vec::new(),
             band: None,
+            caption: "Each line is one way calls ended, per second, averaged over each minute: ok, each limit's \
+                      refusals, the backends' errors. A limit line rising while ok falls is a limit biting."
+                .into(),
         },
         Chart {
             file: "client-tokens".into(),
@@ -168,8 +174,24 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             x_label: "minute".into(),
             y_label: "tokens per minute".into(),
             series: client_tokens,
-            limits: key_limits,
+            // No per-key limit line here: a client's keys together may pass a
+            // per-key limit that no single key reaches.
+            limits: Vec::new(),
             band: None,
+            caption: format!(
+                "Tokens charged per minute to each client, all its caller keys together.{}",
+                match key_limits.is_empty() {
+                    true => String::new(),
+                    false => format!(
+                        " The policy's token limits are per key ({}), so they are not drawn against these sums.",
+                        key_limits
+                            .iter()
+                            .map(|(name, tpm): &(String, f64)| format!("{name}: {tpm}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }
+            ),
         },
         Chart {
             file: "backend-tokens".into(),
@@ -179,6 +201,9 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             series: per_backend(|m| &m.backend_tokens),
             limits: scenario.backends.iter().map(|b| (format!("{} TPM", b.name), b.tpm as f64)).collect(),
             band: None,
+            caption: "Tokens each deployment served per minute, against its TPM: a line at its limit means the \
+                      deployment throttles (429s, below)."
+                .into(),
         },
         Chart {
             file: "latency-cdf".into(),
@@ -192,6 +217,10 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
                 .collect(),
             limits: Vec::new(),
             band: None,
+            caption: "For each client, the share of its served calls (calls that reached a backend) that took at \
+                      most a given latency; refusals, answered at once, are not counted. A line further right is \
+                      slower."
+                .into(),
         },
         Chart {
             file: "backend-failures".into(),
@@ -201,6 +230,9 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
             series: failures,
             limits: Vec::new(),
             band: None,
+            caption: "Per minute: each deployment's 429s and 5xx answers, and the client calls that failed over to \
+                      another backend."
+                .into(),
         },
     ]
 }

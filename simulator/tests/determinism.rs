@@ -61,7 +61,7 @@ fn the_report_files_are_written_with_their_plots() {
     let scenario = simulator::Scenario::load(&path).unwrap();
     let outcome = simulator::run(&scenario, path.parent().unwrap(), None, false).unwrap();
     let dir = std::env::temp_dir().join(format!("limitlab-report-test-{}", std::process::id()));
-    simulator::output::write_report(&dir, &scenario, &outcome.report).unwrap();
+    simulator::output::write_report(&dir, &scenario, "scenario.toml", &outcome.report).unwrap();
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert_eq!(html.matches("<svg").count(), 5, "five inline plots");
     assert!(!html.contains("<script") && !html.contains("src=\"http"), "self-contained");
