@@ -148,7 +148,9 @@ async fn serve_front(
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(client_timeout);
+    // A read buffer well above the proxy's own URI and header limits, so that
+    // their refusals are the proxy's APIM-style 414 and 431, with bodies.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(client_timeout).max_buf_size(1 << 20);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -226,8 +226,16 @@ pub async fn handle(worker: Worker, peer: Arc<Peer>, request: Request<Body>) -> 
     drive(proxy, &upstream, admitted).await
 }
 
+/// The longest request URI and the most header bytes the proxy takes; beyond,
+/// APIM-style 414 and 431 answers (hyper's own, with empty bodies, only come
+/// past its much larger read buffer).
+pub const MAX_URI_BYTES: usize = 16 * 1024;
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Why a request was refused before the policy ran.
 enum Refusal {
+    UriTooLong,
+    HeadersTooLarge,
     NotFound,
     Key(KeyRefusal),
     BodyTooSlow,
@@ -237,6 +245,10 @@ enum Refusal {
 impl Refusal {
     fn response(&self) -> Response<Body> {
         match self {
+            Refusal::UriTooLong => apim_error(StatusCode::URI_TOO_LONG, "Request URI too long"),
+            Refusal::HeadersTooLarge => {
+                apim_error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "Request header fields too large")
+            }
             Refusal::NotFound => apim_error(StatusCode::NOT_FOUND, "Resource not found"),
             Refusal::Key(key) => key.response(),
             Refusal::BodyTooSlow => apim_error(StatusCode::REQUEST_TIMEOUT, "Request timed out"),
@@ -247,6 +259,8 @@ impl Refusal {
     /// How the request log names it.
     fn name(&self) -> &'static str {
         match self {
+            Refusal::UriTooLong => "uri-too-long",
+            Refusal::HeadersTooLarge => "headers-too-large",
             Refusal::NotFound => "not-found",
             Refusal::Key(KeyRefusal::Missing) => "missing-subscription-key",
             Refusal::Key(KeyRefusal::Invalid) => "invalid-subscription-key",
@@ -259,6 +273,13 @@ impl Refusal {
 async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Admitted, Refusal> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
+    if parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) > MAX_URI_BYTES {
+        return Err(Refusal::UriTooLong);
+    }
+    let header_bytes: usize = parts.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return Err(Refusal::HeadersTooLarge);
+    }
     if !parts.uri.path().starts_with("/openai/") {
         return Err(Refusal::NotFound);
     }

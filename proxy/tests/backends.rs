@@ -630,3 +630,25 @@ fn ca_files_that_cannot_be_read_or_hold_no_certificate_are_refused_at_start() {
         assert!(err.contains("`ca_files`: ") && err.contains(expected), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_long_uri_and_huge_headers_get_apims_414_and_431_with_bodies() {
+    let backend = MockServer::start().await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let long = format!(
+        "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&x={}",
+        proxy.base,
+        "a".repeat(20_000)
+    );
+    let r = proxy.client.post(long).header("api-key", "k").json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 414);
+    assert_eq!(r.text().await.unwrap(), r#"{"statusCode": 414, "message": "Request URI too long"}"#);
+    let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base);
+    let mut request = proxy.client.post(url).header("api-key", "k").json(&json!({}));
+    for i in 0..10 {
+        request = request.header(format!("x-big-{i}"), "b".repeat(8_000));
+    }
+    let r = request.send().await.unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(r.text().await.unwrap(), r#"{"statusCode": 431, "message": "Request header fields too large"}"#);
+}
