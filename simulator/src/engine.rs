@@ -687,6 +687,10 @@ impl<'s> Engine<'s> {
             let key = call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id);
             self.recorder.key_tokens(key, now, record.usage.total());
         }
+        if self.recorder.tracks_key_minutes() {
+            let key = call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id);
+            self.recorder.key_minute_tokens(call.client, key, now - self.start, record.usage.total());
+        }
         let retry_after = finished.generated.as_ref().and_then(|g| g.retry_after_secs);
         self.recorder.request(call.client, now - self.start, order, record, reason, latency, retry_after, line);
         self.sdk_retry(now, call, finished);

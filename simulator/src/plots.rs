@@ -168,31 +168,7 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
                       refusals, the backends' errors. A limit line rising while ok falls is a limit biting."
                 .into(),
         },
-        Chart {
-            file: "client-tokens".into(),
-            title: "Tokens per minute per client (all its keys)".into(),
-            x_label: "minute".into(),
-            y_label: "tokens per minute".into(),
-            series: client_tokens,
-            // No per-key limit line here: a client's keys together may pass a
-            // per-key limit that no single key reaches.
-            limits: Vec::new(),
-            band: None,
-            caption: format!(
-                "Tokens charged per minute to each client, all its caller keys together.{}",
-                match key_limits.is_empty() {
-                    true => String::new(),
-                    false => format!(
-                        " The policy's token limits are per key ({}), so they are not drawn against these sums.",
-                        key_limits
-                            .iter()
-                            .map(|(name, tpm): &(String, f64)| format!("{name}: {tpm}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                }
-            ),
-        },
+        client_tokens_chart(report, client_tokens, key_limits),
         Chart {
             file: "backend-tokens".into(),
             title: "Tokens per minute per backend".into(),
@@ -235,6 +211,49 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
                 .into(),
         },
     ]
+}
+
+/// Tokens per minute per client. With a per-key token limit in the policy, the
+/// busiest caller key of each client is drawn against it (a per-key limit drawn
+/// against a client's summed keys would look broken when no key is); without
+/// one, each client's keys together.
+fn client_tokens_chart(report: &Report, sums: Vec<(String, Line)>, key_limits: Vec<(String, f64)>) -> Chart {
+    let minute = |m: &crate::report::MinuteStats| m.minute as f64;
+    let per_key = report.minutes.first().is_some_and(|m| !m.busiest_key_tokens.is_empty());
+    if !per_key {
+        return Chart {
+            file: "client-tokens".into(),
+            title: "Tokens per minute per client (all its keys)".into(),
+            x_label: "minute".into(),
+            y_label: "tokens per minute".into(),
+            series: sums,
+            limits: Vec::new(),
+            band: None,
+            caption: "Tokens charged per minute to each client, all its caller keys together.".into(),
+        };
+    }
+    let series = report
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(c, stats)| {
+            let points = report.minutes.iter().map(|m| (minute(m), m.busiest_key_tokens[c] as f64)).collect();
+            (stats.name.clone(), points)
+        })
+        .collect();
+    Chart {
+        file: "client-tokens".into(),
+        title: "Busiest caller key's tokens per minute, per client".into(),
+        x_label: "minute".into(),
+        y_label: "tokens in the minute".into(),
+        series,
+        limits: key_limits,
+        band: None,
+        caption: "For each client, the most tokens any one of its caller keys (subscription, else IP) was charged \
+                  in each minute, against the policy's per-key token limit: a line at the limit is a key the \
+                  limit stops."
+            .into(),
+    }
 }
 
 /// A heatmap of the SLO pass rate over two varied parameters, as SVG and PNG.

@@ -81,6 +81,18 @@ pub struct MinuteStats {
     pub backend_5xx: Vec<u64>,
     /// Requests that tried more than one backend.
     pub failovers: u64,
+    /// Per client: the most tokens one caller key was charged in this minute
+    /// (when the policy has a per-key token limit to compare it with).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub busiest_key_tokens: Vec<u64>,
+}
+
+/// Tokens per caller key in the current minute, per client, for
+/// `busiest_key_tokens`. Keys are hashed (no string is kept per call); only the
+/// maximum is read, so no map order reaches an output.
+struct KeyMinutes {
+    minute: usize,
+    per_client: Vec<std::collections::HashMap<u64, u64>>,
 }
 
 pub struct Recorder {
@@ -94,6 +106,7 @@ pub struct Recorder {
     /// Tokens per caller key (subscription, else IP) over a sliding minute, and the
     /// largest minute seen; kept only when a promise asks for it.
     key_tokens: Option<(BTreeMap<String, gateway_core::limiter::SlidingLog>, u64)>,
+    key_minutes: Option<KeyMinutes>,
     /// The scenario backend each routing backend name stands for, found by the
     /// name's allocation: the router hands out clones of one `Arc` per backend,
     /// so a pointer comparison replaces a string comparison for every call.
@@ -130,6 +143,10 @@ impl Recorder {
             minutes: Vec::new(),
             decisions: keep_decisions.then(Vec::new),
             key_tokens: wants_keys.then(|| (BTreeMap::new(), 0)),
+            key_minutes: per_key_token_limit(scenario).then(|| KeyMinutes {
+                minute: 0,
+                per_client: scenario.clients.iter().map(|_| Default::default()).collect(),
+            }),
             backend_of_name: Vec::new(),
         }
     }
@@ -147,10 +164,34 @@ impl Recorder {
                 backend_throttled: vec![0; b],
                 backend_5xx: vec![0; b],
                 failovers: 0,
+                busiest_key_tokens: if self.key_minutes.is_some() { vec![0; c] } else { Vec::new() },
             };
             self.minutes.push((stats, Tally::default()));
         }
         &mut self.minutes[m]
+    }
+
+    /// Whether `key_minute_tokens` wants the caller keys of finished calls.
+    pub fn tracks_key_minutes(&self) -> bool {
+        self.key_minutes.is_some()
+    }
+
+    /// Charges `tokens` to a client's caller key in the minute of `since_start`.
+    pub fn key_minute_tokens(&mut self, client: usize, key: &str, since_start: Nanos, tokens: u64) {
+        use std::hash::{Hash, Hasher};
+        let minute = (since_start.0 / 60_000_000_000) as usize;
+        let Some(k) = &mut self.key_minutes else { return };
+        if k.minute != minute {
+            k.per_client.iter_mut().for_each(std::collections::HashMap::clear);
+            k.minute = minute;
+        }
+        let mut hasher = std::hash::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let total = k.per_client[client].entry(hasher.finish()).or_default();
+        *total = total.saturating_add(tokens);
+        let total = *total;
+        let (m, _) = self.minute(since_start);
+        m.busiest_key_tokens[client] = m.busiest_key_tokens[client].max(total);
     }
 
     pub fn tracks_keys(&self) -> bool {
@@ -395,6 +436,16 @@ impl From<&ClientStats> for ClientReport {
             retry_after_s_max: waits.then(|| c.retry_after_s.max() as f64),
         }
     }
+}
+
+/// Whether the policy has a token limit per minute, whose per-key figure the
+/// report then draws.
+fn per_key_token_limit(scenario: &Scenario) -> bool {
+    use gateway_core::Limit;
+    scenario.gateway.policy().limits.iter().any(|l| match l {
+        Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => t.0.tokens_per_minute.is_some(),
+        _ => false,
+    })
 }
 
 /// A latency figure as tables show it: `-` when no call was served.
