@@ -6,6 +6,6 @@ pub mod read;
 pub mod source;
 pub mod write;
 
-pub use read::{read, Diagnostic, PolicyDocument, ReadOptions};
+pub use read::{read, read_all, Diagnostic, PolicyDocument, ReadOptions};
 pub use source::PolicySource;
 pub use write::write;

@@ -27,6 +27,15 @@ pub struct Diagnostic {
     pub message: String,
 }
 
+impl Diagnostic {
+    /// `FILE:LINE:COLUMN: message`, then the offending line of `text`: the one
+    /// form every limitlab error takes.
+    pub fn render(&self, path: &str, text: &str) -> String {
+        let source = text.lines().nth((self.line as usize).saturating_sub(1)).unwrap_or("").trim_end();
+        format!("{path}:{self}\n    {}", source.trim_start())
+    }
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}: {}", self.line, self.column, self.message)
@@ -156,6 +165,8 @@ struct Reader<'a, 'input> {
     out: PolicyDocument,
     /// The section being read.
     current: String,
+    /// Errors of elements read so far; reading goes on to the next element.
+    errors: Vec<Diagnostic>,
 }
 
 /// APIM accepts C# in attribute values as written (`"`, `&&` and `<` unescaped),
@@ -210,15 +221,32 @@ fn restore(value: &str) -> String {
     value.chars().map(|c| STAND_INS.iter().find(|(_, s)| *s == c).map_or(c, |(o, _)| *o)).collect()
 }
 
-/// Reads a policy document; the first error ends the reading.
+/// Reads a policy document; on errors, the first in the file.
 pub fn read(text: &str, options: &ReadOptions) -> Result<PolicyDocument, Diagnostic> {
+    read_all(text, options).map_err(|errors| errors.into_iter().next().expect("an error"))
+}
+
+/// Reads a policy document; on errors, every element's error, in file order (a
+/// document that is not well-formed XML has just the one).
+pub fn read_all(text: &str, options: &ReadOptions) -> Result<PolicyDocument, Vec<Diagnostic>> {
+    read_document(text, options).map_err(|e| vec![e]).and_then(|(doc, mut errors)| match errors.is_empty() {
+        true => Ok(doc),
+        false => {
+            errors.sort_by_key(|d| (d.line, d.column));
+            Err(errors)
+        }
+    })
+}
+
+fn read_document(text: &str, options: &ReadOptions) -> Result<(PolicyDocument, Vec<Diagnostic>), Diagnostic> {
     let protected = protect_expressions(text);
     let doc = Document::parse(&protected).map_err(|e| {
         let pos = e.pos();
         Diagnostic { line: pos.row, column: pos.col, message: format!("malformed XML: {e}") }
     })?;
     let root = doc.root_element();
-    let mut reader = Reader { doc: &doc, options, out: PolicyDocument::default(), current: String::new() };
+    let mut reader =
+        Reader { doc: &doc, options, out: PolicyDocument::default(), current: String::new(), errors: Vec::new() };
     if root.tag_name().name() != "policies" {
         return Err(reader.at(root, format!("the root element is <{}>, not <policies>", root.tag_name().name())));
     }
@@ -233,7 +261,7 @@ pub fn read(text: &str, options: &ReadOptions) -> Result<PolicyDocument, Diagnos
             }
         }
     }
-    Ok(reader.out)
+    Ok((reader.out, reader.errors))
 }
 
 const LIMITS: [&str; 6] =
@@ -253,7 +281,9 @@ impl Reader<'_, '_> {
     fn section(&mut self, section: Node<'_, '_>) -> Result<(), Diagnostic> {
         self.current = section.tag_name().name().to_owned();
         for node in section.children().filter(Node::is_element) {
-            self.element(node)?;
+            if let Err(error) = self.element(node) {
+                self.errors.push(error);
+            }
         }
         Ok(())
     }

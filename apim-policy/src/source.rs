@@ -83,7 +83,7 @@ impl PolicySource {
             return Ok(Resolved { policy, set_headers: Vec::new(), warnings: Vec::new() });
         }
         let options = ReadOptions { strict: false, named_values: named_values.clone() };
-        let doc: PolicyDocument = read(&text, &options).map_err(|d| format!("{shown}:{d}"))?;
+        let doc: PolicyDocument = read(&text, &options).map_err(|d| d.render(&shown, &text))?;
         doc.apply_to(routing).map_err(|e| format!("{shown}: the policy's backend side: {e}"))?;
         let warnings = doc.warnings.iter().map(|w| format!("{shown}:{w}")).collect();
         Ok(Resolved { policy: doc.policy, set_headers: doc.set_headers, warnings })

@@ -46,8 +46,8 @@ fn load_policy(path: &Path) -> Result<Policy> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
         return Policy::from_toml_file(&shown, &text).map_err(anyhow::Error::msg);
     }
-    let doc =
-        apim_policy::read(&text, &apim_policy::ReadOptions::default()).map_err(|d| anyhow::anyhow!("{shown}:{d}"))?;
+    let doc = apim_policy::read(&text, &apim_policy::ReadOptions::default())
+        .map_err(|d| anyhow::anyhow!(d.render(&shown, &text)))?;
     for warning in &doc.warnings {
         eprintln!("{shown}:{warning} (warning)");
     }

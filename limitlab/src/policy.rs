@@ -2,7 +2,7 @@
 //! policy files.
 
 use anyhow::Result;
-use apim_policy::{read, PolicyDocument, ReadOptions};
+use apim_policy::{PolicyDocument, ReadOptions};
 use gateway_core::routing::Retry;
 use gateway_core::{KeyExpr, Limit};
 use std::collections::BTreeMap;
@@ -18,9 +18,13 @@ pub fn options(strict: bool, named: &[String]) -> Result<ReadOptions> {
     Ok(ReadOptions { strict, named_values })
 }
 
+/// A policy file, or every error in it, in file order, each as one located
+/// line and the offending source line.
 fn load(path: &Path, options: &ReadOptions) -> Result<PolicyDocument, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    read(&text, options).map_err(|d| format!("{}:{d}", path.display()))
+    let shown = path.display().to_string();
+    apim_policy::read_all(&text, options)
+        .map_err(|errors| errors.iter().map(|d| d.render(&shown, &text)).collect::<Vec<_>>().join("\n"))
 }
 
 /// Exit status 0 when every file is understood, 2 otherwise (errors on stderr as

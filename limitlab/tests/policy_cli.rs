@@ -39,6 +39,28 @@ fn a_statement_block_in_a_counter_key_is_an_error_not_one_shared_counter() {
 }
 
 #[test]
+fn every_error_of_a_policy_file_comes_in_file_order_with_its_line() {
+    let file = std::env::temp_dir().join(format!("limitlab-errors-policy-{}.xml", std::process::id()));
+    let xml = "<policies>\n<inbound>\n<rate-limit calls=\"x\" renewal-period=\"60\" />\n\
+               <quota-by-key calls=\"1\" renewal-period=\"60\" counter-key=\"@{ return 1; }\" />\n\
+               <rate-limit-by-kye calls=\"1\" renewal-period=\"60\" counter-key=\"x\" />\n</inbound>\n</policies>\n";
+    std::fs::write(&file, xml).unwrap();
+    let (code, _, err) = limitlab(&["policy", "check", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(code, 2);
+    let located: Vec<&str> = err.lines().filter(|l| l.starts_with(file.to_str().unwrap())).collect();
+    assert_eq!(located.len(), 3, "{err}");
+    let lines: Vec<&str> = located.iter().map(|l| l.split(':').nth(1).unwrap()).collect();
+    assert_eq!(lines, ["3", "4", "5"], "{err}");
+    assert!(located[0].contains("`x` is not a whole number"), "{err}");
+    assert!(located[1].contains("statement block"), "{err}");
+    assert!(located[2].contains("did you mean <rate-limit-by-key>?"), "{err}");
+    // Each located line is followed by the offending source line.
+    assert_eq!(err.lines().count(), 6, "{err}");
+    assert!(err.lines().nth(1).unwrap().trim_start().starts_with("<rate-limit calls=\"x\""), "{err}");
+}
+
+#[test]
 fn import_prints_native_toml_that_loads_as_the_same_policy() {
     let (code, out, _) = limitlab(&["policy", "import", "policies/seed-ip-limits.xml"]);
     assert_eq!(code, 0);
