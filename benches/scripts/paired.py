@@ -35,12 +35,14 @@ def main() -> None:
     parser.add_argument("new", help="the simulate bench binary after the change")
     parser.add_argument("--rounds", type=int, default=10, help="pairs in each order (default 10)")
     parser.add_argument("--duration", default="30m", help="simulated time per run (default 30m)")
+    parser.add_argument("--scenario", help="a scenario file instead of benches/throughput.toml")
     args = parser.parse_args()
     ratios = []
     for _ in range(args.rounds):
         for first, second in ((args.old, args.new), (args.new, args.old)):
-            a = subprocess.Popen([first, args.duration], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            b = subprocess.Popen([second, args.duration], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            extra = [args.scenario] if args.scenario else []
+            a = subprocess.Popen([first, args.duration, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            b = subprocess.Popen([second, args.duration, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             rate_a, rate_b = rate(a), rate(b)
             old, new = (rate_a, rate_b) if first == args.old else (rate_b, rate_a)
             ratios.append(new / old)

@@ -4,7 +4,7 @@
 //! events in the same order.
 
 use crate::queue::EventQueue;
-use crate::report::{Decision, Recorder};
+use crate::report::{CallerKey, Decision, Recorder};
 use crate::scenario::{Arrival, Client, Identity, Scenario};
 use crate::trace::{self, TraceLine};
 use gateway_core::decision_log::Caller;
@@ -24,6 +24,8 @@ use std::path::Path;
 #[derive(Clone, Debug, Default)]
 struct Call {
     client: usize,
+    /// The caller's number for a generated call (`None` for a trace line).
+    caller: Option<usize>,
     /// Trace line, or a sequence number.
     request: u64,
     attempt: u32,
@@ -484,6 +486,7 @@ impl<'s> Engine<'s> {
         // into the box would copy its 200-odd bytes for every call.
         let mut call = self.spare_calls.pop().unwrap_or_default();
         call.client = client;
+        call.caller = Some(caller);
         call.request = 0;
         call.attempt = 0;
         call.prompt_tokens = prompt_tokens;
@@ -515,6 +518,7 @@ impl<'s> Engine<'s> {
         }
         Call {
             client,
+            caller: None,
             request: line.line,
             attempt: 0,
             prompt_tokens,
@@ -688,12 +692,24 @@ impl<'s> Engine<'s> {
             self.recorder.key_tokens(key, now, record.usage.total());
         }
         if self.recorder.tracks_key_minutes() {
-            let key = call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id);
+            let key = self.caller_key(call);
             self.recorder.key_minute_tokens(call.client, key, now - self.start, record.usage.total());
         }
         let retry_after = finished.generated.as_ref().and_then(|g| g.retry_after_secs);
         self.recorder.request(call.client, now - self.start, order, record, reason, latency, retry_after, line);
         self.sdk_retry(now, call, finished);
+    }
+
+    /// The key a call's tokens count against (its subscription, else its IP):
+    /// for a generated call its caller's slot, one slot for all when the client's
+    /// callers share an address.
+    fn caller_key<'c>(&self, call: &'c Call) -> CallerKey<'c> {
+        let client = &self.scenario.clients[call.client];
+        match (call.caller, &client.identity, &client.ip) {
+            (Some(caller), Identity::Subscription { .. }, _) | (Some(caller), _, None) => CallerKey::Slot(caller),
+            (Some(_), _, Some(_)) => CallerKey::Slot(0),
+            (None, _, _) => CallerKey::Text(call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id)),
+        }
     }
 
     /// A decision log line; out of line, as most runs keep no log.

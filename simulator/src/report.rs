@@ -92,7 +92,46 @@ pub struct MinuteStats {
 /// maximum is read, so no map order reaches an output.
 struct KeyMinutes {
     minute: usize,
-    per_client: Vec<std::collections::HashMap<u64, u64>>,
+    per_client: Vec<KeyTable>,
+}
+
+/// One client's caller keys in the current minute: a generated client's keys
+/// by caller number, in a dense table stamped with its minute (nothing to clear,
+/// no hashing); a trace's by hashed key.
+#[derive(Default)]
+struct KeyTable {
+    /// (minute + 1, tokens) per caller slot; a stale minute reads as 0.
+    dense: Vec<(u32, u64)>,
+    sparse: std::collections::HashMap<u64, u64, KeyHashState>,
+}
+
+/// Which caller key a finished call is charged to.
+pub enum CallerKey<'a> {
+    /// A generated client's caller number (its key's slot).
+    Slot(usize),
+    /// A trace line's key.
+    Text(&'a str),
+}
+
+/// The map's keys are already hashes (foldhash's, with a fixed seed): they are
+/// used as they are, so a charge hashes its key once.
+type KeyHashState = std::hash::BuildHasherDefault<AlreadyHashed>;
+
+#[derive(Default)]
+struct AlreadyHashed(u64);
+
+impl std::hash::Hasher for AlreadyHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys, which are hashes already")
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
 }
 
 pub struct Recorder {
@@ -177,19 +216,33 @@ impl Recorder {
     }
 
     /// Charges `tokens` to a client's caller key in the minute of `since_start`.
-    pub fn key_minute_tokens(&mut self, client: usize, key: &str, since_start: Nanos, tokens: u64) {
-        use std::hash::{Hash, Hasher};
+    pub fn key_minute_tokens(&mut self, client: usize, key: CallerKey<'_>, since_start: Nanos, tokens: u64) {
+        use std::hash::BuildHasher;
         let minute = (since_start.0 / 60_000_000_000) as usize;
         let Some(k) = &mut self.key_minutes else { return };
         if k.minute != minute {
-            k.per_client.iter_mut().for_each(std::collections::HashMap::clear);
+            k.per_client.iter_mut().for_each(|t| t.sparse.clear());
             k.minute = minute;
         }
-        let mut hasher = std::hash::DefaultHasher::new();
-        key.hash(&mut hasher);
-        let total = k.per_client[client].entry(hasher.finish()).or_default();
-        *total = total.saturating_add(tokens);
-        let total = *total;
+        let table = &mut k.per_client[client];
+        let total = match key {
+            CallerKey::Slot(slot) => {
+                if table.dense.len() <= slot {
+                    table.dense.resize(slot + 1, (0, 0));
+                }
+                let stamp = minute as u32 + 1;
+                let entry = &mut table.dense[slot];
+                let before = if entry.0 == stamp { entry.1 } else { 0 };
+                *entry = (stamp, before.saturating_add(tokens));
+                entry.1
+            }
+            CallerKey::Text(text) => {
+                let hash = foldhash::fast::FixedState::with_seed(0).hash_one(text);
+                let total = table.sparse.entry(hash).or_default();
+                *total = total.saturating_add(tokens);
+                *total
+            }
+        };
         let (m, _) = self.minute(since_start);
         m.busiest_key_tokens[client] = m.busiest_key_tokens[client].max(total);
     }
