@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 
 /// `Ok(true)`: every promise held; `Ok(false)`: one broke (exit 1).
 pub fn run(path: &Path, cases: u32, seed: u64, out: Option<PathBuf>, allow_large: bool) -> Result<bool> {
-    let loaded = simulator::Scenario::load(path).map_err(anyhow::Error::msg)?;
-    // The largest case multiplies the rates by the top of `rate_scale`.
-    let scenario = crate::paths::load_scenario(path, loaded.check.rate_scale[1].max(1.0), allow_large)?;
+    let scenario = crate::paths::load_scenario(path, crate::paths::Rates::CheckScaled, allow_large)?;
     anyhow::ensure!(!scenario.expect.is_empty(), "{}: no [[expect]] promises to check", path.display());
     let base = path.parent().unwrap_or(Path::new("."));
     // Checked now: a broken promise found after minutes must be written (exit 1),

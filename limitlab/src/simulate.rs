@@ -11,7 +11,7 @@ pub fn run(
     decisions: Option<PathBuf>,
     allow_large: bool,
 ) -> Result<()> {
-    let scenario = crate::paths::load_scenario(scenario_path, 1.0, allow_large)?;
+    let scenario = crate::paths::load_scenario(scenario_path, crate::paths::Rates::AsWritten, allow_large)?;
     let base = scenario_path.parent().unwrap_or(Path::new("."));
     let dir = out.unwrap_or_else(|| Path::new("reports").join(&scenario.name));
     crate::paths::writable_dir(&dir)?;

@@ -18,7 +18,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let scenario = crate::paths::load_scenario(&args.scenario, 1.0, args.allow_large)?;
+    let scenario = crate::paths::load_scenario(&args.scenario, crate::paths::Rates::AsWritten, args.allow_large)?;
     let base = args.scenario.parent().unwrap_or(Path::new("."));
     let varies =
         args.vary.iter().map(|v| sweep::parse_vary(v)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;

@@ -12,44 +12,18 @@
 //! edge, so that those delays cannot move a request across one.
 
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::spawn;
 
 const FIXTURE: &str = "limitlab/tests/differential";
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Starts `limitlab ARGS` and returns it with the URLs of its first `lines` lines.
-fn spawn(args: &[&str], lines: usize) -> (Process, Vec<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_limitlab"))
-        .args(args)
-        .current_dir(root())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("limitlab starts");
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
-    let urls = (0..lines)
-        .map(|_| {
-            let mut line = String::new();
-            out.read_line(&mut line).expect("a line");
-            line.trim().rsplit(' ').next().unwrap_or_default().to_owned()
-        })
-        .collect();
-    (Process(child), urls)
 }
 
 /// The decision log's lines by request number: (status, reason, backends, tokens).
@@ -112,21 +86,22 @@ async fn the_proxy_decides_every_request_as_the_simulator_does() {
     let dir = std::env::temp_dir().join(format!("limitlab-differential-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mock = format!("{FIXTURE}/mock.toml");
-    let (_primary, primary) = spawn(&["mock", "--config", &mock, "--listen", "127.0.0.1:0"], 1);
-    let (_secondary, secondary) = spawn(&["mock", "--config", &mock, "--listen", "127.0.0.1:0"], 1);
+    let primary = spawn(&["mock", "--config", &mock, "--listen", "127.0.0.1:0"], 1, None);
+    let secondary = spawn(&["mock", "--config", &mock, "--listen", "127.0.0.1:0"], 1, None);
     let log = dir.join("proxy.jsonl");
-    let (p, s) = (format!("primary={}", primary[0]), format!("secondary={}", secondary[0]));
+    let (p, s) = (format!("primary={}", primary.urls[0]), format!("secondary={}", secondary.urls[0]));
     let config = format!("{FIXTURE}/proxy.toml");
     let args = ["proxy", "--config", &config, "--backend", &p, "--backend", &s, "--decisions", log.to_str().unwrap()];
-    let (_proxy, proxy) = spawn(&args, 2);
+    let proxy = spawn(&args, 2, None);
     // The primary's faults, clocked from now: the replay starts with them.
     let faults: Value =
         serde_json::from_str(&std::fs::read_to_string(root().join(FIXTURE).join("faults.json")).unwrap()).unwrap();
     let client = reqwest::Client::new();
-    let set =
-        client.post(format!("{}/_mock/faults", primary[0])).json(&json!({"deployment": "gpt-4o", "faults": faults}));
+    let set = client
+        .post(format!("{}/_mock/faults", primary.urls[0]))
+        .json(&json!({"deployment": "gpt-4o", "faults": faults}));
     assert_eq!(set.send().await.unwrap().status(), 200);
-    play(&proxy[0], Instant::now()).await;
+    play(&proxy.urls[0], Instant::now()).await;
     let expected = simulated(&dir);
     assert_eq!(expected.len(), 14, "every trace line is decided");
     // Each line is written as its request finishes; the last answers are back.

@@ -2,42 +2,11 @@
 //! driven by a real HTTP client, with the shipped `examples/proxy.toml`.
 
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-/// A child process killed when the test ends, and the URLs it printed.
-struct Process {
-    child: Child,
-    urls: Vec<String>,
-}
+mod common;
 
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(args: &[&str], lines: usize) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_limitlab"))
-        .args(args)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("limitlab starts");
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
-    let urls = (0..lines)
-        .map(|_| {
-            let mut line = String::new();
-            out.read_line(&mut line).expect("a line");
-            let url = line.trim().rsplit(' ').next().unwrap_or_default().to_owned();
-            assert!(url.starts_with("http://"), "unexpected line {line:?} from limitlab {args:?}");
-            url
-        })
-        .collect();
-    Process { child, urls }
-}
+use common::{spawn, Process};
 
 struct Stack {
     primary: Process,
@@ -47,8 +16,8 @@ struct Stack {
 }
 
 fn stack() -> Stack {
-    let primary = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1);
-    let secondary = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1);
+    let primary = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
+    let secondary = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
     let p = format!("primary={}", primary.urls[0]);
     let s = format!("secondary={}", secondary.urls[0]);
     let proxy = spawn(
@@ -66,6 +35,7 @@ fn stack() -> Stack {
             &s,
         ],
         2,
+        None,
     );
     Stack { primary, secondary, proxy, client: reqwest::Client::new() }
 }
@@ -151,7 +121,7 @@ fn slow_mock(ttft_ms: u64) -> (Process, TempFile) {
          completion_tokens = {{ fixed = 5 }}\nlatency = {{ ttft_ms = {{ fixed = {ttft_ms} }}, per_token_ms = {{ fixed = 0 }} }}\n"
     );
     std::fs::write(&path.0, config).unwrap();
-    let mock = spawn(&["mock", "--config", path.0.to_str().unwrap(), "--listen", "127.0.0.1:0"], 1);
+    let mock = spawn(&["mock", "--config", path.0.to_str().unwrap(), "--listen", "127.0.0.1:0"], 1, None);
     (mock, path)
 }
 
@@ -174,6 +144,7 @@ async fn sigterm_stops_accepting_lets_the_call_in_flight_finish_and_exits_0() {
             .chain(["--backend", &backend, "--threads", "2"])
             .collect::<Vec<_>>(),
         2,
+        None,
     );
     let url = format!("{}{CHAT}", proxy.urls[0]);
     let client = reqwest::Client::new();

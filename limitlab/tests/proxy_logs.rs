@@ -3,53 +3,23 @@
 //! served until the work in flight has ended.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
-struct Process(Child);
+mod common;
 
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `limitlab ARGS`, stderr into `log` when given, and returns the URLs
-/// of its first `lines` lines.
-fn spawn(args: &[&str], lines: usize, log: Option<&Path>) -> (Process, Vec<String>) {
-    let stderr = log.map_or_else(Stdio::null, |p| Stdio::from(std::fs::File::create(p).unwrap()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_limitlab"))
-        .args(args)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("limitlab starts");
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
-    let urls = (0..lines)
-        .map(|_| {
-            let mut line = String::new();
-            out.read_line(&mut line).expect("a line");
-            line.trim().rsplit(' ').next().unwrap_or_default().to_owned()
-        })
-        .collect();
-    (Process(child), urls)
-}
+use common::{spawn, Process};
 
 fn log_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("limitlab-proxy-logs-{}-{name}.log", std::process::id()))
 }
 
 /// A mock and a proxy in front of it (`extra` proxy flags), logging into `log`.
-fn stack(log: &Path, extra: &[&str]) -> (Process, Process, Vec<String>) {
-    let (mock, mock_urls) = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
-    let backend = format!("primary={}", mock_urls[0]);
+fn stack(log: &Path, extra: &[&str]) -> (Process, Process) {
+    let mock = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
+    let backend = format!("primary={}", mock.urls[0]);
     let base = ["proxy", "--config", "examples/proxy.toml", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
     let args: Vec<&str> = base.into_iter().chain(["--backend", &backend]).chain(extra.iter().copied()).collect();
-    let (proxy, urls) = spawn(&args, 2, Some(log));
-    (mock, proxy, urls)
+    (mock, spawn(&args, 2, Some(log)))
 }
 
 const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
@@ -81,8 +51,8 @@ async fn calls(urls: &[String]) {
 #[tokio::test]
 async fn text_logs_to_a_file_carry_no_colour_and_name_each_refusal() {
     let log = log_path("text");
-    let (_mock, _proxy, urls) = stack(&log, &[]);
-    calls(&urls).await;
+    let (_mock, proxy) = stack(&log, &[]);
+    calls(&proxy.urls).await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains('\u{1b}'), "ANSI escapes in a file:\n{text}");
     assert!(
@@ -97,8 +67,8 @@ async fn text_logs_to_a_file_carry_no_colour_and_name_each_refusal() {
 #[tokio::test]
 async fn json_logs_nest_the_record_and_log_refusals() {
     let log = log_path("json");
-    let (_mock, _proxy, urls) = stack(&log, &["--log-json"]);
-    calls(&urls).await;
+    let (_mock, proxy) = stack(&log, &["--log-json"]);
+    calls(&proxy.urls).await;
     let lines: Vec<Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()

@@ -5,13 +5,11 @@
 
 mod common;
 
-use common::limitlab;
+use common::{limitlab, spawn};
 use gateway_core::Reason;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 /// Checks that every name is a reason's spelling, and that the place showed at
 /// least the reasons `expected` (so that a parser that finds nothing cannot pass).
@@ -91,37 +89,6 @@ fn the_simulators_outputs_spell_reasons_as_the_core_does() {
     }
 }
 
-/// A child process killed when the test ends.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `limitlab ARGS`, its stderr into `log`, and returns it with the URLs of
-/// its first `lines` lines.
-fn spawn(args: &[&str], lines: usize, log: Option<&Path>) -> (Process, Vec<String>) {
-    let stderr = log.map_or_else(Stdio::null, |p| Stdio::from(std::fs::File::create(p).unwrap()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_limitlab"))
-        .args(args)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("limitlab starts");
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
-    let mut urls = Vec::new();
-    for _ in 0..lines {
-        let mut line = String::new();
-        out.read_line(&mut line).expect("a line");
-        urls.push(line.trim().rsplit(' ').next().unwrap_or_default().to_owned());
-    }
-    (Process(child), urls)
-}
-
 fn metric_reasons(metrics: &str) -> BTreeSet<String> {
     let labels = metrics.split("reason=\"").skip(1);
     labels.map(|rest| rest.split('"').next().unwrap_or_default().to_owned()).collect()
@@ -149,11 +116,12 @@ fn request_log_reasons(log: &str) -> BTreeSet<String> {
 async fn the_proxys_request_log_and_metrics_spell_reasons_as_the_core_does() {
     let dir = scratch("proxy");
     let log = dir.join("proxy.log");
-    let (_primary, primary) = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
-    let backend = format!("primary={}", primary[0]);
+    let primary = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
+    let backend = format!("primary={}", primary.urls[0]);
     let args = ["proxy", "--config", "examples/proxy.toml", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
     let args: Vec<&str> = args.into_iter().chain(["--backend", &backend, "--log-json"]).collect();
-    let (_proxy, urls) = spawn(&args, 2, Some(&log));
+    let proxy = spawn(&args, 2, Some(&log));
+    let urls = &proxy.urls;
     let client = reqwest::Client::new();
     let chat = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", urls[0]);
     let body = serde_json::json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5});
