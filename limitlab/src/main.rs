@@ -167,7 +167,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Checks policy files: a summary of each pipeline, or FILE:LINE:COL errors (exit 2).
+    /// Checks policy files (APIM XML, or native `.toml`): a summary of each, or FILE:LINE:COL errors (exit 2).
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,

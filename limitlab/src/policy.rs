@@ -19,10 +19,16 @@ pub fn options(strict: bool, named: &[String]) -> Result<ReadOptions> {
 }
 
 /// A policy file, or every error in it, in file order, each as one located
-/// line and the offending source line.
+/// line and the offending source line. A `.toml` file is a native policy (its
+/// limits only); anything else is read as APIM policy XML, as `decide`,
+/// scenarios and the proxy config read them.
 fn load(path: &Path, options: &ReadOptions) -> Result<PolicyDocument, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let shown = path.display().to_string();
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
+        let policy = gateway_core::Policy::from_toml_file(&shown, &text)?;
+        return Ok(PolicyDocument { policy, ..PolicyDocument::default() });
+    }
     apim_policy::read_all(&text, options)
         .map_err(|errors| errors.iter().map(|d| d.render(&shown, &text)).collect::<Vec<_>>().join("\n"))
 }

@@ -26,6 +26,23 @@ fn check_summarises_understood_files_and_locates_errors() {
 }
 
 #[test]
+fn check_reads_a_native_toml_policy_as_toml_not_as_xml() {
+    let (code, out, err) = limitlab(&["policy", "check", "policies/seed-ip-limits.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rate-limit-by-key: 10 calls per 60 s by client IP"), "{out}");
+    let bad = std::env::temp_dir().join(format!("limitlab-bad-policy-{}.toml", std::process::id()));
+    std::fs::write(
+        &bad,
+        "[[limits]]\ntype = \"rate-limit-by-key\"\ncalls = 10\nrenewal_period = 400\ncounter_key = \"ip\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = limitlab(&["policy", "check", bad.to_str().unwrap()]);
+    std::fs::remove_file(&bad).unwrap();
+    assert_eq!(code, 2);
+    assert!(err.contains(&format!("{}:1:1: limits[0]: rate-limit-by-key: `renewal_period`", bad.display())), "{err}");
+}
+
+#[test]
 fn a_statement_block_in_a_counter_key_is_an_error_not_one_shared_counter() {
     let file = std::env::temp_dir().join(format!("limitlab-block-policy-{}.xml", std::process::id()));
     let key = "@{ var ip = context.Request.IpAddress; return ip.Substring(0, 7); }";

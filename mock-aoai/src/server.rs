@@ -148,8 +148,9 @@ fn admit(
         ));
     };
     if !wire::is_known_api_version(&api_version) {
-        // Azure's answer to an api-version it does not serve.
-        return Err(refuse(StatusCode::NOT_FOUND, "404", "Resource not found"));
+        // Azure's answer to an api-version it does not serve, as current
+        // resources give it (older ones answered 404 "Resource not found").
+        return Err(refuse(StatusCode::BAD_REQUEST, "BadRequest", "API version not supported"));
     }
     let mut state = mock.lock();
     if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, headers) {

@@ -60,7 +60,7 @@ async fn an_api_version_azure_does_not_serve_is_404() {
     let url = start().await;
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5});
     let got = post(&url, "/openai/deployments/chat/chat/completions?api-version=2099-01-01", body).await;
-    check(got, 404, "404", "Resource not found");
+    check(got, 400, "BadRequest", "API version not supported");
 }
 
 #[tokio::test]
