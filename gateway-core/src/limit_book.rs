@@ -834,6 +834,25 @@ fn compile(limit: &Limit, class_of: &mut impl FnMut(&'static str, Shape) -> Clas
     CompiledLimit { limit: limit.clone(), key, same_key_as: None, primary, token_quota }
 }
 
+/// The openings of the messages of APIM's limit refusals (as `reject` writes
+/// them), by status and reason.
+const REFUSAL_MESSAGES: [(u16, &str, Reason); 5] = [
+    (429, "Rate limit is exceeded.", Reason::RateLimit),
+    (429, "Token limit is exceeded.", Reason::TokenLimit),
+    (403, "Out of call volume quota.", Reason::Quota),
+    (403, "Out of bandwidth quota.", Reason::BandwidthQuota),
+    (403, "Token quota is exceeded.", Reason::TokenQuota),
+];
+
+/// The limit that refused a call, read from an answer a gateway (APIM, or this
+/// core behind the proxy) gave: its status and the `message` of its JSON body.
+/// `None` when the answer is not a limit's refusal.
+pub fn refusal_reason(status: u16, body: &[u8]) -> Option<Reason> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let message = value.get("message")?.as_str()?;
+    REFUSAL_MESSAGES.iter().find(|(s, opening, _)| *s == status && message.starts_with(opening)).map(|m| m.2)
+}
+
 #[cold]
 #[inline(never)]
 fn reject(reason: Reason, limit_index: usize, retry_after_secs: Option<u64>, header_name: Option<&str>) -> Rejection {
@@ -890,5 +909,26 @@ fn push_header(headers: &mut Vec<(String, String)>, name: &Option<String>, value
 fn set_var(variables: &mut Vec<(String, i64)>, name: &Option<String>, value: i64) {
     if let Some(name) = name {
         variables.push((name.clone(), value));
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::{refusal_reason, reject};
+    use crate::Reason;
+
+    #[test]
+    fn every_limit_refusal_reads_back_as_its_reason() {
+        for reason in Reason::ALL.into_iter().filter(|r| r.is_limit()) {
+            for secs in [Some(7), None].into_iter().filter(|s| {
+                s.is_some() || !matches!(reason, Reason::RateLimit | Reason::TokenLimit | Reason::TokenQuota)
+            }) {
+                let r = reject(reason, 0, secs, None);
+                assert_eq!(refusal_reason(r.status, r.body.as_bytes()), Some(reason), "{}", r.body);
+            }
+        }
+        assert_eq!(refusal_reason(429, br#"{"error": {"code": "429", "message": "Requests to the ..."}}"#), None);
+        assert_eq!(refusal_reason(403, br#"{"statusCode": 403, "message": "Rate limit is exceeded."}"#), None);
+        assert_eq!(refusal_reason(429, b"not json"), None);
     }
 }

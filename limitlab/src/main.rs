@@ -18,7 +18,9 @@ macro_rules! say_raw {
 }
 
 mod check;
+mod compare;
 mod decide;
+mod load;
 mod mock;
 mod paths;
 mod policy;
@@ -52,7 +54,7 @@ struct Cli {
 enum Command {
     /// Replays a JSONL file of requests through a policy and prints each decision.
     Decide {
-        /// A policy in limitlab's TOML form (`[[limits]]` tables).
+        /// A policy: APIM policy XML, or limitlab's native TOML (`.toml`, `[[limits]]` tables).
         policy: PathBuf,
         /// One JSON object per line: `t_ms`, `ip`, optional `subscription`, `product`,
         /// `headers`, `status`, `total_tokens`, `latency_ms`, `prompt_tokens`, `bytes`.
@@ -103,6 +105,59 @@ enum Command {
         /// `x-limitlab-attempt` headers name the scenario's request).
         #[arg(long)]
         decisions: Option<PathBuf>,
+    },
+    /// Plays a scenario's traffic in wall-clock time against a live gateway and reports what came back.
+    Load {
+        /// A scenario file (see `scenarios/`).
+        scenario: PathBuf,
+        /// The gateway's root URL (limitlab's proxy, APIM, or Azure OpenAI itself).
+        #[arg(long, required_unless_present = "local", conflicts_with = "local")]
+        target: Option<String>,
+        /// Starts the scenario's backends (mocks) and gateway (proxies) on loopback ports, plays the traffic
+        /// through them, then stops them.
+        #[arg(long)]
+        local: bool,
+        /// The subscription key of callers the scenario does not give keys of their own (sent as `api-key`).
+        #[arg(long)]
+        key: Option<String>,
+        /// Where to write `report.json` and `report.html` (default `reports/<scenario name>-live/`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Writes one JSON line per call, as `simulate --decisions` does.
+        #[arg(long)]
+        decisions: Option<PathBuf>,
+        /// Overrides the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stops after this many first calls (SDK retries of those still go); the report is then partial.
+        #[arg(long)]
+        max_requests: Option<u64>,
+        /// How callers' IPs reach the gateway: `source` (an address of its own in 127.0.0.0/8, loopback
+        /// targets only), `forwarded-for` (`X-Forwarded-For`, for a gateway that trusts this host), or `auto`
+        /// (source on loopback, none elsewhere).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "source", "forwarded-for"])]
+        caller_ip: String,
+        /// The deployment in each call's path (default: the scenario's first backend's model).
+        #[arg(long)]
+        deployment: Option<String>,
+        #[arg(long, default_value = "2024-10-21")]
+        api_version: String,
+    },
+    /// Sets two runs' reports side by side (a simulation and a live run, or two live runs).
+    Compare {
+        /// A report folder (with `report.json`).
+        a: PathBuf,
+        /// Another report folder.
+        b: PathBuf,
+        /// Relative difference allowed for counts and tokens.
+        #[arg(long, default_value_t = 0.01)]
+        tolerance: f64,
+        /// Calls two counts may differ by whatever their size (small counts).
+        #[arg(long, default_value_t = 2)]
+        tolerance_calls: u64,
+        /// Relative difference allowed for latency percentiles (`inf`: not judged).
+        #[arg(long, default_value_t = 0.25)]
+        latency_tolerance: f64,
     },
     /// Reads APIM policy XML: `check` says what limitlab understood, `import` prints native TOML.
     Policy {
@@ -234,6 +289,38 @@ fn main() -> ExitCode {
             }
         }
         Command::Mock { config, listen } => mock::run(config.as_deref(), &listen),
+        Command::Load {
+            scenario,
+            target,
+            local,
+            key,
+            out,
+            decisions,
+            seed,
+            max_requests,
+            caller_ip,
+            deployment,
+            api_version,
+        } => load::run(load::Args {
+            scenario,
+            target,
+            local,
+            key,
+            out,
+            decisions,
+            seed,
+            max_requests,
+            caller_ip,
+            deployment,
+            api_version,
+        }),
+        Command::Compare { a, b, tolerance, tolerance_calls, latency_tolerance } => {
+            match compare::run(&a, &b, tolerance, tolerance_calls, latency_tolerance) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::from(1),
+                Err(e) => Err(e),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

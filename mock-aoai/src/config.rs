@@ -16,6 +16,11 @@ pub struct MockConfig {
     /// Accepted `api-key` values (or `Authorization: Bearer` tokens); empty: no auth.
     #[serde(default)]
     pub api_keys: Vec<String>,
+    /// The instant (milliseconds since the Unix epoch) fault schedules count
+    /// from; default: when the mock starts. `limitlab load --local` sets it to
+    /// the run's start, so that an outage comes when the scenario says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_unix_ms: Option<u64>,
     pub deployments: Vec<DeploymentConfig>,
 }
 

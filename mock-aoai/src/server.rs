@@ -34,11 +34,13 @@ pub struct Mock {
 impl Mock {
     pub fn new(config: MockConfig) -> Mock {
         let epoch_unix = Nanos(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+        // Fault schedules count from the config's origin, else from now.
+        let origin = config.origin_unix_ms.map_or(epoch_unix, Nanos::from_millis);
         let models = config
             .deployments
             .iter()
             .enumerate()
-            .map(|(i, d)| (d.name.clone(), DeploymentModel::new(d.clone(), config.seed ^ (i as u64) << 32, epoch_unix)))
+            .map(|(i, d)| (d.name.clone(), DeploymentModel::new(d.clone(), config.seed ^ (i as u64) << 32, origin)))
             .collect();
         let state = MockState { config, models, epoch: Instant::now(), epoch_unix, served: 0 };
         Mock { state: Arc::new(Mutex::new(state)) }
@@ -188,7 +190,7 @@ fn admit(
         max_tokens: parsed.max_tokens,
         best_of: parsed.best_of,
         stream: parsed.stream && operation != Operation::Embeddings,
-        completion_tokens: None,
+        completion_tokens: completion_tokens(headers)?,
     };
     let response = model.handle_request(now, &request);
     let dimensions = model.config().embedding_dimensions();
@@ -201,6 +203,25 @@ fn admit(
         Meta { id: format!("{prefix}-limitlab{served:012x}"), created: now.0 / 1_000_000_000, model: model_name };
     Ok(Admission { meta, parsed, response, api_version, dimensions, seed: state.config.seed })
 }
+
+/// The completion length a load generator asks for (`limitlab load` sends the
+/// one its scenario drew, so that the mock answers what the simulator's backend
+/// would); without the header, the deployment's distribution draws it. Azure
+/// ignores the header.
+fn completion_tokens(headers: &HeaderMap) -> Result<Option<u64>, Box<Response>> {
+    let Some(value) = headers.get(COMPLETION_TOKENS_HEADER) else { return Ok(None) };
+    match value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        Some(n) if n >= 1 => Ok(Some(n)),
+        _ => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!("`{COMPLETION_TOKENS_HEADER}` must be a whole number of tokens, at least 1"),
+        )),
+    }
+}
+
+/// The mock's request header for the completion length a caller wants.
+pub const COMPLETION_TOKENS_HEADER: &str = "x-limitlab-completion-tokens";
 
 fn authorized(keys: &[String], headers: &HeaderMap) -> bool {
     let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());
@@ -315,10 +336,14 @@ fn sse_events(
         }
     }
     let (ttft, per_token) = (duration(c.time_to_first_token), duration(c.time_per_token));
+    // Each chunk is due at its own instant from the start, not a wait after the
+    // one before: waits would add up every timer's lateness, about a
+    // millisecond a token, and make a long stream much slower than the model says.
+    let origin = tokio::time::Instant::now();
     let paced = stream::iter(tokens.into_iter().enumerate()).then(move |(i, chunk)| async move {
-        let wait = if i == 0 { ttft } else { per_token };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        let due = origin + ttft + per_token * i as u32;
+        if !(ttft + per_token * i as u32).is_zero() {
+            tokio::time::sleep_until(due).await;
         }
         Ok(chunk)
     });

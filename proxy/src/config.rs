@@ -40,6 +40,16 @@ pub struct ProxyConfig {
     /// paths are from the config file's folder.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ca_files: Vec<std::path::PathBuf>,
+    /// How far the core's clock runs from the wall clock, in milliseconds
+    /// (default 0). `limitlab load --local` sets it so that the run starts at
+    /// its scenario's start instant: calendar quotas and fixed windows then
+    /// turn over when the simulation's do.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clock_offset_ms: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 fn default_listen() -> String {

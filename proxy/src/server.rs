@@ -95,7 +95,9 @@ impl Proxy {
                 return Err(format!("subscriptions `{}` and `{}` have the same key", id(j), id(i)));
             }
         }
-        let epoch_unix = Nanos(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let offset = config.clock_offset_ms.saturating_mul(1_000_000);
+        let epoch_unix = Nanos(wall.saturating_add_signed(offset));
         let metrics = Metrics::new(&config);
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);

@@ -4,37 +4,21 @@
 //! events in the same order.
 
 use crate::queue::EventQueue;
-use crate::report::{CallerKey, Decision, Recorder};
-use crate::scenario::{Arrival, Client, Identity, Scenario};
+use crate::report::{Decision, Recorder};
+use crate::scenario::{Arrival, Scenario};
 use crate::trace::{self, TraceLine};
+use crate::traffic::{self, Call};
 use gateway_core::decision_log::Caller;
 use gateway_core::routing::{AttemptOutcome, Routing};
 use gateway_core::{
-    CounterDelta, Delivery, DeliveryEnd, Finished, Lifecycle, Nanos, OutcomeRecord, Reason, RequestId, RequestInfo,
-    Step, Subscription, Usage,
+    CounterDelta, Delivery, DeliveryEnd, Finished, Lifecycle, Nanos, OutcomeRecord, Reason, RequestId, Step, Usage,
 };
 use mock_aoai::model::{ModelRequest, ModelResponse, Operation};
-use mock_aoai::{round_to_u64, DeploymentModel};
-use rand::{Rng, RngExt, SeedableRng};
+use mock_aoai::DeploymentModel;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::VecDeque;
 use std::path::Path;
-
-/// One client call (an SDK retry is a new call with `attempt + 1`).
-#[derive(Clone, Debug, Default)]
-struct Call {
-    client: usize,
-    /// The caller's number for a generated call (`None` for a trace line).
-    caller: Option<usize>,
-    /// Trace line, or a sequence number.
-    request: u64,
-    attempt: u32,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    max_tokens: Option<u64>,
-    stream: bool,
-    info: RequestInfo,
-}
 
 #[derive(Debug)]
 enum Event {
@@ -173,13 +157,8 @@ impl<'s> Engine<'s> {
                 scenario.backends.iter().position(|d| d.name == b.id).expect("validated: every backend is modelled")
             })
             .collect();
-        let stream = |number: u64| {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(number);
-            rng
-        };
-        let client_rngs = (0..scenario.clients.len() as u64).map(|i| stream(1000 + i)).collect();
-        let retry_rngs = (0..scenario.clients.len() as u64).map(|i| stream(1_000_000 + i)).collect();
+        let client_rngs = (0..scenario.clients.len()).map(|i| traffic::call_stream(seed, i)).collect();
+        let retry_rngs = (0..scenario.clients.len()).map(|i| traffic::retry_stream(seed, i)).collect();
         let traces = scenario
             .clients
             .iter()
@@ -226,7 +205,7 @@ impl<'s> Engine<'s> {
                 Arrival::Trace { .. } => {
                     let lines = self.traces[i].take().unwrap_or_default();
                     for line in lines {
-                        let call = self.trace_call(i, &line);
+                        let call = traffic::trace_call(i, &self.scenario.clients[i], &line);
                         self.push(self.start + Nanos::from_millis(line.t_ms), Event::Arrive(Box::new(call)));
                     }
                 }
@@ -396,41 +375,8 @@ impl<'s> Engine<'s> {
     }
 
     fn next_gap(&mut self, client: usize, now: Nanos) -> Nanos {
-        let c = &self.scenario.clients[client];
-        let rng = &mut self.client_rngs[client];
-        let exp = |rng: &mut ChaCha8Rng, rate: f64| -(1.0 - rng.random::<f64>()).ln() / rate;
-        let secs = match &c.arrival {
-            Arrival::Constant { rate_per_s } => 1.0 / rate_per_s,
-            Arrival::Poisson { rate_per_s } => exp(rng, *rate_per_s),
-            Arrival::Bursts { rate_per_s, on, off } => {
-                let cycle = on.0 .0 + off.0 .0;
-                let gap = exp(rng, *rate_per_s);
-                let next = now.saturating_sub(self.start).0 + (gap * 1e9) as u64;
-                // A gap that lands in the silent part moves to the next burst.
-                match cycle == 0 || next % cycle < on.0 .0 {
-                    true => gap,
-                    false => ((next / cycle + 1) * cycle - now.saturating_sub(self.start).0) as f64 / 1e9,
-                }
-            }
-            Arrival::Ramp { from_per_s, to_per_s } => {
-                let duration = self.scenario.duration.0.as_secs_f64().max(1e-9);
-                let rate = |t: f64| from_per_s + (to_per_s - from_per_s) * (t / duration).clamp(0.0, 1.0);
-                thinned(rng, now.saturating_sub(self.start).as_secs_f64(), duration, from_per_s.max(*to_per_s), rate)
-            }
-            Arrival::Daily { peak_per_s, trough_per_s, peak_hour } => {
-                // The hour of day in UTC of the scenario's own clock.
-                let day_start = now.0 / 86_400_000_000_000 * 86_400_000_000_000;
-                let rate = |t: f64| {
-                    let hours = ((day_start as f64 / 1e9 + t) / 3600.0) % 24.0;
-                    let phase = std::f64::consts::TAU * (hours - peak_hour) / 24.0;
-                    trough_per_s + (peak_per_s - trough_per_s) * (1.0 + phase.cos()) / 2.0
-                };
-                let since_day_start = |t: Nanos| t.0.saturating_sub(day_start) as f64 / 1e9;
-                thinned(rng, since_day_start(now), since_day_start(self.end), *peak_per_s, rate)
-            }
-            Arrival::Trace { .. } => unreachable!("traces are scheduled up front"),
-        };
-        Nanos(round_to_u64(secs * 1e9).max(1))
+        let clock = traffic::Clock { start: self.start, end: self.end };
+        traffic::next_gap(&self.scenario.clients[client], &mut self.client_rngs[client], clock, now)
     }
 
     fn generate(&mut self, now: Nanos, client: usize) {
@@ -476,57 +422,12 @@ impl<'s> Engine<'s> {
 
     /// A generated client's next call; its `request` number is given on arrival.
     fn draw_call(&mut self, client: usize) -> Box<Call> {
-        let c: &Client = &self.scenario.clients[client];
-        let rng = &mut self.client_rngs[client];
-        let caller = rng.random_range(0..c.callers);
-        let prompt_tokens = round_to_u64(c.prompt_tokens.sample(rng));
-        let completion_tokens = round_to_u64(c.completion_tokens.sample(rng)).max(1);
-        let stream = rng.random::<f64>() < c.stream_share;
         // A spare call is filled in place: building a new `Call` and moving it
         // into the box would copy its 200-odd bytes for every call.
         let mut call = self.spare_calls.pop().unwrap_or_default();
-        call.client = client;
-        call.caller = Some(caller);
-        call.request = 0;
-        call.attempt = 0;
-        call.prompt_tokens = prompt_tokens;
-        call.completion_tokens = completion_tokens;
-        call.max_tokens = c.max_tokens;
-        call.stream = stream;
-        set_identity(&mut call.info, self.address_bases[client], caller, c, prompt_tokens);
-        call
-    }
-
-    fn trace_call(&self, client: usize, line: &TraceLine) -> Call {
         let c = &self.scenario.clients[client];
-        let max_tokens = line.max_tokens.or(c.max_tokens);
-        let prompt_tokens = line.prompt_tokens.unwrap_or(c.prompt_tokens.mean().round() as u64);
-        let mut info = RequestInfo {
-            ip: line.ip.clone().unwrap_or_default(),
-            subscription: line.subscription.as_ref().map(|s| Subscription {
-                id: s.clone(),
-                key: s.clone(),
-                name: s.clone(),
-            }),
-            product: line.product.clone(),
-            headers: line.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            prompt_tokens_estimate: Some(prompt_tokens),
-            max_tokens,
-        };
-        if info.ip.is_empty() {
-            info.ip = "0.0.0.0".into();
-        }
-        Call {
-            client,
-            caller: None,
-            request: line.line,
-            attempt: 0,
-            prompt_tokens,
-            completion_tokens: line.completion_tokens.unwrap_or(c.completion_tokens.mean().round() as u64),
-            max_tokens,
-            stream: line.stream.unwrap_or(false),
-            info,
-        }
+        traffic::draw_call(&mut call, client, c, &mut self.client_rngs[client], self.address_bases[client]);
+        call
     }
 
     fn arrive(&mut self, now: Nanos, call: Box<Call>) {
@@ -687,29 +588,11 @@ impl<'s> Engine<'s> {
             true => Some(self.decision(call, arrived, record, reason, latency)),
             false => None,
         };
-        if self.recorder.tracks_keys() {
-            let key = call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id);
-            self.recorder.key_tokens(key, now, record.usage.total());
-        }
-        if self.recorder.tracks_key_minutes() {
-            let key = self.caller_key(call);
-            self.recorder.key_minute_tokens(call.client, key, now - self.start, record.usage.total());
-        }
+        let client = &self.scenario.clients[call.client];
+        self.recorder.caller_tokens(client, call, now, now - self.start, record.usage.total());
         let retry_after = finished.generated.as_ref().and_then(|g| g.retry_after_secs);
         self.recorder.request(call.client, now - self.start, order, record, reason, latency, retry_after, line);
         self.sdk_retry(now, call, finished);
-    }
-
-    /// The key a call's tokens count against (its subscription, else its IP):
-    /// for a generated call its caller's slot, one slot for all when the client's
-    /// callers share an address.
-    fn caller_key<'c>(&self, call: &'c Call) -> CallerKey<'c> {
-        let client = &self.scenario.clients[call.client];
-        match (call.caller, &client.identity, &client.ip) {
-            (Some(caller), Identity::Subscription { .. }, _) | (Some(caller), _, None) => CallerKey::Slot(caller),
-            (Some(_), _, Some(_)) => CallerKey::Slot(0),
-            (None, _, _) => CallerKey::Text(call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id)),
-        }
     }
 
     /// A decision log line; out of line, as most runs keep no log.
@@ -732,19 +615,13 @@ impl<'s> Engine<'s> {
 
     /// The client SDK's own retry, like the `openai` SDKs'.
     fn sdk_retry(&mut self, now: Nanos, call: &Call, finished: &Finished) {
-        let status = finished.record.status;
-        let retryable = status == 408 || status == 409 || status == 429 || status >= 500;
-        if !retryable || call.attempt >= self.scenario.clients[call.client].retries.max_retries {
+        let headers = finished.generated.as_ref().map_or(&[][..], |g| &g.headers[..]);
+        let client = &self.scenario.clients[call.client];
+        let answer = traffic::Answer { status: finished.record.status, headers, now };
+        let Some(wait) = traffic::sdk_retry_wait(client, call.attempt, answer, &mut self.retry_rngs[call.client])
+        else {
             return;
-        }
-        let advice = finished.generated.as_ref().and_then(|g| {
-            gateway_core::routing::parse_retry_after(&g.headers, now).filter(|w| *w <= Nanos::from_secs(60))
-        });
-        let wait = advice.unwrap_or_else(|| {
-            let base = (0.5 * 2f64.powi(call.attempt as i32)).min(8.0);
-            let jitter = 1.0 - 0.25 * self.retry_rngs[call.client].random::<f64>();
-            Nanos((base * jitter * 1e9) as u64)
-        });
+        };
         let mut next = call.clone();
         next.attempt += 1;
         self.recorder.sdk_retry(call.client);
@@ -756,80 +633,6 @@ fn step_id(step: &Step) -> RequestId {
     match step {
         Step::Forward { id, .. } | Step::Wait { id } | Step::Deliver { id } => *id,
         Step::Respond(finished) => finished.id.expect("a request in flight has an id"),
-    }
-}
-
-/// Address `address` of 10.0.0.0/8 (below 2^24; see
-/// `Scenario::caller_address_bases`), written without the formatting machinery:
-/// it is built for every generated call. The bytes are put together on the stack
-/// and appended at once.
-fn write_caller_ip(ip: &mut String, address: u32) {
-    debug_assert!(address < 1 << 24, "the address plan is 10.0.0.0/8");
-    let (mut text, mut len) = ([0u8; 15], 0);
-    let mut put = |byte: u8| {
-        text[len] = byte;
-        len += 1;
-    };
-    put(b'1');
-    put(b'0');
-    for octet in [address >> 16, address >> 8 & 255, address & 255] {
-        let octet = octet as u8;
-        put(b'.');
-        if octet >= 100 {
-            put(b'0' + octet / 100);
-        }
-        if octet >= 10 {
-            put(b'0' + octet / 10 % 10);
-        }
-        put(b'0' + octet % 10);
-    }
-    // Every byte is an ASCII digit or a dot. Checked all the same: on 15 bytes the
-    // check costs about 0.2 ns, and appending char by char instead costs 6 ns.
-    ip.push_str(std::str::from_utf8(&text[..len]).expect("ASCII digits and dots"));
-}
-
-/// Makes `info` a generated call's identity, reusing its IP buffer: what
-/// `RequestInfo { ip, prompt_tokens_estimate, max_tokens, ..default }` with the
-/// client's identity would be.
-fn set_identity(info: &mut RequestInfo, address_base: u32, caller: usize, c: &Client, prompt: u64) {
-    // Every field by name: a field added to `RequestInfo` fails to compile here
-    // rather than keep a previous call's value.
-    let RequestInfo { ip, subscription, product, headers, prompt_tokens_estimate, max_tokens } = info;
-    ip.clear();
-    match &c.ip {
-        Some(fixed) => ip.push_str(fixed),
-        None => write_caller_ip(ip, address_base + caller as u32),
-    }
-    *subscription = None;
-    *product = None;
-    headers.clear();
-    *prompt_tokens_estimate = Some(prompt);
-    *max_tokens = c.max_tokens;
-    let who = || format!("{}-{caller}", c.name);
-    match &c.identity {
-        Identity::Ip => {}
-        Identity::Subscription { product: name } => {
-            let who = who();
-            *subscription = Some(Subscription { id: who.clone(), key: format!("key-{who}"), name: who });
-            *product = Some(name.clone());
-        }
-        Identity::Header { name } => headers.push((name.clone(), who())),
-        Identity::Jwt => headers.push(("Authorization".into(), trace::jwt_for(&who()))),
-    }
-}
-
-/// The gap to the next arrival of a Poisson process whose rate changes with time
-/// (`rate(t)` at most `max`), by thinning: candidates at rate `max`, each kept with
-/// probability `rate(t) / max`. A candidate at or after `end`, where nothing is
-/// simulated, is taken as it is: a rate that falls to zero there (a ramp down to
-/// 0/s) would otherwise reject candidates for ever.
-fn thinned(rng: &mut ChaCha8Rng, t0: f64, end: f64, max: f64, rate: impl Fn(f64) -> f64) -> f64 {
-    let mut t = t0;
-    loop {
-        t += -(1.0 - rng.random::<f64>()).ln() / max;
-        if t >= end || rng.random::<f64>() * max < rate(t) {
-            return t - t0;
-        }
     }
 }
 
@@ -866,7 +669,7 @@ mod tests {
         for (client, n) in callers.iter().enumerate() {
             for caller in 0..*n {
                 let mut ip = String::new();
-                super::write_caller_ip(&mut ip, bases[client] + caller as u32);
+                crate::traffic::write_caller_ip(&mut ip, bases[client] + caller as u32);
                 assert!(seen.insert(ip), "client {client} caller {caller} shares an address");
             }
         }
@@ -893,7 +696,7 @@ mod tests {
         ] {
             let mut ip = "stale".to_owned();
             ip.clear();
-            super::write_caller_ip(&mut ip, address);
+            crate::traffic::write_caller_ip(&mut ip, address);
             assert_eq!(ip, expected);
         }
     }

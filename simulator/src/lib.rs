@@ -10,6 +10,7 @@ pub mod report;
 pub mod scenario;
 pub mod sweep;
 pub mod trace;
+pub mod traffic;
 pub mod verdict;
 
 use std::path::Path;

@@ -44,7 +44,11 @@ than one backend; <b>tokens</b>: prompt plus completion tokens charged.</li>\n\
 /// A self-contained page: no scripts, no external files; the plots are inline SVG.
 pub fn html(scenario: &Scenario, report: &Report, verdict: &[String], svgs: &[(String, String)]) -> String {
     let mut out = String::new();
-    let title = format!("limitlab simulation: {}", escape(&report.scenario));
+    let kind = match report.mode {
+        crate::report::Mode::Simulation => "simulation",
+        crate::report::Mode::Live => "live run",
+    };
+    let title = format!("limitlab {kind}: {}", escape(&report.scenario));
     let _ = write!(
         out,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\n<style>\
@@ -57,10 +61,12 @@ pub fn html(scenario: &Scenario, report: &Report, verdict: &[String], svgs: &[(S
     }
     let _ = writeln!(
         out,
-        "<p>seed {}, {} s of simulated time from {}; report schema version {}.</p>",
+        "<p>seed {}, {} s of {} time from {}{}; report schema version {}.</p>",
         report.seed,
         report.duration_s,
+        if report.mode == crate::report::Mode::Live { "wall-clock" } else { "simulated" },
         escape(&report.start),
+        if report.complete { "" } else { " (stopped early: a partial run)" },
         report.schema_version
     );
     out.push_str("<h2>Verdict</h2>\n<ul>\n");

@@ -2,11 +2,12 @@
 //! grow with the run's length except for the per-minute series (and the decision
 //! log, only when asked for).
 
-use crate::scenario::Scenario;
+use crate::scenario::{Client, Identity, Scenario};
+use crate::traffic::Call;
 use gateway_core::routing::AttemptOutcome;
 use gateway_core::{Nanos, OutcomeRecord, Reason};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 /// The report's schema version; bump it when a field changes meaning.
 /// 2: latency figures are over served calls only (calls that reached a backend),
 /// and refusals have their own (`refused`, `refused_ratio`, `retry_after_s_*`).
+/// Added to version 2 without changing a meaning: `mode` and `complete`.
 pub const SCHEMA_VERSION: u32 = 2;
 
 pub use gateway_core::Decision;
@@ -103,6 +105,17 @@ struct KeyTable {
     /// (minute + 1, tokens) per caller slot; a stale minute reads as 0.
     dense: Vec<(u32, u64)>,
     sparse: std::collections::HashMap<u64, u64, KeyHashState>,
+}
+
+/// The key a call's tokens count against (its subscription, else its IP): for a
+/// generated call its caller's slot, one slot for all when the client's callers
+/// share an address.
+fn caller_key<'c>(client: &Client, call: &'c Call) -> CallerKey<'c> {
+    match (call.caller, &client.identity, &client.ip) {
+        (Some(caller), Identity::Subscription { .. }, _) | (Some(caller), _, None) => CallerKey::Slot(caller),
+        (Some(_), _, Some(_)) => CallerKey::Slot(0),
+        (None, _, _) => CallerKey::Text(call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id)),
+    }
 }
 
 /// Which caller key a finished call is charged to.
@@ -247,6 +260,18 @@ impl Recorder {
         m.busiest_key_tokens[client] = m.busiest_key_tokens[client].max(total);
     }
 
+    /// Charges a finished call's `tokens` to its caller key, for the figures
+    /// that want them (`max_key_tokens_per_minute`, the busiest key per minute).
+    pub fn caller_tokens(&mut self, client: &Client, call: &Call, now: Nanos, since_start: Nanos, tokens: u64) {
+        if self.tracks_keys() {
+            let key = call.info.subscription.as_ref().map_or(&call.info.ip, |s| &s.id);
+            self.key_tokens(key, now, tokens);
+        }
+        if self.tracks_key_minutes() {
+            self.key_minute_tokens(call.client, caller_key(client, call), since_start, tokens);
+        }
+    }
+
     pub fn tracks_keys(&self) -> bool {
         self.key_tokens.is_some()
     }
@@ -385,6 +410,8 @@ impl Recorder {
     pub fn report(&self, scenario: &Scenario, seed: u64) -> Report {
         Report {
             schema_version: SCHEMA_VERSION,
+            mode: Mode::Simulation,
+            complete: true,
             scenario: scenario.name.clone(),
             seed,
             start: scenario.start.clone(),
@@ -401,10 +428,25 @@ impl Recorder {
     }
 }
 
+/// Where a report's figures come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The simulator's, in simulated time.
+    Simulation,
+    /// What a live gateway answered `limitlab load`, in wall-clock time.
+    Live,
+}
+
 /// `report.json`: every figure of the summary, and the per-minute series.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub schema_version: u32,
+    /// `simulation`, or `live` for `limitlab load`'s report of a live gateway.
+    pub mode: Mode,
+    /// Whether the run played the whole scenario (a live run stopped by Ctrl-C
+    /// or `--max-requests` did not).
+    pub complete: bool,
     pub scenario: String,
     pub seed: u64,
     pub start: String,

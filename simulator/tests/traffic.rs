@@ -96,3 +96,57 @@ fn a_csv_trace_replays_like_its_jsonl_twin() {
     assert!(err.contains("bad.csv:2: `prompt_tokens`: `many` is not a whole number"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `limitlab load` plays `traffic::Plan`: its first calls must be the engine's,
+/// call for call (number, client, instant, identity), for every kind of arrival
+/// and identity, with a trace among them.
+#[test]
+fn the_plan_of_a_live_run_is_the_simulations_traffic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    for name in
+        ["seed-ip-limits.toml", "seed-jwt-limits.toml", "live-loop.toml", "noisy-neighbour.toml", "trace-replay.toml"]
+    {
+        let path = dir.join(name);
+        let Ok(scenario) = simulator::Scenario::load(&path) else { panic!("{name} loads") };
+        let outcome = simulator::run(&scenario, &dir, None, true).unwrap();
+        let simulated: Vec<(u64, String, String, String)> = outcome
+            .decisions
+            .iter()
+            .filter(|d| d.attempt == 0)
+            .map(|d| (d.request, d.client.clone(), format!("{:.3}", d.arrival_ms), format!("{:?}", d.key)))
+            .collect();
+        let mut plan = simulator::traffic::Plan::new(&scenario, &dir, scenario.seed).unwrap();
+        let mut planned = Vec::new();
+        while let Some((at, call)) = plan.next_call() {
+            let arrival_ms = (at - scenario.start_nanos()).0 as f64 / 1e6;
+            let key = gateway_core::Decision::new(
+                gateway_core::decision_log::Caller { request: 0, client: "", attempt: 0, info: &call.info },
+                scenario.start_nanos(),
+                &empty_record(at),
+                gateway_core::Nanos::ZERO,
+            )
+            .key;
+            let client = scenario.clients[call.client].name.clone();
+            planned.push((call.request, client, format!("{arrival_ms:.3}"), format!("{key:?}")));
+        }
+        // The engine leaves calls still in flight at the end out of its log.
+        assert!(planned.len() >= simulated.len() && planned.len() <= simulated.len() + 20, "{name}");
+        let mut planned_done: Vec<_> = planned.into_iter().filter(|p| simulated.contains(p)).collect();
+        planned_done.sort();
+        let mut simulated_sorted = simulated.clone();
+        simulated_sorted.sort();
+        assert_eq!(planned_done, simulated_sorted, "{name}: the plan's calls are the simulation's");
+        assert!(!simulated.is_empty(), "{name}");
+    }
+}
+
+fn empty_record(at: gateway_core::Nanos) -> gateway_core::OutcomeRecord {
+    gateway_core::OutcomeRecord {
+        arrived: at,
+        finished: at,
+        attempts: Default::default(),
+        status: 200,
+        reason: gateway_core::Reason::Ok,
+        usage: Default::default(),
+    }
+}

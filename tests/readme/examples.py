@@ -12,10 +12,13 @@ comment in a block promises (`# recommended: ...`, `# listening on ...`) is chec
 against the output.
 
 Run elsewhere: `cargo test --workspace` (.ci/run's test step), the GitHub Actions
-steps (.ci/run runs them verbatim) and the SDK check (.ci/run runs that line).
+steps (.ci/run runs them verbatim), the SDK check (.ci/run runs that line) and the
+two-minute loop of `simulate`, `load --local` and `compare` (.ci/run runs those
+commands; this script checks that they are there).
 Not run: `benches/proxy-bench.sh` (it needs nginx and oha and minutes of load;
-docs/performance.md has its figures) and pointing a backend at a real Azure
-deployment (it needs one).
+docs/performance.md has its figures), and pointing the proxy or `limitlab load`
+at a real Azure deployment or APIM instance (they need one; the flags the APIM
+example uses are checked against `--help`).
 """
 
 import os
@@ -194,6 +197,23 @@ def proxy_sdk(run, block):
     run.stop_servers()
 
 
+def live_loop(run, block):
+    # The loop takes two minutes of wall-clock time: .ci/run runs these very
+    # commands (with the binary it built), so they are checked to be there.
+    ci = open(os.path.join(ROOT, ".ci/run")).read()
+    for command in block.commands():
+        expect(command.replace("limitlab ", "target/release/limitlab ", 1) in ci, f"`{command}` is not run by .ci/run")
+    expect("limitlab compare" in block.text and "within tolerance" in " ".join(block.promises()), block.text)
+
+
+def load_against_apim(run, block):
+    # A real APIM instance is out of reach: every flag the example uses must be
+    # one `limitlab load` and `limitlab compare` take.
+    help_text = run.sh("limitlab load --help").stdout + run.sh("limitlab compare --help").stdout
+    for flag in re.findall(r"(--[a-z][a-z-]*)", block.text):
+        expect(flag in help_text, f"`{flag}` is not a flag of limitlab load or compare")
+
+
 def policy_toml(run, block):
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "my-policy.toml"), "w") as f:
@@ -226,6 +246,8 @@ STEPS = [
     ("sh", "cargo build --release -p limitlab", proxy),
     ("sh", 'curl -i "http://127.0.0.1:8080/', proxy_calls),
     ("python", "from openai import AzureOpenAI", proxy_sdk),
+    ("sh", "limitlab simulate scenarios/live-loop.toml", live_loop),
+    ("sh", "limitlab load scenarios/your-scenario.toml --target", load_against_apim),
     ("toml", "[[limits]]", policy_toml),
     ("text", "my-policy.toml:", policy_mistake),
 ]
