@@ -113,6 +113,80 @@ fn a_scenario_played_live_through_the_local_gateway_agrees_with_its_simulation()
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Callers known by subscription key and by JWT subject, behind two gateway
+/// replicas with counters of their own.
+const IDENTITIES: &str = r#"
+name = "identities"
+start = "2024-01-01T09:00:00Z"
+duration = "8s"
+seed = 5
+
+[gateway]
+replicas = 2
+counters = "local"
+
+[gateway.routing]
+set_backend = "b"
+backends = [{ id = "b", url = "https://b.openai.azure.com/openai" }]
+
+[[gateway.policy.limits]]
+type = "rate-limit-by-key"
+calls = 3
+renewal_period = 60
+counter_key = "subscription_id"
+
+[[gateway.policy.limits]]
+type = "rate-limit-by-key"
+calls = 4
+renewal_period = 60
+counter_key = { jwt = { claim = "sub" } }
+
+[[backends]]
+name = "b"
+model = "gpt-4o"
+tpm = 1000000
+latency = { ttft_ms = { fixed = 50 }, per_token_ms = { fixed = 1 } }
+
+[[clients]]
+name = "tenants"
+callers = 3
+identity = { subscription = { product = "starter" } }
+arrival = { poisson = { rate_per_s = 2 } }
+prompt_tokens = { fixed = 40 }
+completion_tokens = { fixed = 10 }
+retries = { max_retries = 0 }
+
+[[clients]]
+name = "people"
+callers = 2
+identity = "jwt"
+ip = "203.0.113.9"
+arrival = { poisson = { rate_per_s = 2 } }
+prompt_tokens = { fixed = 40 }
+completion_tokens = { fixed = 10 }
+retries = { max_retries = 0 }
+"#;
+
+#[test]
+fn subscription_keys_jwt_subjects_and_replicas_are_played_as_the_simulation_has_them() {
+    let dir = temp_dir("identities");
+    let scenario = dir.join("identities.toml");
+    std::fs::write(&scenario, IDENTITIES).unwrap();
+    let (sim, live) = (dir.join("sim"), dir.join("live"));
+    let (code, _, err) = limitlab(&["simulate", s(&scenario), "--out", s(&sim)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = limitlab(&["load", s(&scenario), "--local", "--out", s(&live)]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let r = report(&live);
+    for client in r["clients"].as_array().unwrap() {
+        assert!(client["by_reason"]["rate-limit"].as_u64().unwrap_or(0) > 0, "each identity meets its limit: {client}");
+        assert_eq!(client["by_status"].get("401"), None, "every key is the gateway's: {client}");
+    }
+    let (code, out, _) = limitlab(&["compare", s(&sim), s(&live), "--latency-tolerance", "inf"]);
+    assert_eq!(code, 0, "live agrees with the simulation:\n{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn compare_exits_1_beyond_tolerance_and_2_on_bad_input() {
     let dir = temp_dir("compare");

@@ -11,11 +11,6 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-/// The subscription key IP-identified callers send (the proxy, like APIM with
-/// subscriptions required, wants one; the simulator's callers share it too).
-pub const LOAD_KEY: &str = "limitlab-load-key";
-const LOAD_SUBSCRIPTION: &str = "limitlab-load";
-
 /// Everything started, stopped when dropped.
 pub struct Local {
     children: Vec<Child>,
@@ -209,7 +204,10 @@ fn proxy_config_text(setup: &Setup<'_>, mocks: &[(String, String)]) -> Result<St
             mocks.iter().find(|(name, _)| *name == backend.id).ok_or("validated: every backend is modelled")?;
         backend.url = url.clone();
     }
-    let mut subscriptions = vec![subscription(LOAD_SUBSCRIPTION, LOAD_KEY, &product)];
+    // Callers the scenario gives no subscription send no key: the proxy serves
+    // them as APIM serves an API that requires none (no subscription, no
+    // product), which is how the simulator's gateway sees them.
+    let mut subscriptions = Vec::new();
     for c in &scenario.clients {
         if let Identity::Subscription { .. } = c.identity {
             for caller in 0..c.callers {
@@ -222,6 +220,7 @@ fn proxy_config_text(setup: &Setup<'_>, mocks: &[(String, String)]) -> Result<St
     let mut config = toml::Table::new();
     config.insert("clock_offset_ms".into(), (start_ms as i64 - setup.start_unix_ms as i64).into());
     config.insert("subscriptions".into(), toml::Value::Array(subscriptions));
+    config.insert("anonymous_product".into(), product.clone().into());
     let policy = toml::Value::try_from(scenario.gateway.policy()).map_err(|e| e.to_string())?;
     let mut product_table = toml::Table::new();
     product_table.insert("name".into(), product.into());

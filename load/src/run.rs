@@ -1,7 +1,7 @@
 //! The live run: the plan's calls sent at their instants, SDK retries as the
 //! simulator's clients make them, and the report built from what came back.
 
-use crate::local::{GatewayLine, Local, Setup, LOAD_KEY};
+use crate::local::{GatewayLine, Local, Setup};
 use crate::send::{Failure, Reply, Target, Wire};
 use gateway_core::decision_log::Caller;
 use gateway_core::lifecycle::{AttemptRecord, AttemptResult};
@@ -97,7 +97,7 @@ async fn run_async(options: Options<'_>) -> Result<Outcome, String> {
     };
     let wires = wires(&urls).await?;
     let source = source_addresses(options.caller_ip, &wires[0].target)?;
-    let key = options.key.clone().or_else(|| local.as_ref().map(|_| LOAD_KEY.to_owned()));
+    let key = options.key.clone();
     let now_ms = unix_ms();
     if now_ms > start_unix_ms {
         return Err(format!("the gateway and its backends took {} ms too long to start", now_ms - start_unix_ms));

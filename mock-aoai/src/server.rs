@@ -33,7 +33,15 @@ pub struct Mock {
 
 impl Mock {
     pub fn new(config: MockConfig) -> Mock {
-        let epoch_unix = Nanos(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+        // Load each model's vocabulary now, not on the first request, which
+        // would otherwise take hundreds of milliseconds longer than the model says.
+        for d in &config.deployments {
+            tokenizer::count(&d.model, "warm up");
+        }
+        // The wall clock and the monotonic clock are read together: the mock's
+        // time is `epoch_unix` plus what `epoch` has seen go by since.
+        let (epoch, epoch_unix) = (Instant::now(), SystemTime::now());
+        let epoch_unix = Nanos(epoch_unix.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
         // Fault schedules count from the config's origin, else from now.
         let origin = config.origin_unix_ms.map_or(epoch_unix, Nanos::from_millis);
         let models = config
@@ -42,7 +50,7 @@ impl Mock {
             .enumerate()
             .map(|(i, d)| (d.name.clone(), DeploymentModel::new(d.clone(), config.seed ^ (i as u64) << 32, origin)))
             .collect();
-        let state = MockState { config, models, epoch: Instant::now(), epoch_unix, served: 0 };
+        let state = MockState { config, models, epoch, epoch_unix, served: 0 };
         Mock { state: Arc::new(Mutex::new(state)) }
     }
 

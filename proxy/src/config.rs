@@ -29,8 +29,15 @@ pub struct ProxyConfig {
     pub subscription_key_header: String,
     #[serde(default = "default_key_query")]
     pub subscription_key_query: String,
+    #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
     pub products: Vec<ProductConfig>,
+    /// Serves requests that carry no subscription key under this product, with
+    /// no subscription (`context.Subscription` is null, `context.Product` too),
+    /// as APIM serves an API that does not require a subscription. Without it,
+    /// such requests get 401.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_product: Option<String>,
     pub routing: Routing,
     /// APIM named values for `{{name}}` in policy files.
     #[serde(default)]
@@ -159,6 +166,9 @@ impl ProxyConfig {
             if s.key.as_deref().is_some_and(str::is_empty) {
                 return Err(format!("subscriptions[{i}] (`{}`): `key` is empty", s.id));
             }
+        }
+        if let Some(p) = self.anonymous_product.as_ref().filter(|p| !self.products.iter().any(|q| &q.name == *p)) {
+            return Err(format!("`anonymous_product`: no product named `{p}`"));
         }
         for b in &self.routing.backends {
             check_url(&b.url).map_err(|e| format!("`routing` backend `{}`: {e}", b.id))?;

@@ -48,7 +48,7 @@ struct Inner {
     /// Requests refused before the lifecycle (401, 404, 408, 413) by status.
     refused: BTreeMap<u16, u64>,
     /// (subscription, backend, kind) → tokens, by config index.
-    tokens: BTreeMap<(usize, usize, &'static str), u64>,
+    tokens: BTreeMap<(Option<usize>, usize, &'static str), u64>,
     /// Attempts by backend, by config index.
     attempts: Vec<u64>,
     retries: u64,
@@ -89,7 +89,7 @@ impl Metrics {
 
     /// One finished request: its outcome record and its wall time since arrival.
     /// `product` and `subscription` are indices in the config.
-    pub fn finished(&self, product: usize, subscription: usize, record: &OutcomeRecord, started: Instant) {
+    pub fn finished(&self, product: usize, subscription: Option<usize>, record: &OutcomeRecord, started: Instant) {
         let total = started.elapsed().as_secs_f64();
         let backend_time: u64 = record.attempts.iter().map(|a| (a.ended - a.started).0 + a.wait.0).sum();
         let added = (total - backend_time as f64 / 1e9).max(0.0);
@@ -131,7 +131,9 @@ impl Metrics {
         }
         out.push_str("# HELP limitlab_tokens_total Tokens charged, by subscription, backend and kind.\n# TYPE limitlab_tokens_total counter\n");
         for ((key, backend, kind), n) in &m.tokens {
-            let (key, backend) = (&self.subscriptions[*key], backend_name(*backend));
+            // An anonymous call's tokens are labelled with an empty key.
+            let key = key.map_or("", |k| self.subscriptions[k].as_str());
+            let backend = backend_name(*backend);
             let _ = writeln!(out, "limitlab_tokens_total{{key=\"{key}\",backend=\"{backend}\",kind=\"{kind}\"}} {n}");
         }
         out.push_str("# HELP limitlab_backend_attempts_total Attempts sent to each backend.\n# TYPE limitlab_backend_attempts_total counter\n");

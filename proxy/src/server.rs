@@ -55,7 +55,9 @@ pub struct Proxy {
 struct Admitted {
     product: usize,
     /// Index of the subscription in the config.
-    subscription: usize,
+    /// The subscription's index in the config; `None` for an anonymous call
+    /// (no key, served under `anonymous_product`).
+    subscription: Option<usize>,
     info: RequestInfo,
     parts: axum::http::request::Parts,
     body: Bytes,
@@ -95,9 +97,6 @@ impl Proxy {
                 return Err(format!("subscriptions `{}` and `{}` have the same key", id(j), id(i)));
             }
         }
-        let wall = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let offset = config.clock_offset_ms.saturating_mul(1_000_000);
-        let epoch_unix = Nanos(wall.saturating_add_signed(offset));
         let metrics = Metrics::new(&config);
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
@@ -121,6 +120,12 @@ impl Proxy {
         // Load both vocabularies now, not on the first request (they take a while).
         tokenizer::count("gpt-4o", "warm up");
         tokenizer::count("gpt-35-turbo", "warm up");
+        // The wall clock and the monotonic clock are read together (after the
+        // slow warm-up): the core's time is `epoch_unix` plus what `epoch` has
+        // seen go by since.
+        let (epoch, wall) = (Instant::now(), SystemTime::now());
+        let wall = wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let epoch_unix = Nanos(wall.saturating_add_signed(config.clock_offset_ms.saturating_mul(1_000_000)));
         Ok(Proxy {
             needs_estimate,
             needs_max_tokens,
@@ -131,7 +136,7 @@ impl Proxy {
             config,
             lifecycles,
             keys,
-            epoch: Instant::now(),
+            epoch,
             epoch_unix,
             metrics,
             decisions: None,
@@ -149,7 +154,7 @@ impl Proxy {
         crate::logs::request(finished);
         self.metrics.finished(req.product, req.subscription, &finished.record, req.started);
         if let Some(decisions) = &self.decisions {
-            let subscription = &self.config.subscriptions[req.subscription].id;
+            let subscription = req.subscription.map_or("", |i| self.config.subscriptions[i].id.as_str());
             decisions.write(Tags { headers: &req.parts.headers, subscription, info: &req.info }, finished);
         }
     }
@@ -312,15 +317,18 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
         false => None,
     };
     let prompt_tokens = proxy.needs_estimate[product].then(|| count_prompt(&model, &body));
-    let s = &proxy.config.subscriptions[subscription];
     let info = RequestInfo {
         ip: client_ip(&proxy.config.trusted_proxies, peer, &parts.headers),
-        subscription: Some(Subscription {
-            id: s.id.clone(),
-            key: proxy.keys.iter().find(|k| k.1 == subscription).map(|k| k.0.clone()).unwrap_or_default(),
-            name: s.name.clone().unwrap_or_else(|| s.id.clone()),
+        subscription: subscription.map(|index| {
+            let s = &proxy.config.subscriptions[index];
+            Subscription {
+                id: s.id.clone(),
+                key: proxy.keys.iter().find(|k| k.1 == index).map(|k| k.0.clone()).unwrap_or_default(),
+                name: s.name.clone().unwrap_or_else(|| s.id.clone()),
+            }
         }),
-        product: Some(proxy.config.products[product].name.clone()),
+        // An anonymous call has no product context, as in APIM.
+        product: subscription.map(|_| proxy.config.products[product].name.clone()),
         headers: headers_read(&proxy.headers_read[product], &parts.headers),
         prompt_tokens_estimate: prompt_tokens,
         max_tokens,
@@ -361,7 +369,9 @@ impl KeyRefusal {
     }
 }
 
-fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(usize, usize), KeyRefusal> {
+/// The subscription and product of a request; no subscription for a request
+/// without a key when the config serves those under `anonymous_product`.
+fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(Option<usize>, usize), KeyRefusal> {
     // An empty value is no key at all, as APIM treats it.
     let from_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
     let from_query = || {
@@ -371,7 +381,11 @@ fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(usize,
     let given = from_header(&proxy.config.subscription_key_header)
         .or_else(|| from_header("api-key"))
         .or_else(|| from_query().map(|(_, v)| v).filter(|v| !v.is_empty()));
-    let Some(given) = given else { return Err(KeyRefusal::Missing) };
+    let Some(given) = given else {
+        let anonymous = proxy.config.anonymous_product.as_ref();
+        let product = anonymous.and_then(|name| proxy.config.products.iter().position(|p| &p.name == name));
+        return product.map(|p| (None, p)).ok_or(KeyRefusal::Missing);
+    };
     let (key, wanted_product) = match given.split_once(";product=") {
         Some((k, p)) => (k, Some(p)),
         None => (given, None),
@@ -384,7 +398,7 @@ fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(usize,
         None => &s.products[0],
     };
     let product = proxy.config.products.iter().position(|p| p.name == name).expect("validated");
-    Ok((index, product))
+    Ok((Some(index), product))
 }
 
 /// A client connection's peer, with its address written out once per

@@ -452,6 +452,35 @@ async fn an_empty_key_is_a_missing_key() {
 }
 
 #[tokio::test]
+async fn an_anonymous_product_serves_keyless_calls_without_a_subscription() {
+    // As APIM serves an API that requires no subscription: no key, no
+    // subscription and no product in the policy's view, so a limit keyed on
+    // the subscription counts every anonymous call under one empty key.
+    let backend = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
+    let limits = "[[products.policy.limits]]\ntype = \"rate-limit-by-key\"\ncalls = 2\nrenewal_period = 60\n\
+                  counter_key = \"subscription_id\"\n";
+    let text = format!("anonymous_product = \"p\"\n{}", config(&backend.uri(), &backend.uri(), "", limits));
+    let proxy = start(&text).await;
+    let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(proxy.client.post(&url).json(&json!({"messages": []})).send().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429], "keyless calls share the empty subscription key");
+    assert_eq!(
+        proxy.chat(json!({"messages": []})).await.status(),
+        200,
+        "a keyed call counts under its own subscription"
+    );
+    let metrics = proxy.metrics().await;
+    assert!(metrics.contains("limitlab_tokens_total{key=\"\",backend=\"primary\",kind=\"prompt\"}"), "{metrics}");
+    let bad = format!("anonymous_product = \"nope\"\n{}", config(&backend.uri(), &backend.uri(), "", ""));
+    let error = ProxyConfig::from_toml("bad.toml", &bad).map(|_| ()).unwrap_err();
+    assert!(error.contains("`anonymous_product`: no product named `nope`"), "{error}");
+}
+
+#[tokio::test]
 async fn limits_keyed_by_a_header_or_a_jwt_count_each_value_apart() {
     let backend = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
