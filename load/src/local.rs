@@ -8,8 +8,10 @@ use serde::Deserialize;
 use simulator::scenario::{CounterSharing, Identity};
 use simulator::Scenario;
 use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Everything started, stopped when dropped.
 pub struct Local {
@@ -45,8 +47,13 @@ impl Local {
             let url = local.spawn(setup.exe, &["mock", "--config", &shown(&path), "--listen", "127.0.0.1:0"], 1)?;
             local.mocks.push((backend.name.clone(), url[0].clone()));
         }
+        // Replicas sharing counters through a lagging store share a Redis.
+        let store = match lagged(setup.scenario) {
+            true => Some(local.start_redis()?),
+            false => None,
+        };
         let proxy_config = local.dir.join("proxy.toml");
-        write(&proxy_config, &proxy_config_text(setup, &local.mocks)?)?;
+        write(&proxy_config, &proxy_config_text(setup, &local.mocks, store.as_deref())?)?;
         // As in the simulator: replicas with counters of their own are a proxy
         // each; replicas sharing one exact store decide as one gateway.
         let replicas = match setup.scenario.gateway.replicas_count_alone() {
@@ -89,6 +96,33 @@ impl Local {
             }
         }
         Ok(urls)
+    }
+
+    /// A `redis-server` on a free loopback port, without persistence; its URL.
+    fn start_redis(&mut self) -> Result<String, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("cannot find a free port for redis-server: {e}"))?
+            .port();
+        let args = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        let child =
+            Command::new("redis-server").args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(
+                |e| {
+                    format!(
+                        "load --local: replicas that share counters through a lagging store need `redis-server` \
+                     (Debian: apt install redis-server): {e}"
+                    )
+                },
+            )?;
+        self.children.push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("redis-server did not listen on port {port} within 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(format!("redis://127.0.0.1:{port}/0"))
     }
 
     /// A mock's `/_mock/stats` for its one deployment.
@@ -148,12 +182,6 @@ pub struct GatewayLine {
 }
 
 fn check_supported(scenario: &Scenario) -> Result<(), String> {
-    if scenario.gateway.counters != CounterSharing::Local && scenario.gateway.sync_lag.is_some() {
-        return Err("load --local: replicas that share counters through a lagging store need that store, which \
-                    `limitlab proxy` does not have yet; use `counters = \"local\"`, or shared counters without \
-                    `sync_lag`"
-            .into());
-    }
     let mut products: Vec<&str> = scenario
         .clients
         .iter()
@@ -188,7 +216,12 @@ fn mock_config(setup: &Setup<'_>, backend: usize) -> Result<String, String> {
     toml::to_string(&config).map_err(|e| format!("cannot write a mock config: {e}"))
 }
 
-fn proxy_config_text(setup: &Setup<'_>, mocks: &[(String, String)]) -> Result<String, String> {
+/// Whether the scenario's replicas share counters through a lagging store.
+fn lagged(scenario: &Scenario) -> bool {
+    scenario.gateway.counters != CounterSharing::Local && scenario.gateway.sync_lag.is_some()
+}
+
+fn proxy_config_text(setup: &Setup<'_>, mocks: &[(String, String)], store: Option<&str>) -> Result<String, String> {
     let scenario = setup.scenario;
     let product = scenario
         .clients
@@ -227,6 +260,16 @@ fn proxy_config_text(setup: &Setup<'_>, mocks: &[(String, String)]) -> Result<St
     product_table.insert("policy".into(), policy);
     config.insert("products".into(), toml::Value::Array(vec![toml::Value::Table(product_table)]));
     config.insert("routing".into(), toml::Value::try_from(&routing).map_err(|e| e.to_string())?);
+    if let (Some(store), Some(lag)) = (store, scenario.gateway.sync_lag) {
+        // The proxy ships and applies changes every interval: a change reaches
+        // the others between 0 and two intervals after it was made, the
+        // simulator's `sync_lag` on average.
+        let mut counters = toml::Table::new();
+        counters.insert("store".into(), store.into());
+        counters.insert("mode".into(), "lagged".into());
+        counters.insert("sync_interval".into(), format!("{}ms", lag.0 .0 / 1_000_000).into());
+        config.insert("counters".into(), toml::Value::Table(counters));
+    }
     toml::to_string(&config).map_err(|e| format!("cannot write the proxy config: {e}"))
 }
 

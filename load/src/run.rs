@@ -82,8 +82,11 @@ async fn run_async(options: Options<'_>) -> Result<Outcome, String> {
     let plan = Plan::new(scenario, options.base, seed)?;
     let deployment = options.deployment.clone().unwrap_or_else(|| default_deployment(scenario));
     // A local run starts its processes first; their clocks count from an
-    // instant chosen now, a few seconds ahead.
-    let start_unix_ms = unix_ms() + if matches!(options.target, Where::Local { .. }) { 5_000 } else { 1_000 };
+    // instant chosen now, ahead by two seconds a process (a debug build's or a
+    // busy machine's proxy takes a second to load its tokenizers).
+    let processes = (scenario.backends.len() + scenario.gateway.replicas + 1) as u64;
+    let start_unix_ms =
+        unix_ms() + if matches!(options.target, Where::Local { .. }) { 2_000 * processes } else { 1_000 };
     let local = match &options.target {
         Where::Local { exe } => {
             Some(Local::start(&Setup { exe, scenario, seed, deployment: &deployment, start_unix_ms })?)

@@ -53,6 +53,9 @@ pub struct ProxyConfig {
     /// turn over when the simulation's do.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub clock_offset_ms: i64,
+    /// Counters shared with other replicas through Redis; without it, local.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<crate::counters::CountersConfig>,
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -166,6 +169,9 @@ impl ProxyConfig {
             if s.key.as_deref().is_some_and(str::is_empty) {
                 return Err(format!("subscriptions[{i}] (`{}`): `key` is empty", s.id));
             }
+        }
+        if let Some(counters) = &self.counters {
+            counters.validate()?;
         }
         if let Some(p) = self.anonymous_product.as_ref().filter(|p| !self.products.iter().any(|q| &q.name == *p)) {
             return Err(format!("`anonymous_product`: no product named `{p}`"));

@@ -3,10 +3,12 @@
 //! real backends over HTTP/1.1 or HTTP/2, with rustls for https.
 
 pub mod config;
+pub mod counters;
 pub mod decisions;
 pub mod logs;
 pub mod metrics;
 pub mod server;
+mod sync;
 pub mod upstream;
 pub mod usage;
 
@@ -46,6 +48,7 @@ pub async fn serve(
     admin: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let sync = proxy.counters().cloned().map(|c| tokio::spawn(sync::run(proxy.clone(), c)));
     let (tx, rx) = watch::channel(false);
     // The admin server (metrics) stops only once the front end has.
     let (admin_tx, admin_rx) = watch::channel(false);
@@ -62,6 +65,9 @@ pub async fn serve(
         served
     };
     let (a, b) = tokio::join!(front, back.into_future());
+    if let Some(sync) = sync {
+        sync.abort();
+    }
     a.and(b)
 }
 
@@ -88,6 +94,7 @@ pub fn run_threads(
         .collect::<std::io::Result<Vec<_>>>()?;
     drop(listener);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let proxy_for_sync = proxy.clone();
     runtime.block_on(async move {
         let admin = tokio::net::TcpListener::from_std(admin)?;
         // `/metrics` is served until the work in flight has ended (or the grace
@@ -95,7 +102,13 @@ pub fn run_threads(
         let (admin_tx, admin_rx) = watch::channel(false);
         let back = axum::serve(admin, admin_router(proxy)).with_graceful_shutdown(wait(admin_rx));
         let back = tokio::spawn(back.into_future());
+        let sync = proxy_for_sync.counters().cloned().map(|c| tokio::spawn(sync::run(proxy_for_sync.clone(), c)));
         shutdown.await;
+        // Changes still journaled are shipped at the next interval; a replica
+        // that stops takes only its last interval's changes with it.
+        if let Some(sync) = sync {
+            sync.abort();
+        }
         let _ = tx.send(true);
         let workers = async {
             for worker in done {

@@ -156,3 +156,39 @@ impl Metrics {
         out
     }
 }
+
+/// The counter store's figures: reachability, errors, changes shipped and
+/// applied, the backlog waiting to be shipped, exchange round trips and the lag
+/// observed on the others' changes.
+pub fn render_store(out: &mut String, store: &crate::counters::StoreState) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gauges = [
+        (
+            "limitlab_store_reachable",
+            "Whether the last exchange with the counter store worked.",
+            u64::from(store.reachable.load(Relaxed)),
+        ),
+        ("limitlab_store_errors_total", "Exchanges with the counter store that failed.", store.errors.load(Relaxed)),
+        ("limitlab_store_changes_shipped_total", "Counter changes shipped to the store.", store.shipped.load(Relaxed)),
+        (
+            "limitlab_store_changes_applied_total",
+            "Other replicas' counter changes applied.",
+            store.applied.load(Relaxed),
+        ),
+        ("limitlab_store_backlog", "Counter changes waiting to be shipped.", store.backlog.load(Relaxed)),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    }
+    let timings = store.timings.lock().unwrap_or_else(|e| e.into_inner());
+    for (name, help, h) in [
+        ("limitlab_store_round_trip_seconds", "Round trip of one sync exchange with the store.", &timings.round_trip_s),
+        ("limitlab_store_sync_lag_seconds", "From another replica's change to its application here.", &timings.lag_s),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+        for q in [0.5, 0.99] {
+            let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {}", h.value_at_quantile(q) as f64 / 1e6);
+        }
+        let _ = writeln!(out, "{name}_count {}", h.len());
+    }
+}

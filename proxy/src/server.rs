@@ -27,6 +27,8 @@ pub struct Proxy {
     config: ProxyConfig,
     /// One lifecycle per product, in config order.
     lifecycles: Vec<Mutex<Lifecycle>>,
+    /// The shared counter store's state, when `[counters]` is configured.
+    store: crate::counters::StoreState,
     /// Per product: whether a limit reads the prompt estimate (so it is counted
     /// before forwarding rather than only when a stream needs it).
     needs_estimate: Vec<bool>,
@@ -75,6 +77,12 @@ impl Proxy {
             .iter()
             .map(|p| Lifecycle::new(p.policy(), config.routing.clone(), rand::random()).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
+        // A lagged replica journals its counter changes for the others.
+        if config.counters.is_some() {
+            for lifecycle in &lifecycles {
+                lifecycle.lock().unwrap_or_else(|e| e.into_inner()).limits_mut().enable_journal();
+            }
+        }
         let keys = config
             .subscriptions
             .iter()
@@ -135,6 +143,7 @@ impl Proxy {
             tls,
             config,
             lifecycles,
+            store: Default::default(),
             keys,
             epoch,
             epoch_unix,
@@ -247,6 +256,8 @@ enum Refusal {
     Key(KeyRefusal),
     BodyTooSlow,
     BodyTooLarge,
+    /// `on_store_error = "reject"` while the counter store cannot be reached.
+    StoreUnavailable,
 }
 
 impl Refusal {
@@ -260,6 +271,10 @@ impl Refusal {
             Refusal::Key(key) => key.response(),
             Refusal::BodyTooSlow => apim_error(StatusCode::REQUEST_TIMEOUT, "Request timed out"),
             Refusal::BodyTooLarge => apim_error(StatusCode::PAYLOAD_TOO_LARGE, "Request entity too large"),
+            Refusal::StoreUnavailable => apim_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service unavailable: the gateway's counter store cannot be reached",
+            ),
         }
     }
 
@@ -272,6 +287,7 @@ impl Refusal {
             Refusal::Key(KeyRefusal::Missing) => "missing-subscription-key",
             Refusal::Key(KeyRefusal::Invalid) => "invalid-subscription-key",
             Refusal::BodyTooSlow => "body-timeout",
+            Refusal::StoreUnavailable => "store-unavailable",
             Refusal::BodyTooLarge => "body-too-large",
         }
     }
@@ -291,6 +307,9 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
         return Err(Refusal::NotFound);
     }
     let (subscription, product) = subscription(proxy, &parts.headers, &parts.uri).map_err(Refusal::Key)?;
+    if proxy.store_refuses() {
+        return Err(Refusal::StoreUnavailable);
+    }
     let limit = proxy.config.max_body_bytes;
     // A body announced too large is refused at once, not after waiting for it.
     let announced = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -802,7 +821,53 @@ impl Proxy {
 
     pub fn render_metrics(&self) -> String {
         let now = self.now();
-        self.metrics.render(|product, backend| self.lifecycle(product).router().is_available(now, backend))
+        let mut out =
+            self.metrics.render(|product, backend| self.lifecycle(product).router().is_available(now, backend));
+        if self.config.counters.is_some() {
+            crate::metrics::render_store(&mut out, &self.store);
+        }
+        out
+    }
+
+    pub fn counters(&self) -> Option<&crate::counters::CountersConfig> {
+        self.config.counters.as_ref()
+    }
+
+    pub(crate) fn store_state(&self) -> &crate::counters::StoreState {
+        &self.store
+    }
+
+    pub(crate) fn product_names(&self) -> impl Iterator<Item = &str> {
+        self.config.products.iter().map(|p| p.name.as_str())
+    }
+
+    /// Moves each product's journaled counter changes into its stream's backlog.
+    pub(crate) fn drain_journals(&self, streams: &mut [crate::counters::Stream]) {
+        for (product, stream) in streams.iter_mut().enumerate() {
+            let mut lifecycle = self.lifecycle(product);
+            while let Some(delta) = lifecycle.limits_mut().poll_delta() {
+                stream.backlog.push_back(delta);
+            }
+        }
+    }
+
+    /// Applies another replica's counter change to a product's counters.
+    pub(crate) fn apply_delta(&self, product: usize, delta: &gateway_core::CounterDelta) {
+        let now = self.now();
+        self.lifecycle(product).limits_mut().handle_delta(now, delta);
+        let lag = now.saturating_sub(delta.at);
+        let store = &self.store;
+        store.applied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut timings = store.timings.lock().unwrap_or_else(|e| e.into_inner());
+        timings.lag_s.saturating_record((lag.0 / 1000).max(1));
+    }
+
+    /// Whether a request must be refused because the counter store cannot be
+    /// reached and the config says to reject then.
+    fn store_refuses(&self) -> bool {
+        use crate::counters::OnStoreError;
+        self.config.counters.as_ref().is_some_and(|c| c.on_store_error == OnStoreError::Reject)
+            && !self.store.reachable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn respond_generated(&self, req: &Admitted, finished: Finished) -> Response<Body> {

@@ -34,7 +34,7 @@ import tomllib
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 README = os.path.join(ROOT, "README.md")
-PORTS = (8080, 8081, 8082, 9090)
+PORTS = (8080, 8081, 8082, 9090, 6380, 8090, 8091, 8092, 9190, 9191, 9192)
 
 
 class Block:
@@ -197,6 +197,46 @@ def proxy_sdk(run, block):
     run.stop_servers()
 
 
+def fleet(run, block):
+    # The README's mocks, then its Redis and three replicas.
+    for port in (8081, 8082):
+        run.serve(f"limitlab mock --listen 127.0.0.1:{port}", [f"listening on http://127.0.0.1:{port}"])
+    replicas = []
+    for command in block.commands():
+        command = command.rstrip("&").strip()
+        if command.startswith("redis-server"):
+            run.serve(command, [])
+            port = int(command.split("--port ")[1].split()[0])
+            wait_for_port(port)
+            continue
+        listen = command.split("--listen ")[1].split()[0]
+        run.serve(command, [f"listening on http://{listen}"])
+        replicas.append((listen, command.split("--admin ")[1].split()[0]))
+    # Five rounds over the three replicas, two sync intervals apart: shared
+    # counters admit 12 of the 15 calls (a round after the limit is reached is
+    # still admitted by every replica), counting alone would admit all 15.
+    admitted = 0
+    for _ in range(5):
+        for listen, _admin in replicas:
+            out = run.sh(f"curl -s -o /dev/null -w '%{{http_code}}' http://{listen}/openai/deployments/gpt-4o/chat/completions"
+                         "?api-version=2024-10-21 -H 'api-key: demo-key' "
+                         "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 5}'").stdout
+            admitted += out == "200"
+        time.sleep(2.2)
+    expect(10 <= admitted <= 12, f"the fleet admitted {admitted} of 15 calls under a limit of 10")
+    metrics = run.sh(f"curl -s http://{replicas[0][1]}/metrics").stdout
+    expect("limitlab_store_reachable 1" in metrics and "limitlab_store_changes_applied_total 0" not in metrics, metrics)
+    run.stop_servers()
+
+
+def wait_for_port(port):
+    for _ in range(500):
+        if not port_is_free(port):
+            return
+        time.sleep(0.02)
+    fail(f"nothing listens on port {port}")
+
+
 def live_loop(run, block):
     # The loop takes two minutes of wall-clock time: .ci/run runs these very
     # commands (with the binary it built), so they are checked to be there.
@@ -246,6 +286,7 @@ STEPS = [
     ("sh", "cargo build --release -p limitlab", proxy),
     ("sh", 'curl -i "http://127.0.0.1:8080/', proxy_calls),
     ("python", "from openai import AzureOpenAI", proxy_sdk),
+    ("sh", "redis-server --port 6380", fleet),
     ("sh", "limitlab simulate scenarios/live-loop.toml", live_loop),
     ("sh", "limitlab load scenarios/your-scenario.toml --target", load_against_apim),
     ("toml", "[[limits]]", policy_toml),

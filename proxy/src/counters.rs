@@ -1,0 +1,138 @@
+//! `[counters]`: replicas that share their counters through Redis (or Valkey).
+//!
+//! Lagged mode is the simulator's `counters = "shared"` with `sync_lag`: each
+//! replica decides with its own counters, journals its changes (the core's
+//! `poll_delta`), and every `sync_interval` ships them to one Redis stream per
+//! product and applies the other replicas' changes from it (`handle_delta`).
+//! Changes that cannot be shipped (Redis down) wait in a backlog and go when
+//! Redis is back. The core's rules stay in the core: Redis only carries changes.
+
+use gateway_core::time::HumanDuration;
+use gateway_core::{CounterDelta, Nanos};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Mutex;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountersConfig {
+    /// `redis://HOST:PORT/DB`, or `rediss://` for TLS.
+    pub store: String,
+    pub mode: Mode,
+    /// How often a lagged replica ships its changes and applies the others'.
+    #[serde(default = "default_interval")]
+    pub sync_interval: HumanDuration,
+    /// What a replica does while the store cannot be reached: decide on its own
+    /// counters (`local`), or answer 503 (`reject`).
+    #[serde(default)]
+    pub on_store_error: OnStoreError,
+    /// The environment variable holding the store's password, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Prefix of the store's keys, so that fleets can share one Redis.
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_interval() -> HumanDuration {
+    HumanDuration(Nanos::from_secs(1))
+}
+
+fn default_prefix() -> String {
+    "limitlab".into()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every decision against the shared counters: not yet available.
+    Exact,
+    /// Local decisions, changes exchanged every `sync_interval`.
+    Lagged,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    #[default]
+    Local,
+    Reject,
+}
+
+impl CountersConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.store.starts_with("redis://") || self.store.starts_with("rediss://")) {
+            return Err(format!("`counters.store`: `{}` is not a redis:// or rediss:// URL", self.store));
+        }
+        if self.mode == Mode::Exact {
+            return Err("`counters.mode = \"exact\"` is not available yet; use `\"lagged\"` (the simulator's \
+                        shared counters with `sync_lag`)"
+                .into());
+        }
+        if self.sync_interval.0 < Nanos::from_millis(10) {
+            return Err("`counters.sync_interval` must be at least 10ms".into());
+        }
+        Ok(())
+    }
+
+    /// The store's URL with the password from its variable, if one is named.
+    pub fn url(&self) -> Result<String, String> {
+        let Some(var) = &self.password_env else { return Ok(self.store.clone()) };
+        let password = std::env::var(var)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| format!("`counters.password_env`: environment variable `{var}` is not set or empty"))?;
+        let (scheme, rest) = self.store.split_once("://").expect("validated");
+        let encoded: String = password
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        Ok(format!("{scheme}://:{encoded}@{rest}"))
+    }
+}
+
+/// What a lagged replica knows of its store, for `/metrics` and for refusals.
+#[derive(Default)]
+pub struct StoreState {
+    /// Whether the last exchange with the store worked.
+    pub reachable: AtomicBool,
+    pub errors: AtomicU64,
+    pub shipped: AtomicU64,
+    pub applied: AtomicU64,
+    /// Changes made here that wait to be shipped.
+    pub backlog: AtomicU64,
+    /// Round trips of sync exchanges, and the lag observed on applied changes.
+    pub timings: Mutex<Timings>,
+}
+
+pub struct Timings {
+    pub round_trip_s: hdrhistogram::Histogram<u64>,
+    pub lag_s: hdrhistogram::Histogram<u64>,
+}
+
+impl Default for Timings {
+    fn default() -> Timings {
+        let histogram = || hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        Timings { round_trip_s: histogram(), lag_s: histogram() }
+    }
+}
+
+/// One product's stream of changes in the store, and where this replica has
+/// read it up to.
+pub struct Stream {
+    pub key: String,
+    pub last_id: String,
+    /// Changes made here, not yet shipped.
+    pub backlog: VecDeque<CounterDelta>,
+}
+
+/// A change as the stream carries it: the replica that made it, and the change.
+#[derive(Serialize, Deserialize)]
+pub struct Entry {
+    pub replica: String,
+    pub delta: CounterDelta,
+}

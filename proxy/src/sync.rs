@@ -1,0 +1,173 @@
+//! The lagged replica's exchange with its counter store: every
+//! `sync_interval`, ship this replica's counter changes and apply the others'.
+
+use crate::counters::{CountersConfig, Entry, Stream};
+use crate::server::Proxy;
+use redis::aio::ConnectionManager;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long one exchange with the store (connecting included) may take before
+/// it counts as an error; the next interval tries again.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Syncs until the task is dropped. Never returns an error: a store that
+/// cannot be reached is counted, logged, and tried again next interval.
+pub async fn run(proxy: Arc<Proxy>, config: CountersConfig) {
+    let replica = replica_id();
+    let client = match config.url().and_then(|url| redis::Client::open(url).map_err(|e| e.to_string())) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "counters: the store's URL is unusable; counting locally");
+            return;
+        }
+    };
+    let mut streams: Vec<Stream> = proxy
+        .product_names()
+        .map(|name| Stream {
+            key: format!("{}:{name}:changes", config.key_prefix),
+            last_id: String::new(),
+            backlog: Default::default(),
+        })
+        .collect();
+    let mut connection: Option<ConnectionManager> = None;
+    let mut ticker = tokio::time::interval(config.sync_interval.0.into_std());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        proxy.drain_journals(&mut streams);
+        let state = proxy.store_state();
+        state.backlog.store(streams.iter().map(|s| s.backlog.len() as u64).sum(), Ordering::Relaxed);
+        let started = Instant::now();
+        match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(&client, &mut connection, &mut streams, &replica, &proxy))
+            .await
+        {
+            Ok(Ok(())) => {
+                if !state.reachable.swap(true, Ordering::Relaxed) {
+                    tracing::info!("counters: the store is reachable; changes are shared");
+                }
+                let mut timings = state.timings.lock().unwrap_or_else(|e| e.into_inner());
+                timings.round_trip_s.saturating_record(started.elapsed().as_micros().max(1) as u64);
+            }
+            outcome => {
+                let error = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer in time".to_owned(),
+                };
+                state.errors.fetch_add(1, Ordering::Relaxed);
+                if state.reachable.swap(false, Ordering::Relaxed) || connection.is_none() {
+                    tracing::warn!(%error, "counters: the store cannot be reached; deciding on local counters");
+                }
+                connection = None;
+            }
+        }
+        state.backlog.store(streams.iter().map(|s| s.backlog.len() as u64).sum(), Ordering::Relaxed);
+    }
+}
+
+fn replica_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}-{}-{:x}", hostname(), std::process::id(), nanos & 0xffff_ffff)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "host".into())
+}
+
+/// One exchange: connect if needed, ship the backlog, apply what the others shipped.
+async fn exchange(
+    client: &redis::Client,
+    connection: &mut Option<ConnectionManager>,
+    streams: &mut [Stream],
+    replica: &str,
+    proxy: &Proxy,
+) -> redis::RedisResult<()> {
+    if connection.is_none() {
+        let mut fresh = ConnectionManager::new(client.clone()).await?;
+        start_positions(&mut fresh, streams).await?;
+        *connection = Some(fresh);
+    }
+    let con = connection.as_mut().expect("connected above");
+    ship(con, streams, replica, proxy).await?;
+    apply(con, streams, replica, proxy).await
+}
+
+/// Where a replica starts reading each stream: after what is there when it
+/// first connects (changes older than that were made before it existed); on a
+/// reconnection, where it stopped, so that nothing made meanwhile is missed.
+async fn start_positions(con: &mut ConnectionManager, streams: &mut [Stream]) -> redis::RedisResult<()> {
+    for stream in streams.iter_mut().filter(|s| s.last_id.is_empty()) {
+        let last: redis::streams::StreamRangeReply =
+            redis::cmd("XREVRANGE").arg(&stream.key).arg("+").arg("-").arg("COUNT").arg(1).query_async(con).await?;
+        stream.last_id = last.ids.first().map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
+    }
+    Ok(())
+}
+
+async fn ship(
+    con: &mut ConnectionManager,
+    streams: &mut [Stream],
+    replica: &str,
+    proxy: &Proxy,
+) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    let mut count = 0;
+    for stream in streams.iter() {
+        for delta in &stream.backlog {
+            let entry = serde_json::to_string(&Entry { replica: replica.to_owned(), delta: delta.clone() })
+                .expect("a change serializes");
+            // Bounded: a stream keeps about the last million changes.
+            pipe.cmd("XADD")
+                .arg(&stream.key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(1_000_000)
+                .arg("*")
+                .arg("e")
+                .arg(entry)
+                .ignore();
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return Ok(());
+    }
+    pipe.query_async::<()>(con).await?;
+    streams.iter_mut().for_each(|s| s.backlog.clear());
+    proxy.store_state().shipped.fetch_add(count, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn apply(
+    con: &mut ConnectionManager,
+    streams: &mut [Stream],
+    replica: &str,
+    proxy: &Proxy,
+) -> redis::RedisResult<()> {
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("COUNT").arg(100_000).arg("STREAMS");
+    streams.iter().for_each(|s| {
+        cmd.arg(&s.key);
+    });
+    streams.iter().for_each(|s| {
+        cmd.arg(&s.last_id);
+    });
+    let reply: Option<redis::streams::StreamReadReply> = cmd.query_async(con).await?;
+    let Some(reply) = reply else { return Ok(()) };
+    for key in reply.keys {
+        let Some(product) = streams.iter().position(|s| s.key == key.key) else { continue };
+        for entry in &key.ids {
+            streams[product].last_id = entry.id.clone();
+            let text: Option<String> = entry.get("e");
+            match text.as_deref().map(serde_json::from_str::<Entry>) {
+                Some(Ok(e)) if e.replica == replica => {}
+                Some(Ok(e)) => proxy.apply_delta(product, &e.delta),
+                _ => {
+                    tracing::warn!(stream = %key.key, id = %entry.id, "counters: a change the store holds is not one limitlab wrote; skipped")
+                }
+            }
+        }
+    }
+    Ok(())
+}

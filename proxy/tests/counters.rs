@@ -1,0 +1,206 @@
+//! `[counters]` in lagged mode against a real `redis-server`: replicas share
+//! their counts, a store that cannot be reached is counted and survived (or
+//! refused with 503), and changes made while it was down are shipped when it
+//! returns.
+
+use proxy::server::Proxy;
+use proxy::ProxyConfig;
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// A `redis-server` on a loopback port, stopped when dropped. A machine
+/// without one fails the test with what to install: it is never skipped.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (Debian: apt install redis-server; .ci/run installs it)");
+        // Held from here on, so that a panic below still stops the server.
+        let redis = Redis { child, port };
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not listen on {port}");
+    }
+
+    fn start() -> Redis {
+        Redis::start_on(free_port())
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn config(backend: &str, store: &str, on_error: &str) -> String {
+    format!(
+        r#"
+anonymous_product = "p"
+subscriptions = []
+
+[counters]
+store = "{store}"
+mode = "lagged"
+sync_interval = "100ms"
+on_store_error = "{on_error}"
+
+[[products]]
+name = "p"
+[[products.policy.limits]]
+type = "rate-limit-by-key"
+calls = 4
+renewal_period = 60
+counter_key = {{ const = "all" }}
+
+[routing]
+set_backend = "b"
+backends = [{{ id = "b", url = "{backend}" }}]
+"#
+    )
+}
+
+struct Replica {
+    base: String,
+    admin: String,
+}
+
+async fn replica(config: &str) -> Replica {
+    let config = ProxyConfig::from_toml("test.toml", config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let admin_base = format!("http://{}", admin.local_addr().unwrap());
+    let proxy = Arc::new(Proxy::new(config).unwrap());
+    tokio::spawn(proxy::serve(proxy, listener, admin, std::future::pending()));
+    Replica { base, admin: admin_base }
+}
+
+impl Replica {
+    async fn call(&self) -> u16 {
+        let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", self.base);
+        reqwest::Client::new().post(url).json(&json!({"messages": []})).send().await.unwrap().status().as_u16()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+    }
+}
+
+async fn backend() -> MockServer {
+    let server = MockServer::start().await;
+    let body = json!({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}});
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(body)).mount(&server).await;
+    server
+}
+
+async fn settle() {
+    // Three sync intervals: shipped by one replica, read by the other.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+}
+
+#[tokio::test]
+async fn lagged_replicas_share_their_counts_through_redis() {
+    let redis = Redis::start();
+    let backend = backend().await;
+    let text = config(&backend.uri(), &redis.url(), "local");
+    let (a, b) = (replica(&text).await, replica(&text).await);
+    settle().await;
+    for _ in 0..3 {
+        assert_eq!(a.call().await, 200);
+    }
+    settle().await;
+    // B has seen A's three calls: one more is admitted, then the limit holds.
+    assert_eq!(b.call().await, 200);
+    assert_eq!(b.call().await, 429);
+    settle().await;
+    assert_eq!(a.call().await, 429, "A has seen B's call");
+    let metrics = b.metrics().await;
+    assert!(metrics.contains("limitlab_store_reachable 1"), "{metrics}");
+    assert!(metrics.contains("limitlab_store_changes_applied_total 3"), "{metrics}");
+    assert!(metrics.contains("limitlab_store_sync_lag_seconds_count 3"), "{metrics}");
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_survived_with_local_counters_or_refused_with_503() {
+    let backend = backend().await;
+    let nowhere = format!("redis://127.0.0.1:{}/0", free_port());
+    let local = replica(&config(&backend.uri(), &nowhere, "local")).await;
+    // An exchange that cannot connect fails within a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(local.call().await, 200, "local counters decide");
+    let metrics = local.metrics().await;
+    assert!(metrics.contains("limitlab_store_reachable 0"), "{metrics}");
+    assert!(!metrics.contains("limitlab_store_errors_total 0"), "errors are counted: {metrics}");
+    let reject = replica(&config(&backend.uri(), &nowhere, "reject")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", reject.base);
+    let response = reqwest::Client::new().post(url).json(&json!({"messages": []})).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["statusCode"], 503);
+    assert!(body["message"].as_str().unwrap().contains("counter store"), "{body}");
+}
+
+#[tokio::test]
+async fn changes_made_while_the_store_is_down_are_shipped_when_it_returns() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let backend = backend().await;
+    let text = config(&backend.uri(), &redis.url(), "local");
+    let (a, b) = (replica(&text).await, replica(&text).await);
+    settle().await;
+    drop(redis);
+    settle().await;
+    for _ in 0..4 {
+        assert_eq!(a.call().await, 200, "A decides on its own counters meanwhile");
+    }
+    // A failed exchange ends within a second; the next one counts the backlog.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(b.call().await, 200, "B has not heard of them: the store is down");
+    assert!(a.metrics().await.contains("limitlab_store_backlog 4"), "A keeps its changes for later");
+    let _back = Redis::start_on(port);
+    // Reconnection, then A ships its four changes and B applies them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(b.call().await, 429, "B now counts A's four calls");
+    let metrics = a.metrics().await;
+    assert!(
+        metrics.contains("limitlab_store_reachable 1") && metrics.contains("limitlab_store_backlog 0"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn exact_mode_and_bad_stores_are_refused_when_the_config_loads() {
+    let exact = config("http://b", "redis://127.0.0.1:6379/0", "local").replace("\"lagged\"", "\"exact\"");
+    let error = ProxyConfig::from_toml("c.toml", &exact).map(|_| ()).unwrap_err();
+    assert!(error.contains("`counters.mode = \"exact\"` is not available yet"), "{error}");
+    let bad = config("http://b", "http://127.0.0.1:6379", "local");
+    let error = ProxyConfig::from_toml("c.toml", &bad).map(|_| ()).unwrap_err();
+    assert!(error.contains("not a redis:// or rediss:// URL"), "{error}");
+}
