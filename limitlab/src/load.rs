@@ -2,20 +2,44 @@
 //! the simulator's schema.
 
 use anyhow::{Context, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+#[derive(clap::Args)]
 pub struct Args {
+    /// A scenario file (see `scenarios/`).
     pub scenario: PathBuf,
+    /// The gateway's root URL (limitlab's proxy, APIM, or Azure OpenAI itself).
+    #[arg(long, required_unless_present = "local", conflicts_with = "local")]
     pub target: Option<String>,
+    /// Starts the scenario's backends (mocks) and gateway (proxies) on loopback ports, plays the traffic
+    /// through them, then stops them.
+    #[arg(long)]
     pub local: bool,
+    /// The subscription key of callers the scenario does not give keys of their own (sent as `api-key`).
+    #[arg(long)]
     pub key: Option<String>,
+    /// Where to write `report.json` and `report.html` (default `reports/<scenario name>-live/`).
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Writes one JSON line per call, as `simulate --decisions` does.
+    #[arg(long)]
     pub decisions: Option<PathBuf>,
+    /// Overrides the scenario's seed.
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Stops after this many first calls (SDK retries of those still go); the report is then partial.
+    #[arg(long)]
     pub max_requests: Option<u64>,
+    /// How callers' IPs reach the gateway: `source` (an address of its own in 127.0.0.0/8, loopback
+    /// targets only), `forwarded-for` (`X-Forwarded-For`, for a gateway that trusts this host), or `auto`
+    /// (source on loopback, none elsewhere).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "source", "forwarded-for"])]
     pub caller_ip: String,
+    /// The deployment in each call's path (default: the scenario's first backend's model).
+    #[arg(long)]
     pub deployment: Option<String>,
+    /// The `api-version` of each call.
+    #[arg(long, default_value = "2024-10-21")]
     pub api_version: String,
 }
 
@@ -63,17 +87,6 @@ pub fn run(args: Args) -> Result<()> {
         say!("note: {note}");
     }
     say_raw!("{}", outcome.report.summary());
-    simulator::output::write_report(&dir, &scenario, &args.scenario.display().to_string(), &outcome.report)
-        .map_err(anyhow::Error::msg)?;
-    say!("report: {} (report.json, report.html, plots as SVG and PNG)", dir.display());
-    if let Some((file, path)) = decisions {
-        let mut file = std::io::BufWriter::new(file);
-        for d in &outcome.decisions {
-            serde_json::to_writer(&mut file, d)?;
-            file.write_all(b"\n")?;
-        }
-        file.flush()?;
-        say!("decisions: {} ({} lines)", path.display(), outcome.decisions.len());
-    }
-    Ok(())
+    let outputs = crate::simulate::Outputs { dir: &dir, scenario: &scenario, scenario_path: &args.scenario, decisions };
+    crate::simulate::write_outputs(outputs, &outcome.report, &outcome.decisions)
 }

@@ -107,42 +107,7 @@ enum Command {
         decisions: Option<PathBuf>,
     },
     /// Plays a scenario's traffic in wall-clock time against a live gateway and reports what came back.
-    Load {
-        /// A scenario file (see `scenarios/`).
-        scenario: PathBuf,
-        /// The gateway's root URL (limitlab's proxy, APIM, or Azure OpenAI itself).
-        #[arg(long, required_unless_present = "local", conflicts_with = "local")]
-        target: Option<String>,
-        /// Starts the scenario's backends (mocks) and gateway (proxies) on loopback ports, plays the traffic
-        /// through them, then stops them.
-        #[arg(long)]
-        local: bool,
-        /// The subscription key of callers the scenario does not give keys of their own (sent as `api-key`).
-        #[arg(long)]
-        key: Option<String>,
-        /// Where to write `report.json` and `report.html` (default `reports/<scenario name>-live/`).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Writes one JSON line per call, as `simulate --decisions` does.
-        #[arg(long)]
-        decisions: Option<PathBuf>,
-        /// Overrides the scenario's seed.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Stops after this many first calls (SDK retries of those still go); the report is then partial.
-        #[arg(long)]
-        max_requests: Option<u64>,
-        /// How callers' IPs reach the gateway: `source` (an address of its own in 127.0.0.0/8, loopback
-        /// targets only), `forwarded-for` (`X-Forwarded-For`, for a gateway that trusts this host), or `auto`
-        /// (source on loopback, none elsewhere).
-        #[arg(long, default_value = "auto", value_parser = ["auto", "source", "forwarded-for"])]
-        caller_ip: String,
-        /// The deployment in each call's path (default: the scenario's first backend's model).
-        #[arg(long)]
-        deployment: Option<String>,
-        #[arg(long, default_value = "2024-10-21")]
-        api_version: String,
-    },
+    Load(load::Args),
     /// Sets two runs' reports side by side (a simulation and a live run, or two live runs).
     Compare {
         /// A report folder (with `report.json`).
@@ -289,31 +254,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Mock { config, listen } => mock::run(config.as_deref(), &listen),
-        Command::Load {
-            scenario,
-            target,
-            local,
-            key,
-            out,
-            decisions,
-            seed,
-            max_requests,
-            caller_ip,
-            deployment,
-            api_version,
-        } => load::run(load::Args {
-            scenario,
-            target,
-            local,
-            key,
-            out,
-            decisions,
-            seed,
-            max_requests,
-            caller_ip,
-            deployment,
-            api_version,
-        }),
+        Command::Load(args) => load::run(args),
         Command::Compare { a, b, tolerance, tolerance_calls, latency_tolerance } => {
             match compare::run(&a, &b, tolerance, tolerance_calls, latency_tolerance) {
                 Ok(true) => Ok(()),

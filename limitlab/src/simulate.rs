@@ -38,17 +38,35 @@ pub fn run(
         say!("verdict: {line}");
     }
     say_raw!("{tables}");
-    simulator::output::write_report(&dir, &scenario, &scenario_path.display().to_string(), &outcome.report)
+    write_outputs(
+        Outputs { dir: &dir, scenario: &scenario, scenario_path, decisions },
+        &outcome.report,
+        &outcome.decisions,
+    )
+}
+
+/// Where a run's results go: the report folder, and the decision log's file if
+/// one was asked for (created before the run).
+pub struct Outputs<'a> {
+    pub dir: &'a Path,
+    pub scenario: &'a simulator::Scenario,
+    pub scenario_path: &'a Path,
+    pub decisions: Option<(std::fs::File, PathBuf)>,
+}
+
+/// Writes a run's report files and decision log, and says where they went.
+pub fn write_outputs(out: Outputs<'_>, report: &simulator::Report, decisions: &[gateway_core::Decision]) -> Result<()> {
+    simulator::output::write_report(out.dir, out.scenario, &out.scenario_path.display().to_string(), report)
         .map_err(anyhow::Error::msg)?;
-    say!("report: {} (report.json, report.html, plots as SVG and PNG)", dir.display());
-    if let Some((file, path)) = decisions {
+    say!("report: {} (report.json, report.html, plots as SVG and PNG)", out.dir.display());
+    if let Some((file, path)) = out.decisions {
         let mut file = std::io::BufWriter::new(file);
-        for d in &outcome.decisions {
+        for d in decisions {
             serde_json::to_writer(&mut file, d)?;
             file.write_all(b"\n")?;
         }
         file.flush()?;
-        say!("decisions: {} ({} lines)", path.display(), outcome.decisions.len());
+        say!("decisions: {} ({} lines)", path.display(), decisions.len());
     }
     Ok(())
 }
