@@ -105,6 +105,8 @@ pub struct StoreState {
     pub applied: AtomicU64,
     /// Changes made here that wait to be shipped.
     pub backlog: AtomicU64,
+    /// Changes dropped from a full backlog while the store was away.
+    pub dropped: AtomicU64,
     /// Round trips of sync exchanges, and the lag observed on applied changes.
     pub timings: Mutex<Timings>,
 }
@@ -120,6 +122,10 @@ impl Default for Timings {
         Timings { round_trip_s: histogram(), lag_s: histogram() }
     }
 }
+
+/// The most changes a product keeps for the store while it cannot be reached
+/// (about 100 MB): beyond that the oldest are dropped, and counted.
+pub const MAX_BACKLOG: usize = 1_000_000;
 
 /// One product's stream of changes in the store, and where this replica has
 /// read it up to.

@@ -176,6 +176,11 @@ pub fn render_store(out: &mut String, store: &crate::counters::StoreState) {
             store.applied.load(Relaxed),
         ),
         ("limitlab_store_backlog", "Counter changes waiting to be shipped.", store.backlog.load(Relaxed)),
+        (
+            "limitlab_store_changes_dropped_total",
+            "Changes dropped from a full backlog while the store was away.",
+            store.dropped.load(Relaxed),
+        ),
     ];
     for (name, help, value) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");

@@ -846,6 +846,12 @@ impl Proxy {
         for (product, stream) in streams.iter_mut().enumerate() {
             let mut lifecycle = self.lifecycle(product);
             while let Some(delta) = lifecycle.limits_mut().poll_delta() {
+                // Bounded while the store is away: the oldest changes go first
+                // (they matter least: their windows end soonest), and are counted.
+                if stream.backlog.len() >= crate::counters::MAX_BACKLOG {
+                    stream.backlog.pop_front();
+                    self.store.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 stream.backlog.push_back(delta);
             }
         }
