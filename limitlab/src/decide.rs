@@ -38,18 +38,12 @@ fn ok_status() -> Option<u16> {
 /// The instant the request log's `t_ms` counts from.
 const START: &str = "2024-01-01T09:00:00Z";
 
-/// A policy file as `simulate` and `proxy` read one: native TOML (`.toml`) or
-/// APIM policy XML; the XML's backend side is not used here.
+/// A policy file as `policy check` reads one (native TOML, or APIM policy XML
+/// with every error reported); the XML's backend side is not used here.
 fn load_policy(path: &Path) -> Result<Policy> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {shown}"))?;
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
-        return Policy::from_toml_file(&shown, &text).map_err(anyhow::Error::msg);
-    }
-    let doc = apim_policy::read(&text, &apim_policy::ReadOptions::default())
-        .map_err(|d| anyhow::anyhow!(d.render(&shown, &text)))?;
+    let doc = crate::policy::load(path, &apim_policy::ReadOptions::default()).map_err(anyhow::Error::msg)?;
     for warning in &doc.warnings {
-        eprintln!("{shown}:{warning} (warning)");
+        eprintln!("{}:{warning} (warning)", path.display());
     }
     Ok(doc.policy)
 }

@@ -22,7 +22,7 @@ pub fn options(strict: bool, named: &[String]) -> Result<ReadOptions> {
 /// line and the offending source line. A `.toml` file is a native policy (its
 /// limits only); anything else is read as APIM policy XML, as `decide`,
 /// scenarios and the proxy config read them.
-fn load(path: &Path, options: &ReadOptions) -> Result<PolicyDocument, String> {
+pub fn load(path: &Path, options: &ReadOptions) -> Result<PolicyDocument, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let shown = path.display().to_string();
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {

@@ -125,11 +125,6 @@ impl Local {
         Ok(format!("redis://127.0.0.1:{port}/0"))
     }
 
-    /// A mock's `/_mock/stats` for its one deployment.
-    pub fn mock_stats_url(&self, backend: usize) -> String {
-        format!("{}/_mock/stats", self.mocks[backend].1)
-    }
-
     /// Stops every process (SIGTERM, so proxies finish what is in flight) and
     /// returns the proxies' decision logs.
     pub fn stop(mut self) -> Result<Vec<GatewayLine>, String> {

@@ -344,7 +344,7 @@ impl<'s> Player<'s> {
         // Round robin over the replicas, every arrival, as the simulator spreads them.
         let wire = Arc::clone(&self.shared.wires[(order % self.shared.wires.len() as u64) as usize]);
         let source = self.source.as_mut().map(|plan| plan.address(&call.info.ip));
-        let request = request(&self.shared, &self.scenario.clients[call.client].name, &call);
+        let request = request(&self.shared, &wire.target, &self.scenario.clients[call.client].name, &call);
         let (tx, start, t0) = (tx.clone(), self.start, self.t0);
         tasks.spawn(async move {
             let result = match request {
@@ -472,11 +472,10 @@ impl<'s> Player<'s> {
 }
 
 /// The HTTP request of a call.
-fn request(shared: &Shared, client: &str, call: &Call) -> Result<hyper::Request<Full<Bytes>>, String> {
-    let wire = &shared.wires[0];
+fn request(shared: &Shared, target: &Target, client: &str, call: &Call) -> Result<hyper::Request<Full<Bytes>>, String> {
     let path = format!("/openai/deployments/{}/chat/completions?api-version={}", shared.deployment, shared.api_version);
     let mut builder = hyper::Request::post(path)
-        .header(hyper::header::HOST, wire.target.authority.as_str())
+        .header(hyper::header::HOST, target.authority.as_str())
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header("x-limitlab-request", call.request)
         .header("x-limitlab-client", client)
@@ -561,7 +560,7 @@ fn retry_after_secs(headers: &[(String, String)]) -> Option<u64> {
 async fn mock_stats(local: &Local, scenario: &Scenario) -> Vec<simulator::report::BackendStats> {
     let mut stats = Vec::new();
     for (i, backend) in scenario.backends.iter().enumerate() {
-        let figures = fetch_json(&local.mock_stats_url(i)).await.unwrap_or_default();
+        let figures = fetch_json(&local.mocks[i].1, "/_mock/stats").await.unwrap_or_default();
         let deployment =
             figures["deployments"].as_object().and_then(|d| d.values().next().cloned()).unwrap_or_default();
         let n = |name: &str| deployment[name].as_u64().unwrap_or(0);
@@ -578,11 +577,12 @@ async fn mock_stats(local: &Local, scenario: &Scenario) -> Vec<simulator::report
     stats
 }
 
-async fn fetch_json(url: &str) -> Option<serde_json::Value> {
-    let target = Target::parse(url.trim_end_matches("/_mock/stats")).ok()?;
+/// `GET base + path`, read as JSON.
+async fn fetch_json(base: &str, path: &str) -> Option<serde_json::Value> {
+    let target = Target::parse(base).ok()?;
     let addr = target.resolve().await.ok()?;
     let wire = Wire::new(target, addr, Duration::from_secs(10));
-    let request = hyper::Request::get("/_mock/stats")
+    let request = hyper::Request::get(path)
         .header(hyper::header::HOST, wire.target.authority.as_str())
         .body(Full::new(Bytes::new()))
         .ok()?;
