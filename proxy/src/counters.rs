@@ -20,7 +20,9 @@ pub struct CountersConfig {
     /// `redis://HOST:PORT/DB`, or `rediss://` for TLS.
     pub store: String,
     pub mode: Mode,
-    /// How often a lagged replica ships its changes and applies the others'.
+    /// How often a lagged replica ships its changes and applies the others'; in
+    /// exact mode, how often an idle replica catches up and how long it counts
+    /// locally after the store failed before trying it again.
     #[serde(default = "default_interval")]
     pub sync_interval: HumanDuration,
     /// What a replica does while the store cannot be reached: decide on its own
@@ -46,7 +48,8 @@ fn default_prefix() -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
-    /// Every decision against the shared counters: not yet available.
+    /// Every counter-changing call made against the shared counters, in one
+    /// order all replicas replay: the simulator's `counters = "shared"`.
     Exact,
     /// Local decisions, changes exchanged every `sync_interval`.
     Lagged,
@@ -64,11 +67,6 @@ impl CountersConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.store.starts_with("redis://") || self.store.starts_with("rediss://")) {
             return Err(format!("`counters.store`: `{}` is not a redis:// or rediss:// URL", self.store));
-        }
-        if self.mode == Mode::Exact {
-            return Err("`counters.mode = \"exact\"` is not available yet; use `\"lagged\"` (the simulator's \
-                        shared counters with `sync_lag`)"
-                .into());
         }
         if self.sync_interval.0 < Nanos::from_millis(10) {
             return Err("`counters.sync_interval` must be at least 10ms".into());
@@ -140,5 +138,9 @@ pub struct Stream {
 #[derive(Serialize, Deserialize)]
 pub struct Entry {
     pub replica: String,
+    /// Exact mode: the replica's sequence number of the change, so that a change
+    /// shipped twice (its answer lost) is applied once. Lagged replicas ship none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
     pub delta: CounterDelta,
 }

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod counters;
 pub mod decisions;
+pub mod exact;
 pub mod logs;
 pub mod metrics;
 pub mod server;

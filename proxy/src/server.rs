@@ -2,7 +2,9 @@
 //! carries out what `gateway-core`'s `Lifecycle` decides, attempt by attempt.
 
 use crate::config::ProxyConfig;
+use crate::counters::Mode;
 use crate::decisions::{DecisionLog, Tags};
+use crate::exact::Exact;
 use crate::metrics::Metrics;
 use crate::upstream::{Lease, Upstream, UpstreamError};
 use crate::usage::{self, StreamTracker};
@@ -12,7 +14,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, 
 use futures_util::StreamExt;
 use gateway_core::routing::{parse_retry_after, Attempt, AttemptOutcome, Credential};
 use gateway_core::{
-    Delivery, DeliveryEnd, Finished, GeneratedResponse, Lifecycle, Nanos, RequestId, RequestInfo, Step, Subscription,
+    CoreError, Delivery, DeliveryEnd, Finished, GeneratedResponse, Lifecycle, Nanos, RequestId, RequestInfo, Step, Subscription,
     Usage,
 };
 use http_body_util::{BodyExt, Full};
@@ -29,6 +31,8 @@ pub struct Proxy {
     lifecycles: Vec<Mutex<Lifecycle>>,
     /// The shared counter store's state, when `[counters]` is configured.
     store: crate::counters::StoreState,
+    /// Exact mode's exchange with the store (`[counters] mode = "exact"`).
+    exact: Option<Exact<Lifecycle>>,
     /// Per product: whether a limit reads the prompt estimate (so it is counted
     /// before forwarding rather than only when a stream needs it).
     needs_estimate: Vec<bool>,
@@ -77,7 +81,7 @@ impl Proxy {
             .iter()
             .map(|p| Lifecycle::new(p.policy(), config.routing.clone(), rand::random()).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
-        // A lagged replica journals its counter changes for the others.
+        // A replica that shares its counters journals its changes for the others.
         if config.counters.is_some() {
             for lifecycle in &lifecycles {
                 lifecycle.lock().unwrap_or_else(|e| e.into_inner()).limits_mut().enable_journal();
@@ -105,6 +109,13 @@ impl Proxy {
                 return Err(format!("subscriptions `{}` and `{}` have the same key", id(j), id(i)));
             }
         }
+        let exact = match &config.counters {
+            Some(counters) if counters.mode == Mode::Exact => {
+                let names = config.products.iter().map(|p| p.name.as_str());
+                Some(Exact::new(counters, names, crate::sync::replica_id())?)
+            }
+            _ => None,
+        };
         let metrics = Metrics::new(&config);
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
@@ -144,6 +155,7 @@ impl Proxy {
             config,
             lifecycles,
             store: Default::default(),
+            exact,
             keys,
             epoch,
             epoch_unix,
@@ -490,7 +502,7 @@ async fn within<F: std::future::Future>(limit: std::time::Duration, future: F) -
 /// deadline is the lifecycle's: an attempt races its `poll_timeout_of`, a retry
 /// sleeps until it, and `handle_timeout_of` says what follows.
 async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Response<Body> {
-    let mut step = proxy.lifecycle(req.product).handle_request(proxy.now(), &req.info, rand::random());
+    let mut step = proxy.start(&req).await;
     // If the client goes away before its answer, the request ends as client-gone.
     let mut gone = ClientGone { proxy: &proxy, req: &req, id: None };
     loop {
@@ -506,19 +518,14 @@ async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Re
             }
             Step::Forward { id, attempt } => {
                 gone.id = Some(id);
-                let deadline = proxy.lifecycle(req.product).poll_timeout_of(id).expect("an attempt has a deadline");
-                let answer = tokio::select! {
-                    answer = send(&proxy, upstream, &req, &attempt) => answer,
-                    due = proxy.at_deadline(req.product, id, deadline) => { step = due; continue; }
+                let (outcome, response) = match race(&proxy, upstream, &req, id, &attempt).await {
+                    Ok(answer) => answer,
+                    Err(due) => {
+                        step = due;
+                        continue;
+                    }
                 };
-                let (outcome, response) = answer;
-                let next = proxy.lifecycle(req.product).handle_attempt(
-                    proxy.now(),
-                    id,
-                    outcome,
-                    Usage::default(),
-                    rand::random(),
-                );
+                let next = proxy.attempt_step(req.product, id, outcome).await;
                 match next {
                     Ok(Step::Deliver { id }) => {
                         // From here the delivery's own guard (`Charge`) reports a departure.
@@ -536,6 +543,32 @@ async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Re
                 }
             }
         };
+    }
+}
+
+/// Sends attempt `id` and races its answer against the lifecycle's deadline:
+/// the answer, or the step the lifecycle took at the deadline. Only the timer is
+/// dropped when the answer wins; once the deadline has fired, the lifecycle's
+/// call is awaited to its end (in exact mode it waits for its turn).
+async fn race(
+    proxy: &Proxy,
+    upstream: &Arc<Upstream>,
+    req: &Admitted,
+    id: RequestId,
+    attempt: &Attempt,
+) -> Result<(AttemptOutcome, Option<Answer>), Step> {
+    let sending = send(proxy, upstream, req, attempt);
+    tokio::pin!(sending);
+    loop {
+        let deadline = proxy.lifecycle(req.product).poll_timeout_of(id).expect("an attempt has a deadline");
+        tokio::select! {
+            answer = &mut sending => return Ok(answer),
+            () = tokio::time::sleep_until(proxy.instant_of(deadline)) => {
+                if let Some(due) = proxy.timeout_step(req.product, id).await {
+                    return Err(due);
+                }
+            }
+        }
     }
 }
 
@@ -569,13 +602,59 @@ impl Proxy {
     async fn at_deadline(&self, product: usize, id: RequestId, mut deadline: Nanos) -> Step {
         loop {
             tokio::time::sleep_until(self.instant_of(deadline)).await;
-            let mut lifecycle = self.lifecycle(product);
-            if let Some(step) = lifecycle.handle_timeout_of(self.now(), id, rand::random()) {
+            if let Some(step) = self.timeout_step(product, id).await {
                 return step;
             }
             // The timer woke a hair early: wait for the lifecycle's instant again.
-            deadline = lifecycle.poll_timeout_of(id).expect("the request still waits on its deadline");
+            deadline = self.lifecycle(product).poll_timeout_of(id).expect("the request still waits on its deadline");
         }
+    }
+
+    /// The request's arrival through its product's limits: at once on local or
+    /// lagged counters, in the fleet's order in exact mode.
+    async fn start(&self, req: &Admitted) -> Step {
+        let draw = rand::random();
+        let Some(exact) = &self.exact else {
+            return self.lifecycle(req.product).handle_request(self.now(), &req.info, draw);
+        };
+        let info = req.info.clone();
+        let call = move |lifecycle: &mut Lifecycle, now| lifecycle.handle_request(now, &info, draw);
+        let lifecycle = &self.lifecycles[req.product];
+        exact.call(&self.store, req.product, lifecycle, || self.now(), call, end_abandoned).await
+    }
+
+    /// An attempt's outcome reported (see [`Proxy::start`] for exact mode).
+    async fn attempt_step(&self, product: usize, id: RequestId, outcome: AttemptOutcome) -> Result<Step, CoreError> {
+        let draw = rand::random();
+        let Some(exact) = &self.exact else {
+            return self.lifecycle(product).handle_attempt(self.now(), id, outcome, Usage::default(), draw);
+        };
+        let call = move |lifecycle: &mut Lifecycle, now| {
+            lifecycle.handle_attempt(now, id, outcome, Usage::default(), draw)
+        };
+        // A driver that went away has already reported its client gone.
+        let abandoned = |_: &mut Lifecycle, _, _| {};
+        exact.call(&self.store, product, &self.lifecycles[product], || self.now(), call, abandoned).await
+    }
+
+    /// The lifecycle's deadline for request `id` reached (see [`Proxy::start`]).
+    async fn timeout_step(&self, product: usize, id: RequestId) -> Option<Step> {
+        let draw = rand::random();
+        let Some(exact) = &self.exact else {
+            return self.lifecycle(product).handle_timeout_of(self.now(), id, draw);
+        };
+        let call = move |lifecycle: &mut Lifecycle, now| lifecycle.handle_timeout_of(now, id, draw);
+        let abandoned = |_: &mut Lifecycle, _, _| {};
+        exact.call(&self.store, product, &self.lifecycles[product], || self.now(), call, abandoned).await
+    }
+}
+
+/// Ends a request whose driver went away while its arrival waited for its turn
+/// (exact mode): nothing else will.
+fn end_abandoned(lifecycle: &mut Lifecycle, now: Nanos, step: Step) {
+    let (Step::Forward { id, .. } | Step::Wait { id } | Step::Deliver { id }) = step else { return };
+    if let Err(e) = lifecycle.handle_client_gone(now, id) {
+        tracing::error!(error = %e, "the lifecycle refused an abandoned request's end");
     }
 }
 
@@ -790,12 +869,12 @@ async fn deliver(
             // The body broke before the client saw any of it: the core answers
             // in its place, and charges what was delivered (nothing).
             tracing::warn!(backend = %attempt.backend, "backend body broken");
-            let finished = charge.settle(Usage::default(), 0, DeliveryEnd::BodyBroken);
+            let finished = charge.settle(Usage::default(), 0, DeliveryEnd::BodyBroken).await;
             return generated_response(finished);
         }
     };
     let usage = usage::from_json(&bytes).unwrap_or_default();
-    let finished = charge.settle(usage, bytes.len() as u64, DeliveryEnd::Complete);
+    let finished = charge.settle(usage, bytes.len() as u64, DeliveryEnd::Complete).await;
     for (name, value) in &finished.headers {
         if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
             out.headers_mut().insert(n, v);
@@ -816,6 +895,27 @@ impl Proxy {
     ) -> Finished {
         let delivery = Delivery { usage, request_bytes: req.body.len() as u64, response_bytes, end };
         let finished = self.lifecycle(req.product).handle_delivered(self.now(), id, delivery);
+        finished.expect("each delivery is reported once")
+    }
+
+    /// [`Proxy::finish_delivery`] in the fleet's order in exact mode.
+    async fn finish_delivery_in_turn(
+        &self,
+        req: &Admitted,
+        id: RequestId,
+        usage: Usage,
+        response_bytes: u64,
+        end: DeliveryEnd,
+    ) -> Finished {
+        let Some(exact) = &self.exact else {
+            return self.finish_delivery(req, id, usage, response_bytes, end);
+        };
+        let delivery = Delivery { usage, request_bytes: req.body.len() as u64, response_bytes, end };
+        let call = move |lifecycle: &mut Lifecycle, now| lifecycle.handle_delivered(now, id, delivery);
+        // The charge is made even if the task that waited for it is gone.
+        let abandoned = |_: &mut Lifecycle, _, _| {};
+        let lifecycle = &self.lifecycles[req.product];
+        let finished = exact.call(&self.store, req.product, lifecycle, || self.now(), call, abandoned).await;
         finished.expect("each delivery is reported once")
     }
 
@@ -854,6 +954,14 @@ impl Proxy {
                 }
                 stream.backlog.push_back(delta);
             }
+        }
+    }
+
+    /// Exact mode: every product catches up with the store and ships what waits.
+    pub(crate) async fn flush_exact(&self) {
+        let Some(exact) = &self.exact else { return };
+        for (product, lifecycle) in self.lifecycles.iter().enumerate() {
+            exact.flush(&self.store, product, lifecycle, || self.now()).await;
         }
     }
 
@@ -917,30 +1025,43 @@ impl Charge {
         Charge { proxy, req, id, tracker, response_bytes: 0, done: false }
     }
 
-    /// Charges what was streamed, once; `end` says whether the client stayed.
-    fn finish(&mut self, end: DeliveryEnd) {
+    /// What the stream used: its usage chunk, else its text counted.
+    fn streamed_usage(&self) -> Usage {
+        let prompt = self.req.prompt_tokens.unwrap_or_else(|| count_prompt(&self.req.model, &self.req.body));
+        self.tracker.usage(prompt)
+    }
+
+    /// Charges what was streamed, once, when the stream ended or broke.
+    async fn finish(&mut self, end: DeliveryEnd) {
         if self.done {
             return;
         }
-        let prompt = self.req.prompt_tokens.unwrap_or_else(|| count_prompt(&self.req.model, &self.req.body));
-        let usage = self.tracker.usage(prompt);
-        self.settle(usage, self.response_bytes, end);
+        self.settle(self.streamed_usage(), self.response_bytes, end).await;
     }
 
     /// Reports the delivery's end with what it used (a buffered body's `usage`,
-    /// or a stream's), logs and counts the request: once.
-    fn settle(&mut self, usage: Usage, response_bytes: u64, end: DeliveryEnd) -> Finished {
+    /// or a stream's), logs and counts the request: once. Marked settled
+    /// before the core is told, so that a task dropped while waiting for its
+    /// turn (exact mode, whose call is made anyway) is not charged twice.
+    async fn settle(&mut self, usage: Usage, response_bytes: u64, end: DeliveryEnd) -> Finished {
         assert!(!std::mem::replace(&mut self.done, true), "a delivery is settled once");
-        let finished = self.proxy.finish_delivery(&self.req, self.id, usage, response_bytes, end);
+        let finished = self.proxy.finish_delivery_in_turn(&self.req, self.id, usage, response_bytes, end).await;
         self.proxy.finished(&self.req, &finished);
         finished
     }
 }
 
 impl Drop for Charge {
-    /// A stream dropped before it ended is one whose client went away.
+    /// A stream dropped before it ended is one whose client went away. It is
+    /// charged at once on this replica's counters; in exact mode the change is
+    /// shipped with the product's next turn (at most a `sync_interval` later).
     fn drop(&mut self) {
-        self.finish(DeliveryEnd::ClientGone);
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let usage = self.streamed_usage();
+        let finished = self.proxy.finish_delivery(&self.req, self.id, usage, self.response_bytes, DeliveryEnd::ClientGone);
+        self.proxy.finished(&self.req, &finished);
     }
 }
 
@@ -957,14 +1078,14 @@ fn charged_stream(
         loop {
             match frames.next().await {
                 None => {
-                    charge.finish(DeliveryEnd::Complete);
+                    charge.finish(DeliveryEnd::Complete).await;
                     if let Some(lease) = lease.take() {
                         lease.release();
                     }
                     return None;
                 }
                 Some(Err(e)) => {
-                    charge.finish(DeliveryEnd::Complete);
+                    charge.finish(DeliveryEnd::Complete).await;
                     return Some((Err(std::io::Error::other(e)), (frames, charge, None)));
                 }
                 Some(Ok(frame)) => {

@@ -1,7 +1,7 @@
 //! The lagged replica's exchange with its counter store: every
 //! `sync_interval`, ship this replica's counter changes and apply the others'.
 
-use crate::counters::{CountersConfig, Entry, Stream};
+use crate::counters::{CountersConfig, Entry, Mode, Stream};
 use crate::server::Proxy;
 use redis::aio::ConnectionManager;
 use std::sync::atomic::Ordering;
@@ -15,6 +15,25 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Syncs until the task is dropped. Never returns an error: a store that
 /// cannot be reached is counted, logged, and tried again next interval.
 pub async fn run(proxy: Arc<Proxy>, config: CountersConfig) {
+    match config.mode {
+        Mode::Lagged => run_lagged(proxy, config).await,
+        Mode::Exact => run_exact(proxy, config).await,
+    }
+}
+
+/// Exact mode's background turn: every `sync_interval`, each product catches up
+/// with the store and ships what waits (changes made while it was away, or
+/// outside a turn), so an idle replica stays current and nothing waits long.
+async fn run_exact(proxy: Arc<Proxy>, config: CountersConfig) {
+    let mut ticker = tokio::time::interval(config.sync_interval.0.into_std());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        proxy.flush_exact().await;
+    }
+}
+
+async fn run_lagged(proxy: Arc<Proxy>, config: CountersConfig) {
     let replica = replica_id();
     let client = match config.url().and_then(|url| redis::Client::open(url).map_err(|e| e.to_string())) {
         Ok(client) => client,
@@ -66,7 +85,7 @@ pub async fn run(proxy: Arc<Proxy>, config: CountersConfig) {
     }
 }
 
-fn replica_id() -> String {
+pub(crate) fn replica_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("{}-{}-{:x}", hostname(), std::process::id(), nanos & 0xffff_ffff)
 }
@@ -115,7 +134,7 @@ async fn ship(
     let mut count = 0;
     for stream in streams.iter() {
         for delta in &stream.backlog {
-            let entry = serde_json::to_string(&Entry { replica: replica.to_owned(), delta: delta.clone() })
+            let entry = serde_json::to_string(&Entry { replica: replica.to_owned(), seq: None, delta: delta.clone() })
                 .expect("a change serializes");
             // Bounded: a stream keeps about the last million changes.
             pipe.cmd("XADD")

@@ -3,62 +3,22 @@
 //! refused with 503), and changes made while it was down are shipped when it
 //! returns.
 
+mod common;
+
+use common::{free_port, Redis};
 use proxy::server::Proxy;
 use proxy::ProxyConfig;
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-/// A `redis-server` on a loopback port, stopped when dropped. A machine
-/// without one fails the test with what to install: it is never skipped.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start_on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (Debian: apt install redis-server; .ci/run installs it)");
-        // Held from here on, so that a panic below still stops the server.
-        let redis = Redis { child, port };
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("redis-server did not listen on {port}");
-    }
-
-    fn start() -> Redis {
-        Redis::start_on(free_port())
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn config(backend: &str, store: &str, on_error: &str) -> String {
+    config_in("lagged", backend, store, on_error)
+}
+
+fn config_in(mode: &str, backend: &str, store: &str, on_error: &str) -> String {
     format!(
         r#"
 anonymous_product = "p"
@@ -66,7 +26,7 @@ subscriptions = []
 
 [counters]
 store = "{store}"
-mode = "lagged"
+mode = "{mode}"
 sync_interval = "100ms"
 on_store_error = "{on_error}"
 
@@ -148,16 +108,22 @@ async fn lagged_replicas_share_their_counts_through_redis() {
 
 #[tokio::test]
 async fn an_unreachable_store_is_survived_with_local_counters_or_refused_with_503() {
+    for mode in ["lagged", "exact"] {
+        unreachable_store_in(mode).await;
+    }
+}
+
+async fn unreachable_store_in(mode: &str) {
     let backend = backend().await;
     let nowhere = format!("redis://127.0.0.1:{}/0", free_port());
-    let local = replica(&config(&backend.uri(), &nowhere, "local")).await;
+    let local = replica(&config_in(mode, &backend.uri(), &nowhere, "local")).await;
     // An exchange that cannot connect fails within a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(local.call().await, 200, "local counters decide");
+    assert_eq!(local.call().await, 200, "{mode}: local counters decide");
     let metrics = local.metrics().await;
     assert!(metrics.contains("limitlab_store_reachable 0"), "{metrics}");
     assert!(!metrics.contains("limitlab_store_errors_total 0"), "errors are counted: {metrics}");
-    let reject = replica(&config(&backend.uri(), &nowhere, "reject")).await;
+    let reject = replica(&config_in(mode, &backend.uri(), &nowhere, "reject")).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", reject.base);
     let response = reqwest::Client::new().post(url).json(&json!({"messages": []})).send().await.unwrap();
@@ -169,10 +135,16 @@ async fn an_unreachable_store_is_survived_with_local_counters_or_refused_with_50
 
 #[tokio::test]
 async fn changes_made_while_the_store_is_down_are_shipped_when_it_returns() {
+    for mode in ["lagged", "exact"] {
+        store_down_and_back_in(mode).await;
+    }
+}
+
+async fn store_down_and_back_in(mode: &str) {
     let redis = Redis::start();
     let port = redis.port;
     let backend = backend().await;
-    let text = config(&backend.uri(), &redis.url(), "local");
+    let text = config_in(mode, &backend.uri(), &redis.url(), "local");
     let (a, b) = (replica(&text).await, replica(&text).await);
     settle().await;
     drop(redis);
@@ -196,11 +168,11 @@ async fn changes_made_while_the_store_is_down_are_shipped_when_it_returns() {
 }
 
 #[test]
-fn exact_mode_and_bad_stores_are_refused_when_the_config_loads() {
-    let exact = config("http://b", "redis://127.0.0.1:6379/0", "local").replace("\"lagged\"", "\"exact\"");
-    let error = ProxyConfig::from_toml("c.toml", &exact).map(|_| ()).unwrap_err();
-    assert!(error.contains("`counters.mode = \"exact\"` is not available yet"), "{error}");
+fn bad_stores_are_refused_when_the_config_loads() {
     let bad = config("http://b", "http://127.0.0.1:6379", "local");
     let error = ProxyConfig::from_toml("c.toml", &bad).map(|_| ()).unwrap_err();
     assert!(error.contains("not a redis:// or rediss:// URL"), "{error}");
+    let bad = config("http://b", "redis://127.0.0.1:6379", "local").replace("\"lagged\"", "\"eventual\"");
+    let error = ProxyConfig::from_toml("c.toml", &bad).map(|_| ()).unwrap_err();
+    assert!(error.contains("eventual") && error.contains("exact"), "{error}");
 }

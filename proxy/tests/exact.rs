@@ -1,0 +1,257 @@
+//! `[counters] mode = "exact"` against a real `redis-server`: three replicas
+//! sharing one store decide exactly as one core does, and a burst spread over
+//! three proxies never gets more calls through than the limit.
+
+mod common;
+
+use common::Redis;
+use gateway_core::{LimitBook, Nanos, Policy, RequestDecision, RequestInfo, ResponseInfo};
+use proptest::prelude::*;
+use proxy::counters::{CountersConfig, StoreState};
+use proxy::exact::Exact;
+use proxy::server::Proxy;
+use proxy::ProxyConfig;
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// Every kind of counter: sliding and bucket rate limits (one counting on 2xx
+/// only), a call and bandwidth quota in a fixed window, and a reserving token
+/// limit (reserve, then reconcile at completion) with an hourly token quota.
+const ALL_COUNTERS: &str = r#"
+[[limits]]
+type = "rate-limit-by-key"
+calls = 4
+renewal_period = 10
+counter_key = "ip"
+increment_condition = "200-299"
+
+[[limits]]
+type = "rate-limit-by-key"
+calls = 6
+renewal_period = 20
+counter_key = "ip"
+algorithm = "token-bucket"
+remaining_calls_header_name = "calls-left"
+
+[[limits]]
+type = "quota-by-key"
+calls = 30
+bandwidth = "5 KB"
+renewal_period = 300
+counter_key = "ip"
+
+[[limits]]
+type = "azure-openai-token-limit"
+counter_key = "ip"
+tokens_per_minute = 400
+reserve = true
+token_quota = 5000
+token_quota_period = "Hourly"
+remaining_tokens_header_name = "tokens-left"
+"#;
+
+/// A core, alone or as one replica of a fleet sharing counters in exact mode.
+struct Node {
+    exact: Option<Exact<LimitBook>>,
+    state: StoreState,
+    book: Mutex<LimitBook>,
+}
+
+impl Node {
+    fn alone(policy: &Policy) -> Node {
+        Node { exact: None, state: StoreState::default(), book: Mutex::new(LimitBook::new(policy, 1)) }
+    }
+
+    fn replica(policy: &Policy, store: &str, prefix: &str, n: usize) -> Node {
+        let config: CountersConfig = toml::from_str(&format!(
+            "store = \"{store}\"\nmode = \"exact\"\nkey_prefix = \"{prefix}\""
+        ))
+        .unwrap();
+        let mut book = LimitBook::new(policy, n as u64 + 7);
+        book.enable_journal();
+        let exact = Exact::new(&config, ["p"].into_iter(), format!("replica-{n}")).unwrap();
+        Node { exact: Some(exact), state: StoreState::default(), book: Mutex::new(book) }
+    }
+
+    /// Makes `call` at `now`: directly when alone, in the fleet's order otherwise.
+    async fn run<R: Send + 'static>(
+        &self,
+        now: Nanos,
+        call: impl FnOnce(&mut LimitBook, Nanos) -> R + Send + 'static,
+    ) -> R {
+        match &self.exact {
+            None => call(&mut self.book.lock().unwrap(), now),
+            Some(exact) => exact.call(&self.state, 0, &self.book, move || now, call, |_, _, _| {}).await,
+        }
+    }
+}
+
+/// A call: (gap in ms, caller, latency in ms, status, tokens, max_tokens).
+type Call = (u64, usize, u64, u16, u64, u64);
+
+/// Feeds the timed calls in one serialized order, call i to node i % n: its
+/// arrival, then its completion `latency` later. Returns every decision and
+/// every header the limits added.
+async fn replay(nodes: &[Node], calls: &[Call]) -> Vec<String> {
+    let mut events: Vec<(u64, u8, usize)> = Vec::new();
+    let mut t = 0;
+    for (i, call) in calls.iter().enumerate() {
+        t += call.0 * 1_000_000;
+        events.push((t, 0, i));
+    }
+    let mut ids = vec![None; calls.len()];
+    let mut seen = Vec::new();
+    while let Some(pos) = (0..events.len()).min_by_key(|&k| events[k]) {
+        let (now, phase, i) = events.swap_remove(pos);
+        let (_, caller, latency_ms, status, tokens, max_tokens) = calls[i];
+        let node = &nodes[i % nodes.len()];
+        if phase == 0 {
+            let req = RequestInfo {
+                ip: format!("10.0.0.{caller}"),
+                max_tokens: Some(max_tokens),
+                prompt_tokens_estimate: Some(20),
+                ..RequestInfo::default()
+            };
+            let decision = node
+                .run(Nanos(now), move |book, now| match book.handle_request(now, &req) {
+                    RequestDecision::Forward(a) => Ok(a.id),
+                    RequestDecision::Reject(r) => Err(format!("{} {:?} {:?}", r.status, r.retry_after_secs, r.headers)),
+                })
+                .await;
+            match decision {
+                Ok(id) => {
+                    ids[i] = Some(id);
+                    events.push((now + latency_ms * 1_000_000, 1, i));
+                    seen.push(format!("{i} in"));
+                }
+                Err(rejection) => seen.push(format!("{i} {rejection}")),
+            }
+        } else {
+            let info =
+                ResponseInfo { status: Some(status), total_tokens: tokens, request_bytes: 100, response_bytes: 4 * tokens };
+            let id = ids[i].unwrap();
+            let headers = node.run(Nanos(now), move |book, now| book.handle_response(now, id, &info).unwrap().headers).await;
+            seen.push(format!("{i} out {headers:?}"));
+        }
+    }
+    seen
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The same serialized calls through one in-process core and through three
+    /// replicas in exact mode on one Redis: every decision, every retry-after
+    /// and every remaining-count header is the same.
+    #[test]
+    fn three_replicas_in_exact_mode_decide_as_one_core(
+        calls in prop::collection::vec(
+            (0u64..3_000, 0..3usize, 0u64..8_000, prop::sample::select(vec![200u16, 200, 429, 500]), 0u64..300, 1u64..200),
+            1..120,
+        ),
+    ) {
+        static CASE: AtomicUsize = AtomicUsize::new(0);
+        let redis = store();
+        let policy = Policy::from_toml(ALL_COUNTERS).unwrap();
+        let prefix = format!("case{}", CASE.fetch_add(1, Ordering::Relaxed));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (single, fleet) = runtime.block_on(async {
+            let one = [Node::alone(&policy)];
+            let three: Vec<Node> = (0..3).map(|n| Node::replica(&policy, &redis.url(), &prefix, n)).collect();
+            (replay(&one, &calls).await, replay(&three, &calls).await)
+        });
+        prop_assert_eq!(single, fleet);
+    }
+}
+
+/// One `redis-server` for every case of the property test (each case has keys
+/// of its own), started on first use.
+fn store() -> &'static Redis {
+    static REDIS: std::sync::OnceLock<Redis> = std::sync::OnceLock::new();
+    REDIS.get_or_init(Redis::start)
+}
+
+fn fleet_config(mode: &str, backend: &str, store: &str, prefix: &str) -> String {
+    format!(
+        r#"
+anonymous_product = "p"
+subscriptions = []
+
+[counters]
+store = "{store}"
+mode = "{mode}"
+sync_interval = "1s"
+key_prefix = "{prefix}"
+
+[[products]]
+name = "p"
+[[products.policy.limits]]
+type = "rate-limit-by-key"
+calls = 25
+renewal_period = 60
+counter_key = {{ const = "all" }}
+
+[routing]
+set_backend = "b"
+backends = [{{ id = "b", url = "{backend}" }}]
+"#
+    )
+}
+
+async fn start_replica(config: &str) -> String {
+    let config = ProxyConfig::from_toml("fleet.toml", config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let proxy = Arc::new(Proxy::new(config).unwrap());
+    tokio::spawn(proxy::serve(proxy, listener, admin, std::future::pending()));
+    base
+}
+
+/// Fires `per_replica` calls at each replica at once; returns (admitted, 429s).
+async fn burst(replicas: &[String], per_replica: usize) -> (usize, usize) {
+    let client = reqwest::Client::new();
+    let calls = replicas.iter().flat_map(|base| {
+        let url = format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
+        let client = client.clone();
+        (0..per_replica).map(move |_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { client.post(url).json(&json!({"messages": []})).send().await.unwrap().status() })
+        })
+    });
+    let statuses = futures_util::future::join_all(calls.collect::<Vec<_>>()).await;
+    let statuses: Vec<u16> = statuses.into_iter().map(|s| s.unwrap().as_u16()).collect();
+    let admitted = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(admitted + refused, statuses.len(), "only 200s and 429s: {statuses:?}");
+    (admitted, refused)
+}
+
+/// 150 parallel calls over three replicas under a limit of 25: exact mode lets
+/// exactly 25 through. The same burst in lagged mode (the control) lets each
+/// replica count alone until its next sync, and overshoots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_over_three_exact_replicas_never_passes_the_limit() {
+    let redis = Redis::start();
+    let backend = MockServer::start().await;
+    let body = json!({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}});
+    let answer = ResponseTemplate::new(200).set_body_json(body).set_delay(Duration::from_millis(20));
+    Mock::given(method("POST")).respond_with(answer).mount(&backend).await;
+    for (mode, prefix) in [("exact", "burst-exact"), ("lagged", "burst-lagged")] {
+        let config = fleet_config(mode, &backend.uri(), &redis.url(), prefix);
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            replicas.push(start_replica(&config).await);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (admitted, refused) = burst(&replicas, 50).await;
+        match mode {
+            "exact" => assert_eq!((admitted, refused), (25, 125), "exact: the limit across the fleet"),
+            _ => assert!(admitted > 25, "lagged: each replica counts alone between syncs ({admitted} admitted)"),
+        }
+    }
+}
