@@ -1,6 +1,6 @@
 //! A fleet of `limitlab proxy` processes sharing counters through a real
-//! `redis-server` in lagged mode: when one replica is killed, the others go on
-//! sharing, and together they keep the limit.
+//! `redis-server`, in lagged and in exact mode: when one replica is killed, the
+//! others go on sharing, and together they keep the limit.
 
 mod common;
 
@@ -10,15 +10,16 @@ use std::time::Duration;
 
 const LIMIT: usize = 6;
 
-fn fleet_config(dir: &std::path::Path, backend: &str, redis_port: u16) -> std::path::PathBuf {
+fn fleet_config(dir: &std::path::Path, mode: &str, backend: &str, redis_port: u16) -> std::path::PathBuf {
     let text = format!(
         r#"
 anonymous_product = "p"
 
 [counters]
 store = "redis://127.0.0.1:{redis_port}/0"
-mode = "lagged"
+mode = "{mode}"
 sync_interval = "100ms"
+key_prefix = "{mode}"
 
 [[products]]
 name = "p"
@@ -33,7 +34,7 @@ set_backend = "b"
 backends = [{{ id = "b", url = "{backend}" }}]
 "#
     );
-    let path = dir.join("fleet.toml");
+    let path = dir.join(format!("fleet-{mode}.toml"));
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -65,14 +66,21 @@ async fn a_killed_replica_leaves_the_others_sharing_and_keeping_the_limit() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let mock = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
-    let config = fleet_config(&dir, &mock.urls[0], port);
+    for mode in ["lagged", "exact"] {
+        one_replica_killed(&dir, mode, &mock.urls[0], port).await;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+async fn one_replica_killed(dir: &std::path::Path, mode: &str, backend: &str, port: u16) {
+    let config = fleet_config(dir, mode, backend, port);
     let config = config.to_str().unwrap();
     let args = ["proxy", "--config", config, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
     let mut replicas: Vec<Process> = (0..3).map(|_| spawn(&args, 2, None)).collect();
     settle().await;
     // A call through each replica, each heard by the others before the next.
     for r in &replicas {
-        assert_eq!(call(&r.urls[0]).await, 200, "under the limit, every call is admitted");
+        assert_eq!(call(&r.urls[0]).await, 200, "{mode}: under the limit, every call is admitted");
         settle().await;
     }
     // One replica dies. The two left go on sharing, the dead one's call
@@ -87,6 +95,5 @@ async fn a_killed_replica_leaves_the_others_sharing_and_keeping_the_limit() {
             settle().await;
         }
     }
-    assert_eq!(statuses, [200, 200, 200, 429, 429, 429], "the survivors keep the limit of {LIMIT}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429], "{mode}: the survivors keep the limit of {LIMIT}");
 }

@@ -105,6 +105,8 @@ pub struct StoreState {
     pub backlog: AtomicU64,
     /// Changes dropped from a full backlog while the store was away.
     pub dropped: AtomicU64,
+    /// Exact mode: calls made on local counters while the store was away.
+    pub local_calls: AtomicU64,
     /// Round trips of sync exchanges, and the lag observed on applied changes.
     pub timings: Mutex<Timings>,
 }

@@ -211,8 +211,9 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             false => None,
         };
         let shared = changes.is_some();
-        self.run_jobs(state, product, position, target, clock, changes.unwrap_or_default());
+        let calls = self.run_jobs(state, product, position, target, clock, changes.unwrap_or_default());
         if !shared {
+            state.local_calls.fetch_add(calls, Ordering::Relaxed);
             state.backlog.store(position.backlog.len() as u64, Ordering::Relaxed);
             return;
         }
@@ -226,7 +227,8 @@ impl<T: Journaled + Send + 'static> Exact<T> {
     }
 
     /// Applies the others' changes, then makes every queued call, then moves the
-    /// calls' changes (and any made outside a turn) into the backlog.
+    /// calls' changes (and any made outside a turn) into the backlog. Returns
+    /// how many calls it made.
     fn run_jobs(
         &self,
         state: &StoreState,
@@ -235,8 +237,9 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         target: &Mutex<T>,
         clock: &impl Fn() -> Nanos,
         changes: Vec<(String, Option<Entry>)>,
-    ) {
+    ) -> u64 {
         let jobs = std::mem::take(&mut *lock(&self.products[product].queue));
+        let calls = jobs.len() as u64;
         let mut t = lock(target);
         for (id, entry) in changes {
             position.last_id = Some(id);
@@ -255,6 +258,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             }
             position.backlog.push_back((self.sequence.fetch_add(1, Ordering::Relaxed), delta));
         }
+        calls
     }
 
     /// Applies one change from the stream at the instant it was made, unless it

@@ -158,8 +158,8 @@ impl Metrics {
 }
 
 /// The counter store's figures: reachability, errors, changes shipped and
-/// applied, the backlog waiting to be shipped, exchange round trips and the lag
-/// observed on the others' changes.
+/// applied, the backlog waiting to be shipped, calls made locally meanwhile,
+/// exchange round trips and the lag observed on the others' changes.
 pub fn render_store(out: &mut String, store: &crate::counters::StoreState) {
     use std::sync::atomic::Ordering::Relaxed;
     let gauges = [
@@ -181,13 +181,19 @@ pub fn render_store(out: &mut String, store: &crate::counters::StoreState) {
             "Changes dropped from a full backlog while the store was away.",
             store.dropped.load(Relaxed),
         ),
+        (
+            "limitlab_store_local_calls_total",
+            "Exact mode: calls to the core (arrivals, attempt outcomes, completions) made on this replica's own counters while the store could not be reached.",
+            store.local_calls.load(Relaxed),
+        ),
     ];
     for (name, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     let timings = store.timings.lock().unwrap_or_else(|e| e.into_inner());
     for (name, help, h) in [
-        ("limitlab_store_round_trip_seconds", "Round trip of one sync exchange with the store.", &timings.round_trip_s),
+        ("limitlab_store_round_trip_seconds", "One exchange with the store: a lagged sync, or an exact turn (lock, read, ship, release).", &timings.round_trip_s),
         ("limitlab_store_sync_lag_seconds", "From another replica's change to its application here.", &timings.lag_s),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
