@@ -197,13 +197,17 @@ def proxy_sdk(run, block):
     run.stop_servers()
 
 
-def fleet(run, block):
+def start_fleet(run, block):
     # The README's mocks, then its Redis and three replicas.
     for port in (8081, 8082):
         run.serve(f"limitlab mock --listen 127.0.0.1:{port}", [f"listening on http://127.0.0.1:{port}"])
     replicas = []
     for command in block.commands():
         command = command.rstrip("&").strip()
+        if command.startswith("sed "):
+            done = run.sh(command)
+            expect(done.returncode == 0, f"{command}: {done.stderr}")
+            continue
         if command.startswith("redis-server"):
             run.serve(command, [])
             port = int(command.split("--port ")[1].split()[0])
@@ -212,20 +216,39 @@ def fleet(run, block):
         listen = command.split("--listen ")[1].split()[0]
         run.serve(command, [f"listening on http://{listen}"])
         replicas.append((listen, command.split("--admin ")[1].split()[0]))
+    return replicas
+
+
+def fleet_call(run, listen):
+    out = run.sh(f"curl -s -o /dev/null -w '%{{http_code}}' http://{listen}/openai/deployments/gpt-4o/chat/completions"
+                 "?api-version=2024-10-21 -H 'api-key: demo-key' "
+                 "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 5}'").stdout
+    return out == "200"
+
+
+def fleet(run, block):
+    replicas = start_fleet(run, block)
     # Five rounds over the three replicas, two sync intervals apart: shared
     # counters admit 12 of the 15 calls (a round after the limit is reached is
     # still admitted by every replica), counting alone would admit all 15.
     admitted = 0
     for _ in range(5):
         for listen, _admin in replicas:
-            out = run.sh(f"curl -s -o /dev/null -w '%{{http_code}}' http://{listen}/openai/deployments/gpt-4o/chat/completions"
-                         "?api-version=2024-10-21 -H 'api-key: demo-key' "
-                         "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 5}'").stdout
-            admitted += out == "200"
+            admitted += fleet_call(run, listen)
         time.sleep(2.2)
     expect(10 <= admitted <= 12, f"the fleet admitted {admitted} of 15 calls under a limit of 10")
     metrics = run.sh(f"curl -s http://{replicas[0][1]}/metrics").stdout
     expect("limitlab_store_reachable 1" in metrics and "limitlab_store_changes_applied_total 0" not in metrics, metrics)
+    run.stop_servers()
+
+
+def fleet_exact(run, block):
+    replicas = start_fleet(run, block)
+    # Fifteen calls, one replica after another with no pause: exactly 10 pass.
+    admitted = sum(fleet_call(run, replicas[i % 3][0]) for i in range(15))
+    expect(admitted == 10, f"the exact fleet admitted {admitted} of 15 calls under a limit of 10")
+    metrics = run.sh(f"curl -s http://{replicas[0][1]}/metrics").stdout
+    expect("limitlab_store_reachable 1" in metrics and "limitlab_store_local_calls_total 0" in metrics, metrics)
     run.stop_servers()
 
 
@@ -287,6 +310,7 @@ STEPS = [
     ("sh", 'curl -i "http://127.0.0.1:8080/', proxy_calls),
     ("python", "from openai import AzureOpenAI", proxy_sdk),
     ("sh", "redis-server --port 6380", fleet),
+    ("sh", "sed 's/^mode = \"lagged\"/mode = \"exact\"/'", fleet_exact),
     ("sh", "limitlab simulate scenarios/live-loop.toml", live_loop),
     ("sh", "limitlab load scenarios/your-scenario.toml --target", load_against_apim),
     ("toml", "[[limits]]", policy_toml),
