@@ -136,13 +136,43 @@ pub struct Stream {
     pub backlog: VecDeque<CounterDelta>,
 }
 
-/// A change as the stream carries it: the replica that made it, and the change.
+/// One stream entry: a batch of changes one replica made, in order. The
+/// replica's name is also the entry's field `r`, so a replica skips its own
+/// entries without parsing them; the batch is the field `e`, as JSON.
 #[derive(Serialize, Deserialize)]
-pub struct Entry {
+pub struct Batch {
     pub replica: String,
-    /// Exact mode: the replica's sequence number of the change, so that a change
-    /// shipped twice (its answer lost) is applied once. Lagged replicas ship none.
+    /// Exact mode: the replica's sequence number of the first change (the
+    /// others follow on), so that a change shipped twice (its answer lost) is
+    /// applied once. Lagged replicas ship none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seq: Option<u64>,
-    pub delta: CounterDelta,
+    pub first_seq: Option<u64>,
+    pub changes: Vec<CounterDelta>,
+}
+
+/// A [`Batch`] as written, borrowing its changes.
+#[derive(Serialize)]
+pub struct BatchOut<'a> {
+    pub replica: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
+    pub changes: &'a [CounterDelta],
+}
+
+/// The most changes one stream entry carries (about 1.5 MB of JSON).
+pub const BATCH_CHANGES: usize = 10_000;
+
+/// Reads a stream entry's batch; `None` (with a warning) for one that limitlab
+/// did not write. Entries of `own` replica are not parsed.
+pub fn read_batch(stream: &str, own: &str, item: &redis::streams::StreamId) -> Option<Batch> {
+    let replica: Option<String> = item.get("r");
+    if replica.as_deref() == Some(own) {
+        return None;
+    }
+    let text: Option<String> = item.get("e");
+    let batch = text.as_deref().and_then(|t| serde_json::from_str::<Batch>(t).ok());
+    if batch.is_none() {
+        tracing::warn!(%stream, id = %item.id, "counters: a change the store holds is not one limitlab wrote; skipped");
+    }
+    batch
 }

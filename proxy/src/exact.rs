@@ -21,7 +21,7 @@
 //! Each change carries its replica's sequence number, so a batch shipped twice
 //! (its answer lost) is applied once.
 
-use crate::counters::{CountersConfig, Entry, StoreState, MAX_BACKLOG};
+use crate::counters::{read_batch, Batch, BatchOut, CountersConfig, StoreState, BATCH_CHANGES, MAX_BACKLOG};
 use gateway_core::{CounterDelta, Lifecycle, LimitBook, Nanos};
 use redis::aio::ConnectionManager;
 use std::cell::RefCell;
@@ -71,13 +71,14 @@ end
 return false
 ";
 
-/// Appends the changes (ARGV[2..]) and releases the lock if this replica still
-/// holds it; returns whether it did and the id of the last change appended.
+/// Appends the batches of changes (ARGV[3..]) of replica ARGV[2] and releases
+/// the lock if this replica still holds it; returns whether it did and the id
+/// of the last entry appended.
 const RELEASE: &str = r"
 local held = redis.call('GET', KEYS[1]) == ARGV[1]
 local last = ''
-for i = 2, #ARGV do
-  last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000000, '*', 'e', ARGV[i])
+for i = 3, #ARGV do
+  last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'r', ARGV[2], 'e', ARGV[i])
 end
 if held then redis.call('DEL', KEYS[1]) end
 return {held and 1 or 0, last}
@@ -123,6 +124,9 @@ struct Position {
     backlog: VecDeque<(u64, CounterDelta)>,
     /// The highest sequence number applied from each other replica.
     applied: BTreeMap<String, u64>,
+    /// How many changes this replica has made to the product: the last one's
+    /// sequence number (they are numbered from 1, one after another).
+    changes_made: u64,
 }
 
 impl<T: Journaled + Send + 'static> Exact<T> {
@@ -189,6 +193,11 @@ impl<T: Journaled + Send + 'static> Exact<T> {
     /// call of its own: run every `sync_interval`, so that changes made while
     /// the store was away go as soon as it is back, even on an idle replica.
     pub async fn flush(&self, state: &StoreState, product: usize, target: &Mutex<T>, clock: impl Fn() -> Nanos) {
+        // A store that failed is first asked without the turn held, so that
+        // calls never queue behind a store that does not answer.
+        if self.suspended.load(Ordering::Relaxed) && self.within(state, self.ping()).await.is_none() {
+            return;
+        }
         let mut position = self.products[product].turn.lock().await;
         self.take_turn(state, product, &mut position, target, &clock, true).await;
     }
@@ -236,15 +245,15 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         position: &mut Position,
         target: &Mutex<T>,
         clock: &impl Fn() -> Nanos,
-        changes: Vec<(String, Option<Entry>)>,
+        changes: Vec<(String, Option<Batch>)>,
     ) -> u64 {
         let jobs = std::mem::take(&mut *lock(&self.products[product].queue));
         let calls = jobs.len() as u64;
         let mut t = lock(target);
         for (id, entry) in changes {
             position.last_id = Some(id);
-            if let Some(entry) = entry {
-                self.apply(state, position, t.book(), entry, clock);
+            if let Some(batch) = entry {
+                self.apply(state, position, t.book(), batch, clock);
             }
         }
         for job in jobs {
@@ -256,29 +265,30 @@ impl<T: Journaled + Send + 'static> Exact<T> {
                 position.backlog.pop_front();
                 state.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            position.backlog.push_back((self.sequence.fetch_add(1, Ordering::Relaxed), delta));
+            position.changes_made += 1;
+            position.backlog.push_back((position.changes_made, delta));
         }
         calls
     }
 
-    /// Applies one change from the stream at the instant it was made, unless it
-    /// is this replica's own or one already applied.
-    fn apply(&self, state: &StoreState, position: &mut Position, book: &mut LimitBook, entry: Entry, clock: &impl Fn() -> Nanos) {
-        if entry.replica == self.replica {
-            return;
-        }
-        if let Some(seq) = entry.seq {
-            let seen = position.applied.entry(entry.replica).or_insert(0);
-            if seq != 0 && seq <= *seen {
-                return;
-            }
-            *seen = seq;
-        }
-        book.handle_delta(entry.delta.at, &entry.delta);
-        state.applied.fetch_add(1, Ordering::Relaxed);
-        let lag = clock().saturating_sub(entry.delta.at);
+    /// Applies another replica's batch of changes, each at the instant it was
+    /// made, skipping those already applied.
+    fn apply(&self, state: &StoreState, position: &mut Position, book: &mut LimitBook, batch: Batch, clock: &impl Fn() -> Nanos) {
+        let seen = position.applied.entry(batch.replica).or_insert(0);
         let mut timings = state.timings.lock().unwrap_or_else(|e| e.into_inner());
-        timings.lag_s.saturating_record((lag.0 / 1000).max(1));
+        let now = clock();
+        for (i, delta) in batch.changes.iter().enumerate() {
+            if let Some(first) = batch.first_seq {
+                let seq = first + i as u64;
+                if seq <= *seen {
+                    continue;
+                }
+                *seen = seq;
+            }
+            book.handle_delta(delta.at, delta);
+            state.applied.fetch_add(1, Ordering::Relaxed);
+            timings.lag_s.saturating_record((now.saturating_sub(delta.at).0 / 1000).max(1));
+        }
     }
 
     /// Runs one exchange under [`EXCHANGE_TIMEOUT`]; a failure is counted, marks
@@ -304,6 +314,11 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         None
     }
 
+    async fn ping(&self) -> redis::RedisResult<()> {
+        let mut con = self.connection().await?;
+        redis::cmd("PING").query_async(&mut con).await
+    }
+
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
         let known = CONNECTIONS.with(|c| c.borrow().iter().find(|(id, _)| *id == self.id).map(|(_, c)| c.clone()));
         if let Some(connection) = known {
@@ -327,7 +342,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         product: usize,
         token: &str,
         position: &Position,
-    ) -> redis::RedisResult<Vec<(String, Option<Entry>)>> {
+    ) -> redis::RedisResult<Vec<(String, Option<Batch>)>> {
         let mut con = self.connection().await?;
         let entry = &self.products[product];
         // A replica new to the fleet replays what the stream holds, so that it
@@ -350,15 +365,24 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         };
         let mut changes = Vec::new();
         let mut more = first.ids.len() == READ_BATCH;
-        decode(&entry.stream, first, &mut changes);
+        self.decode(&entry.stream, first, &mut changes);
         while more {
-            let from = format!("({}", changes.last().map_or(after.as_str(), |(id, _): &(String, Option<Entry>)| id.as_str()));
+            let from = format!("({}", changes.last().map_or(after.as_str(), |(id, _): &(String, Option<Batch>)| id.as_str()));
             let next: redis::streams::StreamRangeReply =
                 redis::cmd("XRANGE").arg(&entry.stream).arg(from).arg("+").arg("COUNT").arg(READ_BATCH).query_async(&mut con).await?;
             more = next.ids.len() == READ_BATCH;
-            decode(&entry.stream, next, &mut changes);
+            self.decode(&entry.stream, next, &mut changes);
         }
         Ok(changes)
+    }
+
+    /// The stream's entries in order, as batches; this replica's own, and any
+    /// limitlab did not write, are `None` (skipped, but read past).
+    fn decode(&self, stream: &str, reply: redis::streams::StreamRangeReply, into: &mut Vec<(String, Option<Batch>)>) {
+        for item in reply.ids {
+            let batch = read_batch(stream, &self.replica, &item);
+            into.push((item.id, batch));
+        }
     }
 
     /// Ships the backlog and releases the lock; moves this replica's position
@@ -367,10 +391,12 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         let mut con = self.connection().await?;
         let entry = &self.products[product];
         let mut invocation = self.release.key(&entry.lock);
-        invocation.key(&entry.stream).arg(token);
-        for (seq, delta) in &position.backlog {
-            let shipped = Entry { replica: self.replica.clone(), seq: Some(*seq), delta: delta.clone() };
-            invocation.arg(serde_json::to_string(&shipped).expect("a change serializes"));
+        invocation.key(&entry.stream).arg(token).arg(&self.replica);
+        let (seqs, changes): (Vec<u64>, Vec<CounterDelta>) = position.backlog.iter().cloned().unzip();
+        for (n, chunk) in changes.chunks(BATCH_CHANGES).enumerate() {
+            let first_seq = Some(seqs[n * BATCH_CHANGES]);
+            let batch = BatchOut { replica: &self.replica, first_seq, changes: chunk };
+            invocation.arg(serde_json::to_string(&batch).expect("a change serializes"));
         }
         let (held, last): (u8, String) = invocation.invoke_async(&mut con).await?;
         if held == 1 && !last.is_empty() {
@@ -380,19 +406,6 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             tracing::warn!(lock = %entry.lock, "counters: a turn outlasted its lock; changes were shipped anyway");
         }
         Ok(())
-    }
-}
-
-/// The stream's entries in order; one limitlab did not write is kept as `None`
-/// (skipped, but read past).
-fn decode(stream: &str, reply: redis::streams::StreamRangeReply, into: &mut Vec<(String, Option<Entry>)>) {
-    for item in reply.ids {
-        let text: Option<String> = item.get("e");
-        let entry = text.as_deref().and_then(|t| serde_json::from_str::<Entry>(t).ok());
-        if entry.is_none() {
-            tracing::warn!(%stream, id = %item.id, "counters: a change the store holds is not one limitlab wrote; skipped");
-        }
-        into.push((item.id, entry));
     }
 }
 

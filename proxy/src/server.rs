@@ -965,15 +965,20 @@ impl Proxy {
         }
     }
 
-    /// Applies another replica's counter change to a product's counters.
-    pub(crate) fn apply_delta(&self, product: usize, delta: &gateway_core::CounterDelta) {
+    /// Applies another replica's counter changes to a product's counters.
+    pub(crate) fn apply_deltas(&self, product: usize, deltas: &[gateway_core::CounterDelta]) {
         let now = self.now();
-        self.lifecycle(product).limits_mut().handle_delta(now, delta);
-        let lag = now.saturating_sub(delta.at);
+        let mut lifecycle = self.lifecycle(product);
+        for delta in deltas {
+            lifecycle.limits_mut().handle_delta(now, delta);
+        }
+        drop(lifecycle);
         let store = &self.store;
-        store.applied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        store.applied.fetch_add(deltas.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut timings = store.timings.lock().unwrap_or_else(|e| e.into_inner());
-        timings.lag_s.saturating_record((lag.0 / 1000).max(1));
+        for delta in deltas {
+            timings.lag_s.saturating_record((now.saturating_sub(delta.at).0 / 1000).max(1));
+        }
     }
 
     /// Whether a request must be refused because the counter store cannot be

@@ -1,7 +1,7 @@
 //! The lagged replica's exchange with its counter store: every
 //! `sync_interval`, ship this replica's counter changes and apply the others'.
 
-use crate::counters::{CountersConfig, Entry, Mode, Stream};
+use crate::counters::{read_batch, BatchOut, CountersConfig, Mode, Stream, BATCH_CHANGES};
 use crate::server::Proxy;
 use redis::aio::ConnectionManager;
 use std::sync::atomic::Ordering;
@@ -132,21 +132,23 @@ async fn ship(
 ) -> redis::RedisResult<()> {
     let mut pipe = redis::pipe();
     let mut count = 0;
-    for stream in streams.iter() {
-        for delta in &stream.backlog {
-            let entry = serde_json::to_string(&Entry { replica: replica.to_owned(), seq: None, delta: delta.clone() })
-                .expect("a change serializes");
-            // Bounded: a stream keeps about the last million changes.
+    for stream in streams.iter_mut() {
+        for chunk in stream.backlog.make_contiguous().chunks(BATCH_CHANGES) {
+            let batch = BatchOut { replica, first_seq: None, changes: chunk };
+            let text = serde_json::to_string(&batch).expect("a change serializes");
+            // Bounded: a stream keeps about the last hundred thousand batches.
             pipe.cmd("XADD")
                 .arg(&stream.key)
                 .arg("MAXLEN")
                 .arg("~")
-                .arg(1_000_000)
+                .arg(100_000)
                 .arg("*")
+                .arg("r")
+                .arg(replica)
                 .arg("e")
-                .arg(entry)
+                .arg(text)
                 .ignore();
-            count += 1;
+            count += chunk.len() as u64;
         }
     }
     if count == 0 {
@@ -165,7 +167,7 @@ async fn apply(
     proxy: &Proxy,
 ) -> redis::RedisResult<()> {
     let mut cmd = redis::cmd("XREAD");
-    cmd.arg("COUNT").arg(100_000).arg("STREAMS");
+    cmd.arg("COUNT").arg(1_000).arg("STREAMS");
     streams.iter().for_each(|s| {
         cmd.arg(&s.key);
     });
@@ -178,14 +180,8 @@ async fn apply(
         let Some(product) = streams.iter().position(|s| s.key == key.key) else { continue };
         for entry in &key.ids {
             streams[product].last_id = entry.id.clone();
-            let text: Option<String> = entry.get("e");
-            match text.as_deref().map(serde_json::from_str::<Entry>) {
-                Some(Ok(e)) if e.replica == replica => {}
-                Some(Ok(e)) => proxy.apply_delta(product, &e.delta),
-                _ => {
-                    tracing::warn!(stream = %key.key, id = %entry.id, "counters: a change the store holds is not one limitlab wrote; skipped")
-                }
-            }
+            let Some(batch) = read_batch(&key.key, replica, entry) else { continue };
+            proxy.apply_deltas(product, &batch.changes);
         }
     }
     Ok(())

@@ -141,38 +141,36 @@ async fn replay(nodes: &[Node], calls: &[Call]) -> Vec<String> {
     seen
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-
-    /// The same serialized calls through one in-process core and through three
-    /// replicas in exact mode on one Redis: every decision, every retry-after
-    /// and every remaining-count header is the same.
-    #[test]
-    fn three_replicas_in_exact_mode_decide_as_one_core(
-        calls in prop::collection::vec(
-            (0u64..3_000, 0..3usize, 0u64..8_000, prop::sample::select(vec![200u16, 200, 429, 500]), 0u64..300, 1u64..200),
-            1..120,
-        ),
-    ) {
-        static CASE: AtomicUsize = AtomicUsize::new(0);
-        let redis = store();
-        let policy = Policy::from_toml(ALL_COUNTERS).unwrap();
-        let prefix = format!("case{}", CASE.fetch_add(1, Ordering::Relaxed));
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+/// The same serialized calls through one in-process core and through three
+/// replicas in exact mode on one Redis: every decision, every retry-after and
+/// every remaining-count header is the same. (A runner of its own rather than
+/// `proptest!`, so that the one `redis-server` of all cases is stopped at the end.)
+#[test]
+fn three_replicas_in_exact_mode_decide_as_one_core() {
+    let redis = Redis::start();
+    let policy = Policy::from_toml(ALL_COUNTERS).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let case = AtomicUsize::new(0);
+    let calls = prop::collection::vec(
+        (0u64..3_000, 0..3usize, 0u64..8_000, prop::sample::select(vec![200u16, 200, 429, 500]), 0u64..300, 1u64..200),
+        1..120,
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 48, ..ProptestConfig::default() });
+    let outcome = runner.run(&calls, |calls| {
+        // Each case has keys of its own in the one store.
+        let prefix = format!("case{}", case.fetch_add(1, Ordering::Relaxed));
         let (single, fleet) = runtime.block_on(async {
             let one = [Node::alone(&policy)];
             let three: Vec<Node> = (0..3).map(|n| Node::replica(&policy, &redis.url(), &prefix, n)).collect();
             (replay(&one, &calls).await, replay(&three, &calls).await)
         });
         prop_assert_eq!(single, fleet);
+        Ok(())
+    });
+    if let Err(e) = outcome {
+        panic!("{e}");
     }
-}
-
-/// One `redis-server` for every case of the property test (each case has keys
-/// of its own), started on first use.
-fn store() -> &'static Redis {
-    static REDIS: std::sync::OnceLock<Redis> = std::sync::OnceLock::new();
-    REDIS.get_or_init(Redis::start)
+    assert_eq!(case.load(Ordering::Relaxed), 48, "every case ran");
 }
 
 fn fleet_config(mode: &str, backend: &str, store: &str, prefix: &str) -> String {
