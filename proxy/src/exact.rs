@@ -273,7 +273,14 @@ impl<T: Journaled + Send + 'static> Exact<T> {
 
     /// Applies another replica's batch of changes, each at the instant it was
     /// made, skipping those already applied.
-    fn apply(&self, state: &StoreState, position: &mut Position, book: &mut LimitBook, batch: Batch, clock: &impl Fn() -> Nanos) {
+    fn apply(
+        &self,
+        state: &StoreState,
+        position: &mut Position,
+        book: &mut LimitBook,
+        batch: Batch,
+        clock: &impl Fn() -> Nanos,
+    ) {
         let seen = position.applied.entry(batch.replica).or_insert(0);
         let mut timings = state.timings.lock().unwrap_or_else(|e| e.into_inner());
         let now = clock();
@@ -293,7 +300,11 @@ impl<T: Journaled + Send + 'static> Exact<T> {
 
     /// Runs one exchange under [`EXCHANGE_TIMEOUT`]; a failure is counted, marks
     /// the store unreachable and makes calls local until `retry_after` passes.
-    async fn within<V>(&self, state: &StoreState, exchange: impl std::future::Future<Output = redis::RedisResult<V>>) -> Option<V> {
+    async fn within<V>(
+        &self,
+        state: &StoreState,
+        exchange: impl std::future::Future<Output = redis::RedisResult<V>>,
+    ) -> Option<V> {
         let error = match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
             Ok(Ok(value)) => {
                 self.suspended.store(false, Ordering::Relaxed);
@@ -367,9 +378,16 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         let mut more = first.ids.len() == READ_BATCH;
         self.decode(&entry.stream, first, &mut changes);
         while more {
-            let from = format!("({}", changes.last().map_or(after.as_str(), |(id, _): &(String, Option<Batch>)| id.as_str()));
-            let next: redis::streams::StreamRangeReply =
-                redis::cmd("XRANGE").arg(&entry.stream).arg(from).arg("+").arg("COUNT").arg(READ_BATCH).query_async(&mut con).await?;
+            let from =
+                format!("({}", changes.last().map_or(after.as_str(), |(id, _): &(String, Option<Batch>)| id.as_str()));
+            let next: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&entry.stream)
+                .arg(from)
+                .arg("+")
+                .arg("COUNT")
+                .arg(READ_BATCH)
+                .query_async(&mut con)
+                .await?;
             more = next.ids.len() == READ_BATCH;
             self.decode(&entry.stream, next, &mut changes);
         }

@@ -193,7 +193,11 @@ pub fn render_store(out: &mut String, store: &crate::counters::StoreState) {
     }
     let timings = store.timings.lock().unwrap_or_else(|e| e.into_inner());
     for (name, help, h) in [
-        ("limitlab_store_round_trip_seconds", "One exchange with the store: a lagged sync, or an exact turn (lock, read, ship, release).", &timings.round_trip_s),
+        (
+            "limitlab_store_round_trip_seconds",
+            "One exchange with the store: a lagged sync, or an exact turn (lock, read, ship, release).",
+            &timings.round_trip_s,
+        ),
         ("limitlab_store_sync_lag_seconds", "From another replica's change to its application here.", &timings.lag_s),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");

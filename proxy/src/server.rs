@@ -14,8 +14,8 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, 
 use futures_util::StreamExt;
 use gateway_core::routing::{parse_retry_after, Attempt, AttemptOutcome, Credential};
 use gateway_core::{
-    CoreError, Delivery, DeliveryEnd, Finished, GeneratedResponse, Lifecycle, Nanos, RequestId, RequestInfo, Step, Subscription,
-    Usage,
+    CoreError, Delivery, DeliveryEnd, Finished, GeneratedResponse, Lifecycle, Nanos, RequestId, RequestInfo, Step,
+    Subscription, Usage,
 };
 use http_body_util::{BodyExt, Full};
 use std::net::SocketAddr;
@@ -629,9 +629,8 @@ impl Proxy {
         let Some(exact) = &self.exact else {
             return self.lifecycle(product).handle_attempt(self.now(), id, outcome, Usage::default(), draw);
         };
-        let call = move |lifecycle: &mut Lifecycle, now| {
-            lifecycle.handle_attempt(now, id, outcome, Usage::default(), draw)
-        };
+        let call =
+            move |lifecycle: &mut Lifecycle, now| lifecycle.handle_attempt(now, id, outcome, Usage::default(), draw);
         // A driver that went away has already reported its client gone.
         let abandoned = |_: &mut Lifecycle, _, _| {};
         exact.call(&self.store, product, &self.lifecycles[product], || self.now(), call, abandoned).await
@@ -1065,7 +1064,8 @@ impl Drop for Charge {
             return;
         }
         let usage = self.streamed_usage();
-        let finished = self.proxy.finish_delivery(&self.req, self.id, usage, self.response_bytes, DeliveryEnd::ClientGone);
+        let finished =
+            self.proxy.finish_delivery(&self.req, self.id, usage, self.response_bytes, DeliveryEnd::ClientGone);
         self.proxy.finished(&self.req, &finished);
     }
 }

@@ -67,10 +67,8 @@ impl Node {
     }
 
     fn replica(policy: &Policy, store: &str, prefix: &str, n: usize) -> Node {
-        let config: CountersConfig = toml::from_str(&format!(
-            "store = \"{store}\"\nmode = \"exact\"\nkey_prefix = \"{prefix}\""
-        ))
-        .unwrap();
+        let config: CountersConfig =
+            toml::from_str(&format!("store = \"{store}\"\nmode = \"exact\"\nkey_prefix = \"{prefix}\"")).unwrap();
         let mut book = LimitBook::new(policy, n as u64 + 7);
         book.enable_journal();
         let exact = Exact::new(&config, ["p"].into_iter(), format!("replica-{n}")).unwrap();
@@ -131,10 +129,15 @@ async fn replay(nodes: &[Node], calls: &[Call]) -> Vec<String> {
                 Err(rejection) => seen.push(format!("{i} {rejection}")),
             }
         } else {
-            let info =
-                ResponseInfo { status: Some(status), total_tokens: tokens, request_bytes: 100, response_bytes: 4 * tokens };
+            let info = ResponseInfo {
+                status: Some(status),
+                total_tokens: tokens,
+                request_bytes: 100,
+                response_bytes: 4 * tokens,
+            };
             let id = ids[i].unwrap();
-            let headers = node.run(Nanos(now), move |book, now| book.handle_response(now, id, &info).unwrap().headers).await;
+            let headers =
+                node.run(Nanos(now), move |book, now| book.handle_response(now, id, &info).unwrap().headers).await;
             seen.push(format!("{i} out {headers:?}"));
         }
     }
