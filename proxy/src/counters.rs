@@ -176,3 +176,13 @@ pub fn read_batch(stream: &str, own: &str, item: &redis::streams::StreamId) -> O
     }
     batch
 }
+
+/// This process's name in the fleet: host, process id and start time.
+pub(crate) fn replica_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}-{}-{:x}", hostname(), std::process::id(), nanos & 0xffff_ffff)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "host".into())
+}

@@ -112,7 +112,7 @@ impl Proxy {
         let exact = match &config.counters {
             Some(counters) if counters.mode == Mode::Exact => {
                 let names = config.products.iter().map(|p| p.name.as_str());
-                Some(Exact::new(counters, names, crate::sync::replica_id())?)
+                Some(Exact::new(counters, names, crate::counters::replica_id())?)
             }
             _ => None,
         };

@@ -34,7 +34,7 @@ async fn run_exact(proxy: Arc<Proxy>, config: CountersConfig) {
 }
 
 async fn run_lagged(proxy: Arc<Proxy>, config: CountersConfig) {
-    let replica = replica_id();
+    let replica = crate::counters::replica_id();
     let client = match config.url().and_then(|url| redis::Client::open(url).map_err(|e| e.to_string())) {
         Ok(client) => client,
         Err(e) => {
@@ -83,15 +83,6 @@ async fn run_lagged(proxy: Arc<Proxy>, config: CountersConfig) {
         }
         state.backlog.store(streams.iter().map(|s| s.backlog.len() as u64).sum(), Ordering::Relaxed);
     }
-}
-
-pub(crate) fn replica_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("{}-{}-{:x}", hostname(), std::process::id(), nanos & 0xffff_ffff)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "host".into())
 }
 
 /// One exchange: connect if needed, ship the backlog, apply what the others shipped.
