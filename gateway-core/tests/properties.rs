@@ -156,40 +156,8 @@ proptest! {
     }
 }
 
-/// Every kind of counter: sliding and bucket rate limits (one counting on 2xx only),
-/// a call and bandwidth quota, and a reserving token limit with a token quota.
-const ALL_COUNTERS: &str = r#"
-[[limits]]
-type = "rate-limit-by-key"
-calls = 4
-renewal_period = 10
-counter_key = "ip"
-increment_condition = "200-299"
-
-[[limits]]
-type = "rate-limit-by-key"
-calls = 6
-renewal_period = 20
-counter_key = "ip"
-algorithm = "token-bucket"
-remaining_calls_header_name = "calls-left"
-
-[[limits]]
-type = "quota-by-key"
-calls = 30
-bandwidth = "5 KB"
-renewal_period = 300
-counter_key = "ip"
-
-[[limits]]
-type = "azure-openai-token-limit"
-counter_key = "ip"
-tokens_per_minute = 400
-reserve = true
-token_quota = 5000
-token_quota_period = "Hourly"
-remaining_tokens_header_name = "tokens-left"
-"#;
+/// Every kind of counter (see the file's comment).
+const ALL_COUNTERS: &str = include_str!("data/all-counters.toml");
 
 /// Feeds timed calls (gap, caller, latency, status, tokens, max_tokens) to
 /// `gateways`, call i to gateway i % n; after every event the changes the gateway

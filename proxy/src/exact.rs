@@ -121,7 +121,9 @@ struct Product<T> {
 #[derive(Default)]
 struct Position {
     last_id: Option<String>,
-    backlog: VecDeque<(u64, CounterDelta)>,
+    /// Changes made here, not yet shipped: the last `backlog.len()` of the
+    /// `changes_made`, so their sequence numbers follow from the two.
+    backlog: VecDeque<CounterDelta>,
     /// The highest sequence number applied from each other replica.
     applied: BTreeMap<String, u64>,
     /// How many changes this replica has made to the product: the last one's
@@ -184,8 +186,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         if let Ok(result) = rx.try_recv() {
             return result;
         }
-        let shared = !self.suspended.load(Ordering::Relaxed);
-        self.take_turn(state, product, &mut position, target, &clock, shared).await;
+        self.take_turn(state, product, &mut position, target, &clock).await;
         rx.try_recv().expect("a turn makes every call queued before it")
     }
 
@@ -199,11 +200,12 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             return;
         }
         let mut position = self.products[product].turn.lock().await;
-        self.take_turn(state, product, &mut position, target, &clock, true).await;
+        self.take_turn(state, product, &mut position, target, &clock).await;
     }
 
     /// One turn: take the lock and the changes made meanwhile, apply them, make
-    /// the queued calls, ship their changes and release the lock.
+    /// the queued calls, ship their changes and release the lock. While the
+    /// store is suspended, the calls are made locally and their changes wait.
     async fn take_turn(
         &self,
         state: &StoreState,
@@ -211,22 +213,18 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         position: &mut Position,
         target: &Mutex<T>,
         clock: &impl Fn() -> Nanos,
-        use_store: bool,
     ) {
         let started = Instant::now();
         let token = format!("{}:{}", self.replica, self.sequence.fetch_add(1, Ordering::Relaxed));
-        let changes = match use_store {
-            true => self.within(state, self.lock_and_read(product, &token, position)).await,
-            false => None,
+        let changes = match self.suspended.load(Ordering::Relaxed) {
+            false => self.within(state, self.lock_and_read(product, &token, position)).await,
+            true => None,
         };
         let shared = changes.is_some();
         let calls = self.run_jobs(state, product, position, target, clock, changes.unwrap_or_default());
         if !shared {
             state.local_calls.fetch_add(calls, Ordering::Relaxed);
-            state.backlog.store(position.backlog.len() as u64, Ordering::Relaxed);
-            return;
-        }
-        if let Some(()) = self.within(state, self.ship_and_unlock(product, &token, position)).await {
+        } else if let Some(()) = self.within(state, self.ship_and_unlock(product, &token, position)).await {
             state.shipped.fetch_add(position.backlog.len() as u64, Ordering::Relaxed);
             position.backlog.clear();
             let mut timings = state.timings.lock().unwrap_or_else(|e| e.into_inner());
@@ -266,7 +264,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
                 state.dropped.fetch_add(1, Ordering::Relaxed);
             }
             position.changes_made += 1;
-            position.backlog.push_back((position.changes_made, delta));
+            position.backlog.push_back(delta);
         }
         calls
     }
@@ -410,9 +408,9 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         let entry = &self.products[product];
         let mut invocation = self.release.key(&entry.lock);
         invocation.key(&entry.stream).arg(token).arg(&self.replica);
-        let (seqs, changes): (Vec<u64>, Vec<CounterDelta>) = position.backlog.iter().cloned().unzip();
-        for (n, chunk) in changes.chunks(BATCH_CHANGES).enumerate() {
-            let first_seq = Some(seqs[n * BATCH_CHANGES]);
+        let oldest = position.changes_made + 1 - position.backlog.len() as u64;
+        for (n, chunk) in position.backlog.make_contiguous().chunks(BATCH_CHANGES).enumerate() {
+            let first_seq = Some(oldest + (n * BATCH_CHANGES) as u64);
             let batch = BatchOut { replica: &self.replica, first_seq, changes: chunk };
             invocation.arg(serde_json::to_string(&batch).expect("a change serializes"));
         }

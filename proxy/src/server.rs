@@ -623,30 +623,41 @@ impl Proxy {
         exact.call(&self.store, req.product, lifecycle, || self.now(), call, end_abandoned).await
     }
 
-    /// An attempt's outcome reported (see [`Proxy::start`] for exact mode).
+    /// An attempt's outcome reported. A driver that went away has already
+    /// reported its client gone, so an abandoned result needs nothing more.
     async fn attempt_step(&self, product: usize, id: RequestId, outcome: AttemptOutcome) -> Result<Step, CoreError> {
         let draw = rand::random();
-        let Some(exact) = &self.exact else {
-            return self.lifecycle(product).handle_attempt(self.now(), id, outcome, Usage::default(), draw);
-        };
         let call =
             move |lifecycle: &mut Lifecycle, now| lifecycle.handle_attempt(now, id, outcome, Usage::default(), draw);
-        // A driver that went away has already reported its client gone.
-        let abandoned = |_: &mut Lifecycle, _, _| {};
-        exact.call(&self.store, product, &self.lifecycles[product], || self.now(), call, abandoned).await
+        self.in_turn(product, call, ignore_abandoned).await
     }
 
-    /// The lifecycle's deadline for request `id` reached (see [`Proxy::start`]).
+    /// The lifecycle's deadline for request `id` reached.
     async fn timeout_step(&self, product: usize, id: RequestId) -> Option<Step> {
         let draw = rand::random();
-        let Some(exact) = &self.exact else {
-            return self.lifecycle(product).handle_timeout_of(self.now(), id, draw);
-        };
         let call = move |lifecycle: &mut Lifecycle, now| lifecycle.handle_timeout_of(now, id, draw);
-        let abandoned = |_: &mut Lifecycle, _, _| {};
+        self.in_turn(product, call, ignore_abandoned).await
+    }
+
+    /// Makes a call that may change product `product`'s counters: at once on
+    /// local or lagged counters, in the fleet's order in exact mode, where
+    /// `abandoned` gets the result if the task waiting for it is gone. (The
+    /// arrival, [`Proxy::start`], clones its `RequestInfo` only in exact mode.)
+    async fn in_turn<R: Send + 'static>(
+        &self,
+        product: usize,
+        call: impl FnOnce(&mut Lifecycle, Nanos) -> R + Send + 'static,
+        abandoned: impl FnOnce(&mut Lifecycle, Nanos, R) + Send + 'static,
+    ) -> R {
+        let Some(exact) = &self.exact else {
+            let mut lifecycle = self.lifecycle(product);
+            return call(&mut lifecycle, self.now());
+        };
         exact.call(&self.store, product, &self.lifecycles[product], || self.now(), call, abandoned).await
     }
 }
+
+fn ignore_abandoned<R>(_: &mut Lifecycle, _: Nanos, _: R) {}
 
 /// Ends a request whose driver went away while its arrival waited for its turn
 /// (exact mode): nothing else will.
@@ -884,37 +895,11 @@ async fn deliver(
 }
 
 impl Proxy {
-    fn finish_delivery(
-        &self,
-        req: &Admitted,
-        id: RequestId,
-        usage: Usage,
-        response_bytes: u64,
-        end: DeliveryEnd,
-    ) -> Finished {
-        let delivery = Delivery { usage, request_bytes: req.body.len() as u64, response_bytes, end };
-        let finished = self.lifecycle(req.product).handle_delivered(self.now(), id, delivery);
-        finished.expect("each delivery is reported once")
-    }
-
-    /// [`Proxy::finish_delivery`] in the fleet's order in exact mode.
-    async fn finish_delivery_in_turn(
-        &self,
-        req: &Admitted,
-        id: RequestId,
-        usage: Usage,
-        response_bytes: u64,
-        end: DeliveryEnd,
-    ) -> Finished {
-        let Some(exact) = &self.exact else {
-            return self.finish_delivery(req, id, usage, response_bytes, end);
-        };
-        let delivery = Delivery { usage, request_bytes: req.body.len() as u64, response_bytes, end };
+    /// Reports a delivery's end; in exact mode, in the fleet's order. The
+    /// charge is made even if the task that waited for it is gone.
+    async fn finish_delivery(&self, product: usize, id: RequestId, delivery: Delivery) -> Finished {
         let call = move |lifecycle: &mut Lifecycle, now| lifecycle.handle_delivered(now, id, delivery);
-        // The charge is made even if the task that waited for it is gone.
-        let abandoned = |_: &mut Lifecycle, _, _| {};
-        let lifecycle = &self.lifecycles[req.product];
-        let finished = exact.call(&self.store, req.product, lifecycle, || self.now(), call, abandoned).await;
+        let finished = self.in_turn(product, call, ignore_abandoned).await;
         finished.expect("each delivery is reported once")
     }
 
@@ -1035,6 +1020,10 @@ impl Charge {
         self.tracker.usage(prompt)
     }
 
+    fn delivery(&self, usage: Usage, response_bytes: u64, end: DeliveryEnd) -> Delivery {
+        Delivery { usage, request_bytes: self.req.body.len() as u64, response_bytes, end }
+    }
+
     /// Charges what was streamed, once, when the stream ended or broke.
     async fn finish(&mut self, end: DeliveryEnd) {
         if self.done {
@@ -1049,7 +1038,8 @@ impl Charge {
     /// turn (exact mode, whose call is made anyway) is not charged twice.
     async fn settle(&mut self, usage: Usage, response_bytes: u64, end: DeliveryEnd) -> Finished {
         assert!(!std::mem::replace(&mut self.done, true), "a delivery is settled once");
-        let finished = self.proxy.finish_delivery_in_turn(&self.req, self.id, usage, response_bytes, end).await;
+        let delivery = self.delivery(usage, response_bytes, end);
+        let finished = self.proxy.finish_delivery(self.req.product, self.id, delivery).await;
         self.proxy.finished(&self.req, &finished);
         finished
     }
@@ -1063,9 +1053,9 @@ impl Drop for Charge {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let usage = self.streamed_usage();
-        let finished =
-            self.proxy.finish_delivery(&self.req, self.id, usage, self.response_bytes, DeliveryEnd::ClientGone);
+        let delivery = self.delivery(self.streamed_usage(), self.response_bytes, DeliveryEnd::ClientGone);
+        let finished = self.proxy.lifecycle(self.req.product).handle_delivered(self.proxy.now(), self.id, delivery);
+        let finished = finished.expect("each delivery is reported once");
         self.proxy.finished(&self.req, &finished);
     }
 }

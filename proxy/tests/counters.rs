@@ -5,11 +5,9 @@
 
 mod common;
 
-use common::{free_port, Redis};
-use proxy::server::Proxy;
+use common::{free_port, replica, Redis};
 use proxy::ProxyConfig;
 use serde_json::json;
-use std::sync::Arc;
 use std::time::Duration;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -43,33 +41,6 @@ set_backend = "b"
 backends = [{{ id = "b", url = "{backend}" }}]
 "#
     )
-}
-
-struct Replica {
-    base: String,
-    admin: String,
-}
-
-async fn replica(config: &str) -> Replica {
-    let config = ProxyConfig::from_toml("test.toml", config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let admin_base = format!("http://{}", admin.local_addr().unwrap());
-    let proxy = Arc::new(Proxy::new(config).unwrap());
-    tokio::spawn(proxy::serve(proxy, listener, admin, std::future::pending()));
-    Replica { base, admin: admin_base }
-}
-
-impl Replica {
-    async fn call(&self) -> u16 {
-        let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", self.base);
-        reqwest::Client::new().post(url).json(&json!({"messages": []})).send().await.unwrap().status().as_u16()
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
-    }
 }
 
 async fn backend() -> MockServer {

@@ -4,55 +4,23 @@
 
 mod common;
 
-use common::Redis;
+use common::{replica, Redis};
 use gateway_core::{LimitBook, Nanos, Policy, RequestDecision, RequestInfo, ResponseInfo};
 use proptest::prelude::*;
 use proxy::counters::{CountersConfig, StoreState};
 use proxy::exact::Exact;
-use proxy::server::Proxy;
-use proxy::ProxyConfig;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-/// Every kind of counter: sliding and bucket rate limits (one counting on 2xx
-/// only), a call and bandwidth quota in a fixed window, and a reserving token
-/// limit (reserve, then reconcile at completion) with an hourly token quota.
-const ALL_COUNTERS: &str = r#"
-[[limits]]
-type = "rate-limit-by-key"
-calls = 4
-renewal_period = 10
-counter_key = "ip"
-increment_condition = "200-299"
-
-[[limits]]
-type = "rate-limit-by-key"
-calls = 6
-renewal_period = 20
-counter_key = "ip"
-algorithm = "token-bucket"
-remaining_calls_header_name = "calls-left"
-
-[[limits]]
-type = "quota-by-key"
-calls = 30
-bandwidth = "5 KB"
-renewal_period = 300
-counter_key = "ip"
-
-[[limits]]
-type = "azure-openai-token-limit"
-counter_key = "ip"
-tokens_per_minute = 400
-reserve = true
-token_quota = 5000
-token_quota_period = "Hourly"
-remaining_tokens_header_name = "tokens-left"
-"#;
+/// Every kind of counter: sliding and bucket rate limits, a call and bandwidth
+/// quota in a fixed window, and a reserving token limit (reserve, then reconcile
+/// at completion) with an hourly token quota; the core's own instant-sync
+/// property test uses the same policy.
+const ALL_COUNTERS: &str = include_str!("../../gateway-core/tests/data/all-counters.toml");
 
 /// A core, alone or as one replica of a fleet sharing counters in exact mode.
 struct Node {
@@ -203,16 +171,6 @@ backends = [{{ id = "b", url = "{backend}" }}]
     )
 }
 
-async fn start_replica(config: &str) -> String {
-    let config = ProxyConfig::from_toml("fleet.toml", config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let proxy = Arc::new(Proxy::new(config).unwrap());
-    tokio::spawn(proxy::serve(proxy, listener, admin, std::future::pending()));
-    base
-}
-
 /// Fires `per_replica` calls at each replica at once; returns (admitted, 429s).
 async fn burst(replicas: &[String], per_replica: usize) -> (usize, usize) {
     let client = reqwest::Client::new();
@@ -246,7 +204,7 @@ async fn a_burst_over_three_exact_replicas_never_passes_the_limit() {
         let config = fleet_config(mode, &backend.uri(), &redis.url(), prefix);
         let mut replicas = Vec::new();
         for _ in 0..3 {
-            replicas.push(start_replica(&config).await);
+            replicas.push(replica(&config).await.base);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (admitted, refused) = burst(&replicas, 50).await;

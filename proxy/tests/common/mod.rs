@@ -68,3 +68,38 @@ impl Drop for Redis {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A proxy served in this process: its front and admin base URLs.
+pub struct Replica {
+    pub base: String,
+    pub admin: String,
+}
+
+pub async fn replica(config: &str) -> Replica {
+    let config = proxy::ProxyConfig::from_toml("test.toml", config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let admin_base = format!("http://{}", admin.local_addr().unwrap());
+    let proxy = Arc::new(proxy::server::Proxy::new(config).unwrap());
+    tokio::spawn(proxy::serve(proxy, listener, admin, std::future::pending()));
+    Replica { base, admin: admin_base }
+}
+
+impl Replica {
+    pub async fn call(&self) -> u16 {
+        let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", self.base);
+        reqwest::Client::new()
+            .post(url)
+            .json(&serde_json::json!({"messages": []}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+    }
+}
