@@ -77,6 +77,13 @@ pub async fn serve(
     config: MockConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Each SSE event is written as it is made; with Nagle's algorithm on, every
+    // event after the first would wait for the client's delayed ACK (40 ms on
+    // Linux), and a zero-latency stream of 64 events would take 40 ms.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, Mock::new(config).router()).with_graceful_shutdown(shutdown).await
 }
 

@@ -1060,35 +1060,33 @@ impl Drop for Charge {
     }
 }
 
-/// The backend's stream, passed on chunk by chunk and charged when it ends; its
-/// connection goes back to the pool only if the stream ended cleanly.
+/// The backend's stream, passed on in batches of what has arrived (see
+/// [`crate::batch`]) and charged when it ends; its connection goes back to the
+/// pool only if the stream ended cleanly.
 fn charged_stream(
     body: hyper::body::Incoming,
     charge: Charge,
     lease: Lease,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    let frames = http_body_util::BodyStream::new(body);
-    let state = (frames, charge, Some(lease));
-    futures_util::stream::unfold(state, |(mut frames, mut charge, mut lease)| async move {
-        loop {
-            match frames.next().await {
-                None => {
-                    charge.finish(DeliveryEnd::Complete).await;
-                    if let Some(lease) = lease.take() {
-                        lease.release();
-                    }
-                    return None;
+    let data = crate::batch::Batched::new(body.into_data_stream());
+    let state = (data, charge, Some(lease));
+    futures_util::stream::unfold(state, |(mut data, mut charge, mut lease)| async move {
+        match data.next().await {
+            None => {
+                charge.finish(DeliveryEnd::Complete).await;
+                if let Some(lease) = lease.take() {
+                    lease.release();
                 }
-                Some(Err(e)) => {
-                    charge.finish(DeliveryEnd::Complete).await;
-                    return Some((Err(std::io::Error::other(e)), (frames, charge, None)));
-                }
-                Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    charge.tracker.feed(&data);
-                    charge.response_bytes += data.len() as u64;
-                    return Some((Ok(data), (frames, charge, lease)));
-                }
+                None
+            }
+            Some(Err(e)) => {
+                charge.finish(DeliveryEnd::Complete).await;
+                Some((Err(std::io::Error::other(e)), (data, charge, None)))
+            }
+            Some(Ok(bytes)) => {
+                charge.tracker.feed(&bytes);
+                charge.response_bytes += bytes.len() as u64;
+                Some((Ok(bytes), (data, charge, lease)))
             }
         }
     })

@@ -22,58 +22,153 @@ pub fn from_json(body: &[u8]) -> Option<Usage> {
 }
 
 fn usage_of(value: &Value) -> Option<Usage> {
-    let usage = value.get("usage")?;
-    let prompt = usage.get("prompt_tokens")?.as_u64()?;
-    let completion = usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0);
-    Some(Usage { prompt_tokens: prompt, completion_tokens: completion })
+    usage_of_counts(value.get("usage")?)
 }
 
 /// Follows an SSE stream chunk by chunk, without holding it: keeps the partial
-/// last line, the usage chunk when one comes, and the streamed text's tokens.
+/// last line, the usage chunk when one comes, and the streamed text. The text
+/// is counted only if the stream ends without a usage chunk: most streams end
+/// with one, and the tokenizer is the dearest part of following a stream.
 #[derive(Debug)]
 pub struct StreamTracker {
     model: String,
     partial: Vec<u8>,
     usage: Option<Usage>,
-    completion_tokens: u64,
+    /// The streamed pieces of text, one after the other; `ends` marks where each
+    /// ends. Each piece is counted on its own, as the stream delivered it.
+    text: String,
+    ends: Vec<usize>,
 }
 
 impl StreamTracker {
     pub fn new(model: &str) -> StreamTracker {
-        StreamTracker { model: model.to_owned(), partial: Vec::new(), usage: None, completion_tokens: 0 }
+        StreamTracker {
+            model: model.to_owned(),
+            partial: Vec::new(),
+            usage: None,
+            text: String::new(),
+            ends: Vec::new(),
+        }
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        self.partial.extend_from_slice(chunk);
-        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=end).collect();
+        let mut rest = chunk;
+        if !self.partial.is_empty() {
+            let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+                self.partial.extend_from_slice(rest);
+                return;
+            };
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&rest[..=end]);
             self.line(&line);
+            line.clear();
+            self.partial = line;
+            rest = &rest[end + 1..];
         }
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            self.line(&rest[..=end]);
+            rest = &rest[end + 1..];
+        }
+        self.partial.extend_from_slice(rest);
     }
 
     fn line(&mut self, line: &[u8]) {
         let Some(data) = line.strip_prefix(b"data:") else { return };
-        let data = std::str::from_utf8(data).unwrap_or("").trim();
-        if data.is_empty() || data == "[DONE]" {
+        let data = data.trim_ascii();
+        if data.is_empty() || data == b"[DONE]" {
             return;
         }
-        let Ok(value) = serde_json::from_str::<Value>(data) else { return };
+        // The fields read, parsed in place; an event of another shape is read
+        // as a generic value, so that nothing it holds is missed.
+        match serde_json::from_slice::<Event<'_>>(data) {
+            Ok(event) => self.event(event),
+            Err(_) => self.value(data),
+        }
+    }
+
+    fn event(&mut self, event: Event<'_>) {
+        if let Some(usage) = event.usage.as_ref().and_then(usage_of_counts) {
+            self.usage = Some(usage);
+        }
+        for choice in event.choices {
+            // A `delta.content` that is there, even null, is the choice's text.
+            let text = match choice.delta.and_then(|d| d.content) {
+                Some(content) => content,
+                None => choice.text,
+            };
+            self.push_text(text.as_deref());
+        }
+    }
+
+    fn value(&mut self, data: &[u8]) {
+        let Ok(value) = serde_json::from_slice::<Value>(data) else { return };
         if let Some(usage) = usage_of(&value) {
             self.usage = Some(usage);
         }
         for choice in value.get("choices").and_then(Value::as_array).into_iter().flatten() {
             let text = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
-            if let Some(text) = text.filter(|t| !t.is_empty()) {
-                self.completion_tokens = self.completion_tokens.saturating_add(tokenizer::count(&self.model, text));
-            }
+            self.push_text(text);
         }
+    }
+
+    fn push_text(&mut self, text: Option<&str>) {
+        let Some(text) = text.filter(|t| !t.is_empty()) else { return };
+        self.text.push_str(text);
+        self.ends.push(self.text.len());
     }
 
     /// The usage to charge: the stream's own usage chunk, else the prompt as
     /// counted before forwarding plus the completion tokens streamed so far.
     pub fn usage(&self, prompt_tokens: u64) -> Usage {
-        self.usage.unwrap_or(Usage { prompt_tokens, completion_tokens: self.completion_tokens })
+        if let Some(usage) = self.usage {
+            return usage;
+        }
+        let mut completion_tokens = 0u64;
+        let mut start = 0;
+        for &end in &self.ends {
+            completion_tokens = completion_tokens.saturating_add(tokenizer::count(&self.model, &self.text[start..end]));
+            start = end;
+        }
+        Usage { prompt_tokens, completion_tokens }
     }
+}
+
+/// The fields of a stream event that the tracker reads.
+#[derive(serde::Deserialize)]
+struct Event<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<Choice<'a>>,
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    /// `Some(None)`: the field is there and null.
+    #[serde(default, borrow, deserialize_with = "present")]
+    content: Option<Option<std::borrow::Cow<'a, str>>>,
+}
+
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+fn usage_of_counts(usage: &Value) -> Option<Usage> {
+    let prompt = usage.get("prompt_tokens")?.as_u64()?;
+    let completion = usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0);
+    Some(Usage { prompt_tokens: prompt, completion_tokens: completion })
 }
 
 #[cfg(test)]
@@ -93,5 +188,76 @@ mod tests {
             Some(Usage { prompt_tokens: 5, completion_tokens: 2 })
         );
         assert_eq!(from_json(b"not json"), None);
+    }
+
+    /// The tracker as first written: every event parsed as a generic value and
+    /// its text counted at once. The tracker must charge what it charged.
+    fn reference(model: &str, stream: &[u8], prompt: u64) -> Usage {
+        let (mut usage, mut completion) = (None, 0u64);
+        for line in stream.split(|b| *b == b'\n') {
+            let Some(data) = line.strip_prefix(b"data:") else { continue };
+            let data = std::str::from_utf8(data).unwrap_or("").trim();
+            let Ok(value) = serde_json::from_str::<Value>(data) else { continue };
+            usage = usage_of(&value).or(usage);
+            for choice in value.get("choices").and_then(Value::as_array).into_iter().flatten() {
+                let text = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
+                if let Some(text) = text.filter(|t| !t.is_empty()) {
+                    completion += tokenizer::count(model, text);
+                }
+            }
+        }
+        usage.unwrap_or(Usage { prompt_tokens: prompt, completion_tokens: completion })
+    }
+
+    /// Feeds `events` as one SSE stream split at every byte, and in one piece,
+    /// and checks the charge against the reference and the expected figures.
+    fn check(events: &[&str], expected: (u64, u64)) {
+        let stream: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+        let stream = stream.as_bytes();
+        let want = Usage { prompt_tokens: expected.0, completion_tokens: expected.1 };
+        assert_eq!(reference("gpt-4o", stream, 7), want, "reference on {events:?}");
+        for split in 0..=stream.len() {
+            let mut t = StreamTracker::new("gpt-4o");
+            t.feed(&stream[..split]);
+            t.feed(&stream[split..]);
+            assert_eq!(t.usage(7), want, "{events:?} split at {split}");
+        }
+    }
+
+    #[test]
+    fn the_tracker_charges_what_a_generic_reading_charges() {
+        check(
+            &[r#"{"choices":[{"delta":{"content":"The"}}]}"#, r#"{"choices":[{"delta":{"content":" quick brown"}}]}"#],
+            (7, 3),
+        );
+        // A null content is no text, even beside a `text` field.
+        check(&[r#"{"choices":[{"delta":{"content":null},"text":"ignored words"}]}"#], (7, 0));
+        // Legacy completions stream `text`; a null delta falls back to it.
+        check(&[r#"{"choices":[{"text":"Hello there"}]}"#, r#"{"choices":[{"delta":null,"text":" you"}]}"#], (7, 3));
+        // Events of an odd shape are read generically, not dropped.
+        check(&[r#"{"choices":{"not":"a list"},"usage":{"prompt_tokens":3,"completion_tokens":2}}"#], (3, 2));
+        check(&[r#"{"choices":[{"delta":{"content":5}}]}"#, r#"{"choices":[{"delta":{"content":"Hi"}}]}"#], (7, 1));
+        // A null usage, a usage without prompt tokens and a broken event change nothing.
+        check(
+            &[
+                r#"{"choices":[{"delta":{"content":"Hi"}}],"usage":null}"#,
+                r#"{"usage":{"completion_tokens":9}}"#,
+                "{broken",
+            ],
+            (7, 1),
+        );
+        // The last usage chunk wins over the text.
+        check(
+            &[
+                r#"{"choices":[{"delta":{"content":"Hi"}}]}"#,
+                r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":4}}"#,
+                "[DONE]",
+            ],
+            (9, 4),
+        );
+        check(
+            &[r#"{"choices":[{"delta":{"content":"caf\u00e9 \"quoted\""}}]}"#],
+            (7, tokenizer::count("gpt-4o", "café \"quoted\"")),
+        );
     }
 }

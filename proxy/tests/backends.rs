@@ -681,3 +681,33 @@ async fn a_long_uri_and_huge_headers_get_apims_414_and_431_with_bodies() {
     assert_eq!(r.status(), 431);
     assert_eq!(r.text().await.unwrap(), r#"{"statusCode": 431, "message": "Request header fields too large"}"#);
 }
+
+#[tokio::test]
+async fn a_paced_stream_reaches_the_client_as_it_comes_not_at_its_end() {
+    // Six tokens 150 ms apart: the proxy passes on in batches what has already
+    // arrived, and must never hold an event back waiting for the next.
+    let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\
+                completion_tokens = { fixed = 6 }\nlatency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 150 } }\n";
+    let mock = mock_aoai::MockConfig::from_toml("mock.toml", text).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(mock_aoai::server::serve(listener, mock, std::future::pending()));
+    let proxy = start(&config(&mock_url, &mock_url, "", "")).await;
+    let started = Instant::now();
+    let streamed = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})).await;
+    assert_eq!(streamed.status(), 200);
+    let mut chunks = streamed.bytes_stream();
+    // When each content token reached the client.
+    let mut arrivals = Vec::new();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut chunks).await {
+        let chunk = chunk.unwrap();
+        let tokens = String::from_utf8_lossy(&chunk).matches("\"content\":\"").count();
+        arrivals.extend(std::iter::repeat_n(started.elapsed(), tokens));
+    }
+    // The role chunk has empty content; the six tokens follow it.
+    assert_eq!(arrivals.len(), 7, "the role chunk and six tokens");
+    for (i, pair) in arrivals[1..].windows(2).enumerate() {
+        let gap = pair[1].saturating_sub(pair[0]);
+        assert!(gap >= Duration::from_millis(100), "token {} came {gap:?} after the one before: {arrivals:?}", i + 2);
+    }
+}
