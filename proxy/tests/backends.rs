@@ -45,6 +45,15 @@ impl Running {
     }
 }
 
+/// A real mock deployment from the mock config `text`, serving on a free port; its URL.
+async fn start_mock(text: &str) -> String {
+    let mock = mock_aoai::MockConfig::from_toml("mock.toml", text).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(mock_aoai::server::serve(listener, mock, std::future::pending()));
+    url
+}
+
 fn config(primary: &str, secondary: &str, routing_extra: &str, limits: &str) -> String {
     format!(
         r#"
@@ -208,10 +217,7 @@ async fn a_client_that_aborts_a_stream_is_logged_as_499_client_gone() {
     // A slow stream: 200 tokens at 20 ms each.
     let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\
                 completion_tokens = { fixed = 200 }\nlatency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 20 } }\n";
-    let mock = mock_aoai::MockConfig::from_toml("mock.toml", text).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(mock_aoai::server::serve(listener, mock, std::future::pending()));
+    let mock_url = start_mock(text).await;
     let proxy = start(&config(&mock_url, &mock_url, "", "")).await;
     let streamed = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})).await;
     assert_eq!(streamed.status(), 200);
@@ -236,10 +242,7 @@ async fn a_broken_stream_is_charged_for_what_was_sent() {
     let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\
                 completion_tokens = { fixed = 400 }\nlatency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 1 } }\n\
                 faults = { broken_stream = 1.0 }\n";
-    let mock = mock_aoai::MockConfig::from_toml("mock.toml", text).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(mock_aoai::server::serve(listener, mock, std::future::pending()));
+    let mock_url = start_mock(text).await;
     let limits = "[[products.policy.limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = 100000\nremaining_tokens_header_name = \"remaining\"\n";
     let proxy = start(&config(&mock_url, &mock_url, "", limits)).await;
     let streamed = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})).await;
@@ -688,10 +691,7 @@ async fn a_paced_stream_reaches_the_client_as_it_comes_not_at_its_end() {
     // arrived, and must never hold an event back waiting for the next.
     let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\
                 completion_tokens = { fixed = 6 }\nlatency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 150 } }\n";
-    let mock = mock_aoai::MockConfig::from_toml("mock.toml", text).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(mock_aoai::server::serve(listener, mock, std::future::pending()));
+    let mock_url = start_mock(text).await;
     let proxy = start(&config(&mock_url, &mock_url, "", "")).await;
     let started = Instant::now();
     let streamed = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})).await;
