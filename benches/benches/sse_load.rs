@@ -22,6 +22,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::time::{Duration, Instant};
 
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
 const BODY: &str = r#"{"messages":[{"role":"user","content":"Hello"}],"max_tokens":100,"stream":true,"stream_options":{"include_usage":true}}"#;
 
 struct Args {
@@ -65,7 +67,7 @@ fn main() {
     runtime.block_on(run(args));
 }
 
-/// One stream's figures, or why it failed.
+/// One checked stream's figures.
 struct Stream {
     ttfb: Duration,
     total: Duration,
@@ -81,7 +83,7 @@ struct Tally {
 
 async fn run(args: Args) {
     let args = std::sync::Arc::new(args);
-    let client: Client<_, Full<Bytes>> =
+    let client: HttpClient =
         Client::builder(TokioExecutor::new()).pool_max_idle_per_host(args.connections).build_http();
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs(args.seconds);
@@ -97,13 +99,7 @@ async fn run(args: Args) {
     report(&args, &tally);
 }
 
-async fn worker(
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    args: std::sync::Arc<Args>,
-    w: usize,
-    start: Instant,
-    end: Instant,
-) -> Tally {
+async fn worker(client: HttpClient, args: std::sync::Arc<Args>, w: usize, start: Instant, end: Instant) -> Tally {
     let mut tally = Tally::default();
     let (mut n, mut idle_since) = (0u64, start);
     loop {
@@ -129,11 +125,7 @@ async fn worker(
     }
 }
 
-async fn one_stream(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    args: &Args,
-    from: Instant,
-) -> Result<Stream, String> {
+async fn one_stream(client: &HttpClient, args: &Args, from: Instant) -> Result<Stream, String> {
     let mut request = hyper::Request::post(&args.url).header("content-type", "application/json");
     if let Some((k, v)) = &args.header {
         request = request.header(k, v);

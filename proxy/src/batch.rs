@@ -5,7 +5,7 @@
 //! connection's task to the request's, and the front end writes and flushes
 //! whenever the body has nothing ready. An SSE stream whose events arrive
 //! together (one read of the backend's socket holds many) would cost one
-//! `writev` per event: measured at a thousand events a second per stream, the
+//! `writev` per event: measured with 64-event streams in a closed loop, the
 //! kernel was two thirds of the proxy's time. nginx reads what is there and
 //! writes it at once; so does this adapter. When the next chunk is not ready,
 //! it lets the runtime run the other tasks (the backend connection's task
@@ -96,7 +96,7 @@ where
                 Poll::Ready(None) => this.last = Some(None),
                 Poll::Pending if this.held.is_empty() => return Poll::Pending,
                 Poll::Pending if this.yielded < TURNS => {
-                    // One turn for the other tasks, then whatever came is passed on.
+                    // A turn for the other tasks; after TURNS of them, whatever came is passed on.
                     this.yielded += 1;
                     cx.waker().wake_by_ref();
                     return Poll::Pending;

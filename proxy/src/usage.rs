@@ -25,8 +25,9 @@ fn usage_of(value: &Value) -> Option<Usage> {
     usage_of_counts(value.get("usage")?)
 }
 
-/// Follows an SSE stream chunk by chunk, without holding it: keeps the partial
-/// last line, the usage chunk when one comes, and the streamed text. The text
+/// Follows an SSE stream chunk by chunk, without holding its events: keeps the
+/// partial last line, the usage chunk when one comes, and the streamed text
+/// (the content alone, a fraction of the stream's bytes). The text
 /// is counted only if the stream ends without a usage chunk: most streams end
 /// with one, and the tokenizer is the dearest part of following a stream.
 #[derive(Debug)]
