@@ -107,6 +107,8 @@ pub struct StoreState {
     pub dropped: AtomicU64,
     /// Exact mode: calls made on local counters while the store was away.
     pub local_calls: AtomicU64,
+    /// Exact mode: times this replica took a product's lock.
+    pub acquisitions: AtomicU64,
     /// Round trips of sync exchanges, and the lag observed on applied changes.
     pub timings: Mutex<Timings>,
 }

@@ -5,21 +5,27 @@
 //! and a lock. A replica that has calls for a product to make (a request's
 //! admission, an attempt's outcome, a completion's token charge) takes the lock
 //! and, in the same script, reads the changes the others made since it last
-//! looked; it applies them (`handle_delta`, each at the instant it was made),
-//! makes its calls with the core as usual, and ships the calls' changes while
-//! releasing the lock, in a second script. So the core's rules stay in the
+//! looked; it applies them (`handle_delta`, each at the instant it was made)
+//! and makes its calls with the core as usual. So the core's rules stay in the
 //! core, in one place, and every replica's counters go through the same
-//! sequence of changes that one gateway's would: two round trips per batch.
+//! sequence of changes that one gateway's would.
 //!
-//! Calls queue per product; the replica that takes its turn makes every call
-//! queued by then (group commit), so a busy replica pays the two round trips
-//! once per batch, not once per call.
+//! The lock is a lease: the replica keeps it while calls keep coming. While it
+//! holds it no other replica can change or read the counters, so its calls are
+//! made at once, on its own counters, with no round trip; a shipper task sends
+//! their changes (every [`SHIP_EVERY`]) and renews the lease with each batch.
+//! It lets go when its calls stop for a [`SHIP_EVERY`], or as soon as a batch's
+//! answer says another replica waits (a waiting replica leaves its name in the
+//! product's `wanted` key, and the lock goes to it next). It lets go only after
+//! the last change made under it is in the stream, so the next holder reads
+//! everything before deciding. A busy replica alone pays no round trip per
+//! call; replicas that take turns pay about two per hand-over.
 //!
 //! While the store cannot be reached, calls are made on the local counters, as
 //! in lagged mode (or refused, with `on_store_error = "reject"`), their changes
-//! wait in a backlog, and they are shipped with the next batch once it is back.
-//! Each change carries its replica's sequence number, so a batch shipped twice
-//! (its answer lost) is applied once.
+//! wait in a backlog, and they are shipped once the lock is taken again. Each
+//! change carries its replica's sequence number, so a batch shipped twice (its
+//! answer lost) is applied once.
 
 use crate::counters::{read_batch, Batch, BatchOut, CountersConfig, StoreState, BATCH_CHANGES, MAX_BACKLOG};
 use gateway_core::{CounterDelta, Lifecycle, LimitBook, Nanos};
@@ -27,7 +33,7 @@ use redis::aio::ConnectionManager;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What exact mode runs calls on: something that holds a product's limit book.
@@ -50,38 +56,65 @@ impl Journaled for Lifecycle {
 /// A call waiting for its product's turn.
 type Job<T> = Box<dyn FnOnce(&mut T, Nanos) + Send>;
 
-/// How long a replica holds a product's lock at most: one that dies holding it
-/// stops the others for this long.
-const LOCK_TTL_MS: u64 = 500;
+/// How long the lock outlives the last exchange that took or renewed it: a
+/// replica that dies holding it stops the others for this long.
+const LOCK_TTL: Duration = Duration::from_millis(500);
+
+/// Calls are made under a lease only while this much of it is left (counted
+/// from before the exchange that took or renewed it was sent, so never longer
+/// than Redis keeps the lock); the rest is time for their changes to be
+/// shipped before the lock can pass on.
+const LEASE_MARGIN: Duration = Duration::from_millis(250);
+
+/// How often the lease holder ships its changes and asks whether another
+/// replica waits; a holder whose calls stopped for this long lets go.
+const SHIP_EVERY: Duration = Duration::from_millis(1);
+
+/// How long a waiting replica's claim on the next turn lasts unless renewed
+/// by its next attempt, so that a replica that died waiting stops no one for
+/// long.
+const WANT_TTL: Duration = Duration::from_millis(20);
 
 /// How long one exchange with the store may take before it counts as an error
 /// (waiting for a lock that a dead replica held included).
-const EXCHANGE_TIMEOUT: Duration = Duration::from_millis(LOCK_TTL_MS * 2);
+const EXCHANGE_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// The most changes one script returns; more are read with XRANGE while the
 /// lock is held.
 const READ_BATCH: usize = 10_000;
 
-/// Takes the lock (KEYS[1]) if free and returns the changes after ARGV[3] in
-/// the stream (KEYS[2]); false if another replica holds the lock.
+/// Takes the lock (KEYS[1]) for token ARGV[1] if it is free (or already this
+/// token's) and no other replica claimed the next turn (KEYS[3]), and returns
+/// the changes after ARGV[3] in the stream (KEYS[2]). Otherwise claims the next
+/// turn for replica ARGV[5] unless another has, and returns false.
 const ACQUIRE: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+local holder = redis.call('GET', KEYS[1])
+local wanted = redis.call('GET', KEYS[3])
+if (not holder or holder == ARGV[1]) and (not wanted or wanted == ARGV[5]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  if wanted then redis.call('DEL', KEYS[3]) end
   return redis.call('XRANGE', KEYS[2], '(' .. ARGV[3], '+', 'COUNT', ARGV[4])
+end
+if not wanted or wanted == ARGV[5] then
+  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 end
 return false
 ";
 
-/// Appends the batches of changes (ARGV[3..]) of replica ARGV[2] and releases
-/// the lock if this replica still holds it; returns whether it did and the id
-/// of the last entry appended.
-const RELEASE: &str = r"
+/// Appends the batches of changes (ARGV[4..]) of replica ARGV[2]; if token
+/// ARGV[1] still holds the lock, renews it for ARGV[3] ms, or releases it when
+/// ARGV[3] is 0. Returns whether it held, the id of the last entry appended,
+/// and whether another replica waits for the lock.
+const SHIP: &str = r"
 local held = redis.call('GET', KEYS[1]) == ARGV[1]
 local last = ''
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'r', ARGV[2], 'e', ARGV[i])
 end
-if held then redis.call('DEL', KEYS[1]) end
-return {held and 1 or 0, last}
+if held then
+  if ARGV[3] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+end
+return {held and 1 or 0, last, redis.call('EXISTS', KEYS[3])}
 ";
 
 /// Distinguishes `Exact`s in one process (tests run several replicas) in the
@@ -94,7 +127,19 @@ thread_local! {
     static CONNECTIONS: RefCell<Vec<(u64, ConnectionManager)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Exact mode's exchange with the store; cheap to clone (the shipper task
+/// holds one).
 pub struct Exact<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for Exact<T> {
+    fn clone(&self) -> Exact<T> {
+        Exact { inner: self.inner.clone() }
+    }
+}
+
+struct Inner<T> {
     id: u64,
     client: redis::Client,
     replica: String,
@@ -104,17 +149,24 @@ pub struct Exact<T> {
     suspended: AtomicBool,
     sequence: AtomicU64,
     acquire: redis::Script,
-    release: redis::Script,
+    ship: redis::Script,
     products: Vec<Product<T>>,
 }
 
 struct Product<T> {
     stream: String,
     lock: String,
+    wanted: String,
     queue: Mutex<Vec<Job<T>>>,
-    /// Held by the replica's task that makes the queued calls, across its
-    /// round trips; FIFO, so every queued call is made by the next turn.
-    turn: tokio::sync::Mutex<Position>,
+    /// Held by the replica's task that takes the lock and makes the queued
+    /// calls, across its round trips, and by the shipper while it lets go of
+    /// the lock; FIFO, so every queued call is made by the next turn.
+    turn: tokio::sync::Mutex<()>,
+    /// Taken after the product's core (never the other way round) and never
+    /// held across a round trip.
+    position: Mutex<Position>,
+    /// Calls made under leases, so that the shipper sees when they stop.
+    calls: AtomicU64,
 }
 
 /// Where this replica has read a product's stream, and what it has to ship.
@@ -129,6 +181,52 @@ struct Position {
     /// How many changes this replica has made to the product: the last one's
     /// sequence number (they are numbered from 1, one after another).
     changes_made: u64,
+    /// The lock, while this replica holds it; a shipper task runs meanwhile.
+    lease: Option<Lease>,
+}
+
+struct Lease {
+    token: String,
+    /// When Redis lets the lock go at the earliest, as far as this replica
+    /// can tell: `LOCK_TTL` after the last exchange that took or renewed it
+    /// was sent.
+    expires: Instant,
+}
+
+impl Position {
+    /// Whether calls may be made under this replica's lease at `now`.
+    fn decides_at(&self, now: Instant) -> bool {
+        self.lease.as_ref().is_some_and(|lease| lease.decides_at(now))
+    }
+
+    /// Moves the changes the core journaled into the backlog.
+    fn take_changes(&mut self, state: &StoreState, book: &mut LimitBook) {
+        while let Some(delta) = book.poll_delta() {
+            if self.backlog.len() >= MAX_BACKLOG {
+                self.backlog.pop_front();
+                state.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            self.changes_made += 1;
+            self.backlog.push_back(delta);
+        }
+        state.backlog.store(self.backlog.len() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Lease {
+    /// Whether calls may be made under the lease at `now`: with time left to
+    /// ship their changes before the lock can pass on.
+    fn decides_at(&self, now: Instant) -> bool {
+        now + LEASE_MARGIN < self.expires
+    }
+}
+
+/// What a shipment's answer says to do next.
+enum Shipped {
+    Keep,
+    LetGo,
+    /// The lease is gone (lost, or the store failed): the shipper stops.
+    Gone,
 }
 
 impl<T: Journaled + Send + 'static> Exact<T> {
@@ -143,20 +241,24 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             .map(|name| Product {
                 stream: format!("{}:{name}:changes", config.key_prefix),
                 lock: format!("{}:{name}:lock", config.key_prefix),
+                wanted: format!("{}:{name}:wanted", config.key_prefix),
                 queue: Mutex::new(Vec::new()),
-                turn: tokio::sync::Mutex::new(Position::default()),
+                turn: tokio::sync::Mutex::new(()),
+                position: Mutex::new(Position::default()),
+                calls: AtomicU64::new(0),
             })
             .collect();
-        Ok(Exact {
+        let inner = Inner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             client,
             replica,
             suspended: AtomicBool::new(false),
             sequence: AtomicU64::new(0),
             acquire: redis::Script::new(ACQUIRE),
-            release: redis::Script::new(RELEASE),
+            ship: redis::Script::new(SHIP),
             products,
-        })
+        };
+        Ok(Exact { inner: Arc::new(inner) })
     }
 
     /// Makes `call` on `target` (product `product`'s core) in the fleet's order:
@@ -166,13 +268,26 @@ impl<T: Journaled + Send + 'static> Exact<T> {
     /// result goes to `abandoned`, which must end what it started.
     pub async fn call<R: Send + 'static>(
         &self,
-        state: &StoreState,
+        state: &Arc<StoreState>,
         product: usize,
         target: &Mutex<T>,
         clock: impl Fn() -> Nanos,
         call: impl FnOnce(&mut T, Nanos) -> R + Send + 'static,
         abandoned: impl FnOnce(&mut T, Nanos, R) + Send + 'static,
     ) -> R {
+        let entry = &self.inner.products[product];
+        // Under a lease with time left, the call is made at once: no other
+        // replica can change the counters meanwhile.
+        if !self.inner.suspended.load(Ordering::Relaxed) {
+            let mut t = lock(target);
+            let mut position = lock(&entry.position);
+            if position.decides_at(Instant::now()) {
+                let result = call(&mut t, clock());
+                position.take_changes(state, t.book());
+                entry.calls.fetch_add(1, Ordering::Relaxed);
+                return result;
+            }
+        }
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let job: Job<T> = Box::new(move |t: &mut T, now: Nanos| {
             let result = call(t, now);
@@ -180,124 +295,220 @@ impl<T: Journaled + Send + 'static> Exact<T> {
                 abandoned(t, now, result);
             }
         });
-        let entry = &self.products[product];
         lock(&entry.queue).push(job);
-        let mut position = entry.turn.lock().await;
+        let _turn = entry.turn.lock().await;
         if let Ok(result) = rx.try_recv() {
             return result;
         }
-        self.take_turn(state, product, &mut position, target, &clock).await;
+        self.take_turn(state, product, target, &clock).await;
         rx.try_recv().expect("a turn makes every call queued before it")
     }
 
     /// Catches up with the store and ships this replica's changes, making no
     /// call of its own: run every `sync_interval`, so that changes made while
     /// the store was away go as soon as it is back, even on an idle replica.
-    pub async fn flush(&self, state: &StoreState, product: usize, target: &Mutex<T>, clock: impl Fn() -> Nanos) {
+    pub async fn flush(&self, state: &Arc<StoreState>, product: usize, target: &Mutex<T>, clock: impl Fn() -> Nanos) {
         // A store that failed is first asked without the turn held, so that
         // calls never queue behind a store that does not answer.
-        if self.suspended.load(Ordering::Relaxed) && self.within(state, self.ping()).await.is_none() {
+        if self.inner.suspended.load(Ordering::Relaxed) && self.inner.within(state, self.inner.ping()).await.is_none() {
             return;
         }
-        let mut position = self.products[product].turn.lock().await;
-        self.take_turn(state, product, &mut position, target, &clock).await;
+        let _turn = self.inner.products[product].turn.lock().await;
+        self.take_turn(state, product, target, &clock).await;
     }
 
-    /// One turn: take the lock and the changes made meanwhile, apply them, make
-    /// the queued calls, ship their changes and release the lock. While the
-    /// store is suspended, the calls are made locally and their changes wait.
-    async fn take_turn(
-        &self,
-        state: &StoreState,
-        product: usize,
-        position: &mut Position,
-        target: &Mutex<T>,
-        clock: &impl Fn() -> Nanos,
-    ) {
-        let started = Instant::now();
-        let token = format!("{}:{}", self.replica, self.sequence.fetch_add(1, Ordering::Relaxed));
-        let changes = match self.suspended.load(Ordering::Relaxed) {
-            false => self.within(state, self.lock_and_read(product, &token, position)).await,
-            true => None,
-        };
-        let shared = changes.is_some();
-        let calls = self.run_jobs(state, product, position, target, clock, changes.unwrap_or_default());
-        if !shared {
+    /// One turn, with the turn held: under a lease that has time left, the
+    /// queued calls are made at once; otherwise the lock is taken with the
+    /// changes made meanwhile, they are applied, and then the calls are made.
+    /// While the store is suspended, the calls are made locally and their
+    /// changes wait.
+    async fn take_turn(&self, state: &Arc<StoreState>, product: usize, target: &Mutex<T>, clock: &impl Fn() -> Nanos) {
+        let inner = &self.inner;
+        let entry = &inner.products[product];
+        if inner.suspended.load(Ordering::Relaxed) {
+            let calls = inner.run_jobs(state, product, target, clock, Vec::new(), None);
             state.local_calls.fetch_add(calls, Ordering::Relaxed);
-        } else if let Some(()) = self.within(state, self.ship_and_unlock(product, &token, position)).await {
-            state.shipped.fetch_add(position.backlog.len() as u64, Ordering::Relaxed);
-            position.backlog.clear();
-            let mut timings = state.timings.lock().unwrap_or_else(|e| e.into_inner());
-            timings.round_trip_s.saturating_record(started.elapsed().as_micros().max(1) as u64);
+            return;
         }
+        let (token, after, fresh) = {
+            let position = lock(&entry.position);
+            if position.decides_at(Instant::now()) {
+                drop(position);
+                let calls = inner.run_jobs(state, product, target, clock, Vec::new(), None);
+                entry.calls.fetch_add(calls, Ordering::Relaxed);
+                return;
+            }
+            // A lease running out is taken again with its own token.
+            let token = match &position.lease {
+                Some(lease) => lease.token.clone(),
+                None => format!("{}:{}", inner.replica, inner.sequence.fetch_add(1, Ordering::Relaxed)),
+            };
+            (token, position.last_id.clone(), position.lease.is_none())
+        };
+        let sent = Instant::now();
+        let Some(changes) = inner.within(state, inner.lock_and_read(product, &token, after)).await else {
+            lock(&entry.position).lease = None;
+            let calls = inner.run_jobs(state, product, target, clock, Vec::new(), None);
+            state.local_calls.fetch_add(calls, Ordering::Relaxed);
+            return;
+        };
+        record_round_trip(state, sent);
+        state.acquisitions.fetch_add(1, Ordering::Relaxed);
+        let lease = Lease { token, expires: sent + LOCK_TTL };
+        let calls = inner.run_jobs(state, product, target, clock, changes, Some(lease));
+        entry.calls.fetch_add(calls, Ordering::Relaxed);
+        if fresh {
+            tokio::spawn(self.clone().ship_while_held(state.clone(), product));
+        }
+    }
+
+    /// The lease holder's shipper: every [`SHIP_EVERY`] ships the changes made
+    /// under the lease and renews it, and lets go once calls stop or another
+    /// replica waits.
+    async fn ship_while_held(self, state: Arc<StoreState>, product: usize) {
+        let entry = &self.inner.products[product];
+        let mut calls_seen = entry.calls.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(SHIP_EVERY).await;
+            let calls = entry.calls.load(Ordering::Relaxed);
+            let idle = calls == calls_seen;
+            calls_seen = calls;
+            let next = match idle {
+                true => Shipped::LetGo,
+                false => self.inner.ship(&state, product).await,
+            };
+            match next {
+                Shipped::Keep => continue,
+                Shipped::LetGo => return self.inner.let_go(&state, product).await,
+                Shipped::Gone => return,
+            }
+        }
+    }
+}
+
+impl<T> Inner<T> {
+    /// Ships what the lease's calls changed so far and renews the lease,
+    /// without holding the turn while the exchange runs: calls go on being
+    /// made meanwhile (no one else can make any while the lock is held).
+    async fn ship(&self, state: &StoreState, product: usize) -> Shipped {
+        let entry = &self.products[product];
+        let (token, batches, upto) = {
+            let mut position = lock(&entry.position);
+            let Some(lease) = &position.lease else { return Shipped::Gone };
+            let token = lease.token.clone();
+            (token, self.encode(&mut position), position.changes_made)
+        };
+        let sent = Instant::now();
+        let reply = self.within(state, self.exchange(product, &token, LOCK_TTL, batches)).await;
+        let mut position = lock(&entry.position);
+        let Some((held, last, wanted)) = reply else {
+            position.lease = None;
+            return Shipped::Gone;
+        };
+        record_round_trip(state, sent);
+        self.shipped(state, &mut position, upto, held, last);
+        match position.lease.as_mut() {
+            Some(lease) if held => lease.expires = sent + LOCK_TTL,
+            _ => {
+                tracing::warn!(lock = %entry.lock, "counters: a lease ran out before its changes were shipped");
+                position.lease = None;
+                return Shipped::Gone;
+            }
+        }
+        if wanted {
+            return Shipped::LetGo;
+        }
+        Shipped::Keep
+    }
+
+    /// Ships the rest and releases the lock. The lease is gone before the
+    /// exchange starts, so no call is made under it meanwhile, and the turn is
+    /// held throughout, so the next lock is taken after this one is let go.
+    async fn let_go(&self, state: &StoreState, product: usize) {
+        let entry = &self.products[product];
+        let _turn = entry.turn.lock().await;
+        let (lease, batches, upto) = {
+            let mut position = lock(&entry.position);
+            let Some(lease) = position.lease.take() else { return };
+            (lease, self.encode(&mut position), position.changes_made)
+        };
+        let sent = Instant::now();
+        let reply = self.within(state, self.exchange(product, &lease.token, Duration::ZERO, batches)).await;
+        if let Some((held, last, _)) = reply {
+            record_round_trip(state, sent);
+            self.shipped(state, &mut lock(&entry.position), upto, held, last);
+            if !held {
+                tracing::warn!(lock = %entry.lock, "counters: a lease ran out before its changes were shipped");
+            }
+        }
+    }
+
+    /// Forgets the changes up to sequence number `upto` once shipped, and
+    /// moves this replica's position past its own entries when it held the
+    /// lock (no one else wrote in between).
+    fn shipped(&self, state: &StoreState, position: &mut Position, upto: u64, held: bool, last: String) {
+        let oldest = position.changes_made + 1 - position.backlog.len() as u64;
+        let gone = (upto + 1).saturating_sub(oldest).min(position.backlog.len() as u64);
+        position.backlog.drain(..gone as usize);
+        state.shipped.fetch_add(gone, Ordering::Relaxed);
         state.backlog.store(position.backlog.len() as u64, Ordering::Relaxed);
+        if held && !last.is_empty() {
+            position.last_id = Some(last);
+        }
+    }
+
+    /// The backlog as batches of changes, each with its first sequence number.
+    fn encode(&self, position: &mut Position) -> Vec<String> {
+        let oldest = position.changes_made + 1 - position.backlog.len() as u64;
+        let changes = position.backlog.make_contiguous();
+        let batches = changes.chunks(BATCH_CHANGES).enumerate().map(|(n, chunk)| {
+            let first_seq = Some(oldest + (n * BATCH_CHANGES) as u64);
+            let batch = BatchOut { replica: &self.replica, first_seq, changes: chunk };
+            serde_json::to_string(&batch).expect("a change serializes")
+        });
+        batches.collect()
     }
 
     /// Applies the others' changes, then makes every queued call, then moves the
-    /// calls' changes (and any made outside a turn) into the backlog. Returns
-    /// how many calls it made.
+    /// calls' changes into the backlog; the lease just taken, if any, starts
+    /// once the changes are applied. Returns how many calls it made.
     fn run_jobs(
         &self,
         state: &StoreState,
         product: usize,
-        position: &mut Position,
         target: &Mutex<T>,
         clock: &impl Fn() -> Nanos,
         changes: Vec<(String, Option<Batch>)>,
-    ) -> u64 {
-        let jobs = std::mem::take(&mut *lock(&self.products[product].queue));
+        lease: Option<Lease>,
+    ) -> u64
+    where
+        T: Journaled,
+    {
+        let entry = &self.products[product];
+        let jobs = std::mem::take(&mut *lock(&entry.queue));
         let calls = jobs.len() as u64;
         let mut t = lock(target);
-        for (id, entry) in changes {
+        let mut position = lock(&entry.position);
+        for (id, batch) in changes {
             position.last_id = Some(id);
-            if let Some(batch) = entry {
-                self.apply(state, position, t.book(), batch, clock);
+            if let Some(batch) = batch {
+                apply(state, &mut position, t.book(), batch, clock);
             }
+        }
+        if lease.is_some() {
+            position.lease = lease;
         }
         for job in jobs {
             let now = clock();
             job(&mut t, now);
         }
-        while let Some(delta) = t.book().poll_delta() {
-            if position.backlog.len() >= MAX_BACKLOG {
-                position.backlog.pop_front();
-                state.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            position.changes_made += 1;
-            position.backlog.push_back(delta);
-        }
+        position.take_changes(state, t.book());
         calls
     }
 
-    /// Applies another replica's batch of changes, each at the instant it was
-    /// made, skipping those already applied.
-    fn apply(
-        &self,
-        state: &StoreState,
-        position: &mut Position,
-        book: &mut LimitBook,
-        batch: Batch,
-        clock: &impl Fn() -> Nanos,
-    ) {
-        let seen = position.applied.entry(batch.replica).or_insert(0);
-        let mut timings = state.timings.lock().unwrap_or_else(|e| e.into_inner());
-        let now = clock();
-        for (i, delta) in batch.changes.iter().enumerate() {
-            if let Some(first) = batch.first_seq {
-                let seq = first + i as u64;
-                if seq <= *seen {
-                    continue;
-                }
-                *seen = seq;
-            }
-            book.handle_delta(delta.at, delta);
-            state.applied.fetch_add(1, Ordering::Relaxed);
-            timings.lag_s.saturating_record((now.saturating_sub(delta.at).0 / 1000).max(1));
-        }
-    }
-
     /// Runs one exchange under [`EXCHANGE_TIMEOUT`]; a failure is counted, marks
-    /// the store unreachable and makes calls local until `retry_after` passes.
+    /// the store unreachable and makes calls local until the background turn
+    /// reaches the store again.
     async fn within<V>(
         &self,
         state: &StoreState,
@@ -344,29 +555,33 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         Ok(fresh)
     }
 
-    /// Takes the product's lock, waiting while another replica holds it, and
-    /// reads every change after this replica's position.
+    /// Takes the product's lock, waiting while another replica holds it (and
+    /// claiming the next turn meanwhile), and reads every change after this
+    /// replica's position.
     async fn lock_and_read(
         &self,
         product: usize,
         token: &str,
-        position: &Position,
+        after: Option<String>,
     ) -> redis::RedisResult<Vec<(String, Option<Batch>)>> {
         let mut con = self.connection().await?;
         let entry = &self.products[product];
         // A replica new to the fleet replays what the stream holds, so that it
         // starts from the fleet's counters, not from empty ones.
-        let after = position.last_id.clone().unwrap_or_else(|| "0-0".to_owned());
+        let after = after.unwrap_or_else(|| "0-0".to_owned());
         let mut spins = 0u32;
         let first: redis::streams::StreamRangeReply = loop {
             let mut invocation = self.acquire.key(&entry.lock);
-            invocation.key(&entry.stream).arg(token).arg(LOCK_TTL_MS).arg(&after).arg(READ_BATCH);
+            invocation.key(&entry.stream).key(&entry.wanted);
+            invocation.arg(token).arg(LOCK_TTL.as_millis() as u64).arg(&after).arg(READ_BATCH);
+            invocation.arg(&self.replica).arg(WANT_TTL.as_millis() as u64);
             let reply: Option<redis::streams::StreamRangeReply> = invocation.invoke_async(&mut con).await?;
             if let Some(reply) = reply {
                 break reply;
             }
-            // Held by another replica for a round trip or two: ask again at
-            // once a few times, then give the runtime a millisecond.
+            // Held by another replica, which lets go within a shipment or two
+            // of seeing the claim: ask again at once a few times, then give the
+            // runtime a millisecond.
             spins += 1;
             if spins > 8 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -401,28 +616,53 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         }
     }
 
-    /// Ships the backlog and releases the lock; moves this replica's position
-    /// past its own changes when no one else wrote in between.
-    async fn ship_and_unlock(&self, product: usize, token: &str, position: &mut Position) -> redis::RedisResult<()> {
+    /// Appends `batches` to the product's stream and renews the lock for
+    /// `ttl`, or releases it when `ttl` is zero, if `token` still holds it.
+    /// Returns whether it did, the last entry's id, and whether another
+    /// replica waits.
+    async fn exchange(
+        &self,
+        product: usize,
+        token: &str,
+        ttl: Duration,
+        batches: Vec<String>,
+    ) -> redis::RedisResult<(bool, String, bool)> {
         let mut con = self.connection().await?;
         let entry = &self.products[product];
-        let mut invocation = self.release.key(&entry.lock);
-        invocation.key(&entry.stream).arg(token).arg(&self.replica);
-        let oldest = position.changes_made + 1 - position.backlog.len() as u64;
-        for (n, chunk) in position.backlog.make_contiguous().chunks(BATCH_CHANGES).enumerate() {
-            let first_seq = Some(oldest + (n * BATCH_CHANGES) as u64);
-            let batch = BatchOut { replica: &self.replica, first_seq, changes: chunk };
-            invocation.arg(serde_json::to_string(&batch).expect("a change serializes"));
+        let mut invocation = self.ship.key(&entry.lock);
+        invocation.key(&entry.stream).key(&entry.wanted);
+        invocation.arg(token).arg(&self.replica).arg(ttl.as_millis() as u64);
+        for batch in batches {
+            invocation.arg(batch);
         }
-        let (held, last): (u8, String) = invocation.invoke_async(&mut con).await?;
-        if held == 1 && !last.is_empty() {
-            position.last_id = Some(last);
-        }
-        if held == 0 {
-            tracing::warn!(lock = %entry.lock, "counters: a turn outlasted its lock; changes were shipped anyway");
-        }
-        Ok(())
+        let (held, last, wanted): (u8, String, u8) = invocation.invoke_async(&mut con).await?;
+        Ok((held == 1, last, wanted == 1))
     }
+}
+
+/// Applies another replica's batch of changes, each at the instant it was
+/// made, skipping those already applied.
+fn apply(state: &StoreState, position: &mut Position, book: &mut LimitBook, batch: Batch, clock: &impl Fn() -> Nanos) {
+    let seen = position.applied.entry(batch.replica).or_insert(0);
+    let mut timings = state.timings.lock().unwrap_or_else(|e| e.into_inner());
+    let now = clock();
+    for (i, delta) in batch.changes.iter().enumerate() {
+        if let Some(first) = batch.first_seq {
+            let seq = first + i as u64;
+            if seq <= *seen {
+                continue;
+            }
+            *seen = seq;
+        }
+        book.handle_delta(delta.at, delta);
+        state.applied.fetch_add(1, Ordering::Relaxed);
+        timings.lag_s.saturating_record((now.saturating_sub(delta.at).0 / 1000).max(1));
+    }
+}
+
+fn record_round_trip(state: &StoreState, sent: Instant) {
+    let mut timings = state.timings.lock().unwrap_or_else(|e| e.into_inner());
+    timings.round_trip_s.saturating_record(sent.elapsed().as_micros().max(1) as u64);
 }
 
 fn lock<V>(mutex: &Mutex<V>) -> std::sync::MutexGuard<'_, V> {

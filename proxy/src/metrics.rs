@@ -186,6 +186,11 @@ pub fn render_store(out: &mut String, store: &crate::counters::StoreState) {
             "Exact mode: calls to the core (arrivals, attempt outcomes, completions) made on this replica's own counters while the store could not be reached.",
             store.local_calls.load(Relaxed),
         ),
+        (
+            "limitlab_store_lock_acquisitions_total",
+            "Exact mode: times this replica took a product's lock (the lease it keeps while its calls keep coming).",
+            store.acquisitions.load(Relaxed),
+        ),
     ];
     for (name, help, value) in gauges {
         let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
@@ -195,7 +200,7 @@ pub fn render_store(out: &mut String, store: &crate::counters::StoreState) {
     for (name, help, h) in [
         (
             "limitlab_store_round_trip_seconds",
-            "One exchange with the store: a lagged sync, or an exact turn (lock, read, ship, release).",
+            "One exchange with the store: a lagged sync, or in exact mode taking the lock (with the changes to read) or shipping changes (renewing or releasing the lock).",
             &timings.round_trip_s,
         ),
         ("limitlab_store_sync_lag_seconds", "From another replica's change to its application here.", &timings.lag_s),

@@ -30,7 +30,7 @@ pub struct Proxy {
     /// One lifecycle per product, in config order.
     lifecycles: Vec<Mutex<Lifecycle>>,
     /// The shared counter store's state, when `[counters]` is configured.
-    store: crate::counters::StoreState,
+    store: Arc<crate::counters::StoreState>,
     /// Exact mode's exchange with the store (`[counters] mode = "exact"`).
     exact: Option<Exact<Lifecycle>>,
     /// Per product: whether a limit reads the prompt estimate (so it is counted

@@ -11,7 +11,7 @@ use proxy::counters::{CountersConfig, StoreState};
 use proxy::exact::Exact;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -25,13 +25,13 @@ const ALL_COUNTERS: &str = include_str!("../../gateway-core/tests/data/all-count
 /// A core, alone or as one replica of a fleet sharing counters in exact mode.
 struct Node {
     exact: Option<Exact<LimitBook>>,
-    state: StoreState,
+    state: Arc<StoreState>,
     book: Mutex<LimitBook>,
 }
 
 impl Node {
     fn alone(policy: &Policy) -> Node {
-        Node { exact: None, state: StoreState::default(), book: Mutex::new(LimitBook::new(policy, 1)) }
+        Node { exact: None, state: Arc::default(), book: Mutex::new(LimitBook::new(policy, 1)) }
     }
 
     fn replica(policy: &Policy, store: &str, prefix: &str, n: usize) -> Node {
@@ -40,7 +40,7 @@ impl Node {
         let mut book = LimitBook::new(policy, n as u64 + 7);
         book.enable_journal();
         let exact = Exact::new(&config, ["p"].into_iter(), format!("replica-{n}")).unwrap();
-        Node { exact: Some(exact), state: StoreState::default(), book: Mutex::new(book) }
+        Node { exact: Some(exact), state: Arc::default(), book: Mutex::new(book) }
     }
 
     /// Makes `call` at `now`: directly when alone, in the fleet's order otherwise.
