@@ -151,27 +151,44 @@ async fn ship(
     Ok(())
 }
 
+/// Reads each stream (KEYS) after its position (ARGV[1..#KEYS]), at most
+/// ARGV[#KEYS + 2] entries a stream; the entries of replica ARGV[#KEYS + 1]
+/// (this one) come back without their changes, which it already holds.
+const READ_OTHERS: &str = r"
+local own = ARGV[#KEYS + 1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local entries = redis.call('XRANGE', key, '(' .. ARGV[i], '+', 'COUNT', ARGV[#KEYS + 2])
+  for _, entry in ipairs(entries) do
+    local fields = entry[2]
+    if fields[1] == 'r' and fields[2] == own then entry[2] = {'r', own} end
+  end
+  out[i] = entries
+end
+return out
+";
+
+/// The most entries (batches) one exchange reads from a stream.
+const READ_ENTRIES: usize = 1_000;
+
 async fn apply(
     con: &mut ConnectionManager,
     streams: &mut [Stream],
     replica: &str,
     proxy: &Proxy,
 ) -> redis::RedisResult<()> {
-    let mut cmd = redis::cmd("XREAD");
-    cmd.arg("COUNT").arg(1_000).arg("STREAMS");
+    let script = redis::Script::new(READ_OTHERS);
+    let mut invocation = script.prepare_invoke();
     streams.iter().for_each(|s| {
-        cmd.arg(&s.key);
+        invocation.key(&s.key).arg(&s.last_id);
     });
-    streams.iter().for_each(|s| {
-        cmd.arg(&s.last_id);
-    });
-    let reply: Option<redis::streams::StreamReadReply> = cmd.query_async(con).await?;
-    let Some(reply) = reply else { return Ok(()) };
-    for key in reply.keys {
-        let Some(product) = streams.iter().position(|s| s.key == key.key) else { continue };
-        for entry in &key.ids {
+    invocation.arg(replica).arg(READ_ENTRIES);
+    let replies: Vec<redis::streams::StreamRangeReply> = invocation.invoke_async(con).await?;
+    for (product, reply) in replies.into_iter().enumerate() {
+        let key = streams[product].key.clone();
+        for entry in &reply.ids {
             streams[product].last_id = entry.id.clone();
-            let Some(batch) = read_batch(&key.key, replica, entry) else { continue };
+            let Some(batch) = read_batch(&key, replica, entry) else { continue };
             proxy.apply_deltas(product, &batch.changes);
         }
     }
