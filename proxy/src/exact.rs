@@ -181,8 +181,12 @@ struct Position {
     /// How many changes this replica has made to the product: the last one's
     /// sequence number (they are numbered from 1, one after another).
     changes_made: u64,
-    /// The lock, while this replica holds it; a shipper task runs meanwhile.
+    /// The lock, while this replica holds it.
     lease: Option<Lease>,
+    /// Whether a shipper task runs: set when one is spawned, cleared by the
+    /// shipper itself in the same critical section in which it sees the lease
+    /// gone, so a lease never lacks a shipper.
+    shipping: bool,
 }
 
 struct Lease {
@@ -330,7 +334,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             state.local_calls.fetch_add(calls, Ordering::Relaxed);
             return;
         }
-        let (token, after, fresh) = {
+        let (token, after) = {
             let position = lock(&entry.position);
             if position.decides_at(Instant::now()) {
                 drop(position);
@@ -343,7 +347,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
                 Some(lease) => lease.token.clone(),
                 None => format!("{}:{}", inner.replica, inner.sequence.fetch_add(1, Ordering::Relaxed)),
             };
-            (token, position.last_id.clone(), position.lease.is_none())
+            (token, position.last_id.clone())
         };
         let sent = Instant::now();
         let Some(changes) = inner.within(state, inner.lock_and_read(product, &token, after)).await else {
@@ -357,7 +361,13 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         let lease = Lease { token, expires: sent + LOCK_TTL };
         let calls = inner.run_jobs(state, product, target, clock, changes, Some(lease));
         entry.calls.fetch_add(calls, Ordering::Relaxed);
-        if fresh {
+        let unshipped = {
+            let mut position = lock(&entry.position);
+            let unshipped = position.lease.is_some() && !position.shipping;
+            position.shipping |= unshipped;
+            unshipped
+        };
+        if unshipped {
             tokio::spawn(self.clone().ship_while_held(state.clone(), product));
         }
     }
@@ -394,7 +404,10 @@ impl<T> Inner<T> {
         let entry = &self.products[product];
         let (token, batches, upto) = {
             let mut position = lock(&entry.position);
-            let Some(lease) = &position.lease else { return Shipped::Gone };
+            let Some(lease) = &position.lease else {
+                position.shipping = false;
+                return Shipped::Gone;
+            };
             let token = lease.token.clone();
             (token, self.encode(&mut position), position.changes_made)
         };
@@ -403,6 +416,7 @@ impl<T> Inner<T> {
         let mut position = lock(&entry.position);
         let Some((held, last, wanted)) = reply else {
             position.lease = None;
+            position.shipping = false;
             return Shipped::Gone;
         };
         record_round_trip(state, sent);
@@ -412,6 +426,7 @@ impl<T> Inner<T> {
             _ => {
                 tracing::warn!(lock = %entry.lock, "counters: a lease ran out before its changes were shipped");
                 position.lease = None;
+                position.shipping = false;
                 return Shipped::Gone;
             }
         }
@@ -429,6 +444,7 @@ impl<T> Inner<T> {
         let _turn = entry.turn.lock().await;
         let (lease, batches, upto) = {
             let mut position = lock(&entry.position);
+            position.shipping = false;
             let Some(lease) = position.lease.take() else { return };
             (lease, self.encode(&mut position), position.changes_made)
         };
