@@ -167,6 +167,18 @@ struct Product<T> {
     position: Mutex<Position>,
     /// Calls made under leases, so that the shipper sees when they stop.
     calls: AtomicU64,
+    /// Wakes the shipper: a call made changes that wait to be shipped.
+    work: tokio::sync::Notify,
+    /// Wakes the calls waiting for their changes to be shipped.
+    acked: tokio::sync::Notify,
+}
+
+impl<T> Product<T> {
+    /// Lets the calls whose changes go up to sequence number `upto` go on.
+    fn release(&self, position: &mut Position, upto: u64) {
+        position.released = position.released.max(upto);
+        self.acked.notify_waiters();
+    }
 }
 
 /// Where this replica has read a product's stream, and what it has to ship.
@@ -183,6 +195,11 @@ struct Position {
     changes_made: u64,
     /// The lock, while this replica holds it.
     lease: Option<Lease>,
+    /// The changes up to this sequence number are in the stream, or were given
+    /// up on while the store failed: a call's effect (a request forwarded, a
+    /// response returned) waits until its changes are, so that a replica that
+    /// dies never takes a change with it that the client already acted on.
+    released: u64,
     /// Whether a shipper task runs: set when one is spawned, cleared by the
     /// shipper itself in the same critical section in which it sees the lease
     /// gone, so a lease never lacks a shipper.
@@ -250,6 +267,8 @@ impl<T: Journaled + Send + 'static> Exact<T> {
                 turn: tokio::sync::Mutex::new(()),
                 position: Mutex::new(Position::default()),
                 calls: AtomicU64::new(0),
+                work: tokio::sync::Notify::new(),
+                acked: tokio::sync::Notify::new(),
             })
             .collect();
         let inner = Inner {
@@ -280,18 +299,13 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         abandoned: impl FnOnce(&mut T, Nanos, R) + Send + 'static,
     ) -> R {
         let entry = &self.inner.products[product];
-        // Under a lease with time left, the call is made at once: no other
-        // replica can change the counters meanwhile.
-        if !self.inner.suspended.load(Ordering::Relaxed) {
-            let mut t = lock(target);
-            let mut position = lock(&entry.position);
-            if position.decides_at(Instant::now()) {
-                let result = call(&mut t, clock());
-                position.take_changes(state, t.book());
-                entry.calls.fetch_add(1, Ordering::Relaxed);
+        let call = match self.under_lease(state, product, target, &clock, call) {
+            Ok((result, mark)) => {
+                self.durable(product, mark).await;
                 return result;
             }
-        }
+            Err(call) => call,
+        };
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let job: Job<T> = Box::new(move |t: &mut T, now: Nanos| {
             let result = call(t, now);
@@ -300,12 +314,64 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             }
         });
         lock(&entry.queue).push(job);
-        let _turn = entry.turn.lock().await;
-        if let Ok(result) = rx.try_recv() {
-            return result;
+        let turn = entry.turn.lock().await;
+        let result = match rx.try_recv() {
+            Ok(result) => result,
+            Err(_) => {
+                self.take_turn(state, product, target, &clock).await;
+                rx.try_recv().expect("a turn makes every call queued before it")
+            }
+        };
+        // The turn goes first: letting go of a lease takes it.
+        drop(turn);
+        let mark = lock(&entry.position).changes_made;
+        self.durable(product, mark).await;
+        result
+    }
+
+    /// Makes `call` at once if this replica holds a lease with time left (no
+    /// other replica can change the counters meanwhile): returns its result and
+    /// the sequence number its changes go up to (0 if it made none). Otherwise
+    /// gives the call back.
+    fn under_lease<R, F: FnOnce(&mut T, Nanos) -> R>(
+        &self,
+        state: &StoreState,
+        product: usize,
+        target: &Mutex<T>,
+        clock: &impl Fn() -> Nanos,
+        call: F,
+    ) -> Result<(R, u64), F> {
+        if self.inner.suspended.load(Ordering::Relaxed) {
+            return Err(call);
         }
-        self.take_turn(state, product, target, &clock).await;
-        rx.try_recv().expect("a turn makes every call queued before it")
+        let entry = &self.inner.products[product];
+        let mut t = lock(target);
+        let mut position = lock(&entry.position);
+        if !position.decides_at(Instant::now()) {
+            return Err(call);
+        }
+        let before = position.changes_made;
+        let result = call(&mut t, clock());
+        position.take_changes(state, t.book());
+        entry.calls.fetch_add(1, Ordering::Relaxed);
+        let mark = if position.changes_made > before { position.changes_made } else { 0 };
+        Ok((result, mark))
+    }
+
+    /// Waits until the changes up to sequence number `mark` are shipped (or
+    /// given up on, the store failing), waking the shipper.
+    async fn durable(&self, product: usize, mark: u64) {
+        let entry = &self.inner.products[product];
+        loop {
+            let acked = entry.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            if self.inner.suspended.load(Ordering::Relaxed) || lock(&entry.position).released >= mark {
+                return;
+            }
+            entry.work.notify_one();
+            acked.await;
+        }
     }
 
     /// Catches up with the store and ships this replica's changes, making no
@@ -351,7 +417,11 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         };
         let sent = Instant::now();
         let Some(changes) = inner.within(state, inner.lock_and_read(product, &token, after)).await else {
-            lock(&entry.position).lease = None;
+            let mut position = lock(&entry.position);
+            position.lease = None;
+            let made = position.changes_made;
+            entry.release(&mut position, made);
+            drop(position);
             let calls = inner.run_jobs(state, product, target, clock, Vec::new(), None);
             state.local_calls.fetch_add(calls, Ordering::Relaxed);
             return;
@@ -372,18 +442,23 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         }
     }
 
-    /// The lease holder's shipper: every [`SHIP_EVERY`] ships the changes made
-    /// under the lease and renews it, and lets go once calls stop or another
-    /// replica waits.
+    /// The lease holder's shipper: ships the changes made under the lease as
+    /// soon as a call waits for them (at least every [`SHIP_EVERY`], which
+    /// renews the lease), and lets go once calls stop or another replica waits.
     async fn ship_while_held(self, state: Arc<StoreState>, product: usize) {
         let entry = &self.inner.products[product];
         let mut calls_seen = entry.calls.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
         loop {
-            tokio::time::sleep(SHIP_EVERY).await;
+            tokio::select! {
+                () = entry.work.notified() => {}
+                () = tokio::time::sleep(SHIP_EVERY) => {}
+            }
             let calls = entry.calls.load(Ordering::Relaxed);
-            let idle = calls == calls_seen;
-            calls_seen = calls;
-            let next = match idle {
+            if calls != calls_seen {
+                (calls_seen, quiet_since) = (calls, Instant::now());
+            }
+            let next = match quiet_since.elapsed() >= SHIP_EVERY {
                 true => Shipped::LetGo,
                 false => self.inner.ship(&state, product).await,
             };
@@ -404,29 +479,27 @@ impl<T> Inner<T> {
         let entry = &self.products[product];
         let (token, batches, upto) = {
             let mut position = lock(&entry.position);
-            let Some(lease) = &position.lease else {
-                position.shipping = false;
+            let Some(token) = position.lease.as_ref().map(|lease| lease.token.clone()) else {
+                self.stop_shipping(product, &mut position);
                 return Shipped::Gone;
             };
-            let token = lease.token.clone();
             (token, self.encode(&mut position), position.changes_made)
         };
         let sent = Instant::now();
         let reply = self.within(state, self.exchange(product, &token, LOCK_TTL, batches)).await;
         let mut position = lock(&entry.position);
         let Some((held, last, wanted)) = reply else {
-            position.lease = None;
-            position.shipping = false;
+            self.stop_shipping(product, &mut position);
             return Shipped::Gone;
         };
         record_round_trip(state, sent);
         self.shipped(state, &mut position, upto, held, last);
+        entry.release(&mut position, upto);
         match position.lease.as_mut() {
             Some(lease) if held => lease.expires = sent + LOCK_TTL,
             _ => {
                 tracing::warn!(lock = %entry.lock, "counters: a lease ran out before its changes were shipped");
-                position.lease = None;
-                position.shipping = false;
+                self.stop_shipping(product, &mut position);
                 return Shipped::Gone;
             }
         }
@@ -450,13 +523,27 @@ impl<T> Inner<T> {
         };
         let sent = Instant::now();
         let reply = self.within(state, self.exchange(product, &lease.token, Duration::ZERO, batches)).await;
+        let mut position = lock(&entry.position);
         if let Some((held, last, _)) = reply {
             record_round_trip(state, sent);
-            self.shipped(state, &mut lock(&entry.position), upto, held, last);
+            self.shipped(state, &mut position, upto, held, last);
             if !held {
                 tracing::warn!(lock = %entry.lock, "counters: a lease ran out before its changes were shipped");
             }
         }
+        // Shipped, or the store failed: either way no call waits any longer.
+        let made = position.changes_made;
+        entry.release(&mut position, made);
+    }
+
+    /// The shipper stops: the lease is gone, and the calls waiting for changes
+    /// it will not ship go on (they are shipped with the next lease).
+    fn stop_shipping(&self, product: usize, position: &mut Position) {
+        let entry = &self.products[product];
+        position.lease = None;
+        position.shipping = false;
+        let made = position.changes_made;
+        entry.release(position, made);
     }
 
     /// Forgets the changes up to sequence number `upto` once shipped, and

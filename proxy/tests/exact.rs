@@ -214,3 +214,57 @@ async fn a_burst_over_three_exact_replicas_never_passes_the_limit() {
         }
     }
 }
+
+/// How many counter changes a product's stream holds, over all its entries.
+fn changes_in_stream(url: &str, stream: &str) -> usize {
+    let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let reply: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query(&mut con).unwrap();
+    let batches = reply.ids.iter().map(|entry| entry.get::<String>("e").expect("an entry holds its changes"));
+    batches
+        .map(|text| serde_json::from_str::<serde_json::Value>(&text).unwrap()["changes"].as_array().unwrap().len())
+        .sum()
+}
+
+/// A call's changes are in the store before its result comes back, so a replica
+/// killed right after admitting a request or charging its tokens leaves
+/// nothing behind that the fleet does not know: after every call the stream
+/// holds exactly the changes one journaling core made for the same calls.
+#[test]
+fn every_change_is_in_the_store_before_its_call_returns() {
+    let redis = Redis::start();
+    let policy = Policy::from_toml(ALL_COUNTERS).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let node = Node::replica(&policy, &redis.url(), "durable", 0);
+    let mut alone = LimitBook::new(&policy, 1);
+    alone.enable_journal();
+    let mut expected = 0;
+    for i in 0..40u64 {
+        let now = Nanos(i * 50_000_000);
+        let req = RequestInfo {
+            ip: format!("10.0.0.{}", i % 3),
+            max_tokens: Some(40),
+            prompt_tokens_estimate: Some(20),
+            ..RequestInfo::default()
+        };
+        let admitted = match alone.handle_request(now, &req) {
+            RequestDecision::Forward(a) => Some(a.id),
+            RequestDecision::Reject(_) => None,
+        };
+        runtime.block_on(node.run(now, move |book, now| {
+            let _ = book.handle_request(now, &req);
+        }));
+        let done = ResponseInfo { status: Some(200), total_tokens: 30 + i, request_bytes: 100, response_bytes: 200 };
+        if let Some(id) = admitted {
+            alone.handle_response(now, id, &done).unwrap();
+            runtime.block_on(node.run(now, move |book, now| {
+                book.handle_response(now, id, &done).unwrap();
+            }));
+        }
+        while alone.poll_delta().is_some() {
+            expected += 1;
+        }
+        assert_eq!(changes_in_stream(&redis.url(), "durable:p:changes"), expected, "after call {i}");
+    }
+    assert!(expected > 40, "the calls changed counters ({expected} changes)");
+}
