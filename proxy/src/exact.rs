@@ -167,8 +167,6 @@ struct Product<T> {
     position: Mutex<Position>,
     /// Calls made under leases, so that the shipper sees when they stop.
     calls: AtomicU64,
-    /// Wakes the shipper: a call made changes that wait to be shipped.
-    work: tokio::sync::Notify,
     /// Wakes the calls waiting for their changes to be shipped.
     acked: tokio::sync::Notify,
 }
@@ -200,6 +198,12 @@ struct Position {
     /// response returned) waits until its changes are, so that a replica that
     /// dies never takes a change with it that the client already acted on.
     released: u64,
+    /// Whether a shipment is on its way (one at a time, so they land in order).
+    in_flight: bool,
+    /// When the last shipment was sent.
+    last_shipped: Option<Instant>,
+    /// Another replica asked for the lock: the shipper lets go at its next tick.
+    wanted: bool,
     /// Whether a shipper task runs: set when one is spawned, cleared by the
     /// shipper itself in the same critical section in which it sees the lease
     /// gone, so a lease never lacks a shipper.
@@ -244,9 +248,11 @@ impl Lease {
 
 /// What a shipment's answer says to do next.
 enum Shipped {
-    Keep,
-    LetGo,
-    /// The lease is gone (lost, or the store failed): the shipper stops.
+    /// Shipped (or, the store failing, given up on: the lease is gone).
+    Done,
+    /// Another shipment is on its way; its answer wakes the calls that wait.
+    Busy,
+    /// No lease: nothing is shipped.
     Gone,
 }
 
@@ -267,7 +273,6 @@ impl<T: Journaled + Send + 'static> Exact<T> {
                 turn: tokio::sync::Mutex::new(()),
                 position: Mutex::new(Position::default()),
                 calls: AtomicU64::new(0),
-                work: tokio::sync::Notify::new(),
                 acked: tokio::sync::Notify::new(),
             })
             .collect();
@@ -301,7 +306,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         let entry = &self.inner.products[product];
         let call = match self.under_lease(state, product, target, &clock, call) {
             Ok((result, mark)) => {
-                self.durable(product, mark).await;
+                self.durable(state, product, mark).await;
                 return result;
             }
             Err(call) => call,
@@ -325,7 +330,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         // The turn goes first: letting go of a lease takes it.
         drop(turn);
         let mark = lock(&entry.position).changes_made;
-        self.durable(product, mark).await;
+        self.durable(state, product, mark).await;
         result
     }
 
@@ -359,8 +364,10 @@ impl<T: Journaled + Send + 'static> Exact<T> {
     }
 
     /// Waits until the changes up to sequence number `mark` are shipped (or
-    /// given up on, the store failing), waking the shipper.
-    async fn durable(&self, product: usize, mark: u64) {
+    /// given up on, the store failing). The waiting call ships them itself,
+    /// with every change made so far, unless a shipment is on its way; then
+    /// it waits for that one's answer and looks again (group commit).
+    async fn durable(&self, state: &StoreState, product: usize, mark: u64) {
         let entry = &self.inner.products[product];
         loop {
             let acked = entry.acked.notified();
@@ -369,8 +376,12 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             if self.inner.suspended.load(Ordering::Relaxed) || lock(&entry.position).released >= mark {
                 return;
             }
-            entry.work.notify_one();
-            acked.await;
+            match self.inner.ship(state, product).await {
+                Shipped::Done => {}
+                Shipped::Busy => acked.await,
+                // Without a lease every change is released; this is defensive.
+                Shipped::Gone => return,
+            }
         }
     }
 
@@ -417,11 +428,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         };
         let sent = Instant::now();
         let Some(changes) = inner.within(state, inner.lock_and_read(product, &token, after)).await else {
-            let mut position = lock(&entry.position);
-            position.lease = None;
-            let made = position.changes_made;
-            entry.release(&mut position, made);
-            drop(position);
+            lose_lease(entry, &mut lock(&entry.position));
             let calls = inner.run_jobs(state, product, target, clock, Vec::new(), None);
             state.local_calls.fetch_add(calls, Ordering::Relaxed);
             return;
@@ -442,30 +449,32 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         }
     }
 
-    /// The lease holder's shipper: ships the changes made under the lease as
-    /// soon as a call waits for them (at least every [`SHIP_EVERY`], which
-    /// renews the lease), and lets go once calls stop or another replica waits.
+    /// The lease holder's shipper: every [`SHIP_EVERY`] it renews the lease
+    /// (shipping what waits) unless a call's shipment just did, and lets go
+    /// once calls stop or another replica asks for the lock.
     async fn ship_while_held(self, state: Arc<StoreState>, product: usize) {
         let entry = &self.inner.products[product];
         let mut calls_seen = entry.calls.load(Ordering::Relaxed);
         let mut quiet_since = Instant::now();
         loop {
-            tokio::select! {
-                () = entry.work.notified() => {}
-                () = tokio::time::sleep(SHIP_EVERY) => {}
-            }
+            tokio::time::sleep(SHIP_EVERY).await;
+            let (wanted, fresh) = {
+                let mut position = lock(&entry.position);
+                if position.lease.is_none() {
+                    position.shipping = false;
+                    return;
+                }
+                (position.wanted, position.last_shipped.is_some_and(|at| at.elapsed() < SHIP_EVERY))
+            };
             let calls = entry.calls.load(Ordering::Relaxed);
             if calls != calls_seen {
                 (calls_seen, quiet_since) = (calls, Instant::now());
             }
-            let next = match quiet_since.elapsed() >= SHIP_EVERY {
-                true => Shipped::LetGo,
-                false => self.inner.ship(&state, product).await,
-            };
-            match next {
-                Shipped::Keep => continue,
-                Shipped::LetGo => return self.inner.let_go(&state, product).await,
-                Shipped::Gone => return,
+            if wanted || quiet_since.elapsed() >= SHIP_EVERY {
+                return self.inner.let_go(&state, product).await;
+            }
+            if !fresh {
+                self.inner.ship(&state, product).await;
             }
         }
     }
@@ -474,52 +483,72 @@ impl<T: Journaled + Send + 'static> Exact<T> {
 impl<T> Inner<T> {
     /// Ships what the lease's calls changed so far and renews the lease,
     /// without holding the turn while the exchange runs: calls go on being
-    /// made meanwhile (no one else can make any while the lock is held).
+    /// made meanwhile (no one else can make any while the lock is held). One
+    /// shipment at a time, so that they land in order.
     async fn ship(&self, state: &StoreState, product: usize) -> Shipped {
         let entry = &self.products[product];
         let (token, batches, upto) = {
             let mut position = lock(&entry.position);
+            if position.in_flight {
+                return Shipped::Busy;
+            }
             let Some(token) = position.lease.as_ref().map(|lease| lease.token.clone()) else {
-                self.stop_shipping(product, &mut position);
                 return Shipped::Gone;
             };
+            position.in_flight = true;
             (token, self.encode(&mut position), position.changes_made)
         };
+        let guard = InFlight { product: entry };
         let sent = Instant::now();
         let reply = self.within(state, self.exchange(product, &token, LOCK_TTL, batches)).await;
         let mut position = lock(&entry.position);
+        std::mem::forget(guard);
+        position.in_flight = false;
         let Some((held, last, wanted)) = reply else {
-            self.stop_shipping(product, &mut position);
-            return Shipped::Gone;
+            lose_lease(entry, &mut position);
+            return Shipped::Done;
         };
         record_round_trip(state, sent);
         self.shipped(state, &mut position, upto, held, last);
         entry.release(&mut position, upto);
+        position.wanted |= wanted;
+        position.last_shipped = Some(sent);
         match position.lease.as_mut() {
             Some(lease) if held => lease.expires = sent + LOCK_TTL,
             _ => {
                 tracing::warn!(lock = %entry.lock, "counters: a lease ran out before its changes were shipped");
-                self.stop_shipping(product, &mut position);
-                return Shipped::Gone;
+                lose_lease(entry, &mut position);
             }
         }
-        if wanted {
-            return Shipped::LetGo;
-        }
-        Shipped::Keep
+        Shipped::Done
     }
 
-    /// Ships the rest and releases the lock. The lease is gone before the
-    /// exchange starts, so no call is made under it meanwhile, and the turn is
-    /// held throughout, so the next lock is taken after this one is let go.
+    /// Ships the rest and releases the lock, after any shipment on its way.
+    /// The lease is gone before the exchange starts, so no call is made under
+    /// it meanwhile, and the turn is held throughout, so the next lock is
+    /// taken after this one is let go.
     async fn let_go(&self, state: &StoreState, product: usize) {
         let entry = &self.products[product];
         let _turn = entry.turn.lock().await;
-        let (lease, batches, upto) = {
-            let mut position = lock(&entry.position);
-            position.shipping = false;
-            let Some(lease) = position.lease.take() else { return };
-            (lease, self.encode(&mut position), position.changes_made)
+        let (lease, batches, upto) = loop {
+            let acked = entry.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            let taken = {
+                let mut position = lock(&entry.position);
+                if position.in_flight {
+                    None
+                } else {
+                    position.shipping = false;
+                    position.wanted = false;
+                    let Some(lease) = position.lease.take() else { return };
+                    Some((lease, self.encode(&mut position), position.changes_made))
+                }
+            };
+            match taken {
+                Some(taken) => break taken,
+                None => acked.await,
+            }
         };
         let sent = Instant::now();
         let reply = self.within(state, self.exchange(product, &lease.token, Duration::ZERO, batches)).await;
@@ -534,16 +563,6 @@ impl<T> Inner<T> {
         // Shipped, or the store failed: either way no call waits any longer.
         let made = position.changes_made;
         entry.release(&mut position, made);
-    }
-
-    /// The shipper stops: the lease is gone, and the calls waiting for changes
-    /// it will not ship go on (they are shipped with the next lease).
-    fn stop_shipping(&self, product: usize, position: &mut Position) {
-        let entry = &self.products[product];
-        position.lease = None;
-        position.shipping = false;
-        let made = position.changes_made;
-        entry.release(position, made);
     }
 
     /// Forgets the changes up to sequence number `upto` once shipped, and
@@ -740,6 +759,27 @@ impl<T> Inner<T> {
         }
         let (held, last, wanted): (u8, String, u8) = invocation.invoke_async(&mut con).await?;
         Ok((held == 1, last, wanted == 1))
+    }
+}
+
+/// The lease is gone (the store failed, or the lock ran out): the calls
+/// waiting for their changes go on; those changes wait for the next lease.
+fn lose_lease<T>(entry: &Product<T>, position: &mut Position) {
+    position.lease = None;
+    let made = position.changes_made;
+    entry.release(position, made);
+}
+
+/// Clears a shipment's mark if the task shipping it is dropped on the way (its
+/// client went away): its changes stay in the backlog for the next one.
+struct InFlight<'a, T> {
+    product: &'a Product<T>,
+}
+
+impl<T> Drop for InFlight<'_, T> {
+    fn drop(&mut self) {
+        lock(&self.product.position).in_flight = false;
+        self.product.acked.notify_waiters();
     }
 }
 
