@@ -167,6 +167,8 @@ struct Product<T> {
     position: Mutex<Position>,
     /// Calls made under leases, so that the shipper sees when they stop.
     calls: AtomicU64,
+    /// Wakes the shipper: an arrival made changes that no call waits for yet.
+    work: tokio::sync::Notify,
     /// Wakes the calls waiting for their changes to be shipped.
     acked: tokio::sync::Notify,
 }
@@ -274,6 +276,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
                 position: Mutex::new(Position::default()),
                 calls: AtomicU64::new(0),
                 acked: tokio::sync::Notify::new(),
+                work: tokio::sync::Notify::new(),
             })
             .collect();
         let inner = Inner {
@@ -291,10 +294,58 @@ impl<T: Journaled + Send + 'static> Exact<T> {
 
     /// Makes `call` on `target` (product `product`'s core) in the fleet's order:
     /// after every change any replica made before it, and shipped before any
-    /// made after it. `clock` reads the core's time. If the task awaiting this
-    /// is dropped before the call is made, the call is made anyway and its
-    /// result goes to `abandoned`, which must end what it started.
+    /// made after it. Returns once every change made so far is in the store,
+    /// so that what the caller does with the result (an answer to a client)
+    /// never outlives a replica that dies. `clock` reads the core's time. If
+    /// the task awaiting this is dropped before the call is made, the call is
+    /// made anyway and its result goes to `abandoned`, which must end what it
+    /// started.
     pub async fn call<R: Send + 'static>(
+        &self,
+        state: &Arc<StoreState>,
+        product: usize,
+        target: &Mutex<T>,
+        clock: impl Fn() -> Nanos,
+        call: impl FnOnce(&mut T, Nanos) -> R + Send + 'static,
+        abandoned: impl FnOnce(&mut T, Nanos, R) + Send + 'static,
+    ) -> R {
+        let result = self.make(state, product, target, clock, call, abandoned).await;
+        self.all_shipped(state, product).await;
+        result
+    }
+
+    /// [`Exact::call`] for a request's arrival: returns at once, its changes on
+    /// their way. Its next call (an attempt's outcome, a completion), or
+    /// [`Exact::all_shipped`] before a refusal is answered, waits for them
+    /// before any answer reaches the client; meanwhile no other replica can
+    /// decide, since this one holds the lock until they are shipped.
+    pub async fn call_shipped_later<R: Send + 'static>(
+        &self,
+        state: &Arc<StoreState>,
+        product: usize,
+        target: &Mutex<T>,
+        clock: impl Fn() -> Nanos,
+        call: impl FnOnce(&mut T, Nanos) -> R + Send + 'static,
+        abandoned: impl FnOnce(&mut T, Nanos, R) + Send + 'static,
+    ) -> R {
+        let result = self.make(state, product, target, clock, call, abandoned).await;
+        let entry = &self.inner.products[product];
+        let position = lock(&entry.position);
+        if position.released < position.changes_made {
+            entry.work.notify_one();
+        }
+        result
+    }
+
+    /// Returns once every change made to `product` so far is in the store (or
+    /// given up on, the store failing).
+    pub async fn all_shipped(&self, state: &StoreState, product: usize) {
+        let mark = lock(&self.inner.products[product].position).changes_made;
+        self.durable(state, product, mark).await;
+    }
+
+    /// Makes the call: under a live lease at once, otherwise in a turn.
+    async fn make<R: Send + 'static>(
         &self,
         state: &Arc<StoreState>,
         product: usize,
@@ -305,10 +356,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
     ) -> R {
         let entry = &self.inner.products[product];
         let call = match self.under_lease(state, product, target, &clock, call) {
-            Ok((result, mark)) => {
-                self.durable(state, product, mark).await;
-                return result;
-            }
+            Ok(result) => return result,
             Err(call) => call,
         };
         let (tx, mut rx) = tokio::sync::oneshot::channel();
@@ -327,17 +375,15 @@ impl<T: Journaled + Send + 'static> Exact<T> {
                 rx.try_recv().expect("a turn makes every call queued before it")
             }
         };
-        // The turn goes first: letting go of a lease takes it.
+        // The turn goes before waiting for the store: letting go of a lease
+        // takes it.
         drop(turn);
-        let mark = lock(&entry.position).changes_made;
-        self.durable(state, product, mark).await;
         result
     }
 
     /// Makes `call` at once if this replica holds a lease with time left (no
-    /// other replica can change the counters meanwhile): returns its result and
-    /// the sequence number its changes go up to (0 if it made none). Otherwise
-    /// gives the call back.
+    /// other replica can change the counters meanwhile). Otherwise gives the
+    /// call back.
     fn under_lease<R, F: FnOnce(&mut T, Nanos) -> R>(
         &self,
         state: &StoreState,
@@ -345,7 +391,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         target: &Mutex<T>,
         clock: &impl Fn() -> Nanos,
         call: F,
-    ) -> Result<(R, u64), F> {
+    ) -> Result<R, F> {
         if self.inner.suspended.load(Ordering::Relaxed) {
             return Err(call);
         }
@@ -355,12 +401,10 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         if !position.decides_at(Instant::now()) {
             return Err(call);
         }
-        let before = position.changes_made;
         let result = call(&mut t, clock());
         position.take_changes(state, t.book());
         entry.calls.fetch_add(1, Ordering::Relaxed);
-        let mark = if position.changes_made > before { position.changes_made } else { 0 };
-        Ok((result, mark))
+        Ok(result)
     }
 
     /// Waits until the changes up to sequence number `mark` are shipped (or
@@ -449,15 +493,21 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         }
     }
 
-    /// The lease holder's shipper: every [`SHIP_EVERY`] it renews the lease
-    /// (shipping what waits) unless a call's shipment just did, and lets go
-    /// once calls stop or another replica asks for the lock.
+    /// The lease holder's shipper: ships an arrival's changes at once, every
+    /// [`SHIP_EVERY`] renews the lease (shipping what waits) unless a shipment
+    /// just did, and lets go once calls stop or another replica asks for the
+    /// lock.
     async fn ship_while_held(self, state: Arc<StoreState>, product: usize) {
         let entry = &self.inner.products[product];
         let mut calls_seen = entry.calls.load(Ordering::Relaxed);
         let mut quiet_since = Instant::now();
         loop {
-            tokio::time::sleep(SHIP_EVERY).await;
+            tokio::select! {
+                () = entry.work.notified() => {
+                    self.inner.ship(&state, product).await;
+                }
+                () = tokio::time::sleep(SHIP_EVERY) => {}
+            }
             let (wanted, fresh) = {
                 let mut position = lock(&entry.position);
                 if position.lease.is_none() {

@@ -620,7 +620,14 @@ impl Proxy {
         let info = req.info.clone();
         let call = move |lifecycle: &mut Lifecycle, now| lifecycle.handle_request(now, &info, draw);
         let lifecycle = &self.lifecycles[req.product];
-        exact.call(&self.store, req.product, lifecycle, || self.now(), call, end_abandoned).await
+        // A forwarded request's changes are shipped while it goes to its
+        // backend; its next call waits for them before the client hears back.
+        let step =
+            exact.call_shipped_later(&self.store, req.product, lifecycle, || self.now(), call, end_abandoned).await;
+        if !matches!(step, Step::Forward { .. }) {
+            exact.all_shipped(&self.store, req.product).await;
+        }
+        step
     }
 
     /// An attempt's outcome reported. A driver that went away has already

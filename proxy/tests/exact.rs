@@ -56,6 +56,24 @@ impl Node {
     }
 }
 
+impl Node {
+    /// A replica's arrival, as the proxy makes it: its changes are shipped
+    /// behind it, and its next call (or `all_shipped`, before a refusal is
+    /// answered) waits for them.
+    async fn arrive(&self, now: Nanos, req: RequestInfo) -> Option<gateway_core::RequestId> {
+        let exact = self.exact.as_ref().expect("a replica");
+        let call = move |book: &mut LimitBook, now| match book.handle_request(now, &req) {
+            RequestDecision::Forward(a) => Some(a.id),
+            RequestDecision::Reject(_) => None,
+        };
+        let id = exact.call_shipped_later(&self.state, 0, &self.book, move || now, call, |_, _, _| {}).await;
+        if id.is_none() {
+            exact.all_shipped(&self.state, 0).await;
+        }
+        id
+    }
+}
+
 /// A call: (gap in ms, caller, latency in ms, status, tokens, max_tokens).
 type Call = (u64, usize, u64, u16, u64, u64);
 
@@ -226,12 +244,13 @@ fn changes_in_stream(url: &str, stream: &str) -> usize {
         .sum()
 }
 
-/// A call's changes are in the store before its result comes back, so a replica
-/// killed right after admitting a request or charging its tokens leaves
-/// nothing behind that the fleet does not know: after every call the stream
-/// holds exactly the changes one journaling core made for the same calls.
+/// A request's changes are in the store before its client hears back (its
+/// completion's call returns, or its refusal is answered), so a replica killed
+/// right after answering leaves nothing behind that the fleet does not know:
+/// after every request the stream holds exactly the changes one journaling
+/// core made for the same calls.
 #[test]
-fn every_change_is_in_the_store_before_its_call_returns() {
+fn every_change_is_in_the_store_before_the_client_hears_back() {
     let redis = Redis::start();
     let policy = Policy::from_toml(ALL_COUNTERS).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -251,12 +270,11 @@ fn every_change_is_in_the_store_before_its_call_returns() {
             RequestDecision::Forward(a) => Some(a.id),
             RequestDecision::Reject(_) => None,
         };
-        runtime.block_on(node.run(now, move |book, now| {
-            let _ = book.handle_request(now, &req);
-        }));
+        let id = runtime.block_on(node.arrive(now, req));
+        assert_eq!(id.is_some(), admitted.is_some(), "call {i}: the same decision");
         let done = ResponseInfo { status: Some(200), total_tokens: 30 + i, request_bytes: 100, response_bytes: 200 };
-        if let Some(id) = admitted {
-            alone.handle_response(now, id, &done).unwrap();
+        if let Some(id) = id {
+            alone.handle_response(now, admitted.unwrap(), &done).unwrap();
             runtime.block_on(node.run(now, move |book, now| {
                 book.handle_response(now, id, &done).unwrap();
             }));
