@@ -12,14 +12,18 @@
 //!
 //! The lock is a lease: the replica keeps it while calls keep coming. While it
 //! holds it no other replica can change or read the counters, so its calls are
-//! made at once, on its own counters, with no round trip; a shipper task sends
-//! their changes (every [`SHIP_EVERY`]) and renews the lease with each batch.
-//! It lets go when its calls stop for a [`SHIP_EVERY`], or as soon as a batch's
-//! answer says another replica waits (a waiting replica leaves its name in the
-//! product's `wanted` key, and the lock goes to it next). It lets go only after
-//! the last change made under it is in the stream, so the next holder reads
-//! everything before deciding. A busy replica alone pays no round trip per
-//! call; replicas that take turns pay about two per hand-over.
+//! made at once, on its own counters, with no round trip. A request's changes
+//! are in the stream before its client hears back: an arrival's are shipped
+//! while the request goes to its backend ([`Exact::call_shipped_later`]), and
+//! its next call ([`Exact::call`]) or a refusal's answer
+//! ([`Exact::all_shipped`]) waits for them. The waiting call ships every
+//! change made so far itself, one shipment at a time; the others wait for its
+//! answer (group commit). A shipper task renews the lease every millisecond
+//! and lets go when calls stop for that long, or as soon as a
+//! shipment's answer says another replica waits. A waiting replica leaves its
+//! name in the product's `wanted` key, and the lock goes to it next. The
+//! holder lets go only after the last change made under it is in the stream,
+//! so the next holder reads everything before deciding.
 //!
 //! While the store cannot be reached, calls are made on the local counters, as
 //! in lagged mode (or refused, with `on_store_error = "reject"`), their changes
