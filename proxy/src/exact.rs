@@ -252,7 +252,7 @@ impl Lease {
     }
 }
 
-/// What a shipment's answer says to do next.
+/// How an attempt to ship went.
 enum Shipped {
     /// Shipped (or, the store failing, given up on: the lease is gone).
     Done,

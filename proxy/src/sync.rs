@@ -177,8 +177,9 @@ async fn apply(
     replica: &str,
     proxy: &Proxy,
 ) -> redis::RedisResult<()> {
-    let script = redis::Script::new(READ_OTHERS);
-    let mut invocation = script.prepare_invoke();
+    // Hashed once: the script goes by its digest on every exchange.
+    static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(READ_OTHERS));
+    let mut invocation = SCRIPT.prepare_invoke();
     streams.iter().for_each(|s| {
         invocation.key(&s.key).arg(&s.last_id);
     });
