@@ -109,19 +109,23 @@ pub struct StoreState {
     pub local_calls: AtomicU64,
     /// Exact mode: times this replica took a product's lock.
     pub acquisitions: AtomicU64,
-    /// Round trips of sync exchanges, and the lag observed on applied changes.
+    /// Round trips of sync exchanges, the lag observed on applied changes, and
+    /// exact mode's waits for changes to be shipped.
     pub timings: Mutex<Timings>,
 }
 
 pub struct Timings {
     pub round_trip_s: hdrhistogram::Histogram<u64>,
     pub lag_s: hdrhistogram::Histogram<u64>,
+    /// Exact mode: how long each answer waited for its request's changes to
+    /// be in the store (microseconds, as the others).
+    pub wait_s: hdrhistogram::Histogram<u64>,
 }
 
 impl Default for Timings {
     fn default() -> Timings {
         let histogram = || hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
-        Timings { round_trip_s: histogram(), lag_s: histogram() }
+        Timings { round_trip_s: histogram(), lag_s: histogram(), wait_s: histogram() }
     }
 }
 

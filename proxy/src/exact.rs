@@ -13,14 +13,17 @@
 //! The lock is a lease: the replica keeps it while calls keep coming. While it
 //! holds it no other replica can change or read the counters, so its calls are
 //! made at once, on its own counters, with no round trip. A request's changes
-//! are in the stream before its client hears back: an arrival's are shipped
-//! while the request goes to its backend ([`Exact::call_shipped_later`]), and
-//! its next call ([`Exact::call`]) or a refusal's answer
-//! ([`Exact::all_shipped`]) waits for them. The waiting call ships every
+//! are in the stream before its client hears back. Its calls are made without
+//! waiting ([`Exact::call_unshipped`]), and the gateway waits for every change
+//! so far ([`Exact::all_shipped`], or a last call made with [`Exact::call`])
+//! before it answers the client. So a delivered response waits for one
+//! shipment, which carries its arrival's, its attempt's and its completion's
+//! changes together; a request that waits to retry has its changes shipped
+//! meanwhile ([`Exact::ship_soon`]). The waiting call ships every
 //! change made so far itself, one shipment at a time; the others wait for its
 //! answer (group commit). A shipper task renews the lease every millisecond
-//! and lets go when calls stop for that long, or as soon as a
-//! shipment's answer says another replica waits. A waiting replica leaves its
+//! and lets go when calls stop for 20 ms, or as soon as a shipment's answer
+//! says another replica waits. A waiting replica leaves its
 //! name in the product's `wanted` key, and the lock goes to it next. The
 //! holder lets go only after the last change made under it is in the stream,
 //! so the next holder reads everything before deciding.
@@ -71,8 +74,15 @@ const LOCK_TTL: Duration = Duration::from_millis(500);
 const LEASE_MARGIN: Duration = Duration::from_millis(250);
 
 /// How often the lease holder ships its changes and asks whether another
-/// replica waits; a holder whose calls stopped for this long lets go.
+/// replica waits.
 const SHIP_EVERY: Duration = Duration::from_millis(1);
+
+/// A holder whose calls stopped for this long lets go (at once when another
+/// replica waits). Longer than the gaps of a steady stream of calls (a load
+/// generator's timer ticks once a millisecond, and a busy machine stretches
+/// that), so that such a stream keeps its lease instead of taking the lock
+/// again, a round trip in an arrival's way, after every gap.
+const IDLE_LET_GO: Duration = Duration::from_millis(20);
 
 /// How long a waiting replica's claim on the next turn lasts unless renewed
 /// by its next attempt, so that a replica that died waiting stops no one for
@@ -318,12 +328,13 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         result
     }
 
-    /// [`Exact::call`] for a request's arrival: returns at once, its changes on
-    /// their way. Its next call (an attempt's outcome, a completion), or
-    /// [`Exact::all_shipped`] before a refusal is answered, waits for them
-    /// before any answer reaches the client; meanwhile no other replica can
-    /// decide, since this one holds the lock until they are shipped.
-    pub async fn call_shipped_later<R: Send + 'static>(
+    /// [`Exact::call`] without the wait: returns once the call is made, its
+    /// changes not yet shipped. They go with the next shipment: one that
+    /// [`Exact::ship_soon`] asks for, the next [`Exact::all_shipped`] (which the
+    /// caller must await before anything the call decided reaches a client),
+    /// or the shipper's next tick. Meanwhile no other replica can decide: this
+    /// one holds the lock until they are shipped.
+    pub async fn call_unshipped<R: Send + 'static>(
         &self,
         state: &Arc<StoreState>,
         product: usize,
@@ -332,20 +343,28 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         call: impl FnOnce(&mut T, Nanos) -> R + Send + 'static,
         abandoned: impl FnOnce(&mut T, Nanos, R) + Send + 'static,
     ) -> R {
-        let result = self.make(state, product, target, clock, call, abandoned).await;
+        self.make(state, product, target, clock, call, abandoned).await
+    }
+
+    /// Wakes the shipper if changes wait: for calls whose effect takes a while
+    /// (a request on its way to its backend), so that their changes are in the
+    /// store by the time the client is answered.
+    pub fn ship_soon(&self, product: usize) {
         let entry = &self.inner.products[product];
         let position = lock(&entry.position);
         if position.released < position.changes_made {
             entry.work.notify_one();
         }
-        result
     }
 
     /// Returns once every change made to `product` so far is in the store (or
     /// given up on, the store failing).
     pub async fn all_shipped(&self, state: &StoreState, product: usize) {
         let mark = lock(&self.inner.products[product].position).changes_made;
+        let began = Instant::now();
         self.durable(state, product, mark).await;
+        let mut timings = state.timings.lock().unwrap_or_else(|e| e.into_inner());
+        timings.wait_s.saturating_record(began.elapsed().as_micros().max(1) as u64);
     }
 
     /// Makes the call: under a live lease at once, otherwise in a turn.
@@ -524,7 +543,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             if calls != calls_seen {
                 (calls_seen, quiet_since) = (calls, Instant::now());
             }
-            if wanted || quiet_since.elapsed() >= SHIP_EVERY {
+            if wanted || quiet_since.elapsed() >= IDLE_LET_GO {
                 return self.inner.let_go(&state, product).await;
             }
             if !fresh {

@@ -204,6 +204,11 @@ pub fn render_store(out: &mut String, store: &crate::counters::StoreState) {
             &timings.round_trip_s,
         ),
         ("limitlab_store_sync_lag_seconds", "From another replica's change to its application here.", &timings.lag_s),
+        (
+            "limitlab_store_wait_seconds",
+            "Exact mode: how long an answer waited for its request's counter changes to be in the store before it went to the client.",
+            &timings.wait_s,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
         for q in [0.5, 0.99] {

@@ -509,6 +509,7 @@ async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Re
         step = match step {
             Step::Respond(finished) => {
                 gone.id = None;
+                proxy.all_shipped(req.product).await;
                 return proxy.respond_generated(&req, finished);
             }
             Step::Deliver { .. } => unreachable!("a response is delivered only after an attempt"),
@@ -620,23 +621,36 @@ impl Proxy {
         let info = req.info.clone();
         let call = move |lifecycle: &mut Lifecycle, now| lifecycle.handle_request(now, &info, draw);
         let lifecycle = &self.lifecycles[req.product];
-        // A forwarded request's changes are shipped while it goes to its
-        // backend; its next call waits for them before the client hears back.
-        let step =
-            exact.call_shipped_later(&self.store, req.product, lifecycle, || self.now(), call, end_abandoned).await;
-        if !matches!(step, Step::Forward { .. }) {
-            exact.all_shipped(&self.store, req.product).await;
-        }
-        step
+        // Its changes go with the request's last call, before its answer.
+        exact.call_unshipped(&self.store, req.product, lifecycle, || self.now(), call, end_abandoned).await
     }
 
     /// An attempt's outcome reported. A driver that went away has already
     /// reported its client gone, so an abandoned result needs nothing more.
+    /// In exact mode the changes of an attempt whose response is delivered
+    /// wait for the delivery's end and go with its changes, in one shipment;
+    /// others are shipped at once.
     async fn attempt_step(&self, product: usize, id: RequestId, outcome: AttemptOutcome) -> Result<Step, CoreError> {
         let draw = rand::random();
         let call =
             move |lifecycle: &mut Lifecycle, now| lifecycle.handle_attempt(now, id, outcome, Usage::default(), draw);
-        self.in_turn(product, call, ignore_abandoned).await
+        let Some(exact) = &self.exact else {
+            return call(&mut self.lifecycle(product), self.now());
+        };
+        let lifecycle = &self.lifecycles[product];
+        let step = exact.call_unshipped(&self.store, product, lifecycle, || self.now(), call, ignore_abandoned).await;
+        if !matches!(step, Ok(Step::Deliver { .. })) {
+            exact.ship_soon(product);
+        }
+        step
+    }
+
+    /// Returns once every counter change made so far is in the store (exact
+    /// mode; at once otherwise): awaited before anything reaches a client.
+    async fn all_shipped(&self, product: usize) {
+        if let Some(exact) = &self.exact {
+            exact.all_shipped(&self.store, product).await;
+        }
     }
 
     /// The lifecycle's deadline for request `id` reached.
@@ -868,6 +882,8 @@ async fn deliver(
     }
     apply_set_headers(out.headers_mut(), &proxy.config.products[req.product].set_headers, "outbound");
     if streaming {
+        // The head goes to the client now: the attempt's changes go first.
+        proxy.all_shipped(req.product).await;
         let charge = Charge::new(proxy, req, id);
         *out.body_mut() = Body::from_stream(charged_stream(body, charge, lease));
         return out;

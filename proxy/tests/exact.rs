@@ -57,16 +57,16 @@ impl Node {
 }
 
 impl Node {
-    /// A replica's arrival, as the proxy makes it: its changes are shipped
-    /// behind it, and its next call (or `all_shipped`, before a refusal is
-    /// answered) waits for them.
+    /// A replica's arrival, as the proxy makes it: made without waiting; the
+    /// request's last call (or `all_shipped`, before a refusal is answered)
+    /// ships its changes and waits for them.
     async fn arrive(&self, now: Nanos, req: RequestInfo) -> Option<gateway_core::RequestId> {
         let exact = self.exact.as_ref().expect("a replica");
         let call = move |book: &mut LimitBook, now| match book.handle_request(now, &req) {
             RequestDecision::Forward(a) => Some(a.id),
             RequestDecision::Reject(_) => None,
         };
-        let id = exact.call_shipped_later(&self.state, 0, &self.book, move || now, call, |_, _, _| {}).await;
+        let id = exact.call_unshipped(&self.state, 0, &self.book, move || now, call, |_, _, _| {}).await;
         if id.is_none() {
             exact.all_shipped(&self.state, 0).await;
         }
