@@ -51,20 +51,25 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(400)).await;
 }
 
-#[tokio::test]
-async fn a_killed_replica_leaves_the_others_sharing_and_keeping_the_limit() {
-    let dir = std::env::temp_dir().join(format!("limitlab-fleet-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A `redis-server` on a free loopback port, stopped when dropped.
+fn start_redis() -> (Process, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let redis = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .spawn()
         .expect("redis-server runs (Debian: apt install redis-server; .ci/run installs it)");
-    let _redis = Process { child: redis, urls: Vec::new() };
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         std::thread::sleep(Duration::from_millis(10));
     }
+    (Process { child: redis, urls: Vec::new() }, port)
+}
+
+#[tokio::test]
+async fn a_killed_replica_leaves_the_others_sharing_and_keeping_the_limit() {
+    let dir = std::env::temp_dir().join(format!("limitlab-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_redis, port) = start_redis();
     let mock = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
     for mode in ["lagged", "exact"] {
         one_replica_killed(&dir, mode, &mock.urls[0], port).await;
@@ -96,4 +101,84 @@ async fn one_replica_killed(dir: &std::path::Path, mode: &str, backend: &str, po
         }
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429, 429], "{mode}: the survivors keep the limit of {LIMIT}");
+}
+
+/// Exact mode, one call allowed an hour, counted when its response is
+/// delivered (`increment-condition`): the count is the change a replica must
+/// have in the store before its client has the response.
+fn one_call_config(dir: &std::path::Path, backend: &str, redis_port: u16, prefix: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+anonymous_product = "p"
+
+[counters]
+store = "redis://127.0.0.1:{redis_port}/0"
+mode = "exact"
+sync_interval = "100ms"
+key_prefix = "{prefix}"
+
+[[products]]
+name = "p"
+[[products.policy.limits]]
+type = "quota-by-key"
+calls = 1
+renewal_period = 3600
+counter_key = {{ const = "all" }}
+increment_condition = "200-399"
+
+[routing]
+set_backend = "b"
+backends = [{{ id = "b", url = "{backend}" }}]
+"#
+    );
+    let path = dir.join(format!("{prefix}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Sends one call and reads its answer as a client does: a buffered body
+/// whole, a stream up to its `data: [DONE]` event (where SDKs stop reading).
+async fn call_until_answered(front: &str, stream: bool) -> u16 {
+    let url = format!("{front}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": stream});
+    let mut response = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let mut seen = Vec::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        seen.extend_from_slice(&chunk);
+        if stream && seen.windows(12).any(|w| w == b"data: [DONE]") {
+            break;
+        }
+    }
+    assert!(!stream || seen.windows(12).any(|w| w == b"data: [DONE]"), "the stream reached `[DONE]`");
+    status
+}
+
+/// The promise behind exact mode's wait: once a client has its answer, the
+/// request's counter changes are in the store, so a replica killed the moment
+/// after cannot take them with it. Replica A answers the one call the quota
+/// allows and is killed at once (its client just read the body, or the
+/// stream's `[DONE]`); replica B must then refuse the next call. Several
+/// rounds, since a replica that did not wait would still ship within about a
+/// millisecond and could win the race now and then.
+#[tokio::test]
+async fn an_exact_replica_killed_right_after_answering_leaves_its_count_behind() {
+    let dir = std::env::temp_dir().join(format!("limitlab-durable-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_redis, port) = start_redis();
+    let mock = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
+    for round in 0..8 {
+        let stream = round % 2 == 1;
+        let config = one_call_config(&dir, &mock.urls[0], port, &format!("durable-{round}"));
+        let config = config.to_str().unwrap();
+        let args = ["proxy", "--config", config, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        let mut a = spawn(&args, 2, None);
+        let b = spawn(&args, 2, None);
+        assert_eq!(call_until_answered(&a.urls[0], stream).await, 200, "round {round}: the quota's one call");
+        a.child.kill().unwrap();
+        a.child.wait().unwrap();
+        let status = call_until_answered(&b.urls[0], false).await;
+        assert_eq!(status, 403, "round {round} (stream: {stream}): B counts the call A answered before it died");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1109,6 +1109,11 @@ fn charged_stream(
             Some(Ok(bytes)) => {
                 charge.tracker.feed(&bytes);
                 charge.response_bytes += bytes.len() as u64;
+                // The client has all it asked for once `[DONE]` reaches it:
+                // the charge is made (in exact mode, shipped) before.
+                if charge.tracker.done() {
+                    charge.finish(DeliveryEnd::Complete).await;
+                }
                 Some((Ok(bytes), (data, charge, lease)))
             }
         }

@@ -39,6 +39,9 @@ pub struct StreamTracker {
     /// ends. Each piece is counted on its own, as the stream delivered it.
     text: String,
     ends: Vec<usize>,
+    /// Whether the stream's `data: [DONE]` has come: the client has had all
+    /// it asked for.
+    done: bool,
 }
 
 impl StreamTracker {
@@ -49,6 +52,7 @@ impl StreamTracker {
             usage: None,
             text: String::new(),
             ends: Vec::new(),
+            done: false,
         }
     }
 
@@ -76,7 +80,8 @@ impl StreamTracker {
     fn line(&mut self, line: &[u8]) {
         let Some(data) = line.strip_prefix(b"data:") else { return };
         let data = data.trim_ascii();
-        if data.is_empty() || data == b"[DONE]" {
+        self.done |= data == b"[DONE]";
+        if data.is_empty() || self.done {
             return;
         }
         // The fields read, parsed in place; an event of another shape is read
@@ -116,6 +121,11 @@ impl StreamTracker {
         let Some(text) = text.filter(|t| !t.is_empty()) else { return };
         self.text.push_str(text);
         self.ends.push(self.text.len());
+    }
+
+    /// Whether the stream's last event, `data: [DONE]`, has been fed.
+    pub fn done(&self) -> bool {
+        self.done
     }
 
     /// The usage to charge: the stream's own usage chunk, else the prompt as
@@ -182,7 +192,10 @@ mod tests {
         t.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"The\"}}]}\n\nda");
         t.feed(b"ta: {\"choices\":[{\"delta\":{\"content\":\" quick brown\"}}]}\n\n");
         assert_eq!(t.usage(7), Usage { prompt_tokens: 7, completion_tokens: 3 });
-        t.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4,\"total_tokens\":13}}\n\ndata: [DONE]\n\n");
+        t.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4,\"total_tokens\":13}}\n\ndata: [DO");
+        assert!(!t.done(), "`[DONE]` is not complete yet");
+        t.feed(b"NE]\n\n");
+        assert!(t.done(), "the stream's last event has come");
         assert_eq!(t.usage(7), Usage { prompt_tokens: 9, completion_tokens: 4 });
         assert_eq!(
             from_json(br#"{"usage":{"prompt_tokens":5,"completion_tokens":2}}"#),
