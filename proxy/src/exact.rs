@@ -323,27 +323,9 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         call: impl FnOnce(&mut T, Nanos) -> R + Send + 'static,
         abandoned: impl FnOnce(&mut T, Nanos, R) + Send + 'static,
     ) -> R {
-        let result = self.make(state, product, target, clock, call, abandoned).await;
+        let result = self.call_unshipped(state, product, target, clock, call, abandoned).await;
         self.all_shipped(state, product).await;
         result
-    }
-
-    /// [`Exact::call`] without the wait: returns once the call is made, its
-    /// changes not yet shipped. They go with the next shipment: one that
-    /// [`Exact::ship_soon`] asks for, the next [`Exact::all_shipped`] (which the
-    /// caller must await before anything the call decided reaches a client),
-    /// or the shipper's next tick. Meanwhile no other replica can decide: this
-    /// one holds the lock until they are shipped.
-    pub async fn call_unshipped<R: Send + 'static>(
-        &self,
-        state: &Arc<StoreState>,
-        product: usize,
-        target: &Mutex<T>,
-        clock: impl Fn() -> Nanos,
-        call: impl FnOnce(&mut T, Nanos) -> R + Send + 'static,
-        abandoned: impl FnOnce(&mut T, Nanos, R) + Send + 'static,
-    ) -> R {
-        self.make(state, product, target, clock, call, abandoned).await
     }
 
     /// Wakes the shipper if changes wait: for calls whose effect takes a while
@@ -367,8 +349,14 @@ impl<T: Journaled + Send + 'static> Exact<T> {
         timings.wait_s.saturating_record(began.elapsed().as_micros().max(1) as u64);
     }
 
-    /// Makes the call: under a live lease at once, otherwise in a turn.
-    async fn make<R: Send + 'static>(
+    /// [`Exact::call`] without the wait: returns once the call is made (under
+    /// a live lease at once, otherwise in a turn), its changes not yet
+    /// shipped. They go with the next shipment: one that [`Exact::ship_soon`]
+    /// asks for, the next [`Exact::all_shipped`] (which the caller must await
+    /// before anything the call decided reaches a client), or the shipper's
+    /// next tick. Meanwhile no other replica can decide: this one holds the
+    /// lock until they are shipped.
+    pub async fn call_unshipped<R: Send + 'static>(
         &self,
         state: &Arc<StoreState>,
         product: usize,

@@ -509,8 +509,11 @@ async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Re
         step = match step {
             Step::Respond(finished) => {
                 gone.id = None;
+                // Logged first: a client that leaves during the wait does not
+                // undo the decision.
+                let response = proxy.respond_generated(&req, finished);
                 proxy.all_shipped(req.product).await;
-                return proxy.respond_generated(&req, finished);
+                return response;
             }
             Step::Deliver { .. } => unreachable!("a response is delivered only after an attempt"),
             Step::Wait { id } => {
@@ -882,9 +885,10 @@ async fn deliver(
     }
     apply_set_headers(out.headers_mut(), &proxy.config.products[req.product].set_headers, "outbound");
     if streaming {
-        // The head goes to the client now: the attempt's changes go first.
-        proxy.all_shipped(req.product).await;
         let charge = Charge::new(proxy, req, id);
+        // The head goes to the client now: the attempt's changes go first. (A
+        // client that leaves meanwhile is charged by `charge`.)
+        charge.proxy.all_shipped(charge.req.product).await;
         *out.body_mut() = Body::from_stream(charged_stream(body, charge, lease));
         return out;
     }

@@ -1,7 +1,7 @@
-//! `[counters]` in lagged mode against a real `redis-server`: replicas share
-//! their counts, a store that cannot be reached is counted and survived (or
-//! refused with 503), and changes made while it was down are shipped when it
-//! returns.
+//! `[counters]` against a real `redis-server`: lagged replicas share their
+//! counts, a store that cannot be reached is counted and survived (or refused
+//! with 503), changes made while it was down are shipped when it returns, and
+//! exact mode waits once per answer.
 
 mod common;
 
@@ -141,6 +141,25 @@ async fn store_down_and_back_in(mode: &str) {
         metrics.contains("limitlab_store_reachable 1") && metrics.contains("limitlab_store_backlog 0"),
         "{metrics}"
     );
+}
+
+/// Exact mode waits once per answer, whatever the answer: four calls admitted
+/// and two refused make six waits (`limitlab_store_wait_seconds`), each for a
+/// shipment that holds the request's changes, so none are left behind.
+#[tokio::test]
+async fn an_exact_replica_waits_once_per_answer() {
+    let redis = Redis::start();
+    let backend = backend().await;
+    let a = replica(&config_in("exact", &backend.uri(), &redis.url(), "local")).await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(a.call().await);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "the limit of 4");
+    let metrics = a.metrics().await;
+    assert!(metrics.contains("limitlab_store_wait_seconds_count 6"), "one wait per answer: {metrics}");
+    assert!(metrics.contains("limitlab_store_backlog 0"), "every change is shipped: {metrics}");
+    assert!(!metrics.contains("limitlab_store_lock_acquisitions_total 0"), "the lock was taken: {metrics}");
 }
 
 #[test]
