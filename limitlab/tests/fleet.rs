@@ -11,6 +11,21 @@ use std::time::Duration;
 const LIMIT: usize = 6;
 
 fn fleet_config(dir: &std::path::Path, mode: &str, backend: &str, redis_port: u16) -> std::path::PathBuf {
+    let limit = format!("type = \"rate-limit-by-key\"\ncalls = {LIMIT}\nrenewal_period = 60");
+    write_config(dir, &format!("fleet-{mode}"), mode, backend, redis_port, &limit)
+}
+
+/// Writes `NAME.toml`: one product under `limit` (counted for everyone
+/// together), its counters in `mode` on the Redis at `redis_port` under the
+/// key prefix `NAME`, one backend.
+fn write_config(
+    dir: &std::path::Path,
+    name: &str,
+    mode: &str,
+    backend: &str,
+    redis_port: u16,
+    limit: &str,
+) -> std::path::PathBuf {
     let text = format!(
         r#"
 anonymous_product = "p"
@@ -19,14 +34,12 @@ anonymous_product = "p"
 store = "redis://127.0.0.1:{redis_port}/0"
 mode = "{mode}"
 sync_interval = "100ms"
-key_prefix = "{mode}"
+key_prefix = "{name}"
 
 [[products]]
 name = "p"
 [[products.policy.limits]]
-type = "rate-limit-by-key"
-calls = {LIMIT}
-renewal_period = 60
+{limit}
 counter_key = {{ const = "all" }}
 
 [routing]
@@ -34,7 +47,7 @@ set_backend = "b"
 backends = [{{ id = "b", url = "{backend}" }}]
 "#
     );
-    let path = dir.join(format!("fleet-{mode}.toml"));
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -107,33 +120,8 @@ async fn one_replica_killed(dir: &std::path::Path, mode: &str, backend: &str, po
 /// delivered (`increment-condition`): the count is the change a replica must
 /// have in the store before its client has the response.
 fn one_call_config(dir: &std::path::Path, backend: &str, redis_port: u16, prefix: &str) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-anonymous_product = "p"
-
-[counters]
-store = "redis://127.0.0.1:{redis_port}/0"
-mode = "exact"
-sync_interval = "100ms"
-key_prefix = "{prefix}"
-
-[[products]]
-name = "p"
-[[products.policy.limits]]
-type = "quota-by-key"
-calls = 1
-renewal_period = 3600
-counter_key = {{ const = "all" }}
-increment_condition = "200-399"
-
-[routing]
-set_backend = "b"
-backends = [{{ id = "b", url = "{backend}" }}]
-"#
-    );
-    let path = dir.join(format!("{prefix}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    let limit = "type = \"quota-by-key\"\ncalls = 1\nrenewal_period = 3600\nincrement_condition = \"200-399\"";
+    write_config(dir, prefix, "exact", backend, redis_port, limit)
 }
 
 /// Sends one call and reads its answer as a client does: a buffered body
