@@ -7,6 +7,7 @@ pub mod config;
 pub mod counters;
 pub mod decisions;
 pub mod exact;
+mod h1;
 pub mod logs;
 pub mod metrics;
 pub mod server;

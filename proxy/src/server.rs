@@ -6,7 +6,7 @@ use crate::counters::Mode;
 use crate::decisions::{DecisionLog, Tags};
 use crate::exact::Exact;
 use crate::metrics::Metrics;
-use crate::upstream::{Lease, Upstream, UpstreamError};
+use crate::upstream::{Lease, UpBody, Upstream, UpstreamError};
 use crate::usage::{self, StreamTracker};
 use apim_policy::read::ExistsAction;
 use axum::body::{Body, Bytes};
@@ -17,7 +17,7 @@ use gateway_core::{
     CoreError, Delivery, DeliveryEnd, Finished, GeneratedResponse, Lifecycle, Nanos, RequestId, RequestInfo, Step,
     Subscription, Usage,
 };
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -711,7 +711,7 @@ fn forwardable(name: &HeaderName, key_header: &str) -> bool {
 }
 
 /// A backend's response head, and the connection its body arrives on.
-type Answer = (hyper::Response<hyper::body::Incoming>, Lease);
+type Answer = (hyper::Response<UpBody>, Lease);
 
 async fn send(
     proxy: &Proxy,
@@ -728,7 +728,11 @@ async fn send(
         Err(e) => {
             // A connection that opened but answered something that is not HTTP is a
             // bad gateway, not a transport failure.
-            let malformed = matches!(&e, UpstreamError::Http(e) if error_chain_has_parse_error(e));
+            let malformed = match &e {
+                UpstreamError::Malformed(_) => true,
+                UpstreamError::Http(e) => error_chain_has_parse_error(e.as_ref()),
+                UpstreamError::Connect(_) => false,
+            };
             tracing::warn!(backend = %attempt.backend, error = %e, malformed, "backend attempt failed");
             let outcome = if malformed { AttemptOutcome::BadResponse } else { AttemptOutcome::TransportFailure };
             (outcome, None)
@@ -784,13 +788,13 @@ fn retry_after_headers(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<hyper::Request<Full<Bytes>>> {
+fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<hyper::Request<Bytes>> {
     let index = proxy.config.routing.backends.iter().position(|b| *b.id == *attempt.backend)?;
     let client_path = req.parts.uri.path_and_query();
     // The lifecycle's routing is the config's: an attempt's URL is its backend's.
     debug_assert_eq!(*attempt.url, proxy.config.routing.backends[index].url);
     let uri = proxy.bases[index].join(client_path)?;
-    let mut request = hyper::Request::new(Full::new(req.body.clone()));
+    let mut request = hyper::Request::new(req.body.clone());
     *request.method_mut() = req.parts.method.clone();
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
@@ -1091,7 +1095,7 @@ impl Drop for Charge {
 /// [`crate::batch`]) and charged when it ends; its connection goes back to the
 /// pool only if the stream ended cleanly.
 fn charged_stream(
-    body: hyper::body::Incoming,
+    body: UpBody,
     charge: Charge,
     lease: Lease,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {

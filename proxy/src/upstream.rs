@@ -1,30 +1,33 @@
-//! The backend side of one worker thread: a connection pool of its own over
-//! hyper's connection API.
+//! The backend side of one worker thread: a connection pool of its own.
 //!
 //! hyper-util's pooled client serves any number of threads: each request takes a
 //! lock, hashes its host, waits on a checkout future, and reaches the connection
 //! through a readiness channel of the pool's own. A worker needs less. Only its
 //! own tasks use its connections, and an HTTP/1.1 connection carries one request
-//! at a time, so an idle connection is a `SendRequest` on a stack: taken for a
-//! request, put back once the response body has been read to its end. A
-//! connection whose response was not read to the end (a retried 429, a client
-//! that went away mid-stream) is dropped, and hyper closes it. An HTTP/2
-//! connection (a TLS backend that offers `h2`) is shared by every request.
+//! at a time, so an idle connection sits on a stack: taken for a request, put
+//! back once the response body has been read to its end. HTTP/1.1 is spoken by
+//! [`crate::h1`], on the request's own task. A connection whose response was
+//! not read to the end (a retried 429, a client that went away mid-stream) is
+//! dropped, which closes it. An HTTP/2 connection (a TLS backend that offers
+//! `h2`) is hyper's, and shared by every request.
 
+use crate::h1;
 use axum::body::Bytes;
 use axum::http::{header, HeaderValue, Request, Response, Uri};
+use http_body::Frame;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_rustls::HttpsConnector;
+use hyper::client::conn::http2;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::TokioExecutor;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type H1 = http1::SendRequest<Full<Bytes>>;
 type H2 = http2::SendRequest<Full<Bytes>>;
 
 /// An idle connection older than this is closed rather than reused: servers
@@ -40,8 +43,10 @@ const MAX_IDLE_PER_HOST: usize = 1024;
 pub enum UpstreamError {
     /// No connection: the URL, DNS, TCP or TLS failed.
     Connect(BoxError),
-    /// The connection broke, or the backend answered something that is not HTTP.
-    Http(hyper::Error),
+    /// The connection broke after the request went out.
+    Http(BoxError),
+    /// The backend answered something that is not HTTP.
+    Malformed(String),
 }
 
 impl std::fmt::Display for UpstreamError {
@@ -49,6 +54,7 @@ impl std::fmt::Display for UpstreamError {
         match self {
             UpstreamError::Connect(e) => write!(f, "cannot connect: {e}"),
             UpstreamError::Http(e) => write!(f, "{e}"),
+            UpstreamError::Malformed(what) => write!(f, "the backend's answer is not HTTP: {what}"),
         }
     }
 }
@@ -63,30 +69,65 @@ struct Host {
     scheme: String,
     authority: String,
     /// Idle HTTP/1.1 connections, the most recently used last.
-    idle: Vec<(Instant, H1)>,
+    idle: Vec<(Instant, h1::Conn)>,
     /// The HTTP/2 connection, when the backend negotiated one.
     shared: Option<H2>,
 }
 
 /// A connection taken for one request.
 enum Conn {
-    Pooled(H1),
-    Fresh(H1),
+    Pooled(h1::Conn),
+    Fresh(h1::Conn),
     Shared(H2),
 }
 
-/// Holds an HTTP/1.1 connection while its response body is read; [`Lease::release`]
-/// puts it back once the body has ended. Dropping a lease closes the connection.
+/// Where an HTTP/1.1 response's body leaves its connection once it has ended
+/// cleanly; [`Lease::release`] puts the connection back in the pool. A lease
+/// dropped instead (or released before the body ended) lets it close.
 pub struct Lease {
     upstream: Arc<Upstream>,
     host: usize,
-    sender: Option<H1>,
+    slot: Option<h1::Slot>,
 }
 
 impl Lease {
-    pub fn release(mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.upstream.put_back(self.host, sender);
+    pub fn release(self) {
+        let Some(slot) = self.slot else { return };
+        let conn = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(conn) = conn {
+            self.upstream.put_back(self.host, conn);
+        }
+    }
+}
+
+/// A backend's response body, over HTTP/1.1 or HTTP/2.
+pub enum UpBody {
+    H1(h1::Body),
+    H2(Incoming),
+}
+
+impl http_body::Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::H1(body) => Pin::new(body).poll_frame(cx),
+            UpBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::H1(body) => body.is_end_stream(),
+            UpBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpBody::H1(body) => body.size_hint(),
+            UpBody::H2(body) => body.size_hint(),
         }
     }
 }
@@ -144,15 +185,13 @@ impl Upstream {
     /// Sends `request` (with an absolute URI) and waits for the response head.
     /// A request that an idle connection could not take (the backend had closed
     /// it) goes out on another one; one that went out is never sent twice.
-    pub async fn send(
-        self: &Arc<Self>,
-        mut request: Request<Full<Bytes>>,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+    pub async fn send(self: &Arc<Self>, request: Request<Bytes>) -> Result<(Response<UpBody>, Lease), UpstreamError> {
         let uri = request.uri().clone();
         let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return Err(UpstreamError::Connect(format!("`{uri}` is not an absolute URL").into()));
         };
         let host = self.host(scheme, authority.as_str());
+        let request = origin_form(request, &uri);
         loop {
             let conn = match self.take(host) {
                 Some(conn) => conn,
@@ -161,15 +200,20 @@ impl Upstream {
                 // future would otherwise carry its space and be copied with it.
                 None => Box::pin(self.connect(host, &uri)).await?,
             };
-            let (sender, pooled) = match conn {
+            let (conn, pooled) = match conn {
                 Conn::Shared(sender) => return self.send_h2(host, sender, absolute_form(request, &uri)).await,
-                Conn::Pooled(sender) => (sender, true),
-                Conn::Fresh(sender) => (sender, false),
+                Conn::Pooled(conn) => (conn, true),
+                Conn::Fresh(conn) => (conn, false),
             };
-            match send_h1(sender, origin_form(request, &uri)).await {
-                Ok((response, sender)) => return Ok((response, self.lease(host, sender))),
-                Err((_, Some(unsent))) if pooled => request = unsent,
-                Err((error, _)) => return Err(UpstreamError::Http(error)),
+            let slot = h1::Slot::default();
+            match conn.send(&request, slot.clone()).await {
+                Ok(response) => {
+                    let lease = Lease { upstream: self.clone(), host, slot: Some(slot) };
+                    return Ok((response.map(UpBody::H1), lease));
+                }
+                Err(h1::SendError::Unsent(_)) if pooled => {}
+                Err(h1::SendError::Malformed(what)) => return Err(UpstreamError::Malformed(what)),
+                Err(e) => return Err(UpstreamError::Http(e.into())),
             }
         }
     }
@@ -179,13 +223,9 @@ impl Upstream {
         host: usize,
         mut sender: H2,
         request: Request<Full<Bytes>>,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
-        let response = sender.send_request(request).await.map_err(UpstreamError::Http)?;
-        Ok((response, Lease { upstream: self.clone(), host, sender: None }))
-    }
-
-    fn lease(self: &Arc<Self>, host: usize, sender: H1) -> Lease {
-        Lease { upstream: self.clone(), host, sender: Some(sender) }
+    ) -> Result<(Response<UpBody>, Lease), UpstreamError> {
+        let response = sender.send_request(request).await.map_err(|e| UpstreamError::Http(e.into()))?;
+        Ok((response.map(UpBody::H2), Lease { upstream: self.clone(), host, slot: None }))
     }
 
     fn hosts(&self) -> std::sync::MutexGuard<'_, Vec<Host>> {
@@ -211,18 +251,15 @@ impl Upstream {
             return Some(Conn::Shared(shared.clone()));
         }
         let now = Instant::now();
-        while let Some((since, sender)) = host.idle.pop() {
-            if !sender.is_closed() && now.duration_since(since) < IDLE_TIMEOUT {
-                return Some(Conn::Pooled(sender));
+        while let Some((since, mut conn)) = host.idle.pop() {
+            if now.duration_since(since) < IDLE_TIMEOUT && !conn.is_closed() {
+                return Some(Conn::Pooled(conn));
             }
         }
         None
     }
 
-    fn put_back(&self, host: usize, sender: H1) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put_back(&self, host: usize, conn: h1::Conn) {
         let now = Instant::now();
         let mut hosts = self.hosts();
         let idle = &mut hosts[host].idle;
@@ -230,7 +267,7 @@ impl Upstream {
         let stale = idle.iter().take_while(|(since, _)| now.duration_since(*since) >= IDLE_TIMEOUT).count();
         idle.drain(..stale);
         if idle.len() < MAX_IDLE_PER_HOST {
-            idle.push((now, sender));
+            idle.push((now, conn));
         }
     }
 
@@ -240,7 +277,7 @@ impl Upstream {
         let stream = self.connector.clone().call(uri.clone()).await.map_err(UpstreamError::Connect)?;
         if stream.connected().is_negotiated_h2() {
             let (sender, connection) =
-                http2::handshake(TokioExecutor::new(), stream).await.map_err(UpstreamError::Http)?;
+                http2::handshake(TokioExecutor::new(), stream).await.map_err(|e| UpstreamError::Http(e.into()))?;
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::debug!(error = %e, "backend connection ended");
@@ -249,36 +286,16 @@ impl Upstream {
             self.hosts()[host].shared = Some(sender.clone());
             return Ok(Conn::Shared(sender));
         }
-        let (sender, connection) = http1::handshake(stream).await.map_err(UpstreamError::Http)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "backend connection ended");
-            }
-        });
-        Ok(Conn::Fresh(sender))
-    }
-}
-
-/// Sends on an HTTP/1.1 connection once it is ready. A failure that hands the
-/// request back means it was not sent.
-async fn send_h1(
-    mut sender: H1,
-    request: Request<Full<Bytes>>,
-) -> Result<(Response<Incoming>, H1), (hyper::Error, Option<Request<Full<Bytes>>>)> {
-    if let Err(error) = sender.ready().await {
-        return Err((error, Some(request)));
-    }
-    match sender.try_send_request(request).await {
-        Ok(response) => Ok((response, sender)),
-        Err(mut e) => {
-            let request = e.take_message();
-            Err((e.into_error(), request))
-        }
+        let io = match stream {
+            MaybeHttpsStream::Http(tcp) => h1::Io::Plain(tcp.into_inner()),
+            MaybeHttpsStream::Https(tls) => h1::Io::Tls(Box::new(tls.into_inner())),
+        };
+        Ok(Conn::Fresh(h1::Conn::new(io)))
     }
 }
 
 /// HTTP/1.1 sends the path and query, and the authority as `Host`.
-fn origin_form(mut request: Request<Full<Bytes>>, uri: &Uri) -> Request<Full<Bytes>> {
+fn origin_form(mut request: Request<Bytes>, uri: &Uri) -> Request<Bytes> {
     if !request.headers().contains_key(header::HOST) {
         if let Some(host) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             request.headers_mut().insert(header::HOST, host);
@@ -290,7 +307,8 @@ fn origin_form(mut request: Request<Full<Bytes>>, uri: &Uri) -> Request<Full<Byt
 }
 
 /// HTTP/2 sends the whole URI as pseudo-headers, and no `Host`.
-fn absolute_form(mut request: Request<Full<Bytes>>, uri: &Uri) -> Request<Full<Bytes>> {
+fn absolute_form(request: Request<Bytes>, uri: &Uri) -> Request<Full<Bytes>> {
+    let mut request = request.map(Full::new);
     request.headers_mut().remove(header::HOST);
     *request.uri_mut() = uri.clone();
     request

@@ -16,9 +16,16 @@ struct Seen {
     heads: Vec<String>,
 }
 
+const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
 /// A keep-alive HTTP/1.1 backend answering `200 ok`; with `close_after_one` it
 /// closes each connection after its first answer.
 async fn backend(close_after_one: bool) -> (String, Arc<Mutex<Seen>>) {
+    backend_answering(OK, close_after_one).await
+}
+
+/// A backend that writes `answer` for every request.
+async fn backend_answering(answer: &'static str, close_after_one: bool) -> (String, Arc<Mutex<Seen>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -26,13 +33,13 @@ async fn backend(close_after_one: bool) -> (String, Arc<Mutex<Seen>>) {
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             log.lock().unwrap().connections += 1;
-            tokio::spawn(serve(socket, log.clone(), close_after_one));
+            tokio::spawn(serve(socket, log.clone(), answer, close_after_one));
         }
     });
     (base, seen)
 }
 
-async fn serve(mut socket: tokio::net::TcpStream, log: Arc<Mutex<Seen>>, close_after_one: bool) {
+async fn serve(mut socket: tokio::net::TcpStream, log: Arc<Mutex<Seen>>, answer: &str, close_after_one: bool) {
     let mut buf = Vec::new();
     loop {
         let Some(end) = head_end(&buf) else {
@@ -54,7 +61,7 @@ async fn serve(mut socket: tokio::net::TcpStream, log: Arc<Mutex<Seen>>, close_a
         }
         buf.drain(..end + length);
         log.lock().unwrap().heads.push(head);
-        if socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() || close_after_one {
+        if socket.write_all(answer.as_bytes()).await.is_err() || close_after_one {
             return;
         }
     }
@@ -69,9 +76,9 @@ fn content_length(head: &str) -> usize {
     value.and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
-fn request(base: &str) -> hyper::Request<Full<Bytes>> {
+fn request(base: &str) -> hyper::Request<Bytes> {
     let uri = format!("{base}/openai/deployments/d/chat/completions?api-version=2024-10-21");
-    hyper::Request::post(uri).body(Full::new(Bytes::from_static(b"{\"messages\":[]}"))).unwrap()
+    hyper::Request::post(uri).body(Bytes::from_static(b"{\"messages\":[]}")).unwrap()
 }
 
 /// Sends one request and reads its body to the end; `release` puts the connection back.
@@ -145,10 +152,61 @@ async fn requests_at_once_each_get_a_connection_and_all_return_to_the_pool() {
     assert_eq!(seen.lock().unwrap().connections, 4, "the second round reuses the first round's connections");
 }
 
+/// Three calls to a backend that gives `answer` (closing each connection
+/// after one answer with `close_after_one`): each body is `ok`, and the
+/// backend saw `connections` connections.
+async fn check_answer(answer: &'static str, close_after_one: bool, connections: usize) {
+    let (base, seen) = backend_answering(answer, close_after_one).await;
+    let upstream = Arc::new(Upstream::new());
+    for _ in 0..3 {
+        assert_eq!(call(&upstream, &base, true).await, "ok", "{answer:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen.lock().unwrap().connections, connections, "{answer:?}");
+}
+
+#[tokio::test]
+async fn every_framing_of_a_response_body_is_read_and_only_reusable_connections_are_reused() {
+    let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\no\r\n1;x=y\r\nk\r\n0\r\nt: 1\r\n\r\n";
+    check_answer(chunked, false, 1).await;
+    check_answer("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false, 1).await;
+    check_answer("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", false, 3).await;
+    check_answer("HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", false, 3).await;
+    // No length: the body ends with the connection.
+    check_answer("HTTP/1.1 200 OK\r\n\r\nok", true, 3).await;
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_an_error_not_a_short_body() {
+    let (base, _) = backend_answering("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nok", true).await;
+    let upstream = Arc::new(Upstream::new());
+    let (response, _lease) = upstream.send(request(&base)).await.unwrap();
+    assert!(response.into_body().collect().await.is_err());
+    let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nok";
+    let (base, _) = backend_answering(chunked, true).await;
+    let (response, _lease) = upstream.send(request(&base)).await.unwrap();
+    assert!(response.into_body().collect().await.is_err());
+}
+
+#[tokio::test]
+async fn a_malformed_answer_is_told_apart_from_a_broken_connection() {
+    let upstream = Arc::new(Upstream::new());
+    let (base, _) =
+        backend_answering("HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok", true).await;
+    let error = upstream.send(request(&base)).await.err().expect("lengths that disagree");
+    assert!(matches!(error, proxy::upstream::UpstreamError::Malformed(_)), "{error}");
+    let (base, _) = backend_answering("SMTP ready\r\n\r\n", true).await;
+    let error = upstream.send(request(&base)).await.err().expect("not HTTP");
+    assert!(matches!(error, proxy::upstream::UpstreamError::Malformed(_)), "{error}");
+    let (base, _) = backend_answering("HTTP/1.1 200 OK\r\ncontent-", true).await;
+    let error = upstream.send(request(&base)).await.err().expect("closed mid-head");
+    assert!(matches!(error, proxy::upstream::UpstreamError::Http(_)), "{error}");
+}
+
 #[tokio::test]
 async fn a_relative_url_is_a_connect_error() {
     let upstream = Arc::new(Upstream::new());
-    let request = hyper::Request::get("/openai/x").body(Full::new(Bytes::new())).unwrap();
+    let request = hyper::Request::get("/openai/x").body(Bytes::new()).unwrap();
     let error = upstream.send(request).await.err().expect("no origin to connect to");
     assert!(matches!(error, proxy::upstream::UpstreamError::Connect(_)), "{error}");
 }
