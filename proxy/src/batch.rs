@@ -1,16 +1,16 @@
 //! Passes a streamed backend body on in batches: what has arrived is written to
 //! the client in one piece rather than one chunk at a time.
 //!
-//! hyper hands a backend's chunked body over one chunk at a time, from the
-//! connection's task to the request's, and the front end writes and flushes
+//! A backend's chunked body comes one chunk at a time (hyper's HTTP/2 body and
+//! [`crate::h1`]'s decoder alike), and the front end writes and flushes
 //! whenever the body has nothing ready. An SSE stream whose events arrive
 //! together (one read of the backend's socket holds many) would cost one
 //! `writev` per event: measured with 64-event streams in a closed loop, the
 //! kernel was two thirds of the proxy's time. nginx reads what is there and
 //! writes it at once; so does this adapter. When the next chunk is not ready,
-//! it lets the runtime run the other tasks (the backend connection's task
-//! decodes the next chunk from bytes already read) and only then passes on what
-//! it holds. A chunk is never held back waiting for the network.
+//! it lets the runtime run the other tasks and only then passes on what it
+//! holds, so that bytes landing meanwhile go in the same write. A chunk is
+//! never held back waiting for the network.
 
 use axum::body::Bytes;
 use futures_util::Stream;
@@ -22,10 +22,12 @@ use std::task::{Context, Poll};
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// The runtime's turns given to the other tasks before what is held is passed
-/// on. hyper's client connection hands the next chunk of bytes it has already
-/// read over on the second turn after the one before was taken (measured: with
-/// one turn every batch held one chunk). A turn costs a poll of this task, a
-/// microsecond or so, against a `writev` per chunk.
+/// on. Chosen when hyper's client connection decoded the backend's chunks on a
+/// task of its own and handed the next one over on the second turn (with one
+/// turn every batch held one chunk); [`crate::h1`] now decodes what was read
+/// in place, so the turns only give the backend's next write time to land. A
+/// turn costs a poll of this task, a microsecond or so, against a `writev` per
+/// chunk.
 const TURNS: u8 = 2;
 
 pub struct Batched<S, E> {
