@@ -251,7 +251,9 @@ pub async fn handle(worker: Worker, peer: Arc<Peer>, request: Request<Body>) -> 
             return response;
         }
     };
-    drive(proxy, &upstream, admitted).await
+    // Boxed: the request's record is half a kilobyte, and the futures that
+    // carry it by value would be copied with it.
+    drive(proxy, &upstream, Box::new(admitted)).await
 }
 
 /// The longest request URI and the most header bytes the proxy takes; beyond,
@@ -501,7 +503,7 @@ async fn within<F: std::future::Future>(limit: std::time::Duration, future: F) -
 /// Carries out the lifecycle's steps until the client has its answer. Every
 /// deadline is the lifecycle's: an attempt races its `poll_timeout_of`, a retry
 /// sleeps until it, and `handle_timeout_of` says what follows.
-async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Admitted) -> Response<Body> {
+async fn drive(proxy: Arc<Proxy>, upstream: &Arc<Upstream>, req: Box<Admitted>) -> Response<Body> {
     let mut step = proxy.start(&req).await;
     // If the client goes away before its answer, the request ends as client-gone.
     let mut gone = ClientGone { proxy: &proxy, req: &req, id: None };
@@ -625,7 +627,10 @@ impl Proxy {
         let call = move |lifecycle: &mut Lifecycle, now| lifecycle.handle_request(now, &info, draw);
         let lifecycle = &self.lifecycles[req.product];
         // Its changes go with the request's last call, before its answer.
-        exact.call_unshipped(&self.store, req.product, lifecycle, || self.now(), call, end_abandoned).await
+        // Exact mode's calls are boxed here and below: their futures (about 2 KB
+        // each) would otherwise be part of every request's future in every mode,
+        // which is copied when hyper boxes it.
+        Box::pin(exact.call_unshipped(&self.store, req.product, lifecycle, || self.now(), call, end_abandoned)).await
     }
 
     /// An attempt's outcome reported. A driver that went away has already
@@ -641,7 +646,8 @@ impl Proxy {
             return call(&mut self.lifecycle(product), self.now());
         };
         let lifecycle = &self.lifecycles[product];
-        let step = exact.call_unshipped(&self.store, product, lifecycle, || self.now(), call, ignore_abandoned).await;
+        let unshipped = exact.call_unshipped(&self.store, product, lifecycle, || self.now(), call, ignore_abandoned);
+        let step = Box::pin(unshipped).await;
         if !matches!(step, Ok(Step::Deliver { .. })) {
             exact.ship_soon(product);
         }
@@ -652,7 +658,7 @@ impl Proxy {
     /// mode; at once otherwise): awaited before anything reaches a client.
     async fn all_shipped(&self, product: usize) {
         if let Some(exact) = &self.exact {
-            exact.all_shipped(&self.store, product).await;
+            Box::pin(exact.all_shipped(&self.store, product)).await;
         }
     }
 
@@ -677,7 +683,7 @@ impl Proxy {
             let mut lifecycle = self.lifecycle(product);
             return call(&mut lifecycle, self.now());
         };
-        exact.call(&self.store, product, &self.lifecycles[product], || self.now(), call, abandoned).await
+        Box::pin(exact.call(&self.store, product, &self.lifecycles[product], || self.now(), call, abandoned)).await
     }
 }
 
@@ -871,7 +877,7 @@ impl BaseUrl {
 
 async fn deliver(
     proxy: Arc<Proxy>,
-    req: Admitted,
+    req: Box<Admitted>,
     id: RequestId,
     attempt: Attempt,
     (response, lease): Answer,
@@ -1032,7 +1038,7 @@ fn generated_response(finished: Finished) -> Response<Body> {
 /// breaks, or the client goes away (the body is dropped).
 struct Charge {
     proxy: Arc<Proxy>,
-    req: Admitted,
+    req: Box<Admitted>,
     id: RequestId,
     tracker: StreamTracker,
     response_bytes: u64,
@@ -1040,7 +1046,7 @@ struct Charge {
 }
 
 impl Charge {
-    fn new(proxy: Arc<Proxy>, req: Admitted, id: RequestId) -> Charge {
+    fn new(proxy: Arc<Proxy>, req: Box<Admitted>, id: RequestId) -> Charge {
         let tracker = StreamTracker::new(&req.model);
         Charge { proxy, req, id, tracker, response_bytes: 0, done: false }
     }

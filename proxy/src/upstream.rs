@@ -201,7 +201,10 @@ impl Upstream {
                 None => Box::pin(self.connect(host, &uri)).await?,
             };
             let (conn, pooled) = match conn {
-                Conn::Shared(sender) => return self.send_h2(host, sender, absolute_form(request, &uri)).await,
+                // Boxed, as connecting is: most backends speak HTTP/1.1.
+                Conn::Shared(sender) => {
+                    return Box::pin(self.send_h2(host, sender, absolute_form(request, &uri))).await
+                }
                 Conn::Pooled(conn) => (conn, true),
                 Conn::Fresh(conn) => (conn, false),
             };
