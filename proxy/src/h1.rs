@@ -19,7 +19,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Re
 use bytes::{Buf, BytesMut};
 use http_body::{Frame, SizeHint};
 use hyper_util::rt::TokioIo;
-use std::io;
+use std::io::{self, Write};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -213,7 +213,8 @@ fn encode(request: &Request<Bytes>) -> Vec<u8> {
     }
     let bodyless = matches!(*request.method(), Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS);
     if !(body.is_empty() && bodyless) {
-        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        // Written in place: a `Vec` takes `write!` without failing.
+        let _ = write!(out, "content-length: {}\r\n", body.len());
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
