@@ -148,7 +148,7 @@ impl Conn {
         self.io.flush().await.map_err(SendError::Broken)?;
         let head = self.read_head().await?;
         let framing = framing(&head, head_only)?;
-        let reusable = head.version == Version::HTTP_11 && !closes(&head.headers) && framing != Framing::UntilClose;
+        let reusable = reusable(&head, framing);
         let mut body = Body { conn: Some(self), framing, reusable, slot };
         if body.framing == Framing::Length(0) {
             body.finish();
@@ -248,6 +248,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     }
     buf.advance(length);
     Ok(Some(Head { status, version, headers }))
+}
+
+/// Whether the connection can carry another request once this response's body
+/// has ended: HTTP/1.1, not closing, the body's end known from its framing, and
+/// no switch to another protocol (the proxy asks for none; a backend that
+/// switches anyway has left HTTP on this connection).
+fn reusable(head: &Head, framing: Framing) -> bool {
+    head.version == Version::HTTP_11
+        && !closes(&head.headers)
+        && framing != Framing::UntilClose
+        && head.status != StatusCode::SWITCHING_PROTOCOLS
 }
 
 /// Whether the backend says it closes the connection after this response.
@@ -564,6 +575,23 @@ mod tests {
         check(200, &[("content-length", "7, 7")], false, Some(Framing::Length(7)));
         check(200, &[("content-length", "7"), ("content-length", "8")], false, None);
         check(200, &[("content-length", "-1")], false, None);
+    }
+
+    #[test]
+    fn only_connections_whose_next_bytes_are_a_response_are_reused() {
+        let check = |status, fields: &[(&str, &str)], version, expected: bool| {
+            let mut head = head(status, fields);
+            head.version = version;
+            let framing = framing(&head, false).unwrap();
+            assert_eq!(reusable(&head, framing), expected, "{status} {fields:?} {version:?}");
+        };
+        check(200, &[("content-length", "2")], Version::HTTP_11, true);
+        check(204, &[], Version::HTTP_11, true);
+        check(200, &[("transfer-encoding", "chunked")], Version::HTTP_11, true);
+        check(200, &[("content-length", "2"), ("connection", "keep-alive, Close")], Version::HTTP_11, false);
+        check(200, &[("content-length", "2")], Version::HTTP_10, false);
+        check(200, &[], Version::HTTP_11, false);
+        check(101, &[("upgrade", "websocket")], Version::HTTP_11, false);
     }
 
     #[test]
