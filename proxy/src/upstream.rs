@@ -14,16 +14,13 @@
 use crate::h1;
 use axum::body::Bytes;
 use axum::http::{header, HeaderValue, Request, Response, Uri};
-use http_body::Frame;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::TokioExecutor;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower_service::Service;
 
@@ -100,37 +97,8 @@ impl Lease {
     }
 }
 
-/// A backend's response body, over HTTP/1.1 or HTTP/2.
-pub enum UpBody {
-    H1(h1::Body),
-    H2(Incoming),
-}
-
-impl http_body::Body for UpBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpBody::H1(body) => Pin::new(body).poll_frame(cx),
-            UpBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpBody::H1(body) => body.is_end_stream(),
-            UpBody::H2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match self {
-            UpBody::H1(body) => body.size_hint(),
-            UpBody::H2(body) => body.size_hint(),
-        }
-    }
-}
+/// A backend's response body, over HTTP/1.1 (left) or HTTP/2 (right).
+pub type UpBody = http_body_util::Either<h1::Body, Incoming>;
 
 impl Default for Upstream {
     fn default() -> Upstream {
@@ -212,7 +180,7 @@ impl Upstream {
             match conn.send(&request, slot.clone()).await {
                 Ok(response) => {
                     let lease = Lease { upstream: self.clone(), host, slot: Some(slot) };
-                    return Ok((response.map(UpBody::H1), lease));
+                    return Ok((response.map(UpBody::Left), lease));
                 }
                 Err(h1::SendError::Unsent(_)) if pooled => {}
                 Err(h1::SendError::Malformed(what)) => return Err(UpstreamError::Malformed(what)),
@@ -228,7 +196,7 @@ impl Upstream {
         request: Request<Full<Bytes>>,
     ) -> Result<(Response<UpBody>, Lease), UpstreamError> {
         let response = sender.send_request(request).await.map_err(|e| UpstreamError::Http(e.into()))?;
-        Ok((response.map(UpBody::H2), Lease { upstream: self.clone(), host, slot: None }))
+        Ok((response.map(UpBody::Right), Lease { upstream: self.clone(), host, slot: None }))
     }
 
     fn hosts(&self) -> std::sync::MutexGuard<'_, Vec<Host>> {
@@ -290,8 +258,8 @@ impl Upstream {
             return Ok(Conn::Shared(sender));
         }
         let io = match stream {
-            MaybeHttpsStream::Http(tcp) => h1::Io::Plain(tcp.into_inner()),
-            MaybeHttpsStream::Https(tls) => h1::Io::Tls(Box::new(tls.into_inner())),
+            MaybeHttpsStream::Http(tcp) => h1::Io::Left(tcp.into_inner()),
+            MaybeHttpsStream::Https(tls) => h1::Io::Right(Box::new(tls.into_inner())),
         };
         Ok(Conn::Fresh(h1::Conn::new(io)))
     }
