@@ -14,8 +14,10 @@ fn check(args: &[&str], code: i32, needle: &str) -> String {
     out
 }
 
-fn scratch(name: &str, text: &str) -> String {
-    let path = std::env::temp_dir().join(format!("limitlab-bad-input-{}-{name}", std::process::id()));
+/// Writes `text` to file `name` in `dir`, a test's own directory, removed when
+/// the test ends (passed or failed).
+fn scratch(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
 }
@@ -28,10 +30,11 @@ fn checks_that_would_check_nothing_are_refused() {
 
 #[test]
 fn decide_reads_policy_xml_and_locates_toml_errors_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
     let (code, out, err) = limitlab(&["decide", "policies/seed-ip-limits.xml", "examples/decide-requests.jsonl"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("22 requests: 16 admitted"), "{out}");
-    let bad = scratch("bad.toml", "[[limits]]\ntype = \"rate-limit\"\ncalls = 0\nrenewal_period = 60\n");
+    let bad = scratch(&dir, "bad.toml", "[[limits]]\ntype = \"rate-limit\"\ncalls = 0\nrenewal_period = 60\n");
     check(
         &["decide", &bad, "examples/decide-requests.jsonl"],
         2,
@@ -39,14 +42,15 @@ fn decide_reads_policy_xml_and_locates_toml_errors_in_one_line() {
     );
     let (_, _, err) = limitlab(&["decide", &bad, "examples/decide-requests.jsonl"]);
     assert_eq!(err.trim_end().lines().count(), 2, "one located line and the source line: {err}");
-    let broken = scratch("broken.toml", "x = [\n");
+    let broken = scratch(&dir, "broken.toml", "x = [\n");
     check(&["decide", &broken, "examples/decide-requests.jsonl"], 2, &format!("{broken}:1:6: unclosed array"));
 }
 
 #[test]
 fn output_paths_are_checked_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
     // A file where a directory should be: the run would be lost at its end.
-    let file = scratch("not-a-dir", "");
+    let file = scratch(&dir, "not-a-dir", "");
     let inside = format!("{file}/report");
     // Refused before the run: no summary was printed, no case was tried.
     let refusals = [
@@ -73,30 +77,32 @@ fn output_paths_are_checked_before_the_run() {
 }
 
 /// A small scenario: `client` is the body of its one `[[clients]]` table.
-fn scenario(name: &str, top: &str, client: &str) -> String {
+fn scenario(dir: &tempfile::TempDir, name: &str, top: &str, client: &str) -> String {
     let text = format!(
         "name = \"bad\"\nstart = \"2024-01-01T00:00:00Z\"\nseed = 1\n{top}\n\
          [gateway.routing]\nset_backend = \"b\"\nbackends = [{{ id = \"b\", url = \"http://b\" }}]\n\
          [[backends]]\nname = \"b\"\nmodel = \"gpt-4o\"\ntpm = 1000000\n\
          [[clients]]\nname = \"c\"\n{client}\n"
     );
-    scratch(name, &text)
+    scratch(dir, name, &text)
 }
 
 #[test]
 fn empty_impossible_or_huge_scenarios_are_refused_before_a_run() {
+    let dir = tempfile::tempdir().unwrap();
     let poisson = "arrival = { poisson = { rate_per_s = 1 } }";
-    let zero = scenario("zero.toml", "duration = \"0s\"", poisson);
+    let zero = scenario(&dir, "zero.toml", "duration = \"0s\"", poisson);
     check(&["simulate", &zero], 2, "`duration`: 0s simulates nothing");
-    let no_tokens = scenario("no-tokens.toml", "duration = \"1m\"", &format!("{poisson}\nmax_tokens = 0"));
+    let no_tokens = scenario(&dir, "no-tokens.toml", "duration = \"1m\"", &format!("{poisson}\nmax_tokens = 0"));
     check(&["simulate", &no_tokens], 2, "`max_tokens = 0`");
-    let huge = scenario("huge.toml", "duration = \"1m\"", "arrival = { poisson = { rate_per_s = 1e12 } }");
+    let huge = scenario(&dir, "huge.toml", "duration = \"1m\"", "arrival = { poisson = { rate_per_s = 1e12 } }");
     let out = check(&["simulate", &huge], 2, "would make about 6.000e13 calls");
     assert!(out.is_empty(), "refused before the run: {out}");
     let (code, _, err) = limitlab(&["simulate", &huge, "--allow-large", "--out", "/dev/null/x"]);
     assert_eq!(code, 2);
     assert!(!err.contains("would make"), "--allow-large lets it pass the bound: {err}");
     let scaled = scenario(
+        &dir,
         "scaled.toml",
         "duration = \"10m\"\n[[expect]]\nfigure = \"rejected_ratio\"\nat_most = 1\n[check]\nrate_scale = [1, 1e6]",
         "arrival = { poisson = { rate_per_s = 1000 } }",
@@ -106,10 +112,12 @@ fn empty_impossible_or_huge_scenarios_are_refused_before_a_run() {
 
 #[test]
 fn a_trace_that_is_empty_or_wrong_is_an_error_naming_its_line() {
+    let dir = tempfile::tempdir().unwrap();
     let trace = |name: &str, lines: &str| {
-        let path = scratch(name, lines);
+        let path = scratch(&dir, name, lines);
         let file = std::path::Path::new(&path).file_name().unwrap().to_str().unwrap().to_owned();
         scenario(
+            &dir,
             &format!("{name}.toml"),
             "duration = \"1m\"",
             &format!("arrival = {{ trace = {{ path = \"{file}\" }} }}"),
@@ -120,7 +128,6 @@ fn a_trace_that_is_empty_or_wrong_is_an_error_naming_its_line() {
     let bad_ip = trace("bad-ip.jsonl", "{\"t_ms\": 1, \"ip\": \"10.0.0.1\"}\n{\"t_ms\": 2, \"ip\": \"999.1.1.1\"}\n");
     check(&["simulate", &bad_ip], 2, "bad-ip.jsonl:2: `ip`: `999.1.1.1` is not an IP address");
     let late = trace("late.jsonl", "{\"t_ms\": 1, \"ip\": \"10.0.0.1\"}\n{\"t_ms\": 60000, \"ip\": \"10.0.0.1\"}\n");
-    let dir = std::env::temp_dir().join(format!("limitlab-bad-input-{}-late-out", std::process::id()));
-    check(&["simulate", &late, "--out", dir.to_str().unwrap()], 0, "late.jsonl:2: 1 of 2 lines come at or after");
-    let _ = std::fs::remove_dir_all(dir);
+    let out = dir.path().join("late-out");
+    check(&["simulate", &late, "--out", out.to_str().unwrap()], 0, "late.jsonl:2: 1 of 2 lines come at or after");
 }

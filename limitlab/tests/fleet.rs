@@ -151,8 +151,8 @@ async fn call_until_answered(front: &str, stream: bool) -> u16 {
 /// millisecond and could win the race now and then.
 #[tokio::test]
 async fn an_exact_replica_killed_right_after_answering_leaves_its_count_behind() {
-    let dir = std::env::temp_dir().join(format!("limitlab-durable-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_owned();
     let (_redis, port) = start_redis();
     let mock = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
     for round in 0..8 {
@@ -168,5 +168,4 @@ async fn an_exact_replica_killed_right_after_answering_leaves_its_count_behind()
         let status = call_until_answered(&b.urls[0], false).await;
         assert_eq!(status, 403, "round {round} (stream: {stream}): B counts the call A answered before it died");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -636,7 +636,8 @@ async fn private_tls_backend() -> (String, String) {
 #[tokio::test]
 async fn an_https_backend_signed_by_a_private_ca_is_trusted_only_through_ca_files() {
     let (url, pem) = private_tls_backend().await;
-    let ca_file = std::env::temp_dir().join(format!("limitlab-test-ca-{}.pem", url.rsplit(':').next().unwrap()));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, pem).unwrap();
     let plain = config(&url, &url, "", "");
     // Without the authority the handshake fails: the attempt is a transport
@@ -652,9 +653,10 @@ async fn an_https_backend_signed_by_a_private_ca_is_trusted_only_through_ca_file
 
 #[test]
 fn ca_files_that_cannot_be_read_or_hold_no_certificate_are_refused_at_start() {
-    let empty = std::env::temp_dir().join("limitlab-test-empty-ca.pem");
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("limitlab-test-empty-ca.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
-    let missing = std::env::temp_dir().join("limitlab-test-no-such-ca.pem");
+    let missing = dir.path().join("limitlab-test-no-such-ca.pem");
     for (file, expected) in [(&missing, "limitlab-test-no-such-ca.pem: "), (&empty, "no certificate in the file")] {
         let text =
             format!("ca_files = [{:?}]\n{}", file.display().to_string(), config("https://h", "https://h", "", ""));
