@@ -117,7 +117,8 @@ return false
 
 /// Appends the batches of changes (ARGV[4..]) of replica ARGV[2]; if token
 /// ARGV[1] still holds the lock, renews it for ARGV[3] ms, or releases it when
-/// ARGV[3] is 0. Returns whether it held, the id of the last entry appended,
+/// ARGV[3] is 0 (the only use left: a lease that goes on is renewed with a
+/// transaction, [`Inner::renew`]). Returns whether it held, the id of the last entry appended,
 /// and whether another replica waits for the lock.
 const SHIP: &str = r"
 local held = redis.call('GET', KEYS[1]) == ARGV[1]
@@ -810,16 +811,57 @@ impl<T> Inner<T> {
         ttl: Duration,
         batches: Vec<String>,
     ) -> redis::RedisResult<(bool, String, bool)> {
+        if !ttl.is_zero() {
+            return self.renew(product, token, ttl, batches).await;
+        }
         let mut con = self.connection().await?;
         let entry = &self.products[product];
         let mut invocation = self.ship.key(&entry.lock);
         invocation.key(&entry.stream).key(&entry.wanted);
-        invocation.arg(token).arg(&self.replica).arg(ttl.as_millis() as u64);
+        invocation.arg(token).arg(&self.replica).arg(0);
         for batch in batches {
             invocation.arg(batch);
         }
         let (held, last, wanted): (u8, String, u8) = invocation.invoke_async(&mut con).await?;
         Ok((held == 1, last, wanted == 1))
+    }
+
+    /// [`Inner::exchange`] for a lease that goes on: one transaction (`MULTI`
+    /// and `EXEC`, so nothing runs between its commands) that reads the lock's
+    /// holder, appends, renews and asks whether another replica waits. It is
+    /// a third of the store's time of the script that letting go uses. The
+    /// renewal is not conditional: a replica whose lease ran out and passed
+    /// on extends the next holder's lock by at most [`LOCK_TTL`], which only
+    /// delays the fleet if that holder dies meanwhile; it learns from the
+    /// holder read that its lease is gone.
+    async fn renew(
+        &self,
+        product: usize,
+        token: &str,
+        ttl: Duration,
+        batches: Vec<String>,
+    ) -> redis::RedisResult<(bool, String, bool)> {
+        let mut con = self.connection().await?;
+        let entry = &self.products[product];
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("GET").arg(&entry.lock);
+        for batch in &batches {
+            pipe.cmd("XADD").arg(&entry.stream).arg("MAXLEN").arg("~").arg(100_000).arg("*");
+            pipe.arg("r").arg(&self.replica).arg("e").arg(batch);
+        }
+        pipe.cmd("PEXPIRE").arg(&entry.lock).arg(ttl.as_millis() as u64).ignore();
+        pipe.cmd("EXISTS").arg(&entry.wanted);
+        let replies: Vec<redis::Value> = pipe.query_async(&mut con).await?;
+        let [holder, appended @ .., wanted] = replies.as_slice() else {
+            return Err((redis::ErrorKind::UnexpectedReturnType, "a shipment's transaction answered nothing").into());
+        };
+        let holder: Option<String> = redis::from_redis_value(holder.clone())?;
+        let last: String = match appended.last() {
+            Some(id) => redis::from_redis_value(id.clone())?,
+            None => String::new(),
+        };
+        let wanted: u8 = redis::from_redis_value(wanted.clone())?;
+        Ok((holder.as_deref() == Some(token), last, wanted == 1))
     }
 }
 

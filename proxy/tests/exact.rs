@@ -286,3 +286,40 @@ fn every_change_is_in_the_store_before_the_client_hears_back() {
     }
     assert!(expected > 40, "the calls changed counters ({expected} changes)");
 }
+
+/// A replica whose lock another replica now holds (its lease ran out while it
+/// stalled, and the lock passed on) learns so from its next shipment and stops
+/// deciding on its own: its next call waits for the lock and takes it again.
+/// A replica that kept believing in its lease would decide beside the holder.
+#[test]
+fn a_lease_taken_over_in_the_store_is_given_up_at_the_next_shipment() {
+    let redis = Redis::start();
+    let policy = Policy::from_toml(ALL_COUNTERS).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let node = Node::replica(&policy, &redis.url(), "taken", 0);
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let req = |i: u64| RequestInfo {
+        ip: format!("10.0.0.{i}"),
+        max_tokens: Some(40),
+        prompt_tokens_estimate: Some(20),
+        ..RequestInfo::default()
+    };
+    let call = |i: u64| {
+        let req = req(i);
+        node.run(Nanos(i * 1_000_000), move |book, now| {
+            matches!(book.handle_request(now, &req), RequestDecision::Forward(_))
+        })
+    };
+    assert!(runtime.block_on(call(1)), "the first call is admitted");
+    assert_eq!(node.state.acquisitions.load(Ordering::Relaxed), 1);
+    let _: () =
+        redis::cmd("SET").arg("taken:p:lock").arg("another-replica").arg("PX").arg(300).query(&mut con).unwrap();
+    // The next shipment (the shipper's renewal, or this call's own) sees the
+    // other holder; a call after that cannot be made before the lock is free.
+    runtime.block_on(call(2));
+    runtime.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+    runtime.block_on(call(3));
+    assert_eq!(node.state.acquisitions.load(Ordering::Relaxed), 2, "the lock was taken again");
+    let holder: String = redis::cmd("GET").arg("taken:p:lock").query(&mut con).unwrap();
+    assert!(holder.starts_with("replica-0:"), "the lock is this replica's again, not still the other's: {holder}");
+}
