@@ -275,7 +275,7 @@ fn framing(head: &Head, head_only: bool) -> Result<Framing, SendError> {
     for value in head.headers.get_all(header::CONTENT_LENGTH) {
         let value = value.to_str().map_err(|_| malformed("`content-length`"))?;
         for part in value.split(',') {
-            let n: u64 = part.trim().parse().map_err(|_| malformed(format!("`content-length: {value}`")))?;
+            let n = digits(part.trim(), 10).ok_or_else(|| malformed(format!("`content-length: {value}`")))?;
             if length.is_some_and(|l| l != n) {
                 return Err(malformed("`content-length` values that disagree"));
             }
@@ -370,14 +370,23 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, String> {
 
 /// A chunk-size line's size (hex digits, then optional extensions after `;`).
 fn chunk_size(line: &[u8]) -> Result<u64, String> {
-    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
-    let digits = digits.trim_ascii();
+    let size = line.split(|&b| b == b';').next().unwrap_or_default();
+    let size = size.trim_ascii();
     let bad = || format!("the chunk-size line `{}`", String::from_utf8_lossy(line));
-    if digits.is_empty() || digits.len() > 15 {
+    if size.is_empty() || size.len() > 15 {
         return Err(bad());
     }
-    let text = std::str::from_utf8(digits).map_err(|_| bad())?;
-    u64::from_str_radix(text, 16).map_err(|_| bad())
+    let text = std::str::from_utf8(size).map_err(|_| bad())?;
+    digits(text, 16).ok_or_else(bad)
+}
+
+/// A number of digits alone in `radix` (`1*DIGIT`, `1*HEXDIG`): Rust's own
+/// parsing also takes a leading `+`, which no HTTP length may have.
+fn digits(text: &str, radix: u32) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| (b as char).is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(text, radix).ok()
 }
 
 /// A response body read from its connection as it is polled.
@@ -511,6 +520,7 @@ mod tests {
         check(chunked, "3\r\nabcd\r\n0\r\n\r\n", Err("longer than its size"));
         check(chunked, "zz\r\n", Err("chunk-size line"));
         check(chunked, "\r\n", Err("chunk-size line"));
+        check(chunked, "+5\r\nhello\r\n0\r\n\r\n", Err("chunk-size line"));
         check(chunked, "5\r\nhel", Err("incomplete"));
     }
 
@@ -540,6 +550,8 @@ mod tests {
         check(200, &[("content-length", "7, 7")], false, Some(Framing::Length(7)));
         check(200, &[("content-length", "7"), ("content-length", "8")], false, None);
         check(200, &[("content-length", "-1")], false, None);
+        check(200, &[("content-length", "+7")], false, None);
+        check(200, &[("content-length", "7,")], false, None);
     }
 
     #[test]

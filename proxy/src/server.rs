@@ -700,20 +700,33 @@ fn end_abandoned(lifecycle: &mut Lifecycle, now: Nanos, step: Step) {
 
 /// Hop-by-hop headers and the client's credentials never reach a backend.
 fn forwardable(name: &HeaderName, key_header: &str) -> bool {
-    const DROP: [&str; 11] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "host",
-        "content-length",
-        "api-key",
-        "authorization",
-    ];
-    !DROP.contains(&name.as_str()) && !name.as_str().eq_ignore_ascii_case(key_header)
+    !NEVER_PASSED.contains(&name.as_str()) && !name.as_str().eq_ignore_ascii_case(key_header)
+}
+
+/// The fields that never pass the proxy: hop-by-hop ones, those it writes
+/// itself, and the client's credentials.
+const NEVER_PASSED: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+    "content-length",
+    "api-key",
+    "authorization",
+];
+
+/// The fields a `Connection` header names: hop-by-hop like the standard ones
+/// (RFC 9110 §7.6.1), so they are never passed on either way.
+fn nominated(headers: &HeaderMap) -> Vec<HeaderName> {
+    let values = headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok());
+    let tokens = values.flat_map(|v| v.split(',')).map(str::trim);
+    // `keep-alive`, the usual token, is dropped anyway: no allocation for it.
+    let tokens = tokens.filter(|t| !NEVER_PASSED.iter().any(|name| name.eq_ignore_ascii_case(t)));
+    tokens.filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect()
 }
 
 /// A backend's response head, and the connection its body arrives on.
@@ -805,7 +818,8 @@ fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<h
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
     let key_header = &proxy.config.subscription_key_header;
-    for (name, value) in req.parts.headers.iter().filter(|(n, _)| forwardable(n, key_header)) {
+    let hop = nominated(&req.parts.headers);
+    for (name, value) in req.parts.headers.iter().filter(|(n, _)| forwardable(n, key_header) && !hop.contains(n)) {
         headers.append(name, value.clone());
     }
     apply_set_headers(headers, &proxy.config.products[req.product].set_headers, "inbound");
@@ -890,7 +904,8 @@ async fn deliver(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let mut out = Response::new(Body::empty());
     *out.status_mut() = parts.status;
-    for (name, value) in parts.headers.iter().filter(|(n, _)| forwardable(n, "")) {
+    let hop = nominated(&parts.headers);
+    for (name, value) in parts.headers.iter().filter(|(n, _)| forwardable(n, "") && !hop.contains(n)) {
         out.headers_mut().append(name, value.clone());
     }
     apply_set_headers(out.headers_mut(), &proxy.config.products[req.product].set_headers, "outbound");

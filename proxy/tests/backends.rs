@@ -380,6 +380,39 @@ async fn clients_may_speak_http2() {
     assert_eq!(r.status(), 200);
 }
 
+/// Fields that a `Connection` header names are hop-by-hop (RFC 9110 §7.6.1):
+/// the proxy passes on neither them nor `Connection`, in either direction,
+/// and every other field as it came.
+#[tokio::test]
+async fn fields_named_by_connection_are_not_passed_on() {
+    let backend = MockServer::start().await;
+    let answer = ResponseTemplate::new(200)
+        .set_body_json(ok_body())
+        .insert_header("connection", "x-internal")
+        .insert_header("x-internal", "backend's own")
+        .insert_header("x-kept", "1");
+    Mock::given(method("POST")).respond_with(answer).mount(&backend).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let r = proxy
+        .client
+        .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base))
+        .header("api-key", "k")
+        .header("connection", "X-Private, keep-alive")
+        .header("x-private", "for the proxy")
+        .header("x-public", "for the backend")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-internal").is_none(), "{:?}", r.headers());
+    assert_eq!(r.headers()["x-kept"], "1");
+    let received = backend.received_requests().await.unwrap();
+    let headers = &received[0].headers;
+    assert!(headers.get("x-private").is_none() && headers.get("connection").is_none(), "{headers:?}");
+    assert_eq!(headers["x-public"], "for the backend");
+}
+
 #[tokio::test]
 async fn oversized_bodies_get_413() {
     let backend = MockServer::start().await;
