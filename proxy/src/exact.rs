@@ -115,20 +115,17 @@ end
 return false
 ";
 
-/// Appends the batches of changes (ARGV[4..]) of replica ARGV[2]; if token
-/// ARGV[1] still holds the lock, renews it for ARGV[3] ms, or releases it when
-/// ARGV[3] is 0 (the only use left: a lease that goes on is renewed with a
-/// transaction, [`Inner::renew`]). Returns whether it held, the id of the last entry appended,
-/// and whether another replica waits for the lock.
-const SHIP: &str = r"
+/// Appends the batches of changes (ARGV[3..]) of replica ARGV[2] and releases
+/// the lock if token ARGV[1] still holds it. Returns whether it held, the id of
+/// the last entry appended, and whether another replica waits for the lock. (A
+/// lease that goes on is renewed with a transaction, [`Inner::renew`].)
+const LET_GO: &str = r"
 local held = redis.call('GET', KEYS[1]) == ARGV[1]
 local last = ''
-for i = 4, #ARGV do
+for i = 3, #ARGV do
   last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'r', ARGV[2], 'e', ARGV[i])
 end
-if held then
-  if ARGV[3] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-end
+if held then redis.call('DEL', KEYS[1]) end
 return {held and 1 or 0, last, redis.call('EXISTS', KEYS[3])}
 ";
 
@@ -164,7 +161,7 @@ struct Inner<T> {
     suspended: AtomicBool,
     sequence: AtomicU64,
     acquire: redis::Script,
-    ship: redis::Script,
+    let_go: redis::Script,
     products: Vec<Product<T>>,
 }
 
@@ -301,7 +298,7 @@ impl<T: Journaled + Send + 'static> Exact<T> {
             suspended: AtomicBool::new(false),
             sequence: AtomicU64::new(0),
             acquire: redis::Script::new(ACQUIRE),
-            ship: redis::Script::new(SHIP),
+            let_go: redis::Script::new(LET_GO),
             products,
         };
         Ok(Exact { inner: Arc::new(inner) })
@@ -562,7 +559,7 @@ impl<T> Inner<T> {
         };
         let guard = InFlight { product: entry };
         let sent = Instant::now();
-        let reply = self.within(state, self.exchange(product, &token, LOCK_TTL, batches)).await;
+        let reply = self.within(state, self.renew(product, &token, batches)).await;
         let mut position = lock(&entry.position);
         std::mem::forget(guard);
         position.in_flight = false;
@@ -613,7 +610,7 @@ impl<T> Inner<T> {
             }
         };
         let sent = Instant::now();
-        let reply = self.within(state, self.exchange(product, &lease.token, Duration::ZERO, batches)).await;
+        let reply = self.within(state, self.release(product, &lease.token, batches)).await;
         let mut position = lock(&entry.position);
         if let Some((held, last, _)) = reply {
             record_round_trip(state, sent);
@@ -800,25 +797,20 @@ impl<T> Inner<T> {
         }
     }
 
-    /// Appends `batches` to the product's stream and renews the lock for
-    /// `ttl`, or releases it when `ttl` is zero, if `token` still holds it.
-    /// Returns whether it did, the last entry's id, and whether another
-    /// replica waits.
-    async fn exchange(
+    /// Appends `batches` to the product's stream and releases the lock if
+    /// `token` still holds it. Returns whether it did, the last entry's id,
+    /// and whether another replica waits.
+    async fn release(
         &self,
         product: usize,
         token: &str,
-        ttl: Duration,
         batches: Vec<String>,
     ) -> redis::RedisResult<(bool, String, bool)> {
-        if !ttl.is_zero() {
-            return self.renew(product, token, ttl, batches).await;
-        }
         let mut con = self.connection().await?;
         let entry = &self.products[product];
-        let mut invocation = self.ship.key(&entry.lock);
+        let mut invocation = self.let_go.key(&entry.lock);
         invocation.key(&entry.stream).key(&entry.wanted);
-        invocation.arg(token).arg(&self.replica).arg(0);
+        invocation.arg(token).arg(&self.replica);
         for batch in batches {
             invocation.arg(batch);
         }
@@ -826,11 +818,13 @@ impl<T> Inner<T> {
         Ok((held == 1, last, wanted == 1))
     }
 
-    /// [`Inner::exchange`] for a lease that goes on: one transaction (`MULTI`
-    /// and `EXEC`, so nothing runs between its commands) that reads the lock's
-    /// holder, appends, renews and asks whether another replica waits. It is
-    /// a third of the store's time of the script that letting go uses. The
-    /// renewal is not conditional: a replica whose lease ran out and passed
+    /// Appends `batches` to the product's stream and renews the lock for
+    /// [`LOCK_TTL`]: one transaction (`MULTI` and `EXEC`, so nothing runs
+    /// between its commands) that reads the lock's holder, appends, renews and
+    /// asks whether another replica waits. Returns whether `token` held the
+    /// lock, the last entry's id, and whether another replica waits. It takes
+    /// a third of the store's time a script does. The renewal is not
+    /// conditional: a replica whose lease ran out and passed
     /// on extends the next holder's lock by at most [`LOCK_TTL`], which only
     /// delays the fleet if that holder dies meanwhile; it learns from the
     /// holder read that its lease is gone.
@@ -838,7 +832,6 @@ impl<T> Inner<T> {
         &self,
         product: usize,
         token: &str,
-        ttl: Duration,
         batches: Vec<String>,
     ) -> redis::RedisResult<(bool, String, bool)> {
         let mut con = self.connection().await?;
@@ -849,7 +842,7 @@ impl<T> Inner<T> {
             pipe.cmd("XADD").arg(&entry.stream).arg("MAXLEN").arg("~").arg(100_000).arg("*");
             pipe.arg("r").arg(&self.replica).arg("e").arg(batch);
         }
-        pipe.cmd("PEXPIRE").arg(&entry.lock).arg(ttl.as_millis() as u64).ignore();
+        pipe.cmd("PEXPIRE").arg(&entry.lock).arg(LOCK_TTL.as_millis() as u64).ignore();
         pipe.cmd("EXISTS").arg(&entry.wanted);
         let replies: Vec<redis::Value> = pipe.query_async(&mut con).await?;
         let [holder, appended @ .., wanted] = replies.as_slice() else {
