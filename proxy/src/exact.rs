@@ -824,10 +824,10 @@ impl<T> Inner<T> {
     /// asks whether another replica waits. Returns whether `token` held the
     /// lock, the last entry's id, and whether another replica waits. It takes
     /// a third of the store's time a script does. The renewal is not
-    /// conditional: a replica whose lease ran out and passed
-    /// on extends the next holder's lock by at most [`LOCK_TTL`], which only
-    /// delays the fleet if that holder dies meanwhile; it learns from the
-    /// holder read that its lease is gone.
+    /// conditional: a replica whose lease ran out and passed on extends the
+    /// next holder's lock by at most [`LOCK_TTL`], which only delays the fleet
+    /// if that holder dies meanwhile; it learns from the holder read that its
+    /// lease is gone.
     async fn renew(
         &self,
         product: usize,
