@@ -74,6 +74,17 @@ impl Node {
     }
 }
 
+/// Caller `n`'s request (from IP 10.0.0.n) asking for `max_tokens`, with a
+/// prompt estimated at 20 tokens.
+fn request(n: u64, max_tokens: u64) -> RequestInfo {
+    RequestInfo {
+        ip: format!("10.0.0.{n}"),
+        max_tokens: Some(max_tokens),
+        prompt_tokens_estimate: Some(20),
+        ..RequestInfo::default()
+    }
+}
+
 /// A call: (gap in ms, caller, latency in ms, status, tokens, max_tokens).
 type Call = (u64, usize, u64, u16, u64, u64);
 
@@ -94,12 +105,7 @@ async fn replay(nodes: &[Node], calls: &[Call]) -> Vec<String> {
         let (_, caller, latency_ms, status, tokens, max_tokens) = calls[i];
         let node = &nodes[i % nodes.len()];
         if phase == 0 {
-            let req = RequestInfo {
-                ip: format!("10.0.0.{caller}"),
-                max_tokens: Some(max_tokens),
-                prompt_tokens_estimate: Some(20),
-                ..RequestInfo::default()
-            };
+            let req = request(caller as u64, max_tokens);
             let decision = node
                 .run(Nanos(now), move |book, now| match book.handle_request(now, &req) {
                     RequestDecision::Forward(a) => Ok(a.id),
@@ -260,12 +266,7 @@ fn every_change_is_in_the_store_before_the_client_hears_back() {
     let mut expected = 0;
     for i in 0..40u64 {
         let now = Nanos(i * 50_000_000);
-        let req = RequestInfo {
-            ip: format!("10.0.0.{}", i % 3),
-            max_tokens: Some(40),
-            prompt_tokens_estimate: Some(20),
-            ..RequestInfo::default()
-        };
+        let req = request(i % 3, 40);
         let admitted = match alone.handle_request(now, &req) {
             RequestDecision::Forward(a) => Some(a.id),
             RequestDecision::Reject(_) => None,
@@ -298,14 +299,8 @@ fn a_lease_taken_over_in_the_store_is_given_up_at_the_next_shipment() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let node = Node::replica(&policy, &redis.url(), "taken", 0);
     let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
-    let req = |i: u64| RequestInfo {
-        ip: format!("10.0.0.{i}"),
-        max_tokens: Some(40),
-        prompt_tokens_estimate: Some(20),
-        ..RequestInfo::default()
-    };
     let call = |i: u64| {
-        let req = req(i);
+        let req = request(i, 40);
         node.run(Nanos(i * 1_000_000), move |book, now| {
             matches!(book.handle_request(now, &req), RequestDecision::Forward(_))
         })
