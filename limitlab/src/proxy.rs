@@ -95,7 +95,7 @@ fn init_logs(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    proxy::logs::write_json(json);
+    proxy::logs::write_lines(if json { proxy::logs::Lines::Json } else { proxy::logs::Lines::Text });
     let _ = match json {
         true => builder.json().try_init(),
         false => builder.try_init(),
