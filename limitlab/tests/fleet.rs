@@ -5,7 +5,6 @@
 mod common;
 
 use common::{spawn, Process};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const LIMIT: usize = 6;
@@ -64,25 +63,12 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(400)).await;
 }
 
-/// A `redis-server` on a free loopback port, stopped when dropped.
-fn start_redis() -> (Process, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let redis = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server runs (Debian: apt install redis-server; .ci/run installs it)");
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    (Process { child: redis, urls: Vec::new() }, port)
-}
-
 #[tokio::test]
 async fn a_killed_replica_leaves_the_others_sharing_and_keeping_the_limit() {
     let dir = std::env::temp_dir().join(format!("limitlab-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (_redis, port) = start_redis();
+    let redis = redis_harness::Redis::start();
+    let port = redis.port;
     let mock = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
     for mode in ["lagged", "exact"] {
         one_replica_killed(&dir, mode, &mock.urls[0], port).await;
@@ -153,7 +139,8 @@ async fn call_until_answered(front: &str, stream: bool) -> u16 {
 async fn an_exact_replica_killed_right_after_answering_leaves_its_count_behind() {
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().to_owned();
-    let (_redis, port) = start_redis();
+    let redis = redis_harness::Redis::start();
+    let port = redis.port;
     let mock = spawn(&["mock", "--config", "mocks/fast.toml", "--listen", "127.0.0.1:0"], 1, None);
     for round in 0..8 {
         let stream = round % 2 == 1;

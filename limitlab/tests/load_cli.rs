@@ -191,6 +191,8 @@ fn subscription_keys_jwt_subjects_and_replicas_are_played_as_the_simulation_has_
 /// admits more than the limit, by what the simulation of the same lag says.
 #[test]
 fn a_lagged_fleet_on_redis_overshoots_as_its_simulation_says() {
+    // `load --local` starts the `redis-server` itself; a fresh machine gets one first.
+    redis_harness::ensure_installed();
     let dir = temp_dir("lagged");
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/replicas-lagged.toml"))
         .unwrap()

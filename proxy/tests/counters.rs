@@ -5,8 +5,9 @@
 
 mod common;
 
-use common::{free_port, replica, Redis};
+use common::replica;
 use proxy::ProxyConfig;
+use redis_harness::{free_port, Redis};
 use serde_json::json;
 use std::time::Duration;
 use wiremock::matchers::method;

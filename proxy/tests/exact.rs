@@ -4,11 +4,12 @@
 
 mod common;
 
-use common::{replica, Redis};
+use common::replica;
 use gateway_core::{LimitBook, Nanos, Policy, RequestDecision, RequestInfo, ResponseInfo};
 use proptest::prelude::*;
 use proxy::counters::{CountersConfig, StoreState};
 use proxy::exact::Exact;
+use redis_harness::Redis;
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,9 +1,7 @@
 //! Helpers shared by the proxy's integration tests.
 #![allow(dead_code)]
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// A TLS server identity for `localhost` signed by no public authority, offering
 /// `alpn`: the acceptor, and the certificate (DER and PEM) a client must trust.
@@ -21,52 +19,6 @@ pub fn localhost_tls(
         .unwrap();
     server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     (tokio_rustls::TlsAcceptor::from(Arc::new(server)), cert.cert.der().clone(), cert.cert.pem())
-}
-
-/// A `redis-server` on a loopback port, stopped when dropped. A machine
-/// without one fails the test with what to install: it is never skipped.
-pub struct Redis {
-    child: Child,
-    pub port: u16,
-}
-
-impl Redis {
-    pub fn start_on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (Debian: apt install redis-server; .ci/run installs it)");
-        // Held from here on, so that a panic below still stops the server.
-        let redis = Redis { child, port };
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("redis-server did not listen on {port}");
-    }
-
-    pub fn start() -> Redis {
-        Redis::start_on(free_port())
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A proxy served in this process: its front and admin base URLs.
