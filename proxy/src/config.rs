@@ -170,6 +170,10 @@ impl ProxyConfig {
                 return Err(format!("subscriptions[{i}] (`{}`): `key` is empty", s.id));
             }
         }
+        if axum::http::HeaderName::from_bytes(self.subscription_key_header.as_bytes()).is_err() {
+            let name = &self.subscription_key_header;
+            return Err(format!("`subscription_key_header`: `{name}` is not a valid HTTP field name"));
+        }
         if let Some(counters) = &self.counters {
             counters.validate()?;
         }
@@ -240,6 +244,8 @@ backends = [{ id = "primary", url = "https://contoso.openai.azure.com/openai" }]
     fn keys_and_backend_urls_that_cannot_work_are_refused() {
         ProxyConfig::from_toml("p.toml", GOOD).unwrap();
         check("key = \"key-a\"", "key = \"\"", "subscriptions[0] (`a`): `key` is empty");
+        let spaced = "subscription_key_header = \"Ocp Apim Key\"\n[[subscriptions]]";
+        check("[[subscriptions]]", spaced, "`subscription_key_header`: `Ocp Apim Key` is not a valid HTTP field name");
         for url in ["not a url", "ftp://contoso", "/openai", "https://"] {
             check("https://contoso.openai.azure.com/openai", url, "`routing` backend `primary`: ");
         }

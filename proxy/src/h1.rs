@@ -193,7 +193,8 @@ struct Head {
 }
 
 /// A complete response head at the front of `buf`, taken off it; `None` while
-/// the head is incomplete.
+/// the head is incomplete. The field values share the head's bytes rather
+/// than each being copied into an allocation of its own.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     // Nothing read yet (a pooled connection, before its answer): no head.
     if buf.is_empty() {
@@ -212,13 +213,22 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
     let code = response.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| malformed(format!("status {code}")))?;
     let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    // Each field's name, and where its value lies in the head, kept while the
+    // parser still borrows the buffer: one allocation for all the fields.
+    let start = buf.as_ptr() as usize;
+    let mut fields = Vec::with_capacity(response.headers.len());
     for field in response.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| malformed("a field name"))?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| malformed(format!("the value of `{name}`")))?;
+        let offset = field.value.as_ptr() as usize - start;
+        fields.push((name, offset..offset + field.value.len()));
+    }
+    let head = buf.split_to(length).freeze();
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, value) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(value))
+            .map_err(|_| malformed(format!("the value of `{name}`")))?;
         headers.append(name, value);
     }
-    buf.advance(length);
     Ok(Some(Head { status, version, headers }))
 }
 
@@ -559,6 +569,35 @@ mod tests {
         check(200, &[("content-length", "-1")], false, None);
         check(200, &[("content-length", "+7")], false, None);
         check(200, &[("content-length", "7,")], false, None);
+    }
+
+    #[test]
+    fn heads_are_read_field_by_field_and_the_body_is_left() {
+        // What `parse_head` made of `wire` (status and fields, "partial" or the
+        // error), and what it left in the buffer.
+        let check = |wire: &str, expected: &str, left: &str| {
+            let mut buf = BytesMut::from(wire);
+            let got = match parse_head(&mut buf) {
+                Ok(Some(head)) => {
+                    let fields = head.headers.iter().map(|(n, v)| format!(" {n}={}", v.to_str().unwrap()));
+                    format!("{}{}", head.status.as_u16(), fields.collect::<String>())
+                }
+                Ok(None) => "partial".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            assert_eq!(got, expected, "{wire:?}");
+            assert_eq!(&buf[..], left.as_bytes(), "{wire:?}");
+        };
+        let ok = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-A: 1\r\nx-a: 2\r\nX-Empty:\r\n\r\n";
+        let fields = "200 content-type=application/json x-a=1 x-a=2 x-empty=";
+        check(&format!("{ok}{{\"a\":1}}"), fields, "{\"a\":1}");
+        check(ok, fields, "");
+        check("HTTP/1.1 200 OK\r\nX-A: 1\r\n", "partial", "HTTP/1.1 200 OK\r\nX-A: 1\r\n");
+        check("HTTP/1.1 429 Too Many\r\nRetry-After: 3\r\n\r\nx", "429 retry-after=3", "x");
+        let bad = "HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\n\r\n";
+        let not_http = "the backend's answer is not HTTP/1.1: ";
+        check(bad, &format!("{not_http}the response head: invalid header value"), bad);
+        check("HTTP/1.1 099 Odd\r\n\r\n", &format!("{not_http}status 99"), "HTTP/1.1 099 Odd\r\n\r\n");
     }
 
     #[test]

@@ -172,6 +172,10 @@ async fn serve_front(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(client_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20));
+    // The same HTTP/1 settings, for connections known to be HTTP/1 from their
+    // first bytes: served without `auto`'s rewinding reader in between.
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(TokioTimer::new()).header_read_timeout(client_timeout).max_buf_size(1 << 20);
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -195,16 +199,24 @@ async fn serve_front(
             let response = Box::pin(server::handle(worker.clone(), from.clone(), request.map(Body::new)));
             async move { Ok::<_, std::convert::Infallible>(response.await) }
         });
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let (builder, http1, watcher) = (builder.clone(), http1.clone(), graceful.watcher());
         tokio::spawn(async move {
             // The first bytes decide HTTP/1 or HTTP/2 before hyper's own clock
             // runs: a client that sends nothing at all is timed out here.
-            let mut first = [0u8; 1];
-            if !matches!(tokio::time::timeout(client_timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
+            let mut first = [0u8; 3];
+            let Ok(Ok(seen @ 1..)) = tokio::time::timeout(client_timeout, stream.peek(&mut first)).await else {
                 return;
-            }
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
+            };
+            // HTTP/2's preface starts with `PRI`, a method HTTP/1 never uses.
+            // A start that may still become it is left to `auto` to read.
+            let served = match b"PRI".starts_with(&first[..seen]) {
+                true => {
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                false => watcher.watch(http1.serve_connection(TokioIo::new(stream), service)).await.map_err(Into::into),
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "client connection ended");
             }
         });

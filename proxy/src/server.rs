@@ -43,6 +43,10 @@ pub struct Proxy {
     headers_read: Vec<Vec<String>>,
     /// (key, subscription index), looked up by key.
     keys: Vec<(String, usize)>,
+    /// `subscription_key_header`, parsed once: a name given in mixed case
+    /// (APIM's `Ocp-Apim-Subscription-Key`) is otherwise lowercased and hashed
+    /// again for every request.
+    key_header: HeaderName,
     /// The routing backends' URLs, by position, split for joining.
     bases: Vec<BaseUrl>,
     /// The TLS settings of backend connections when `ca_files` adds authorities.
@@ -117,6 +121,8 @@ impl Proxy {
             _ => None,
         };
         let metrics = Metrics::new(&config);
+        let key_header = HeaderName::from_bytes(config.subscription_key_header.as_bytes())
+            .map_err(|_| "`subscription_key_header` is not a valid HTTP field name".to_string())?;
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
         let headers_read = config.products.iter().map(|p| p.policy().headers_read()).collect();
@@ -157,6 +163,7 @@ impl Proxy {
             store: Default::default(),
             exact,
             keys,
+            key_header,
             epoch,
             epoch_unix,
             metrics,
@@ -406,23 +413,20 @@ impl KeyRefusal {
 /// without a key when the config serves those under `anonymous_product`.
 fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(Option<usize>, usize), KeyRefusal> {
     // An empty value is no key at all, as APIM treats it.
-    let from_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+    let from_header = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
     let from_query = || {
         let query = uri.query()?;
         query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == proxy.config.subscription_key_query))
     };
-    let given = from_header(&proxy.config.subscription_key_header)
-        .or_else(|| from_header("api-key"))
+    let given = from_header(&proxy.key_header)
+        .or_else(|| from_header(&API_KEY))
         .or_else(|| from_query().map(|(_, v)| v).filter(|v| !v.is_empty()));
     let Some(given) = given else {
         let anonymous = proxy.config.anonymous_product.as_ref();
         let product = anonymous.and_then(|name| proxy.config.products.iter().position(|p| &p.name == name));
         return product.map(|p| (None, p)).ok_or(KeyRefusal::Missing);
     };
-    let (key, wanted_product) = match given.split_once(";product=") {
-        Some((k, p)) => (k, Some(p)),
-        None => (given, None),
-    };
+    let (key, wanted_product) = split_product(given);
     let Some(&(_, index)) = proxy.keys.iter().find(|(k, _)| k == key) else { return Err(KeyRefusal::Invalid) };
     let s = &proxy.config.subscriptions[index];
     let name = match wanted_product {
@@ -433,6 +437,21 @@ fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(Option
     let product = proxy.config.products.iter().position(|p| p.name == name).expect("validated");
     Ok((Some(index), product))
 }
+
+/// A key as APIM reads it: `KEY;product=NAME` asks for one of the
+/// subscription's products by name. Split at the first `;product=`, found
+/// through the `;`s (a key rarely has one), not with a substring search, whose
+/// set-up alone costs more than the scan for each request.
+fn split_product(given: &str) -> (&str, Option<&str>) {
+    const MARK: &str = ";product=";
+    match given.match_indices(';').find(|&(i, _)| given[i..].starts_with(MARK)) {
+        Some((i, _)) => (&given[..i], Some(&given[i + MARK.len()..])),
+        None => (given, None),
+    }
+}
+
+/// Azure OpenAI's own key header, which the proxy takes as a subscription key too.
+static API_KEY: HeaderName = HeaderName::from_static("api-key");
 
 /// A client connection's peer, with its address written out once per
 /// connection rather than once per request.
@@ -463,7 +482,10 @@ fn client_ip(trusted: &[std::net::IpAddr], peer: &Peer, headers: &HeaderMap) -> 
 /// The tokenizer to count with: the deployment name often is the model's.
 fn deployment_model(path: &str) -> String {
     let deployment = path.strip_prefix("/openai/deployments/").and_then(|p| p.split('/').next()).unwrap_or("gpt-4o");
-    if deployment.contains("35") || deployment.starts_with("gpt-4-") || deployment == "gpt-4" {
+    // `windows`, not `contains("35")`: a substring search's set-up costs more
+    // than scanning a deployment name.
+    let gpt35 = deployment.as_bytes().windows(2).any(|pair| pair == b"35");
+    if gpt35 || deployment.starts_with("gpt-4-") || deployment == "gpt-4" {
         return deployment.to_owned();
     }
     "gpt-4o".to_owned()
@@ -1150,7 +1172,38 @@ fn charged_stream(
 }
 #[cfg(test)]
 mod tests {
-    use super::BaseUrl;
+    use super::{deployment_model, split_product, BaseUrl};
+
+    #[test]
+    fn keys_name_their_product_as_apim_reads_them() {
+        // The reference: `split_once` at the first `;product=`.
+        let check = |given: &str, expected: (&str, Option<&str>)| {
+            let reference = given.split_once(";product=").map_or((given, None), |(k, p)| (k, Some(p)));
+            assert_eq!(split_product(given), expected, "{given}");
+            assert_eq!(split_product(given), reference, "{given}");
+        };
+        check("k", ("k", None));
+        check("k;product=p", ("k", Some("p")));
+        check("a;b;product=p", ("a;b", Some("p")));
+        check("k;product=p;product=q", ("k", Some("p;product=q")));
+        check("k;product=", ("k", Some("")));
+        check("k;produc", ("k;produc", None));
+        check(";product=p", ("", Some("p")));
+        check("k;", ("k;", None));
+    }
+
+    #[test]
+    fn deployments_name_their_tokenizer() {
+        let check = |path: &str, expected: &str| assert_eq!(deployment_model(path), expected, "{path}");
+        check("/openai/deployments/gpt-35-turbo/chat/completions", "gpt-35-turbo");
+        check("/openai/deployments/my35/chat/completions", "my35");
+        check("/openai/deployments/gpt-4/chat/completions", "gpt-4");
+        check("/openai/deployments/gpt-4-32k/chat/completions", "gpt-4-32k");
+        check("/openai/deployments/gpt-4o-mini/chat/completions", "gpt-4o");
+        check("/openai/deployments/3/chat/completions", "gpt-4o");
+        check("/openai/deployments/3x5/chat/completions", "gpt-4o");
+        check("/openai/v1/chat/completions", "gpt-4o");
+    }
 
     /// The backend URI as the proxy first wrote it, with `format!` and a parse:
     /// the reference the split-once join must agree with.
