@@ -720,26 +720,31 @@ fn end_abandoned(lifecycle: &mut Lifecycle, now: Nanos, step: Step) {
     }
 }
 
-/// Hop-by-hop headers and the client's credentials never reach a backend.
-fn forwardable(name: &HeaderName, key_header: &str) -> bool {
-    !NEVER_PASSED.contains(&name.as_str()) && !name.as_str().eq_ignore_ascii_case(key_header)
-}
-
 /// The fields that never pass the proxy: hop-by-hop ones, those it writes
 /// itself, and the client's credentials.
-const NEVER_PASSED: [&str; 11] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "host",
-    "content-length",
-    "api-key",
-    "authorization",
+static NEVER_PASSED: [HeaderName; 11] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::HOST,
+    header::CONTENT_LENGTH,
+    HeaderName::from_static("api-key"),
+    header::AUTHORIZATION,
 ];
+
+/// Takes out of `headers` the fields that never pass the proxy, and those its
+/// `Connection` field names. Done in place: cheaper than copying every other
+/// field into a new map, and the more so the more fields a message carries.
+fn strip_unpassed(headers: &mut HeaderMap) {
+    let hop = nominated(headers);
+    for name in NEVER_PASSED.iter().chain(&hop) {
+        headers.remove(name);
+    }
+}
 
 /// The fields a `Connection` header names: hop-by-hop like the standard ones
 /// (RFC 9110 §7.6.1), so they are never passed on either way.
@@ -747,7 +752,7 @@ fn nominated(headers: &HeaderMap) -> Vec<HeaderName> {
     let values = headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok());
     let tokens = values.flat_map(|v| v.split(',')).map(str::trim);
     // `keep-alive`, the usual token, is dropped anyway: no allocation for it.
-    let tokens = tokens.filter(|t| !NEVER_PASSED.iter().any(|name| name.eq_ignore_ascii_case(t)));
+    let tokens = tokens.filter(|t| !NEVER_PASSED.iter().any(|name| name.as_str().eq_ignore_ascii_case(t)));
     tokens.filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect()
 }
 
@@ -839,11 +844,9 @@ fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<h
     *request.method_mut() = req.parts.method.clone();
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
-    let key_header = &proxy.config.subscription_key_header;
-    let hop = nominated(&req.parts.headers);
-    for (name, value) in req.parts.headers.iter().filter(|(n, _)| forwardable(n, key_header) && !hop.contains(n)) {
-        headers.append(name, value.clone());
-    }
+    *headers = req.parts.headers.clone();
+    strip_unpassed(headers);
+    headers.remove(&proxy.key_header);
     apply_set_headers(headers, &proxy.config.products[req.product].set_headers, "inbound");
     if let Some((name, value)) = &proxy.credentials[index] {
         headers.append(name, value.clone());
@@ -926,10 +929,8 @@ async fn deliver(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let mut out = Response::new(Body::empty());
     *out.status_mut() = parts.status;
-    let hop = nominated(&parts.headers);
-    for (name, value) in parts.headers.iter().filter(|(n, _)| forwardable(n, "") && !hop.contains(n)) {
-        out.headers_mut().append(name, value.clone());
-    }
+    *out.headers_mut() = parts.headers;
+    strip_unpassed(out.headers_mut());
     apply_set_headers(out.headers_mut(), &proxy.config.products[req.product].set_headers, "outbound");
     if streaming {
         let charge = Charge::new(proxy, req, id);

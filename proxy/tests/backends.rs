@@ -414,6 +414,27 @@ async fn fields_named_by_connection_are_not_passed_on() {
 }
 
 #[tokio::test]
+async fn a_key_in_apims_subscription_header_is_never_passed_on() {
+    let backend = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let r = proxy
+        .client
+        .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base))
+        .header("Ocp-Apim-Subscription-Key", "k")
+        .header("x-public", "for the backend")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let received = backend.received_requests().await.unwrap();
+    let headers = &received[0].headers;
+    assert!(headers.get("ocp-apim-subscription-key").is_none(), "the client's key reached the backend: {headers:?}");
+    assert_eq!(headers["x-public"], "for the backend");
+}
+
+#[tokio::test]
 async fn oversized_bodies_get_413() {
     let backend = MockServer::start().await;
     let proxy = start(&format!("max_body_bytes = 1000\n{}", config(&backend.uri(), &backend.uri(), "", ""))).await;
