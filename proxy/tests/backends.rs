@@ -31,13 +31,14 @@ async fn start(config: &str) -> Running {
 
 impl Running {
     async fn chat(&self, body: Value) -> reqwest::Response {
-        self.client
-            .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", self.base))
-            .header("api-key", "k")
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        self.chat_with(&[("api-key", "k")], body).await
+    }
+
+    /// A chat call that carries exactly `fields` besides what the client adds.
+    async fn chat_with(&self, fields: &[(&str, &str)], body: Value) -> reqwest::Response {
+        let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", self.base);
+        let request = fields.iter().fold(self.client.post(url), |r, (name, value)| r.header(*name, *value));
+        request.json(&body).send().await.unwrap()
     }
 
     async fn metrics(&self) -> String {
@@ -338,15 +339,9 @@ async fn trusted_proxies_name_the_client_by_x_forwarded_for() {
     let backend = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
     let limits = "[[products.policy.limits]]\ntype = \"rate-limit-by-key\"\ncalls = 1\nrenewal_period = 60\ncounter_key = \"ip\"\n";
-    let send = |proxy: &Running, forwarded: &'static str| {
-        let request = proxy
-            .client
-            .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base))
-            .header("api-key", "k")
-            .header("x-forwarded-for", forwarded)
-            .json(&json!({}));
-        async move { request.send().await.unwrap().status().as_u16() }
-    };
+    async fn send(proxy: &Running, forwarded: &str) -> u16 {
+        proxy.chat_with(&[("api-key", "k"), ("x-forwarded-for", forwarded)], json!({})).await.status().as_u16()
+    }
     let trusting =
         start(&format!("trusted_proxies = [\"127.0.0.1\"]\n{}", config(&backend.uri(), &backend.uri(), "", limits)))
             .await;
@@ -393,17 +388,13 @@ async fn fields_named_by_connection_are_not_passed_on() {
         .insert_header("x-kept", "1");
     Mock::given(method("POST")).respond_with(answer).mount(&backend).await;
     let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
-    let r = proxy
-        .client
-        .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base))
-        .header("api-key", "k")
-        .header("connection", "X-Private, keep-alive")
-        .header("x-private", "for the proxy")
-        .header("x-public", "for the backend")
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let fields = [
+        ("api-key", "k"),
+        ("connection", "X-Private, keep-alive"),
+        ("x-private", "for the proxy"),
+        ("x-public", "for the backend"),
+    ];
+    let r = proxy.chat_with(&fields, json!({})).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("x-internal").is_none(), "{:?}", r.headers());
     assert_eq!(r.headers()["x-kept"], "1");
@@ -418,15 +409,8 @@ async fn a_key_in_apims_subscription_header_is_never_passed_on() {
     let backend = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
     let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
-    let r = proxy
-        .client
-        .post(format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base))
-        .header("Ocp-Apim-Subscription-Key", "k")
-        .header("x-public", "for the backend")
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let fields = [("Ocp-Apim-Subscription-Key", "k"), ("x-public", "for the backend")];
+    let r = proxy.chat_with(&fields, json!({})).await;
     assert_eq!(r.status(), 200);
     let received = backend.received_requests().await.unwrap();
     let headers = &received[0].headers;
