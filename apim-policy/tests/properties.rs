@@ -55,14 +55,39 @@ fn condition() -> impl Strategy<Value = String> {
     })
 }
 
+/// One limit's random draws, before they become its TOML table.
+struct Draw {
+    condition: Option<String>,
+    count: u64,
+    period: u64,
+    big: u64,
+    names: Vec<Option<String>>,
+    flag: bool,
+    pick: u8,
+}
+
+impl Draw {
+    /// Sets each field of `fields` whose drawn name is there.
+    fn set_names(&self, t: &mut toml::Table, fields: &[&str]) {
+        for (field, name) in fields.iter().zip(&self.names) {
+            if let Some(name) = name {
+                t.insert((*field).to_owned(), name.as_str().into());
+            }
+        }
+    }
+
+    fn set_condition(&self, t: &mut toml::Table) {
+        if let Some(c) = &self.condition {
+            t.insert("increment_condition".into(), c.as_str().into());
+        }
+    }
+}
+
 fn limit() -> impl Strategy<Value = toml::Table> {
     let names = prop::collection::vec(prop::option::of(name()), 8);
     (0usize..6, key(), prop::option::of(condition()), 1u64..5, 1u64..300, 1u64..1_000_000, names, any::<bool>(), 0u8..4)
         .prop_map(|(kind, key, condition, count, period, big, names, flag, pick)| {
-            let mut t = toml::Table::new();
-            let set = |t: &mut toml::Table, k: &str, v: toml::Value| {
-                t.insert(k.to_owned(), v);
-            };
+            let draw = Draw { condition, count, period, big, names, flag, pick };
             let element = [
                 "rate-limit",
                 "rate-limit-by-key",
@@ -71,88 +96,73 @@ fn limit() -> impl Strategy<Value = toml::Table> {
                 "azure-openai-token-limit",
                 "llm-token-limit",
             ][kind];
-            set(&mut t, "type", element.into());
-            let key_value = toml::Value::try_from(&key).unwrap();
-            let by_key = kind % 2 == 1 || kind >= 4;
-            if by_key {
-                set(&mut t, "counter_key", key_value);
+            let mut t = toml::Table::new();
+            t.insert("type".into(), element.into());
+            if kind % 2 == 1 || kind >= 4 {
+                t.insert("counter_key".into(), toml::Value::try_from(&key).unwrap());
             }
-            let name = |i: usize| names[i].clone();
             match kind {
-                0 | 1 => {
-                    set(&mut t, "calls", (big as i64 % 1000 + 1).into());
-                    set(&mut t, "renewal_period", (period as i64).into());
-                    set(&mut t, "increment_count", (count as i64).into());
-                    if let Some(c) = &condition {
-                        set(&mut t, "increment_condition", c.as_str().into());
-                    }
-                    for (i, f) in [
-                        "retry_after_header_name",
-                        "retry_after_variable_name",
-                        "remaining_calls_header_name",
-                        "remaining_calls_variable_name",
-                        "total_calls_header_name",
-                    ]
-                    .iter()
-                    .enumerate()
-                    {
-                        if let Some(n) = name(i) {
-                            set(&mut t, f, n.into());
-                        }
-                    }
-                }
-                2 | 3 => {
-                    if pick != 1 {
-                        set(&mut t, "calls", (big as i64).into());
-                    }
-                    if pick >= 1 {
-                        set(&mut t, "bandwidth", format!("{} KB", big % 100_000 + 1).into());
-                    }
-                    set(&mut t, "renewal_period", (period as i64 * 1000).into());
-                    set(&mut t, "increment_count", (count as i64).into());
-                    set(
-                        &mut t,
-                        "first_period_start",
-                        format!("20{:02}-0{}-1{}T0{}:00:00Z", big % 30, 1 + pick, pick, pick).into(),
-                    );
-                    if let Some(c) = &condition {
-                        set(&mut t, "increment_condition", c.as_str().into());
-                    }
-                }
-                _ => {
-                    if pick != 1 {
-                        set(&mut t, "tokens_per_minute", (big as i64).into());
-                    }
-                    if pick >= 1 {
-                        set(&mut t, "token_quota", (big as i64 * 7).into());
-                        set(
-                            &mut t,
-                            "token_quota_period",
-                            ["Hourly", "Daily", "Weekly", "Monthly"][pick as usize].into(),
-                        );
-                    }
-                    set(&mut t, "estimate_prompt_tokens", flag.into());
-                    for (i, f) in [
-                        "retry_after_header_name",
-                        "retry_after_variable_name",
-                        "remaining_tokens_header_name",
-                        "remaining_tokens_variable_name",
-                        "tokens_consumed_header_name",
-                        "tokens_consumed_variable_name",
-                        "remaining_quota_tokens_header_name",
-                        "remaining_quota_tokens_variable_name",
-                    ]
-                    .iter()
-                    .enumerate()
-                    {
-                        if let Some(n) = name(i) {
-                            set(&mut t, f, n.into());
-                        }
-                    }
-                }
+                0 | 1 => rate_limit_fields(&mut t, &draw),
+                2 | 3 => quota_fields(&mut t, &draw),
+                _ => token_limit_fields(&mut t, &draw),
             }
             t
         })
+}
+
+fn rate_limit_fields(t: &mut toml::Table, d: &Draw) {
+    t.insert("calls".into(), (d.big as i64 % 1000 + 1).into());
+    t.insert("renewal_period".into(), (d.period as i64).into());
+    t.insert("increment_count".into(), (d.count as i64).into());
+    d.set_condition(t);
+    d.set_names(
+        t,
+        &[
+            "retry_after_header_name",
+            "retry_after_variable_name",
+            "remaining_calls_header_name",
+            "remaining_calls_variable_name",
+            "total_calls_header_name",
+        ],
+    );
+}
+
+fn quota_fields(t: &mut toml::Table, d: &Draw) {
+    if d.pick != 1 {
+        t.insert("calls".into(), (d.big as i64).into());
+    }
+    if d.pick >= 1 {
+        t.insert("bandwidth".into(), format!("{} KB", d.big % 100_000 + 1).into());
+    }
+    t.insert("renewal_period".into(), (d.period as i64 * 1000).into());
+    t.insert("increment_count".into(), (d.count as i64).into());
+    let start = format!("20{:02}-0{}-1{}T0{}:00:00Z", d.big % 30, 1 + d.pick, d.pick, d.pick);
+    t.insert("first_period_start".into(), start.into());
+    d.set_condition(t);
+}
+
+fn token_limit_fields(t: &mut toml::Table, d: &Draw) {
+    if d.pick != 1 {
+        t.insert("tokens_per_minute".into(), (d.big as i64).into());
+    }
+    if d.pick >= 1 {
+        t.insert("token_quota".into(), (d.big as i64 * 7).into());
+        t.insert("token_quota_period".into(), ["Hourly", "Daily", "Weekly", "Monthly"][d.pick as usize].into());
+    }
+    t.insert("estimate_prompt_tokens".into(), d.flag.into());
+    d.set_names(
+        t,
+        &[
+            "retry_after_header_name",
+            "retry_after_variable_name",
+            "remaining_tokens_header_name",
+            "remaining_tokens_variable_name",
+            "tokens_consumed_header_name",
+            "tokens_consumed_variable_name",
+            "remaining_quota_tokens_header_name",
+            "remaining_quota_tokens_variable_name",
+        ],
+    );
 }
 
 proptest! {

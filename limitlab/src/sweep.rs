@@ -20,39 +20,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let scenario = crate::paths::load_scenario(&args.scenario, crate::paths::Rates::AsWritten, args.allow_large)?;
     let base = args.scenario.parent().unwrap_or(Path::new("."));
-    let varies =
-        args.vary.iter().map(|v| sweep::parse_vary(v)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(!varies.is_empty(), "give at least one --vary PATH=VALUES");
-    anyhow::ensure!(args.seeds >= 1, "--seeds must be at least 1");
-    anyhow::ensure!(args.jobs != Some(0), "--jobs must be at least 1");
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&args.pass_share),
-        "--pass-share is a share of seeds, 0 to 1; got {}",
-        args.pass_share
-    );
-    let slos =
-        args.slo.iter().map(|s| sweep::parse_slo(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
-    sweep::check_slos(&scenario, &slos).map_err(anyhow::Error::msg)?;
-    // A sweep sizes limits and capacity: over demand, "the cheapest passing point"
-    // would be the least traffic, an answer to a question nobody asked.
-    if let Some(v) = varies.iter().find(|v| v.path.starts_with("clients.")).filter(|_| !args.allow_demand) {
-        anyhow::bail!(
-            "`--vary {}` changes a client's demand, not a limit or a capacity: the point recommended would be the \
-             one with the least traffic. Vary a limit (`gateway.policy...`) or a backend (`backends...`), or pass \
-             --allow-demand to explore demand anyway",
-            v.path
-        );
-    }
-    // Every path is tried on the scenario first, so a typo fails before any run;
-    // each value of a demand path is sized like a scenario of its own.
-    let allow =
-        if args.allow_large { simulator::scenario::AllowLarge::Yes } else { simulator::scenario::AllowLarge::No };
-    for v in &varies {
-        for value in &v.values {
-            let point = sweep::apply(&scenario, &v.path, *value).map_err(anyhow::Error::msg)?;
-            point.check_size(1.0, allow).map_err(|e| anyhow::anyhow!("`{}` = {value}: {e}", v.path))?;
-        }
-    }
+    let (varies, slos) = checked_grid(&args, &scenario)?;
     let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let options = SweepOptions { varies, seeds: args.seeds, slos, jobs, pass_share: args.pass_share };
     let dir = args.out.clone().unwrap_or_else(|| Path::new("reports").join(format!("{}-sweep", scenario.name)));
@@ -73,9 +41,61 @@ pub fn run(args: Args) -> Result<()> {
     let simulated: u64 = result.points.iter().map(|p| p.simulated_requests).sum();
     simulator::output::write_sweep(&dir, &result).map_err(anyhow::Error::msg).context("writing the sweep")?;
     print_table(&result)?;
+    print_recommendation(&result)?;
+    say!(
+        "{} runs ({} points x {} seeds) in {wall:.1} s on {jobs} threads: {simulated} simulated requests, {:.0} per second",
+        result.points.len() as u64 * result.seeds,
+        result.points.len(),
+        result.seeds,
+        simulated as f64 / wall
+    );
+    say!("sweep: {} (sweep.json, sweep.csv, sweep.html, plots)", dir.display());
+    Ok(())
+}
+
+/// The grid and the SLOs the arguments give, each checked against the
+/// scenario before any run, so that a typo or a point too large fails first.
+fn checked_grid(args: &Args, scenario: &simulator::Scenario) -> Result<(Vec<sweep::Vary>, Vec<sweep::Slo>)> {
+    let varies =
+        args.vary.iter().map(|v| sweep::parse_vary(v)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(!varies.is_empty(), "give at least one --vary PATH=VALUES");
+    anyhow::ensure!(args.seeds >= 1, "--seeds must be at least 1");
+    anyhow::ensure!(args.jobs != Some(0), "--jobs must be at least 1");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.pass_share),
+        "--pass-share is a share of seeds, 0 to 1; got {}",
+        args.pass_share
+    );
+    let slos =
+        args.slo.iter().map(|s| sweep::parse_slo(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    sweep::check_slos(scenario, &slos).map_err(anyhow::Error::msg)?;
+    // A sweep sizes limits and capacity: over demand, "the cheapest passing point"
+    // would be the least traffic, an answer to a question nobody asked.
+    if let Some(v) = varies.iter().find(|v| v.path.starts_with("clients.")).filter(|_| !args.allow_demand) {
+        anyhow::bail!(
+            "`--vary {}` changes a client's demand, not a limit or a capacity: the point recommended would be the \
+             one with the least traffic. Vary a limit (`gateway.policy...`) or a backend (`backends...`), or pass \
+             --allow-demand to explore demand anyway",
+            v.path
+        );
+    }
+    // Every path is tried on the scenario first, so a typo fails before any run;
+    // each value of a demand path is sized like a scenario of its own.
+    let allow =
+        if args.allow_large { simulator::scenario::AllowLarge::Yes } else { simulator::scenario::AllowLarge::No };
+    for v in &varies {
+        for value in &v.values {
+            let point = sweep::apply(scenario, &v.path, *value).map_err(anyhow::Error::msg)?;
+            point.check_size(1.0, allow).map_err(|e| anyhow::anyhow!("`{}` = {value}: {e}", v.path))?;
+        }
+    }
+    Ok((varies, slos))
+}
+
+fn print_recommendation(result: &sweep::SweepResult) -> Result<()> {
     match (result.recommended, result.slos.is_empty()) {
         (Some(i), _) => {
-            say!("recommended: {}", simulator::output::point_text(&result, i));
+            say!("recommended: {}", simulator::output::point_text(result, i));
             let bounds_refusals = result.slos.iter().any(|s| s.figure.ends_with("ratio") || s.figure.ends_with("ok"));
             if !bounds_refusals {
                 say!(
@@ -90,14 +110,6 @@ pub fn run(args: Args) -> Result<()> {
         ),
         (None, false) => say!("no point meets the SLOs on {:.0}% of seeds", result.pass_share * 100.0),
     }
-    say!(
-        "{} runs ({} points x {} seeds) in {wall:.1} s on {jobs} threads: {simulated} simulated requests, {:.0} per second",
-        result.points.len() as u64 * result.seeds,
-        result.points.len(),
-        result.seeds,
-        simulated as f64 / wall
-    );
-    say!("sweep: {} (sweep.json, sweep.csv, sweep.html, plots)", dir.display());
     Ok(())
 }
 

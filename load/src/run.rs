@@ -391,10 +391,29 @@ impl<'s> Player<'s> {
         backends: Option<Vec<simulator::report::BackendStats>>,
         keep: bool,
     ) -> Outcome {
-        let by_call: BTreeMap<(&str, u64, u32), &GatewayLine> =
-            lines.iter().map(|l| ((l.client.as_str(), l.request, l.attempt), l)).collect();
         let mut recorder = Recorder::new(self.scenario, keep);
         self.done.sort_by_key(|d| (d.finished, d.order));
+        let unmatched = self.record_calls(&mut recorder, lines, keep);
+        for (client, retries) in self.sdk_retries.iter().enumerate() {
+            (0..*retries).for_each(|_| recorder.sdk_retry(client));
+        }
+        let mut report = recorder.report(self.scenario, seed);
+        report.mode = Mode::Live;
+        report.complete = !self.interrupted && !self.capped;
+        if let Some(backends) = backends {
+            report.backends = backends;
+        }
+        let notes = self.notes(unmatched);
+        let decisions = recorder.decisions();
+        Outcome { report, decisions, notes }
+    }
+
+    /// Records every finished call, in the order they finished, each with its
+    /// line of the gateway's log when there is one. Returns how many calls had
+    /// no line in a log that was given.
+    fn record_calls(&self, recorder: &mut Recorder, lines: &[GatewayLine], keep: bool) -> u64 {
+        let by_call: BTreeMap<(&str, u64, u32), &GatewayLine> =
+            lines.iter().map(|l| ((l.client.as_str(), l.request, l.attempt), l)).collect();
         let mut unmatched = 0;
         for done in &self.done {
             let client = &self.scenario.clients[done.call.client];
@@ -416,26 +435,15 @@ impl<'s> Player<'s> {
                 Ok(reply) if record.attempts.is_empty() => retry_after_secs(&reply.retry_headers),
                 _ => None,
             };
-            recorder.request(
-                done.call.client,
-                done.finished - self.start,
-                done.order,
-                &record,
-                record.reason,
-                latency,
-                retry_after,
-                decision,
-            );
+            let at = done.finished - self.start;
+            recorder.request(done.call.client, at, done.order, &record, record.reason, latency, retry_after, decision);
         }
-        for (client, retries) in self.sdk_retries.iter().enumerate() {
-            (0..*retries).for_each(|_| recorder.sdk_retry(client));
-        }
-        let mut report = recorder.report(self.scenario, seed);
-        report.mode = Mode::Live;
-        report.complete = !self.interrupted && !self.capped;
-        if let Some(backends) = backends {
-            report.backends = backends;
-        }
+        unmatched
+    }
+
+    /// What the report must say about calls it does not count as the
+    /// simulation would: cut short, capped, uncarried or unmatched.
+    fn notes(&self, unmatched: u64) -> Vec<String> {
         let mut notes = Vec::new();
         if self.interrupted {
             notes.push("interrupted: the report covers the calls that finished before Ctrl-C".to_owned());
@@ -466,8 +474,7 @@ impl<'s> Player<'s> {
         if unmatched > 0 {
             notes.push(format!("{unmatched} calls have no line in the gateway's decision log; their outcome is read from their answers"));
         }
-        let decisions = recorder.decisions();
-        Outcome { report, decisions, notes }
+        notes
     }
 }
 

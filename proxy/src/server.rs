@@ -80,39 +80,8 @@ struct Admitted {
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Result<Proxy, String> {
-        let lifecycles = config
-            .products
-            .iter()
-            .map(|p| Lifecycle::new(p.policy(), config.routing.clone(), rand::random()).map(Mutex::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        // A replica that shares its counters journals its changes for the others.
-        if config.counters.is_some() {
-            for lifecycle in &lifecycles {
-                lifecycle.lock().unwrap_or_else(|e| e.into_inner()).limits_mut().enable_journal();
-            }
-        }
-        let keys = config
-            .subscriptions
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let key = match (&s.key, &s.key_env) {
-                    (Some(k), _) => Ok(k.clone()),
-                    (None, Some(var)) => std::env::var(var).ok().filter(|k| !k.is_empty()).ok_or_else(|| {
-                        format!("subscription `{}`: environment variable `{var}` is not set or empty", s.id)
-                    }),
-                    (None, None) => unreachable!("validated"),
-                };
-                key.map(|k| (k, i))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        // Keys from the file and from the environment alike: one key, one subscription.
-        for (n, (key, i)) in keys.iter().enumerate() {
-            if let Some((_, j)) = keys[..n].iter().find(|(other, _)| other == key) {
-                let id = |k: &usize| &config.subscriptions[*k].id;
-                return Err(format!("subscriptions `{}` and `{}` have the same key", id(j), id(i)));
-            }
-        }
+        let lifecycles = lifecycles(&config)?;
+        let keys = subscription_keys(&config)?;
         let exact = match &config.counters {
             Some(counters) if counters.mode == Mode::Exact => {
                 let names = config.products.iter().map(|p| p.name.as_str());
@@ -126,22 +95,11 @@ impl Proxy {
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
         let needs_max_tokens = any_token_limit(&config, |t| t.reserve);
         let headers_read = config.products.iter().map(|p| p.policy().headers_read()).collect();
-        let bases = config
-            .routing
-            .backends
-            .iter()
-            .map(|b| BaseUrl::parse(&b.url).ok_or_else(|| format!("backend `{}`: `{}` is not a URL", b.id, b.url)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (bases, credentials) = backend_addresses(&config)?;
         let tls = match config.ca_files.is_empty() {
             true => None,
             false => Some(Upstream::tls_config_with(&config.ca_files)?),
         };
-        let credentials = config
-            .routing
-            .backends
-            .iter()
-            .map(|b| credential_header(b.credential.as_ref()).map_err(|e| format!("backend `{}`: {e}", b.id)))
-            .collect::<Result<Vec<_>, _>>()?;
         // Load both vocabularies now, not on the first request (they take a while).
         tokenizer::count("gpt-4o", "warm up");
         tokenizer::count("gpt-35-turbo", "warm up");
@@ -207,6 +165,56 @@ impl Proxy {
 }
 
 /// Per product: whether one of its token limits is `wanted`.
+/// A lifecycle per product. A replica that shares its counters journals its
+/// changes for the others.
+fn lifecycles(config: &ProxyConfig) -> Result<Vec<Mutex<Lifecycle>>, String> {
+    let new = |p: &crate::config::ProductConfig| Lifecycle::new(p.policy(), config.routing.clone(), rand::random());
+    let mut lifecycles = config.products.iter().map(new).collect::<Result<Vec<_>, _>>()?;
+    if config.counters.is_some() {
+        lifecycles.iter_mut().for_each(|l| l.limits_mut().enable_journal());
+    }
+    Ok(lifecycles.into_iter().map(Mutex::new).collect())
+}
+
+/// Each subscription's key (from the file or the environment) and index. Keys
+/// from the file and from the environment alike: one key, one subscription.
+fn subscription_keys(config: &ProxyConfig) -> Result<Vec<(String, usize)>, String> {
+    let key = |s: &crate::config::SubscriptionConfig| match (&s.key, &s.key_env) {
+        (Some(k), _) => Ok(k.clone()),
+        (None, Some(var)) => std::env::var(var)
+            .ok()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| format!("subscription `{}`: environment variable `{var}` is not set or empty", s.id)),
+        (None, None) => unreachable!("validated"),
+    };
+    let keys = config.subscriptions.iter().enumerate().map(|(i, s)| key(s).map(|k| (k, i)));
+    let keys = keys.collect::<Result<Vec<_>, _>>()?;
+    for (n, (key, i)) in keys.iter().enumerate() {
+        if let Some((_, j)) = keys[..n].iter().find(|(other, _)| other == key) {
+            let id = |k: &usize| &config.subscriptions[*k].id;
+            return Err(format!("subscriptions `{}` and `{}` have the same key", id(j), id(i)));
+        }
+    }
+    Ok(keys)
+}
+
+/// Each backend's base URL, split once, and the header that authenticates the
+/// proxy to it, if any.
+type Addresses = (Vec<BaseUrl>, Vec<Option<(HeaderName, HeaderValue)>>);
+
+fn backend_addresses(config: &ProxyConfig) -> Result<Addresses, String> {
+    let backends = &config.routing.backends;
+    let base = |b: &gateway_core::routing::Backend| {
+        BaseUrl::parse(&b.url).ok_or_else(|| format!("backend `{}`: `{}` is not a URL", b.id, b.url))
+    };
+    let credential = |b: &gateway_core::routing::Backend| {
+        credential_header(b.credential.as_ref()).map_err(|e| format!("backend `{}`: {e}", b.id))
+    };
+    let bases = backends.iter().map(base).collect::<Result<Vec<_>, _>>()?;
+    let credentials = backends.iter().map(credential).collect::<Result<Vec<_>, _>>()?;
+    Ok((bases, credentials))
+}
+
 fn any_token_limit(config: &ProxyConfig, wanted: impl Fn(&gateway_core::TokenLimit) -> bool) -> Vec<bool> {
     let token_limit = |l: &gateway_core::Limit| match l {
         gateway_core::Limit::AzureOpenAiTokenLimit(t) | gateway_core::Limit::LlmTokenLimit(t) => wanted(t),

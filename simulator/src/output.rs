@@ -75,6 +75,19 @@ pub fn html(scenario: &Scenario, report: &Report, verdict: &[String], svgs: &[(S
     }
     out.push_str("</ul>\n");
     out.push_str(GUIDE);
+    clients_table(&mut out, report);
+    backends_table(&mut out, report);
+    out.push_str("<h2>Plots</h2>\n");
+    for (caption, svg) in svgs {
+        let svg = svg.find("<svg").map_or(svg.as_str(), |i| &svg[i..]);
+        let _ = writeln!(out, "<figure>{svg}<figcaption>{}</figcaption></figure>", escape(caption));
+    }
+    out.push_str("</body></html>\n");
+    out
+}
+
+/// Each client's calls by outcome, retries, failovers, tokens and latency.
+fn clients_table(out: &mut String, report: &Report) {
     let reasons: Vec<&str> = report.reasons_shown().into_iter().map(gateway_core::Reason::as_str).collect();
     out.push_str("<h2>Clients</h2>\n<table><tr><th>client</th><th>calls</th>");
     for r in &reasons {
@@ -99,7 +112,12 @@ pub fn html(scenario: &Scenario, report: &Report, verdict: &[String], svgs: &[(S
             millis_text(c.latency_ms_p99)
         );
     }
-    out.push_str("</table>\n<h2>Backends</h2>\n<table><tr><th>backend</th><th>attempts</th><th>ok</th><th>429</th><th>5xx</th><th>timeouts</th><th>resets</th></tr>\n");
+    out.push_str("</table>\n");
+}
+
+/// Each backend's attempts and how they ended.
+fn backends_table(out: &mut String, report: &Report) {
+    out.push_str("<h2>Backends</h2>\n<table><tr><th>backend</th><th>attempts</th><th>ok</th><th>429</th><th>5xx</th><th>timeouts</th><th>resets</th></tr>\n");
     for b in &report.backends {
         let _ = writeln!(
             out,
@@ -113,13 +131,7 @@ pub fn html(scenario: &Scenario, report: &Report, verdict: &[String], svgs: &[(S
             b.transport_failures
         );
     }
-    out.push_str("</table>\n<h2>Plots</h2>\n");
-    for (caption, svg) in svgs {
-        let svg = svg.find("<svg").map_or(svg.as_str(), |i| &svg[i..]);
-        let _ = writeln!(out, "<figure>{svg}<figcaption>{}</figcaption></figure>", escape(caption));
-    }
-    out.push_str("</body></html>\n");
-    out
+    out.push_str("</table>\n");
 }
 
 /// Writes a sweep's files into `dir`: `sweep.json`, `sweep.csv`, the plots and `sweep.html`.

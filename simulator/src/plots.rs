@@ -1,6 +1,6 @@
 //! The report's plots, drawn with plotters as SVG (inlined in the HTML) and PNG.
 
-use crate::report::Report;
+use crate::report::{MinuteStats, Report};
 use crate::scenario::Scenario;
 use gateway_core::Limit;
 use plotters::prelude::*;
@@ -105,112 +105,113 @@ impl Chart {
 
 /// The report's charts, in the order the HTML shows them.
 pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
-    let minute = |m: &crate::report::MinuteStats| m.minute as f64;
-    let reasons = gateway_core::Reason::ALL.map(gateway_core::Reason::as_str);
-    let by_reason = reasons
-        .iter()
-        .filter(|r| report.minutes.iter().any(|m| m.by_reason.contains_key(*r)))
-        .map(|r| {
-            let points = report
-                .minutes
-                .iter()
-                .map(|m| (minute(m), m.by_reason.get(r).copied().unwrap_or(0) as f64 / 60.0))
-                .collect();
-            (r.to_string(), points)
-        })
-        .collect();
-    let per_backend = |pick: fn(&crate::report::MinuteStats) -> &Vec<u64>| {
-        report
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(b, stats)| {
-                (stats.name.clone(), report.minutes.iter().map(|m| (minute(m), pick(m)[b] as f64)).collect())
-            })
-            .collect::<Vec<_>>()
-    };
     let client_tokens = report
         .clients
         .iter()
         .enumerate()
-        .map(|(c, stats)| {
-            (stats.name.clone(), report.minutes.iter().map(|m| (minute(m), m.client_tokens[c] as f64)).collect())
-        })
+        .map(|(c, stats)| (stats.name.clone(), per_minute(report, |m| m.client_tokens[c] as f64)))
         .collect();
-    let key_limits: Vec<(String, f64)> = scenario
-        .gateway
-        .policy()
-        .limits
-        .iter()
-        .filter_map(|l| match l {
-            Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
-                t.tokens_per_minute.map(|tpm| (format!("{} per key", l.element()), tpm as f64))
-            }
-            _ => None,
-        })
-        .collect();
-    let mut failures = per_backend(|m| &m.backend_throttled);
+    vec![
+        requests_chart(report),
+        client_tokens_chart(report, client_tokens, key_token_limits(scenario)),
+        backend_tokens_chart(scenario, report),
+        latency_chart(report),
+        backend_failures_chart(report),
+    ]
+}
+
+/// One point a minute of the run: the minute, and `value` of its figures.
+fn per_minute(report: &Report, value: impl Fn(&MinuteStats) -> f64) -> Line {
+    report.minutes.iter().map(|m| (m.minute as f64, value(m))).collect()
+}
+
+/// One line per backend, of the figure `pick` gives for each backend a minute.
+fn per_backend(report: &Report, pick: fn(&MinuteStats) -> &Vec<u64>) -> Vec<(String, Line)> {
+    let line = |b: usize| per_minute(report, |m| pick(m)[b] as f64);
+    report.backends.iter().enumerate().map(|(b, stats)| (stats.name.clone(), line(b))).collect()
+}
+
+/// The policy's per-key token limits, as lines to draw: name and tokens a minute.
+fn key_token_limits(scenario: &Scenario) -> Vec<(String, f64)> {
+    let limits = &scenario.gateway.policy().limits;
+    let per_key = |l: &Limit| match l {
+        Limit::AzureOpenAiTokenLimit(t) | Limit::LlmTokenLimit(t) => {
+            t.tokens_per_minute.map(|tpm| (format!("{} per key", l.element()), tpm as f64))
+        }
+        _ => None,
+    };
+    limits.iter().filter_map(per_key).collect()
+}
+
+fn requests_chart(report: &Report) -> Chart {
+    let reasons = gateway_core::Reason::ALL.map(gateway_core::Reason::as_str);
+    let seen = |r: &&&str| report.minutes.iter().any(|m| m.by_reason.contains_key(**r));
+    let line = |r: &str| per_minute(report, |m| m.by_reason.get(r).copied().unwrap_or(0) as f64 / 60.0);
+    Chart {
+        file: "requests".into(),
+        title: "Client calls per second by outcome".into(),
+        x_label: "minute".into(),
+        y_label: "calls per second".into(),
+        series: reasons.iter().filter(seen).map(|r| (r.to_string(), line(r))).collect(),
+        limits: Vec::new(),
+        band: None,
+        caption: "Each line is one way calls ended, per second, averaged over each minute: ok, each limit's \
+                  refusals, the backends' errors. A limit line rising while ok falls is a limit biting."
+            .into(),
+    }
+}
+
+fn backend_tokens_chart(scenario: &Scenario, report: &Report) -> Chart {
+    Chart {
+        file: "backend-tokens".into(),
+        title: "Tokens per minute per backend".into(),
+        x_label: "minute".into(),
+        y_label: "tokens per minute".into(),
+        series: per_backend(report, |m| &m.backend_tokens),
+        limits: scenario.backends.iter().map(|b| (format!("{} TPM", b.name), b.tpm as f64)).collect(),
+        band: None,
+        caption: "Tokens each deployment served per minute, against its TPM: a line at its limit means the \
+                  deployment throttles (429s, below)."
+            .into(),
+    }
+}
+
+fn latency_chart(report: &Report) -> Chart {
+    let cdf = |c: &crate::report::ClientReport| c.latency_ms_cdf.iter().map(|&(q, ms)| (ms, q)).collect();
+    Chart {
+        file: "latency-cdf".into(),
+        title: "Latency CDF per client".into(),
+        x_label: "latency (ms)".into(),
+        y_label: "share of calls".into(),
+        series: report.clients.iter().map(|c| (c.name.clone(), cdf(c))).collect(),
+        limits: Vec::new(),
+        band: None,
+        caption: "For each client, the share of its served calls (calls that reached a backend) that took at \
+                  most a given latency; refusals, answered at once, are not counted. A line further right is \
+                  slower."
+            .into(),
+    }
+}
+
+fn backend_failures_chart(report: &Report) -> Chart {
+    let mut failures = per_backend(report, |m| &m.backend_throttled);
     failures.iter_mut().for_each(|s| s.0 = format!("{} 429", s.0));
-    let mut errors = per_backend(|m| &m.backend_5xx);
+    let mut errors = per_backend(report, |m| &m.backend_5xx);
     errors.iter_mut().for_each(|s| s.0 = format!("{} 5xx", s.0));
     failures.extend(errors);
-    failures.push(("failovers".into(), report.minutes.iter().map(|m| (minute(m), m.failovers as f64)).collect()));
-    vec![
-        Chart {
-            file: "requests".into(),
-            title: "Client calls per second by outcome".into(),
-            x_label: "minute".into(),
-            y_label: "calls per second".into(),
-            series: by_reason,
-            limits: Vec::new(),
-            band: None,
-            caption: "Each line is one way calls ended, per second, averaged over each minute: ok, each limit's \
-                      refusals, the backends' errors. A limit line rising while ok falls is a limit biting."
-                .into(),
-        },
-        client_tokens_chart(report, client_tokens, key_limits),
-        Chart {
-            file: "backend-tokens".into(),
-            title: "Tokens per minute per backend".into(),
-            x_label: "minute".into(),
-            y_label: "tokens per minute".into(),
-            series: per_backend(|m| &m.backend_tokens),
-            limits: scenario.backends.iter().map(|b| (format!("{} TPM", b.name), b.tpm as f64)).collect(),
-            band: None,
-            caption: "Tokens each deployment served per minute, against its TPM: a line at its limit means the \
-                      deployment throttles (429s, below)."
-                .into(),
-        },
-        Chart {
-            file: "latency-cdf".into(),
-            title: "Latency CDF per client".into(),
-            x_label: "latency (ms)".into(),
-            y_label: "share of calls".into(),
-            series: report
-                .clients
-                .iter()
-                .map(|c| (c.name.clone(), c.latency_ms_cdf.iter().map(|&(q, ms)| (ms, q)).collect()))
-                .collect(),
-            limits: Vec::new(),
-            band: None,
-            caption: "For each client, the share of its served calls (calls that reached a backend) that took at \
-                      most a given latency; refusals, answered at once, are not counted. A line further right is \
-                      slower."
-                .into(),
-        },
-        Chart {
-            file: "backend-failures".into(),
-            title: "Backend 429s, 5xx and failovers per minute".into(),
-            x_label: "minute".into(),
-            y_label: "per minute".into(),
-            series: failures,
-            limits: Vec::new(),
-            band: None,
-            caption: "Per minute: each deployment's 429s and 5xx answers, and the client calls that failed over to \
-                      another backend."
-                .into(),
-        },
-    ]
+    failures.push(("failovers".into(), per_minute(report, |m| m.failovers as f64)));
+    Chart {
+        file: "backend-failures".into(),
+        title: "Backend 429s, 5xx and failovers per minute".into(),
+        x_label: "minute".into(),
+        y_label: "per minute".into(),
+        series: failures,
+        limits: Vec::new(),
+        band: None,
+        caption: "Per minute: each deployment's 429s and 5xx answers, and the client calls that failed over to \
+                  another backend."
+            .into(),
+    }
 }
 
 /// Tokens per minute per client. With a per-key token limit in the policy, the
@@ -218,7 +219,6 @@ pub fn charts(scenario: &Scenario, report: &Report) -> Vec<Chart> {
 /// against a client's summed keys would look broken when no key is); without
 /// one, each client's keys together.
 fn client_tokens_chart(report: &Report, sums: Vec<(String, Line)>, key_limits: Vec<(String, f64)>) -> Chart {
-    let minute = |m: &crate::report::MinuteStats| m.minute as f64;
     let per_key = report.minutes.first().is_some_and(|m| !m.busiest_key_tokens.is_empty());
     if !per_key {
         return Chart {
@@ -232,15 +232,8 @@ fn client_tokens_chart(report: &Report, sums: Vec<(String, Line)>, key_limits: V
             caption: "Tokens charged per minute to each client, all its caller keys together.".into(),
         };
     }
-    let series = report
-        .clients
-        .iter()
-        .enumerate()
-        .map(|(c, stats)| {
-            let points = report.minutes.iter().map(|m| (minute(m), m.busiest_key_tokens[c] as f64)).collect();
-            (stats.name.clone(), points)
-        })
-        .collect();
+    let line = |c: usize| per_minute(report, |m| m.busiest_key_tokens[c] as f64);
+    let series = report.clients.iter().enumerate().map(|(c, stats)| (stats.name.clone(), line(c))).collect();
     Chart {
         file: "client-tokens".into(),
         title: "Busiest caller key's tokens per minute, per client".into(),
