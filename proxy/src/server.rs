@@ -855,6 +855,10 @@ fn backend_request(proxy: &Proxy, req: &Admitted, attempt: &Attempt) -> Option<h
     *headers = req.parts.headers.clone();
     strip_unpassed(headers);
     headers.remove(&proxy.key_header);
+    // The proxy reads every body it passes on for its token usage, so it asks
+    // for bodies as they are; a client that accepts gzip may always be answered
+    // without it (RFC 9110 §12.5.3).
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     apply_set_headers(headers, &proxy.config.products[req.product].set_headers, "inbound");
     if let Some((name, value)) = &proxy.credentials[index] {
         headers.append(name, value.clone());
@@ -930,6 +934,7 @@ async fn deliver(
     (response, lease): Answer,
 ) -> Response<Body> {
     let (parts, body) = response.into_parts();
+    let coding = usage::Coding::of(&parts.headers);
     let streaming = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -941,7 +946,7 @@ async fn deliver(
     strip_unpassed(out.headers_mut());
     apply_set_headers(out.headers_mut(), &proxy.config.products[req.product].set_headers, "outbound");
     if streaming {
-        let charge = Charge::new(proxy, req, id);
+        let charge = Charge::new(proxy, req, id, coding);
         // The head goes to the client now: the attempt's changes go first. (A
         // client that leaves meanwhile is charged by `charge`.)
         charge.proxy.all_shipped(charge.req.product).await;
@@ -951,7 +956,7 @@ async fn deliver(
     // APIM's `forward-request timeout` covers the response head only: the body
     // is read for as long as it comes. A client that leaves first drops this
     // future, and `charge` reports it.
-    let mut charge = Charge::new(proxy, req, id);
+    let mut charge = Charge::new(proxy, req, id, coding);
     let read = http_body_util::Limited::new(body, MAX_BACKEND_BODY).collect();
     let bytes = match read.await {
         Ok(collected) => {
@@ -966,7 +971,13 @@ async fn deliver(
             return generated_response(finished);
         }
     };
-    let usage = usage::from_json(&bytes).unwrap_or_default();
+    let usage = match usage::from_body(coding, &bytes, MAX_BACKEND_BODY) {
+        Ok(usage) => usage.unwrap_or_default(),
+        Err(usage::Unreadable) => {
+            charge.tracker.give_up();
+            charge.streamed_usage()
+        }
+    };
     let finished = charge.settle(usage, bytes.len() as u64, DeliveryEnd::Complete).await;
     for (name, value) in &finished.headers {
         if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
@@ -1092,8 +1103,8 @@ struct Charge {
 }
 
 impl Charge {
-    fn new(proxy: Arc<Proxy>, req: Box<Admitted>, id: RequestId) -> Charge {
-        let tracker = StreamTracker::new(&req.model);
+    fn new(proxy: Arc<Proxy>, req: Box<Admitted>, id: RequestId, coding: usage::Coding) -> Charge {
+        let tracker = StreamTracker::with_coding(&req.model, coding);
         Charge { proxy, req, id, tracker, response_bytes: 0, done: false }
     }
 
@@ -1104,6 +1115,13 @@ impl Charge {
     }
 
     fn delivery(&self, usage: Usage, response_bytes: u64, end: DeliveryEnd) -> Delivery {
+        if self.tracker.unreadable() {
+            tracing::warn!(
+                prompt_tokens = usage.prompt_tokens,
+                "the backend's body could not be read for its usage (its Content-Encoding); the prompt alone is charged"
+            );
+            self.proxy.metrics.usage_unreadable();
+        }
         Delivery { usage, request_bytes: self.req.body.len() as u64, response_bytes, end }
     }
 

@@ -1,8 +1,111 @@
 //! Reading token usage from what a backend sent: `usage` in a JSON body, or, in
 //! an SSE stream, the final usage chunk, else the streamed text counted.
 
+use axum::http::{header, HeaderMap};
 use gateway_core::Usage;
 use serde_json::Value;
+use std::io::{Read, Write};
+
+/// A body's content coding (its `Content-Encoding`), as far as reading its
+/// usage goes. The proxy asks backends for `identity`; a backend that
+/// compresses anyway (behind a CDN or another gateway) is read through gzip
+/// and deflate, the codings HTTP servers use. Any other coding, or several
+/// applied in turn, cannot be read: its usage is unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coding {
+    Identity,
+    Gzip,
+    /// RFC 9110's `deflate`: the zlib format.
+    Deflate,
+    Unreadable,
+}
+
+impl Coding {
+    pub fn of(headers: &HeaderMap) -> Coding {
+        let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
+        let Some(value) = values.next() else { return Coding::Identity };
+        if values.next().is_some() {
+            return Coding::Unreadable;
+        }
+        let name = value.to_str().unwrap_or("?").trim();
+        let is = |coding: &str| name.eq_ignore_ascii_case(coding);
+        match () {
+            () if name.is_empty() || is("identity") => Coding::Identity,
+            () if is("gzip") || is("x-gzip") => Coding::Gzip,
+            () if is("deflate") => Coding::Deflate,
+            () => Coding::Unreadable,
+        }
+    }
+}
+
+/// A body whose usage cannot be read: its coding is not one the proxy
+/// decodes, it does not decode, or it decodes to more than the proxy reads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unreadable;
+
+/// `usage` of a buffered body sent in `coding` (`None` when it has none),
+/// reading at most `limit` decoded bytes.
+pub fn from_body(coding: Coding, body: &[u8], limit: usize) -> Result<Option<Usage>, Unreadable> {
+    let mut decoded = Vec::new();
+    let take = limit as u64 + 1;
+    let read = match coding {
+        Coding::Identity => return Ok(from_json(body)),
+        Coding::Gzip => flate2::read::MultiGzDecoder::new(body).take(take).read_to_end(&mut decoded),
+        Coding::Deflate => flate2::read::ZlibDecoder::new(body).take(take).read_to_end(&mut decoded),
+        Coding::Unreadable => return Err(Unreadable),
+    };
+    match read {
+        Ok(n) if n <= limit => Ok(from_json(&decoded)),
+        _ => Err(Unreadable),
+    }
+}
+
+/// A stream's decoder, fed the coded bytes; what it decodes waits in its `Vec`.
+enum Decoder {
+    Gzip(flate2::write::MultiGzDecoder<Vec<u8>>),
+    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
+}
+
+impl Decoder {
+    fn new(coding: Coding) -> Option<Decoder> {
+        match coding {
+            Coding::Gzip => Some(Decoder::Gzip(flate2::write::MultiGzDecoder::new(Vec::new()))),
+            Coding::Deflate => Some(Decoder::Deflate(flate2::write::ZlibDecoder::new(Vec::new()))),
+            Coding::Identity | Coding::Unreadable => None,
+        }
+    }
+
+    /// Decodes `chunk`; the bytes decoded so far are taken from `decoded`.
+    fn decode(&mut self, chunk: &[u8], decoded: &mut Vec<u8>) -> std::io::Result<()> {
+        // Flushed after each chunk: the decoders hold what they decode until
+        // the next write otherwise, and a stream's `[DONE]` must be seen when
+        // it arrives.
+        let output = match self {
+            Decoder::Gzip(d) => {
+                d.write_all(chunk)?;
+                d.flush()?;
+                d.get_mut()
+            }
+            Decoder::Deflate(d) => {
+                d.write_all(chunk)?;
+                d.flush()?;
+                d.get_mut()
+            }
+        };
+        decoded.clear();
+        std::mem::swap(output, decoded);
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decoder::Gzip(_) => "Decoder::Gzip",
+            Decoder::Deflate(_) => "Decoder::Deflate",
+        })
+    }
+}
 
 /// `usage` of a JSON response body, if it has one; the rest of the body is
 /// skipped, not built.
@@ -42,10 +145,21 @@ pub struct StreamTracker {
     /// Whether the stream's `data: [DONE]` has come: the client has had all
     /// it asked for.
     done: bool,
+    /// The stream's decoder, when its backend compressed it.
+    decoder: Option<Decoder>,
+    decoded: Vec<u8>,
+    /// Whether the stream's coding is one the proxy cannot read, or its bytes
+    /// did not decode: nothing more of it is read.
+    unreadable: bool,
 }
 
 impl StreamTracker {
     pub fn new(model: &str) -> StreamTracker {
+        StreamTracker::with_coding(model, Coding::Identity)
+    }
+
+    /// A tracker of a stream sent in `coding`.
+    pub fn with_coding(model: &str, coding: Coding) -> StreamTracker {
         StreamTracker {
             model: model.to_owned(),
             partial: Vec::new(),
@@ -53,10 +167,38 @@ impl StreamTracker {
             text: String::new(),
             ends: Vec::new(),
             done: false,
+            decoder: Decoder::new(coding),
+            decoded: Vec::new(),
+            unreadable: coding == Coding::Unreadable,
         }
     }
 
+    /// Whether the stream could not be read (see [`Coding`]): its usage is
+    /// then the prompt alone.
+    pub fn unreadable(&self) -> bool {
+        self.unreadable
+    }
+
+    /// Marks the body unreadable (a buffered body that did not decode): its
+    /// usage is the prompt alone.
+    pub fn give_up(&mut self) {
+        self.unreadable = true;
+    }
+
     pub fn feed(&mut self, chunk: &[u8]) {
+        if self.unreadable {
+            return;
+        }
+        let Some(decoder) = self.decoder.as_mut() else { return self.feed_plain(chunk) };
+        let mut decoded = std::mem::take(&mut self.decoded);
+        match decoder.decode(chunk, &mut decoded) {
+            Ok(()) => self.feed_plain(&decoded),
+            Err(_) => self.unreadable = true,
+        }
+        self.decoded = decoded;
+    }
+
+    fn feed_plain(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
         if !self.partial.is_empty() {
             let Some(end) = rest.iter().position(|&b| b == b'\n') else {
@@ -186,6 +328,75 @@ fn usage_of_counts(usage: &Value) -> Option<Usage> {
 mod tests {
     use super::*;
 
+    fn compressed(coding: Coding, body: &[u8]) -> Vec<u8> {
+        let level = flate2::Compression::default();
+        match coding {
+            Coding::Gzip => {
+                let mut encoder = flate2::write::GzEncoder::new(Vec::new(), level);
+                encoder.write_all(body).unwrap();
+                encoder.finish().unwrap()
+            }
+            Coding::Deflate => {
+                let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), level);
+                encoder.write_all(body).unwrap();
+                encoder.finish().unwrap()
+            }
+            Coding::Identity | Coding::Unreadable => body.to_vec(),
+        }
+    }
+
+    fn headers(codings: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for coding in codings {
+            headers.append(header::CONTENT_ENCODING, coding.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn codings_are_read_from_content_encoding() {
+        let check =
+            |codings: &[&str], expected: Coding| assert_eq!(Coding::of(&headers(codings)), expected, "{codings:?}");
+        check(&[], Coding::Identity);
+        check(&["identity"], Coding::Identity);
+        check(&["gzip"], Coding::Gzip);
+        check(&["GZip "], Coding::Gzip);
+        check(&["x-gzip"], Coding::Gzip);
+        check(&["deflate"], Coding::Deflate);
+        check(&["br"], Coding::Unreadable);
+        check(&["zstd"], Coding::Unreadable);
+        // Two codings applied in turn, in one field or two: not read.
+        check(&["gzip, br"], Coding::Unreadable);
+        check(&["gzip", "gzip"], Coding::Unreadable);
+    }
+
+    #[test]
+    fn buffered_bodies_are_read_through_their_coding_within_a_limit() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#;
+        let usage = Some(Usage { prompt_tokens: 5, completion_tokens: 2 });
+        for coding in [Coding::Identity, Coding::Gzip, Coding::Deflate] {
+            assert_eq!(from_body(coding, &compressed(coding, body), 1 << 20), Ok(usage), "{coding:?}");
+            // Decoded past the limit (a decompression bomb, say): not read.
+            let limit = if coding == Coding::Identity { 1 << 20 } else { body.len() - 1 };
+            let want = if coding == Coding::Identity { Ok(usage) } else { Err(Unreadable) };
+            assert_eq!(from_body(coding, &compressed(coding, body), limit), want, "{coding:?}");
+        }
+        assert_eq!(from_body(Coding::Gzip, &compressed(Coding::Gzip, b"{}"), 100), Ok(None));
+        assert_eq!(from_body(Coding::Gzip, body, 1 << 20), Err(Unreadable), "not gzip at all");
+        assert_eq!(from_body(Coding::Deflate, &compressed(Coding::Gzip, body), 1 << 20), Err(Unreadable));
+        assert_eq!(from_body(Coding::Unreadable, body, 1 << 20), Err(Unreadable));
+        // A compressed stream that breaks off is given up, and so is one in a
+        // coding not read; the prompt alone is charged.
+        let mut t = StreamTracker::with_coding("gpt-4o", Coding::Gzip);
+        t.feed(b"data: not gzip at all\n\n");
+        assert!(t.unreadable());
+        assert_eq!(t.usage(7), Usage { prompt_tokens: 7, completion_tokens: 0 });
+        let mut t = StreamTracker::with_coding("gpt-4o", Coding::Unreadable);
+        t.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4}}\n\n");
+        assert!(t.unreadable());
+        assert_eq!(t.usage(7), Usage { prompt_tokens: 7, completion_tokens: 0 });
+    }
+
     #[test]
     fn usage_chunks_win_and_text_is_counted_otherwise() {
         let mut t = StreamTracker::new("gpt-4o");
@@ -235,6 +446,17 @@ mod tests {
             t.feed(&stream[..split]);
             t.feed(&stream[split..]);
             assert_eq!(t.usage(7), want, "{events:?} split at {split}");
+        }
+        // The same stream compressed by a backend that was not asked to.
+        for coding in [Coding::Gzip, Coding::Deflate] {
+            let coded = compressed(coding, stream);
+            for split in 0..=coded.len() {
+                let mut t = StreamTracker::with_coding("gpt-4o", coding);
+                t.feed(&coded[..split]);
+                t.feed(&coded[split..]);
+                assert_eq!(t.usage(7), want, "{coding:?} {events:?} split at {split}");
+                assert!(!t.unreadable());
+            }
         }
     }
 

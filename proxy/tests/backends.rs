@@ -751,3 +751,119 @@ async fn a_paced_stream_reaches_the_client_as_it_comes_not_at_its_end() {
         assert!(gap >= Duration::from_millis(100), "token {} came {gap:?} after the one before: {arrivals:?}", i + 2);
     }
 }
+
+/// `body` compressed as `coding` (`gzip` or `deflate`, the latter zlib-wrapped
+/// as RFC 9110 defines it).
+fn compressed(coding: &str, body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let level = flate2::Compression::default();
+    match coding {
+        "gzip" => {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), level);
+            encoder.write_all(body).unwrap();
+            encoder.finish().unwrap()
+        }
+        "deflate" => {
+            let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), level);
+            encoder.write_all(body).unwrap();
+            encoder.finish().unwrap()
+        }
+        other => panic!("no encoder for {other}"),
+    }
+}
+
+/// A backend that compresses its answer as `coding` always, asked or not, as
+/// a backend behind a CDN or another gateway may.
+async fn compressing_backend(coding: &'static str, content_type: &'static str, body: &'static [u8]) -> MockServer {
+    let backend = MockServer::start().await;
+    let answer = ResponseTemplate::new(200)
+        .insert_header("content-encoding", coding)
+        .set_body_raw(compressed(coding, body), content_type);
+    Mock::given(method("POST")).respond_with(answer).mount(&backend).await;
+    backend
+}
+
+fn charged(metrics: &str, kind: &str) -> String {
+    let prefix = format!("limitlab_tokens_total{{key=\"s\",backend=\"primary\",kind=\"{kind}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or("none").to_owned()
+}
+
+#[tokio::test]
+async fn backends_are_asked_for_bodies_the_proxy_can_read() {
+    // A backend that compresses when the request allows it, as HTTP servers do:
+    // the `openai` SDKs send `Accept-Encoding: gzip, deflate`.
+    let backend = MockServer::start().await;
+    let answer = |request: &wiremock::Request| {
+        let accepted = request.headers.get("accept-encoding").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let body = serde_json::to_vec(&ok_body()).unwrap();
+        match accepted.contains("gzip") {
+            true => ResponseTemplate::new(200)
+                .insert_header("content-encoding", "gzip")
+                .set_body_raw(compressed("gzip", &body), "application/json"),
+            false => ResponseTemplate::new(200).set_body_raw(body, "application/json"),
+        }
+    };
+    Mock::given(method("POST")).respond_with(answer).mount(&backend).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let fields = [("api-key", "k"), ("accept-encoding", "gzip, deflate")];
+    let r = proxy.chat_with(&fields, json!({"messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-encoding").is_none(), "{:?}", r.headers());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["usage"]["total_tokens"], 15);
+    let received = backend.received_requests().await.unwrap();
+    assert_eq!(received[0].headers["accept-encoding"], "identity");
+    let metrics = proxy.metrics().await;
+    assert_eq!((charged(&metrics, "prompt"), charged(&metrics, "completion")), ("10".into(), "5".into()), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_body_compressed_unasked_is_passed_on_as_it_came_and_charged_its_usage() {
+    for coding in ["gzip", "deflate"] {
+        let body = br#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}"#;
+        let backend = compressing_backend(coding, "application/json", body).await;
+        let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+        let r = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}]})).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-encoding"], coding);
+        assert_eq!(r.bytes().await.unwrap(), compressed(coding, body), "{coding}: the client gets the backend's bytes");
+        let metrics = proxy.metrics().await;
+        let charges = (charged(&metrics, "prompt"), charged(&metrics, "completion"));
+        assert_eq!(charges, ("10".into(), "5".into()), "{coding}: {metrics}");
+        assert!(metrics.contains("limitlab_usage_unreadable_total 0"), "{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_compressed_unasked_is_charged_its_usage_chunk() {
+    let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hello\"}}]}\n\n\
+        data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":5,\"total_tokens\":15}}\n\n\
+        data: [DONE]\n\n";
+    let backend = compressing_backend("gzip", "text/event-stream", stream).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let r = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(r.bytes().await.unwrap(), compressed("gzip", stream));
+    let metrics = proxy.metrics().await;
+    assert_eq!((charged(&metrics, "prompt"), charged(&metrics, "completion")), ("10".into(), "5".into()), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_body_the_proxy_cannot_read_is_charged_its_prompt_and_counted() {
+    // Brotli, say: passed on untouched, its usage unknown. The prompt, counted
+    // with the tokenizer, is charged, and `/metrics` says why nothing more is.
+    let backend = MockServer::start().await;
+    let answer = ResponseTemplate::new(200)
+        .insert_header("content-encoding", "br")
+        .set_body_raw(vec![0x1b, 0x2c, 0x00, 0xf8, 0xa5], "application/json");
+    Mock::given(method("POST")).respond_with(answer).mount(&backend).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let r = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-encoding"], "br");
+    let metrics = proxy.metrics().await;
+    let prompt: u64 = charged(&metrics, "prompt").parse().unwrap_or(0);
+    assert!(prompt > 0, "the prompt is charged: {metrics}");
+    assert!(metrics.contains("limitlab_usage_unreadable_total 1"), "{metrics}");
+}
