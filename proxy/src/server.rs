@@ -164,7 +164,6 @@ impl Proxy {
     }
 }
 
-/// Per product: whether one of its token limits is `wanted`.
 /// A lifecycle per product. A replica that shares its counters journals its
 /// changes for the others.
 fn lifecycles(config: &ProxyConfig) -> Result<Vec<Mutex<Lifecycle>>, String> {
@@ -215,6 +214,7 @@ fn backend_addresses(config: &ProxyConfig) -> Result<Addresses, String> {
     Ok((bases, credentials))
 }
 
+/// Per product: whether one of its token limits is `wanted`.
 fn any_token_limit(config: &ProxyConfig, wanted: impl Fn(&gateway_core::TokenLimit) -> bool) -> Vec<bool> {
     let token_limit = |l: &gateway_core::Limit| match l {
         gateway_core::Limit::AzureOpenAiTokenLimit(t) | gateway_core::Limit::LlmTokenLimit(t) => wanted(t),
