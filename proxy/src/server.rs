@@ -70,7 +70,11 @@ struct Admitted {
     subscription: Option<usize>,
     info: RequestInfo,
     parts: axum::http::request::Parts,
+    /// The body as the client sent it, and so as backends get it.
     body: Bytes,
+    /// The body as the policy reads it: `body` decoded, if the client
+    /// compressed it.
+    text: Bytes,
     model: String,
     /// The prompt's tokens, counted with the model's tokenizer, when the policy
     /// needed an estimate; else counted only if a stream ends without usage.
@@ -287,6 +291,10 @@ enum Refusal {
     BodyTooLarge,
     /// `on_store_error = "reject"` while the counter store cannot be reached.
     StoreUnavailable,
+    /// A body in a `Content-Encoding` the proxy does not decode.
+    BodyCoding,
+    /// A body that does not decode as its `Content-Encoding` says.
+    BodyCorrupt,
 }
 
 impl Refusal {
@@ -304,6 +312,13 @@ impl Refusal {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service unavailable: the gateway's counter store cannot be reached",
             ),
+            Refusal::BodyCoding => apim_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Unsupported Content-Encoding: the gateway reads request bodies as they are, gzip or deflate",
+            ),
+            Refusal::BodyCorrupt => {
+                apim_error(StatusCode::BAD_REQUEST, "The request body does not decode as its Content-Encoding says")
+            }
         }
     }
 
@@ -318,6 +333,8 @@ impl Refusal {
             Refusal::BodyTooSlow => "body-timeout",
             Refusal::StoreUnavailable => "store-unavailable",
             Refusal::BodyTooLarge => "body-too-large",
+            Refusal::BodyCoding => "body-coding-unsupported",
+            Refusal::BodyCorrupt => "body-coding-corrupt",
         }
     }
 }
@@ -350,6 +367,7 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
         Ok(Err(_)) => return Err(Refusal::BodyTooLarge),
         Ok(Ok(body)) => body,
     };
+    let text = readable(&parts.headers, &body, limit)?;
     let model = deployment_model(parts.uri.path());
     // Only the fields the lifecycle reads; the rest of the body is skipped.
     #[derive(serde::Deserialize, Default)]
@@ -359,12 +377,12 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
     }
     let max_tokens = match proxy.needs_max_tokens[product] {
         true => {
-            let fields: Fields = serde_json::from_slice(&body).unwrap_or_default();
+            let fields: Fields = serde_json::from_slice(&text).unwrap_or_default();
             fields.max_completion_tokens.or(fields.max_tokens)
         }
         false => None,
     };
-    let prompt_tokens = proxy.needs_estimate[product].then(|| count_prompt(&model, &body));
+    let prompt_tokens = proxy.needs_estimate[product].then(|| count_prompt(&model, &text));
     let info = RequestInfo {
         ip: client_ip(&proxy.config.trusted_proxies, peer, &parts.headers),
         subscription: subscription.map(|index| {
@@ -381,7 +399,23 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
         prompt_tokens_estimate: prompt_tokens,
         max_tokens,
     };
-    Ok(Admitted { product, subscription, info, parts, body, model, prompt_tokens, started })
+    Ok(Admitted { product, subscription, info, parts, body, text, model, prompt_tokens, started })
+}
+
+/// A request body as the policy reads it (its prompt, its `max_tokens`):
+/// decoded when the client compressed it, within the body limit. A coding the
+/// proxy cannot read is refused rather than read as something else.
+fn readable(headers: &HeaderMap, body: &Bytes, limit: usize) -> Result<Bytes, Refusal> {
+    let coding = usage::Coding::of(headers);
+    if coding == usage::Coding::Identity {
+        return Ok(body.clone());
+    }
+    match usage::decode(coding, body, limit) {
+        Ok(decoded) => Ok(Bytes::from(decoded)),
+        Err(usage::DecodeError::Coding) => Err(Refusal::BodyCoding),
+        Err(usage::DecodeError::Corrupt) => Err(Refusal::BodyCorrupt),
+        Err(usage::DecodeError::TooLarge) => Err(Refusal::BodyTooLarge),
+    }
 }
 
 /// The headers named in `names` (lowercase), every value of each in arrival order.
@@ -1110,7 +1144,7 @@ impl Charge {
 
     /// What the stream used: its usage chunk, else its text counted.
     fn streamed_usage(&self) -> Usage {
-        let prompt = self.req.prompt_tokens.unwrap_or_else(|| count_prompt(&self.req.model, &self.req.body));
+        let prompt = self.req.prompt_tokens.unwrap_or_else(|| count_prompt(&self.req.model, &self.req.text));
         self.tracker.usage(prompt)
     }
 

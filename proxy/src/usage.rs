@@ -43,21 +43,41 @@ impl Coding {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unreadable;
 
-/// `usage` of a buffered body sent in `coding` (`None` when it has none),
-/// reading at most `limit` decoded bytes.
-pub fn from_body(coding: Coding, body: &[u8], limit: usize) -> Result<Option<Usage>, Unreadable> {
+/// Why a body could not be decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// A coding the proxy does not decode.
+    Coding,
+    /// The bytes are not what the coding says.
+    Corrupt,
+    /// It decodes to more than the limit.
+    TooLarge,
+}
+
+/// `body` decoded from `coding`, if it decodes to at most `limit` bytes.
+pub fn decode(coding: Coding, body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let mut decoded = Vec::new();
     let take = limit as u64 + 1;
     let read = match coding {
-        Coding::Identity => return Ok(from_json(body)),
+        Coding::Identity => return Ok(body.to_vec()),
         Coding::Gzip => flate2::read::MultiGzDecoder::new(body).take(take).read_to_end(&mut decoded),
         Coding::Deflate => flate2::read::ZlibDecoder::new(body).take(take).read_to_end(&mut decoded),
-        Coding::Unreadable => return Err(Unreadable),
+        Coding::Unreadable => return Err(DecodeError::Coding),
     };
     match read {
-        Ok(n) if n <= limit => Ok(from_json(&decoded)),
-        _ => Err(Unreadable),
+        Ok(n) if n <= limit => Ok(decoded),
+        Ok(_) => Err(DecodeError::TooLarge),
+        Err(_) => Err(DecodeError::Corrupt),
     }
+}
+
+/// `usage` of a buffered body sent in `coding` (`None` when it has none),
+/// reading at most `limit` decoded bytes.
+pub fn from_body(coding: Coding, body: &[u8], limit: usize) -> Result<Option<Usage>, Unreadable> {
+    if coding == Coding::Identity {
+        return Ok(from_json(body));
+    }
+    decode(coding, body, limit).map(|decoded| from_json(&decoded)).map_err(|_| Unreadable)
 }
 
 /// A stream's decoder, fed the coded bytes; what it decodes waits in its `Vec`.

@@ -867,3 +867,64 @@ async fn a_body_the_proxy_cannot_read_is_charged_its_prompt_and_counted() {
     assert!(prompt > 0, "the prompt is charged: {metrics}");
     assert!(metrics.contains("limitlab_usage_unreadable_total 1"), "{metrics}");
 }
+
+/// A chat call whose body is `body` as given, with `Content-Encoding: coding`.
+async fn coded_chat(proxy: &Running, coding: &str, body: Vec<u8>) -> reqwest::Response {
+    let url = format!("{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", proxy.base);
+    let request = proxy.client.post(url).header("api-key", "k").header("content-type", "application/json");
+    request.header("content-encoding", coding).body(body).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_compressed_request_is_read_for_its_prompt_and_passed_on_as_sent() {
+    // A stream without a usage chunk is charged its prompt as counted from the
+    // request: the same whether the client compressed the body or not.
+    let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"Hello\"}}]}\n\ndata: [DONE]\n\n";
+    let backend = MockServer::start().await;
+    let answer = ResponseTemplate::new(200).set_body_raw(stream, "text/event-stream");
+    Mock::given(method("POST")).respond_with(answer).mount(&backend).await;
+    let request = json!({"messages": [{"role": "user", "content": "How many tokens is this prompt?"}], "stream": true});
+    let plain = serde_json::to_vec(&request).unwrap();
+    let mut prompts = Vec::new();
+    for coding in ["identity", "gzip", "deflate"] {
+        let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+        let body = if coding == "identity" { plain.clone() } else { compressed(coding, &plain) };
+        let r = coded_chat(&proxy, coding, body.clone()).await;
+        assert_eq!(r.status(), 200, "{coding}");
+        let _ = r.bytes().await.unwrap();
+        let received = backend.received_requests().await.unwrap();
+        let last = received.last().unwrap();
+        assert_eq!(last.body, body, "{coding}: the backend gets the body as sent");
+        assert_eq!(last.headers["content-encoding"], coding);
+        prompts.push(charged(&proxy.metrics().await, "prompt"));
+    }
+    assert!(prompts[0].parse::<u64>().unwrap() > 5, "{prompts:?}");
+    assert_eq!(prompts, vec![prompts[0].clone(); 3], "identity, gzip, deflate");
+}
+
+#[tokio::test]
+async fn a_request_body_the_proxy_cannot_read_is_refused() {
+    let backend = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok_body()))
+        .expect(0)
+        .mount(&backend)
+        .await;
+    let proxy = start(&format!("max_body_bytes = 1000\n{}", config(&backend.uri(), &backend.uri(), "", ""))).await;
+    let check = |status: u16, coding: &'static str, body: Vec<u8>| {
+        let proxy = &proxy;
+        async move {
+            let r = coded_chat(proxy, coding, body).await;
+            assert_eq!(r.status(), status, "{coding}");
+            let answer: Value = r.json().await.unwrap();
+            assert_eq!(answer["statusCode"], status, "{coding}: an APIM-like body");
+        }
+    };
+    check(415, "br", vec![0x1b, 0x2c, 0x00, 0xf8]).await;
+    check(415, "gzip, br", vec![0x1b, 0x2c]).await;
+    check(400, "gzip", b"{\"messages\": []}".to_vec()).await;
+    // Small on the wire, over the body limit once decoded.
+    let bomb = compressed("gzip", format!("{{\"messages\": [], \"pad\": \"{}\"}}", " ".repeat(5000)).as_bytes());
+    assert!(bomb.len() < 1000);
+    check(413, "gzip", bomb).await;
+}
