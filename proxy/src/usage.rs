@@ -59,7 +59,8 @@ pub fn decode(coding: Coding, body: &[u8], limit: usize) -> Result<Vec<u8>, Deco
     let mut decoded = Vec::new();
     let take = limit as u64 + 1;
     let read = match coding {
-        Coding::Identity => return Ok(body.to_vec()),
+        Coding::Identity if body.len() <= limit => return Ok(body.to_vec()),
+        Coding::Identity => return Err(DecodeError::TooLarge),
         Coding::Gzip => flate2::read::MultiGzDecoder::new(body).take(take).read_to_end(&mut decoded),
         Coding::Deflate => flate2::read::ZlibDecoder::new(body).take(take).read_to_end(&mut decoded),
         Coding::Unreadable => return Err(DecodeError::Coding),
