@@ -148,7 +148,7 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP limitlab_retries_total Retries decided by the policy.\n# TYPE limitlab_retries_total counter\nlimitlab_retries_total {}", m.retries);
         let _ = writeln!(out, "# HELP limitlab_failovers_total Requests that tried more than one backend.\n# TYPE limitlab_failovers_total counter\nlimitlab_failovers_total {}", m.failovers);
-        let _ = writeln!(out, "# HELP limitlab_usage_unreadable_total Responses whose usage could not be read (a Content-Encoding the proxy does not decode): charged their prompt alone.\n# TYPE limitlab_usage_unreadable_total counter\nlimitlab_usage_unreadable_total {}", m.usage_unreadable);
+        let _ = writeln!(out, "# HELP limitlab_usage_unreadable_total Responses whose usage could not be read (a Content-Encoding the proxy does not decode, or a usage of an unknown shape): charged their prompt alone.\n# TYPE limitlab_usage_unreadable_total counter\nlimitlab_usage_unreadable_total {}", m.usage_unreadable);
         out.push_str("# HELP limitlab_circuit_open Whether a product's circuit breaker of a backend is open (1) or closed (0).\n# TYPE limitlab_circuit_open gauge\n");
         for (i, product) in self.products.iter().enumerate() {
             for backend in &self.backends {

@@ -374,15 +374,17 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
     struct Fields {
         max_tokens: Option<u64>,
         max_completion_tokens: Option<u64>,
+        /// The Responses API's name for it.
+        max_output_tokens: Option<u64>,
     }
     let max_tokens = match proxy.needs_max_tokens[product] {
         true => {
             let fields: Fields = serde_json::from_slice(&text).unwrap_or_default();
-            fields.max_completion_tokens.or(fields.max_tokens)
+            fields.max_completion_tokens.or(fields.max_tokens).or(fields.max_output_tokens)
         }
         false => None,
     };
-    let prompt_tokens = proxy.needs_estimate[product].then(|| count_prompt(&model, &text));
+    let prompt_tokens = proxy.needs_estimate[product].then(|| count_prompt(&model, parts.uri.path(), &text));
     let info = RequestInfo {
         ip: client_ip(&proxy.config.trusted_proxies, peer, &parts.headers),
         subscription: subscription.map(|index| {
@@ -533,9 +535,15 @@ fn deployment_model(path: &str) -> String {
     "gpt-4o".to_owned()
 }
 
-/// The prompt's tokens as the service counts them (0 for a body that is not JSON).
-fn count_prompt(model: &str, body: &[u8]) -> u64 {
-    serde_json::from_slice::<serde_json::Value>(body).map_or(0, |v| prompt_tokens(model, &v))
+/// The prompt's tokens as the service counts them (0 for a body that is not
+/// JSON): a Responses API request (`POST .../responses`) by its `instructions`
+/// and `input`, any other by its `messages`, `prompt` or `input`.
+fn count_prompt(model: &str, path: &str, body: &[u8]) -> u64 {
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(body) else { return 0 };
+    match path.ends_with("/responses") {
+        true => tokenizer::count_responses(model, &body),
+        false => prompt_tokens(model, &body),
+    }
 }
 
 fn prompt_tokens(model: &str, body: &serde_json::Value) -> u64 {
@@ -1144,7 +1152,8 @@ impl Charge {
 
     /// What the stream used: its usage chunk, else its text counted.
     fn streamed_usage(&self) -> Usage {
-        let prompt = self.req.prompt_tokens.unwrap_or_else(|| count_prompt(&self.req.model, &self.req.text));
+        let req = &self.req;
+        let prompt = req.prompt_tokens.unwrap_or_else(|| count_prompt(&req.model, req.parts.uri.path(), &req.text));
         self.tracker.usage(prompt)
     }
 
@@ -1152,7 +1161,8 @@ impl Charge {
         if self.tracker.unreadable() {
             tracing::warn!(
                 prompt_tokens = usage.prompt_tokens,
-                "the backend's body could not be read for its usage (its Content-Encoding); the prompt alone is charged"
+                "the backend's body could not be read for its usage (its Content-Encoding, or a `usage` of an \
+                 unknown shape); the prompt alone is charged"
             );
             self.proxy.metrics.usage_unreadable();
         }

@@ -39,7 +39,8 @@ impl Coding {
 }
 
 /// A body whose usage cannot be read: its coding is not one the proxy
-/// decodes, it does not decode, or it decodes to more than the proxy reads.
+/// decodes, it does not decode, it decodes to more than the proxy reads, or
+/// its `usage` is of a shape the proxy does not know.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unreadable;
 
@@ -76,9 +77,10 @@ pub fn decode(coding: Coding, body: &[u8], limit: usize) -> Result<Vec<u8>, Deco
 /// reading at most `limit` decoded bytes.
 pub fn from_body(coding: Coding, body: &[u8], limit: usize) -> Result<Option<Usage>, Unreadable> {
     if coding == Coding::Identity {
-        return Ok(from_json(body));
+        return from_json(body);
     }
-    decode(coding, body, limit).map(|decoded| from_json(&decoded)).map_err(|_| Unreadable)
+    let decoded = decode(coding, body, limit).map_err(|_| Unreadable)?;
+    from_json(&decoded)
 }
 
 /// A stream's decoder, fed the coded bytes; what it decodes waits in its `Vec`.
@@ -128,21 +130,43 @@ impl std::fmt::Debug for Decoder {
     }
 }
 
-/// `usage` of a JSON response body, if it has one; the rest of the body is
-/// skipped, not built.
-pub fn from_json(body: &[u8]) -> Option<Usage> {
+/// `usage` of a JSON response body, in either of Azure OpenAI's shapes: chat
+/// completions, completions and embeddings count `prompt_tokens` and
+/// `completion_tokens`; the Responses API counts `input_tokens` and
+/// `output_tokens`. `None` for a body that is not JSON or has no `usage` (an
+/// error, an operation that reports none); unreadable for a `usage` of any
+/// other shape, which is never read as zero. The rest of the body is skipped,
+/// not built.
+pub fn from_json(body: &[u8]) -> Result<Option<Usage>, Unreadable> {
     #[derive(serde::Deserialize)]
     struct Body {
         usage: Option<Counts>,
     }
     #[derive(serde::Deserialize)]
     struct Counts {
-        prompt_tokens: u64,
-        #[serde(default)]
-        completion_tokens: u64,
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        output_tokens: Option<u64>,
     }
-    let usage = serde_json::from_slice::<Body>(body).ok()?.usage?;
-    Some(Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens })
+    let counts = match serde_json::from_slice::<Body>(body) {
+        Ok(Body { usage: None }) => return Ok(None),
+        Ok(Body { usage: Some(counts) }) => counts,
+        // Not JSON at all, or a `usage` whose counts are not whole numbers.
+        Err(_) if has_usage(body) => return Err(Unreadable),
+        Err(_) => return Ok(None),
+    };
+    let usage = match (counts.prompt_tokens, counts.input_tokens) {
+        (Some(prompt), _) => Usage { prompt_tokens: prompt, completion_tokens: counts.completion_tokens.unwrap_or(0) },
+        (None, Some(input)) => Usage { prompt_tokens: input, completion_tokens: counts.output_tokens.unwrap_or(0) },
+        (None, None) => return Err(Unreadable),
+    };
+    Ok(Some(usage))
+}
+
+/// Whether `body` is JSON with a `usage` member that is not null.
+fn has_usage(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| v.get("usage").is_some_and(|u| !u.is_null()))
 }
 
 fn usage_of(value: &Value) -> Option<Usage> {
@@ -163,8 +187,8 @@ pub struct StreamTracker {
     /// ends. Each piece is counted on its own, as the stream delivered it.
     text: String,
     ends: Vec<usize>,
-    /// Whether the stream's `data: [DONE]` has come: the client has had all
-    /// it asked for.
+    /// Whether the stream's last event (`data: [DONE]`, or a Responses API
+    /// stream's finished response) has come: the client has had all it asked for.
     done: bool,
     /// The stream's decoder, when its backend compressed it.
     decoder: Option<Decoder>,
@@ -267,6 +291,10 @@ impl StreamTracker {
             };
             self.push_text(text.as_deref());
         }
+        if let Some(kind) = event.kind.as_deref() {
+            let usage = event.response.and_then(|r| r.usage);
+            self.responses_event(kind, event.delta.as_deref(), usage.as_ref());
+        }
     }
 
     fn value(&mut self, data: &[u8]) {
@@ -278,6 +306,26 @@ impl StreamTracker {
             let text = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
             self.push_text(text);
         }
+        if let Some(kind) = value.get("type").and_then(Value::as_str) {
+            let delta = value.get("delta").and_then(Value::as_str);
+            self.responses_event(kind, delta, value.pointer("/response/usage"));
+        }
+    }
+
+    /// An event of a Responses API stream: its text deltas are the reply's
+    /// text, and its last event (the response completed, incomplete or failed)
+    /// carries the response with its usage. No `[DONE]` follows it: that event
+    /// is where the client has all it asked for.
+    fn responses_event(&mut self, kind: &str, delta: Option<&str>, usage: Option<&Value>) {
+        if RESPONSES_TEXT_DELTAS.contains(&kind) {
+            self.push_text(delta);
+        }
+        if RESPONSES_LAST_EVENTS.contains(&kind) {
+            self.done = true;
+            if let Some(usage) = usage.and_then(usage_of_counts) {
+                self.usage = Some(usage);
+            }
+        }
     }
 
     fn push_text(&mut self, text: Option<&str>) {
@@ -286,7 +334,8 @@ impl StreamTracker {
         self.ends.push(self.text.len());
     }
 
-    /// Whether the stream's last event, `data: [DONE]`, has been fed.
+    /// Whether the stream's last event has been fed: `data: [DONE]`, or a
+    /// Responses API stream's completed, incomplete or failed response.
     pub fn done(&self) -> bool {
         self.done
     }
@@ -307,11 +356,40 @@ impl StreamTracker {
     }
 }
 
-/// The fields of a stream event that the tracker reads.
+/// The Responses API's stream events whose `delta` is text the model wrote
+/// (its reply, a refusal, a tool call's arguments, a summary of its reasoning):
+/// what a stream without usage is charged for.
+const RESPONSES_TEXT_DELTAS: [&str; 5] = [
+    "response.output_text.delta",
+    "response.refusal.delta",
+    "response.function_call_arguments.delta",
+    "response.reasoning_summary_text.delta",
+    "response.reasoning_text.delta",
+];
+
+/// The Responses API's last stream events, each with the response and its usage.
+const RESPONSES_LAST_EVENTS: [&str; 3] = ["response.completed", "response.incomplete", "response.failed"];
+
+/// The fields of a stream event that the tracker reads: a chat or completions
+/// chunk's `choices` and `usage`, or a Responses API event's `type`, text
+/// `delta` and `response`.
 #[derive(serde::Deserialize)]
 struct Event<'a> {
     #[serde(default, borrow)]
     choices: Vec<Choice<'a>>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default, borrow, rename = "type")]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    delta: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    response: Option<ResponseUsage>,
+}
+
+/// The response a Responses API event carries, of which its usage is read.
+#[derive(serde::Deserialize)]
+struct ResponseUsage {
     #[serde(default)]
     usage: Option<Value>,
 }
@@ -339,10 +417,14 @@ where
     T::deserialize(deserializer).map(Some)
 }
 
+/// Counts in either shape (see [`from_json`]); `None` for any other.
 fn usage_of_counts(usage: &Value) -> Option<Usage> {
-    let prompt = usage.get("prompt_tokens")?.as_u64()?;
-    let completion = usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0);
-    Some(Usage { prompt_tokens: prompt, completion_tokens: completion })
+    let count = |name: &str| usage.get(name).and_then(Value::as_u64);
+    let (prompt, completion) = match count("prompt_tokens") {
+        Some(prompt) => (prompt, count("completion_tokens")),
+        None => (count("input_tokens")?, count("output_tokens")),
+    };
+    Some(Usage { prompt_tokens: prompt, completion_tokens: completion.unwrap_or(0) })
 }
 
 #[cfg(test)]
@@ -429,11 +511,33 @@ mod tests {
         t.feed(b"NE]\n\n");
         assert!(t.done(), "the stream's last event has come");
         assert_eq!(t.usage(7), Usage { prompt_tokens: 9, completion_tokens: 4 });
-        assert_eq!(
-            from_json(br#"{"usage":{"prompt_tokens":5,"completion_tokens":2}}"#),
-            Some(Usage { prompt_tokens: 5, completion_tokens: 2 })
-        );
-        assert_eq!(from_json(b"not json"), None);
+    }
+
+    #[test]
+    fn buffered_usage_is_read_in_either_shape_and_never_guessed() {
+        let check = |body: &str, expected: Result<Option<(u64, u64)>, Unreadable>| {
+            let expected = expected.map(|u| u.map(|(p, c)| Usage { prompt_tokens: p, completion_tokens: c }));
+            assert_eq!(from_json(body.as_bytes()), expected, "{body}");
+        };
+        // Chat completions, completions, embeddings (no completion).
+        check(r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#, Ok(Some((5, 2))));
+        check(r#"{"object":"list","usage":{"prompt_tokens":8,"total_tokens":8}}"#, Ok(Some((8, 0))));
+        // The Responses API, as Azure answers it.
+        let response = r#"{"id":"resp_1","object":"response","status":"completed","output":[{"type":"message",
+            "content":[{"type":"output_text","text":"Hi","annotations":[]}]}],"usage":{"input_tokens":11,
+            "input_tokens_details":{"cached_tokens":0},"output_tokens":3,"output_tokens_details":
+            {"reasoning_tokens":0},"total_tokens":14}}"#;
+        check(response, Ok(Some((11, 3))));
+        // No usage to read: an error body, a null usage, a body that is not JSON.
+        check(r#"{"error":{"code":"429","message":"slow down"}}"#, Ok(None));
+        check(r#"{"usage":null}"#, Ok(None));
+        check("not json", Ok(None));
+        check("", Ok(None));
+        // A usage of another shape is not read as zero.
+        check(r#"{"usage":{"total_tokens":14}}"#, Err(Unreadable));
+        check(r#"{"usage":{"prompt_tokens":"5","completion_tokens":2}}"#, Err(Unreadable));
+        check(r#"{"usage":{"input_tokens":-1}}"#, Err(Unreadable));
+        check(r#"{"usage":[5,2]}"#, Err(Unreadable));
     }
 
     /// The tracker as first written: every event parsed as a generic value and
@@ -445,12 +549,27 @@ mod tests {
             let data = std::str::from_utf8(data).unwrap_or("").trim();
             let Ok(value) = serde_json::from_str::<Value>(data) else { continue };
             usage = usage_of(&value).or(usage);
+            let mut texts: Vec<&str> = Vec::new();
             for choice in value.get("choices").and_then(Value::as_array).into_iter().flatten() {
                 let text = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
-                if let Some(text) = text.filter(|t| !t.is_empty()) {
-                    completion += tokenizer::count(model, text);
-                }
+                texts.extend(text);
             }
+            // The Responses API: text deltas, and the usage of the finished response.
+            let kind = value.get("type").and_then(Value::as_str).unwrap_or_default();
+            if matches!(
+                kind,
+                "response.output_text.delta"
+                    | "response.refusal.delta"
+                    | "response.function_call_arguments.delta"
+                    | "response.reasoning_summary_text.delta"
+                    | "response.reasoning_text.delta"
+            ) {
+                texts.extend(value.get("delta").and_then(Value::as_str));
+            }
+            if matches!(kind, "response.completed" | "response.incomplete" | "response.failed") {
+                usage = value.pointer("/response/usage").and_then(usage_of_counts).or(usage);
+            }
+            completion += texts.iter().filter(|t| !t.is_empty()).map(|t| tokenizer::count(model, t)).sum::<u64>();
         }
         usage.unwrap_or(Usage { prompt_tokens: prompt, completion_tokens: completion })
     }
@@ -516,5 +635,64 @@ mod tests {
             &[r#"{"choices":[{"delta":{"content":"caf\u00e9 \"quoted\""}}]}"#],
             (7, tokenizer::count("gpt-4o", "café \"quoted\"")),
         );
+    }
+
+    /// A Responses API stream as Azure sends it (`event:` lines included), with
+    /// `deltas` for text and `last` as its final event, if it has one.
+    fn responses_stream(deltas: &[(&str, &str)], last: Option<&str>) -> Vec<String> {
+        let mut events = vec![
+            r#"{"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","output":[],"usage":null}}"#.to_owned(),
+            r#"{"type":"response.output_item.added","sequence_number":1,"output_index":0,"item":{"type":"message","role":"assistant","content":[]}}"#.to_owned(),
+        ];
+        for (kind, delta) in deltas {
+            let delta = serde_json::to_string(delta).unwrap();
+            events.push(format!(r#"{{"type":"{kind}","sequence_number":2,"output_index":0,"delta":{delta}}}"#));
+        }
+        events.extend(last.map(str::to_owned));
+        events
+    }
+
+    fn as_refs(events: &[String]) -> Vec<&str> {
+        events.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn responses_streams_are_charged_their_usage_or_their_text() {
+        let text = [("response.output_text.delta", "The"), ("response.output_text.delta", " quick brown")];
+        let completed = r#"{"type":"response.completed","sequence_number":9,"response":{"id":"resp_1","status":"completed","usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":0},"output_tokens":3,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":15}}}"#;
+        check(&as_refs(&responses_stream(&text, Some(completed))), (12, 3));
+        // Cut off before its last event (the client left): the prompt and the text so far.
+        check(&as_refs(&responses_stream(&text, None)), (7, 3));
+        // Refusals, tool call arguments and reasoning summaries are text the model wrote;
+        // audio is not text, and other events' fields are not either.
+        let more = [
+            ("response.refusal.delta", "I cannot"),
+            ("response.function_call_arguments.delta", "{\"city\":"),
+            ("response.reasoning_summary_text.delta", "Thinking"),
+            ("response.audio.delta", "UklGRiQAAABXQVZF"),
+            ("response.output_text.done", "ignored words"),
+        ];
+        let expected = ["I cannot", "{\"city\":", "Thinking"].iter().map(|t| tokenizer::count("gpt-4o", t)).sum();
+        check(&as_refs(&responses_stream(&more, None)), (7, expected));
+        // A response cut short, or failed, still reports what it used.
+        let incomplete = completed.replace("response.completed", "response.incomplete");
+        check(&as_refs(&responses_stream(&text, Some(&incomplete))), (12, 3));
+        let failed = r#"{"type":"response.failed","response":{"status":"failed","usage":null}}"#;
+        check(&as_refs(&responses_stream(&text, Some(failed))), (7, 3));
+    }
+
+    #[test]
+    fn a_responses_stream_ends_at_its_finished_response() {
+        let events = responses_stream(&[("response.output_text.delta", "Hi")], None);
+        let mut t = StreamTracker::new("gpt-4o");
+        for event in &events {
+            t.feed(format!("event: x\ndata: {event}\n\n").as_bytes());
+        }
+        assert!(!t.done(), "text deltas do not end a stream");
+        t.feed(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":");
+        assert!(!t.done(), "the last event is not complete yet");
+        t.feed(b"{\"input_tokens\":4,\"output_tokens\":1,\"total_tokens\":5}}}\n\n");
+        assert!(t.done(), "the finished response is the stream's last event");
+        assert_eq!(t.usage(7), Usage { prompt_tokens: 4, completion_tokens: 1 });
     }
 }

@@ -928,3 +928,98 @@ async fn a_request_body_the_proxy_cannot_read_is_refused() {
     assert!(bomb.len() < 1000);
     check(413, "gzip", bomb).await;
 }
+
+/// A Responses API call (`POST /openai/v1/responses`) with `body`.
+async fn responses(proxy: &Running, body: Value) -> reqwest::Response {
+    let url = format!("{}/openai/v1/responses", proxy.base);
+    proxy.client.post(url).header("api-key", "k").json(&body).send().await.unwrap()
+}
+
+/// A backend that answers every call with `body` as `content_type`.
+async fn answering(content_type: &str, body: &str) -> MockServer {
+    let backend = MockServer::start().await;
+    let answer = ResponseTemplate::new(200).set_body_raw(body.as_bytes().to_vec(), content_type);
+    Mock::given(method("POST")).respond_with(answer).mount(&backend).await;
+    backend
+}
+
+#[tokio::test]
+async fn a_responses_api_body_is_charged_its_input_and_output_tokens() {
+    // Before, `usage` without `prompt_tokens` was read as no usage: zero tokens.
+    let body = r#"{"id":"resp_1","object":"response","status":"completed","model":"gpt-4o",
+        "output":[{"type":"message","role":"assistant","content":[{"type":"output_text","text":"Hi","annotations":[]}]}],
+        "usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},"output_tokens":3,
+        "output_tokens_details":{"reasoning_tokens":0},"total_tokens":14}}"#;
+    let backend = answering("application/json", body).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let r = responses(&proxy, json!({"model": "gpt-4o", "input": "Say hello"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), body, "the client gets the backend's body");
+    let requests = backend.received_requests().await.unwrap();
+    assert_eq!(requests[0].url.path(), "/openai/v1/responses", "the path is passed on");
+    let metrics = proxy.metrics().await;
+    assert_eq!((charged(&metrics, "prompt"), charged(&metrics, "completion")), ("11".into(), "3".into()), "{metrics}");
+    assert!(metrics.contains("limitlab_usage_unreadable_total 0"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_responses_api_stream_is_charged_at_its_completed_event() {
+    // No `[DONE]` ends a Responses stream: its last event carries the usage.
+    let stream = "event: response.created\n\
+        data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\"usage\":null}}\n\n\
+        event: response.output_text.delta\n\
+        data: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"Hello\"}\n\n\
+        event: response.completed\n\
+        data: {\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"usage\":{\"input_tokens\":12,\"output_tokens\":4,\"total_tokens\":16}}}\n\n";
+    let backend = answering("text/event-stream", stream).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let r = responses(&proxy, json!({"model": "gpt-4o", "input": "Say hello", "stream": true})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), stream);
+    let metrics = proxy.metrics().await;
+    assert_eq!((charged(&metrics, "prompt"), charged(&metrics, "completion")), ("12".into(), "4".into()), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_responses_api_stream_without_usage_is_charged_its_prompt_and_text() {
+    // The prompt as a Responses request counts it (instructions, then input),
+    // and the text deltas streamed.
+    let stream = "data: {\"type\":\"response.output_text.delta\",\"delta\":\"Hello there\"}\n\n";
+    let backend = answering("text/event-stream", stream).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let request = json!({"model": "gpt-4o", "instructions": "Be brief.", "input": "Say hello", "stream": true});
+    let r = responses(&proxy, request.clone()).await;
+    assert_eq!(r.text().await.unwrap(), stream);
+    let metrics = proxy.metrics().await;
+    let prompt = tokenizer::count_responses("gpt-4o", &request);
+    let completion = tokenizer::count("gpt-4o", "Hello there");
+    assert_eq!(charged(&metrics, "prompt"), prompt.to_string(), "{metrics}");
+    assert_eq!(charged(&metrics, "completion"), completion.to_string(), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_usage_of_an_unknown_shape_is_charged_the_prompt_and_counted() {
+    let backend = answering("application/json", r#"{"id":"x","usage":{"total_tokens":99}}"#).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let r = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(r.status(), 200);
+    let metrics = proxy.metrics().await;
+    let prompt = tokenizer::count_chat("gpt-4o", &[json!({"role": "user", "content": "hi"})]);
+    assert_eq!(charged(&metrics, "prompt"), prompt.to_string(), "{metrics}");
+    assert!(["none", "0"].contains(&charged(&metrics, "completion").as_str()), "no completion: {metrics}");
+    assert!(metrics.contains("limitlab_usage_unreadable_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_reserving_token_limit_reserves_the_responses_apis_max_output_tokens() {
+    // Were `max_output_tokens` not read, the default of 1 token would be
+    // reserved and both calls admitted.
+    let limits = "[[products.policy.limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\n\
+        tokens_per_minute = 1000\nestimate_prompt_tokens = true\nreserve = true\nreserve_default_max_tokens = 1\n";
+    let backend = answering("application/json", r#"{"usage":{"input_tokens":5,"output_tokens":5}}"#).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", limits)).await;
+    let r = responses(&proxy, json!({"model": "gpt-4o", "input": "hi", "max_output_tokens": 5000})).await;
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+    let r = responses(&proxy, json!({"model": "gpt-4o", "input": "hi", "max_output_tokens": 50})).await;
+    assert_eq!(r.status(), 200);
+}

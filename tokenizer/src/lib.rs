@@ -48,6 +48,24 @@ pub fn count_chat(model: &str, messages: &[Value]) -> u64 {
     total
 }
 
+/// The prompt tokens of a Responses API request (`POST /openai/v1/responses`):
+/// its `instructions` as a system message, then its `input`, a string (one user
+/// message) or a list of items, each counted as a chat message is, with the
+/// chat framing. Azure does not publish the Responses API's own framing; the
+/// chat rule is the nearest published one.
+pub fn count_responses(model: &str, body: &Value) -> u64 {
+    let mut messages = Vec::new();
+    if let Some(instructions) = body.get("instructions").and_then(Value::as_str) {
+        messages.push(serde_json::json!({ "role": "system", "content": instructions }));
+    }
+    match body.get("input") {
+        Some(Value::String(text)) => messages.push(serde_json::json!({ "role": "user", "content": text })),
+        Some(Value::Array(items)) => messages.extend(items.iter().cloned()),
+        _ => {}
+    }
+    count_chat(model, &messages)
+}
+
 /// Deterministic completion text of exactly `tokens` tokens: words that are one
 /// token each in both vocabularies, so the text a client counts matches `usage`.
 pub fn completion_text(tokens: u64) -> String {
@@ -87,6 +105,28 @@ mod tests {
         ]);
         assert_eq!(count_chat("gpt-4", messages.as_array().unwrap()), 129);
         assert_eq!(count_chat("gpt-4o", messages.as_array().unwrap()), 124);
+    }
+
+    #[test]
+    fn responses_requests_count_as_the_chat_messages_they_amount_to() {
+        let check = |body: serde_json::Value, messages: serde_json::Value| {
+            let expected = count_chat("gpt-4o", messages.as_array().unwrap());
+            assert_eq!(count_responses("gpt-4o", &body), expected, "{body}");
+        };
+        check(json!({"input": "Say hello"}), json!([{"role": "user", "content": "Say hello"}]));
+        check(
+            json!({"instructions": "Be brief.", "input": "Say hello"}),
+            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]),
+        );
+        let items = json!([
+            {"role": "user", "content": [{"type": "input_text", "text": "What is in this picture?"}]},
+            {"role": "assistant", "content": "A fox."},
+        ]);
+        check(json!({"input": items}), items.clone());
+        check(json!({"model": "gpt-4o"}), json!([]));
+        // Nothing at all is the chat framing alone, and any text adds to it.
+        assert_eq!(count_responses("gpt-4o", &json!({})), 3);
+        assert!(count_responses("gpt-4o", &json!({"input": "a much longer prompt than none"})) > 3 + 3);
     }
 
     #[test]
