@@ -26,6 +26,8 @@ pub enum Operation {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// The Responses API (`POST /openai/v1/responses`).
+    Responses,
 }
 
 impl Operation {
@@ -35,6 +37,7 @@ impl Operation {
             Operation::ChatCompletions => "ChatCompletions_Create",
             Operation::Completions => "Completions_Create",
             Operation::Embeddings => "Embeddings_Create",
+            Operation::Responses => "Responses_Create",
         }
     }
 }

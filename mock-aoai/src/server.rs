@@ -3,7 +3,7 @@
 
 use crate::config::{Faults, MockConfig};
 use crate::model::{Completion, DeploymentModel, ModelRequest, ModelResponse, Operation, Throttle};
-use crate::wire::{self, ChatStream, Meta, ParsedRequest};
+use crate::wire::{self, ChatStream, Meta, ParsedRequest, ResponseWire};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -59,6 +59,8 @@ impl Mock {
             .route("/openai/deployments/{deployment}/chat/completions", operation(Operation::ChatCompletions))
             .route("/openai/deployments/{deployment}/completions", operation(Operation::Completions))
             .route("/openai/deployments/{deployment}/embeddings", operation(Operation::Embeddings))
+            .route("/openai/responses", responses(dated_responses_api_version))
+            .route("/openai/v1/responses", responses(v1_api_version))
             .route("/_mock/stats", get(stats))
             .route("/_mock/faults", post(set_faults))
             .with_state(self)
@@ -94,8 +96,66 @@ fn operation(op: Operation) -> axum::routing::MethodRouter<Mock> {
               path: Path<String>,
               query: Query<HashMap<String, String>>,
               headers: HeaderMap,
-              body: Bytes| { handle(mock.0, op, path.0, query.0, headers, body) },
+              body: Bytes| async move {
+            match dated_api_version(&query.0) {
+                Ok(version) => handle(mock.0, op, path.0, version, headers, body).await,
+                Err(refusal) => *refusal,
+            }
+        },
     )
+}
+
+/// A Responses API route: the deployment is the body's `model`, and the
+/// path's own rule says which `api-version`s it takes.
+fn responses(api_version: ApiVersionRule) -> axum::routing::MethodRouter<Mock> {
+    post(move |mock: State<Mock>, query: Query<HashMap<String, String>>, headers: HeaderMap, body: Bytes| async move {
+        let version = match api_version(&query.0) {
+            Ok(version) => version,
+            Err(refusal) => return *refusal,
+        };
+        match wire::responses_deployment(&body) {
+            Ok(deployment) => handle(mock.0, Operation::Responses, deployment, version, headers, body).await,
+            Err(message) => error(StatusCode::BAD_REQUEST, "BadRequest", &message),
+        }
+    })
+}
+
+/// Which `api-version`s a route takes: the version a call names, or Azure's refusal.
+type ApiVersionRule = fn(&HashMap<String, String>) -> Result<String, Box<Response>>;
+
+/// The deployment routes' rule: a dated version, required.
+fn dated_api_version(query: &HashMap<String, String>) -> Result<String, Box<Response>> {
+    let Some(api_version) = query.get("api-version").cloned() else {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        ));
+    };
+    if !wire::is_known_api_version(&api_version) {
+        // Azure's answer to an api-version it does not serve, as current
+        // resources give it (older ones answered 404 "Resource not found").
+        return Err(refuse(StatusCode::BAD_REQUEST, "BadRequest", "API version not supported"));
+    }
+    Ok(api_version)
+}
+
+/// `/openai/responses`: a dated version from the Responses API's first preview on.
+fn dated_responses_api_version(query: &HashMap<String, String>) -> Result<String, Box<Response>> {
+    let version = dated_api_version(query)?;
+    if !wire::serves_responses(&version) {
+        return Err(refuse(StatusCode::BAD_REQUEST, "BadRequest", "API version not supported"));
+    }
+    Ok(version)
+}
+
+/// `/openai/v1/...`: no version needed; `preview` asks for preview features.
+fn v1_api_version(query: &HashMap<String, String>) -> Result<String, Box<Response>> {
+    match query.get("api-version").map(String::as_str) {
+        None => Ok("v1".to_owned()),
+        Some("preview") => Ok("preview".to_owned()),
+        Some(_) => Err(refuse(StatusCode::BAD_REQUEST, "BadRequest", "API version not supported")),
+    }
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -120,11 +180,11 @@ async fn handle(
     mock: Mock,
     operation: Operation,
     deployment: String,
-    query: HashMap<String, String>,
+    api_version: String,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let admission = match admit(&mock, operation, &deployment, &query, &headers, &body) {
+    let admission = match admit(&mock, operation, &deployment, api_version, &headers, &body) {
         Ok(a) => a,
         Err(response) => return *response,
     };
@@ -153,22 +213,10 @@ fn admit(
     mock: &Mock,
     operation: Operation,
     deployment: &str,
-    query: &HashMap<String, String>,
+    api_version: String,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Admission, Box<Response>> {
-    let Some(api_version) = query.get("api-version").cloned() else {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "The api-version query parameter (?api-version=) is required for all requests.",
-        ));
-    };
-    if !wire::is_known_api_version(&api_version) {
-        // Azure's answer to an api-version it does not serve, as current
-        // resources give it (older ones answered 404 "Resource not found").
-        return Err(refuse(StatusCode::BAD_REQUEST, "BadRequest", "API version not supported"));
-    }
     let mut state = mock.lock();
     if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, headers) {
         return Err(refuse(
@@ -209,13 +257,13 @@ fn admit(
     };
     let response = model.handle_request(now, &request);
     let dimensions = model.config().embedding_dimensions();
-    let prefix = match operation {
-        Operation::ChatCompletions => "chatcmpl",
-        Operation::Completions => "cmpl",
-        Operation::Embeddings => "emb",
+    let id = match operation {
+        Operation::ChatCompletions => format!("chatcmpl-limitlab{served:012x}"),
+        Operation::Completions => format!("cmpl-limitlab{served:012x}"),
+        Operation::Embeddings => format!("emb-limitlab{served:012x}"),
+        Operation::Responses => format!("resp_limitlab{served:012x}"),
     };
-    let meta =
-        Meta { id: format!("{prefix}-limitlab{served:012x}"), created: now.0 / 1_000_000_000, model: model_name };
+    let meta = Meta { id, created: now.0 / 1_000_000_000, model: model_name };
     Ok(Admission { meta, parsed, response, api_version, dimensions, seed: state.config.seed })
 }
 
@@ -300,6 +348,10 @@ async fn complete(operation: Operation, admission: Admission, c: Completion) -> 
             tokio::time::sleep(duration(c.duration())).await;
             Json(wire::completions_response(&meta, &c)).into_response()
         }
+        (Operation::Responses, false) => {
+            tokio::time::sleep(duration(c.duration())).await;
+            Json(ResponseWire { meta: &meta, completion: &c }.response()).into_response()
+        }
     };
     let h = response.headers_mut();
     insert(h, "x-ratelimit-remaining-requests", c.remaining_requests);
@@ -316,40 +368,15 @@ fn sse_events(
     c: Completion,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    let event = |v: Value| Ok(Bytes::from(format!("data: {v}\n\n")));
-    let mut head: Vec<Result<Bytes, std::io::Error>> = Vec::new();
-    let mut tail: Vec<Result<Bytes, std::io::Error>> = Vec::new();
-    let chat = ChatStream { meta: &meta, completion: &c };
-    if operation == Operation::ChatCompletions {
-        head.push(event(chat.prelude()));
-        head.push(event(chat.role()));
-    }
-    let sent = c.break_after.unwrap_or(c.completion_tokens);
-    let tokens: Vec<Bytes> = (0..sent)
-        .map(|i| match operation {
-            Operation::ChatCompletions => chat.token(i),
-            _ => wire::completions_chunk(&meta, tokenizer::completion_word(i), None),
-        })
-        .map(|v| Bytes::from(format!("data: {v}\n\n")))
-        .collect();
-    match c.break_after {
-        Some(_) => tail.push(Err(std::io::Error::other("injected broken stream"))),
-        None => {
-            let last = match operation {
-                Operation::ChatCompletions => chat.finish(),
-                _ => wire::completions_chunk(&meta, "", Some(c.finish_reason)),
-            };
-            tail.push(event(last));
-            if include_usage {
-                let usage = match operation {
-                    Operation::ChatCompletions => chat.usage(),
-                    _ => wire::completions_usage_chunk(&meta, &c),
-                };
-                tail.push(event(usage));
-            }
-            tail.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
-        }
-    }
+    let (head, tokens, tail) = match operation {
+        Operation::Responses => responses_events(&meta, &c),
+        _ => chunk_events(operation, &meta, &c, include_usage),
+    };
+    let tail = match c.break_after {
+        Some(_) => vec![Err(std::io::Error::other("injected broken stream"))],
+        None => tail.into_iter().map(Ok).collect(),
+    };
+    let head = head.into_iter().map(Ok).collect::<Vec<Result<Bytes, std::io::Error>>>();
     let (ttft, per_token) = (duration(c.time_to_first_token), duration(c.time_per_token));
     // Each chunk is due at its own instant from the start, not a wait after the
     // one before: waits would add up every timer's lateness, about a
@@ -363,6 +390,55 @@ fn sse_events(
         Ok(chunk)
     });
     stream::iter(head).chain(paced).chain(stream::iter(tail))
+}
+
+/// A stream's events before its tokens, for each token sent, and after them
+/// (sent only if the stream does not break).
+type Events = (Vec<Bytes>, Vec<Bytes>, Vec<Bytes>);
+
+/// Chat completions' and completions' chunks, ending with `data: [DONE]`.
+fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, include_usage: bool) -> Events {
+    let event = |v: Value| Bytes::from(format!("data: {v}\n\n"));
+    let chat = ChatStream { meta, completion: c };
+    let head = match operation {
+        Operation::ChatCompletions => vec![event(chat.prelude()), event(chat.role())],
+        _ => Vec::new(),
+    };
+    let sent = c.break_after.unwrap_or(c.completion_tokens);
+    let tokens = (0..sent)
+        .map(|i| match operation {
+            Operation::ChatCompletions => chat.token(i),
+            _ => wire::completions_chunk(meta, tokenizer::completion_word(i), None),
+        })
+        .map(event)
+        .collect();
+    let last = match operation {
+        Operation::ChatCompletions => chat.finish(),
+        _ => wire::completions_chunk(meta, "", Some(c.finish_reason)),
+    };
+    let mut tail = vec![event(last)];
+    if include_usage {
+        let usage = match operation {
+            Operation::ChatCompletions => chat.usage(),
+            _ => wire::completions_usage_chunk(meta, c),
+        };
+        tail.push(event(usage));
+    }
+    tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    (head, tokens, tail)
+}
+
+/// A Responses API stream's events, numbered in order; its usage is in its
+/// last event, and no `[DONE]` follows.
+fn responses_events(meta: &Meta, c: &Completion) -> Events {
+    let wire = ResponseWire { meta, completion: c };
+    let mut number = 0u64..;
+    let mut event = |v: Value| Bytes::from(wire::responses_event(v, number.next().unwrap_or_default()));
+    let head = wire.prelude().into_iter().map(&mut event).collect();
+    let sent = c.break_after.unwrap_or(c.completion_tokens);
+    let tokens = (0..sent).map(|i| event(wire.token(i))).collect();
+    let tail = wire.finish().into_iter().map(&mut event).collect();
+    (head, tokens, tail)
 }
 
 async fn stats(State(mock): State<Mock>) -> Json<Value> {

@@ -34,10 +34,14 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
             let inputs = strings(&obj, "input")?;
             (inputs.iter().map(|p| tokens::count(model, p)).sum(), inputs)
         }
+        Operation::Responses => (responses_prompt(model, &obj)?, Vec::new()),
     };
-    let max_tokens = match uint(&obj, "max_completion_tokens")? {
-        Some(n) => Some(n),
-        None => uint(&obj, "max_tokens")?,
+    let max_tokens = match operation {
+        Operation::Responses => uint(&obj, "max_output_tokens")?,
+        _ => match uint(&obj, "max_completion_tokens")? {
+            Some(n) => Some(n),
+            None => uint(&obj, "max_tokens")?,
+        },
     };
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
@@ -74,6 +78,38 @@ fn chat_prompt(model: &str, obj: &Map<String, Value>) -> Result<u64, String> {
         }
     }
     Ok(tokens::count_chat(model, messages))
+}
+
+/// A Responses API request's prompt: `input`, a string or a non-empty list
+/// of items (messages, with a role), after `instructions`.
+fn responses_prompt(model: &str, obj: &Map<String, Value>) -> Result<u64, String> {
+    match obj.get("input") {
+        Some(Value::String(_)) => {}
+        Some(Value::Array(items)) if !items.is_empty() => {
+            for (i, item) in items.iter().enumerate() {
+                if item.get("role").and_then(Value::as_str).is_none() {
+                    return Err(format!(
+                        "`input[{i}].role` is required: the mock serves message items (\"system\", \"developer\", \"user\" or \"assistant\")"
+                    ));
+                }
+            }
+        }
+        _ => return Err("`input` is required: a string or a non-empty array of input items".into()),
+    }
+    match obj.get("instructions") {
+        None | Some(Value::Null | Value::String(_)) => {}
+        Some(_) => return Err("`instructions` must be a string".into()),
+    }
+    Ok(tokens::count_responses(model, &Value::Object(obj.clone())))
+}
+
+/// The deployment a Responses API request names: its `model`.
+pub fn responses_deployment(body: &[u8]) -> Result<String, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    match value.get("model") {
+        Some(Value::String(model)) if !model.is_empty() => Ok(model.clone()),
+        _ => Err("`model` is required: the name of the deployment".into()),
+    }
 }
 
 fn strings(obj: &Map<String, Value>, field: &str) -> Result<Vec<String>, String> {
@@ -286,6 +322,117 @@ pub fn completions_usage_chunk(meta: &Meta, c: &Completion) -> Value {
     json!({ "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model, "choices": [], "usage": usage(c) })
 }
 
+/// A Responses API answer: the response object, and the events of its stream.
+pub struct ResponseWire<'a> {
+    pub meta: &'a Meta,
+    pub completion: &'a Completion,
+}
+
+impl ResponseWire<'_> {
+    /// A reply cut short by `max_output_tokens` is an incomplete response.
+    fn status(&self) -> &'static str {
+        match self.completion.finish_reason {
+            FinishReason::Stop => "completed",
+            FinishReason::Length => "incomplete",
+        }
+    }
+
+    fn item_id(&self) -> String {
+        format!("msg_{}", self.meta.id.trim_start_matches("resp_"))
+    }
+
+    fn object(&self, status: &str, output: Value, usage: Value) -> Value {
+        let incomplete = match status {
+            "incomplete" => json!({ "reason": "max_output_tokens" }),
+            _ => Value::Null,
+        };
+        json!({
+            "id": self.meta.id, "object": "response", "created_at": self.meta.created, "status": status,
+            "error": null, "incomplete_details": incomplete, "instructions": null, "max_output_tokens": null,
+            "model": self.meta.model, "output": output, "parallel_tool_calls": true,
+            "previous_response_id": null, "reasoning": { "effort": null, "summary": null }, "store": true,
+            "temperature": 1.0, "text": { "format": { "type": "text" } }, "tool_choice": "auto", "tools": [],
+            "top_p": 1.0, "truncation": "disabled", "usage": usage, "user": null, "metadata": {},
+        })
+    }
+
+    fn text_part(text: &str) -> Value {
+        json!({ "type": "output_text", "text": text, "annotations": [] })
+    }
+
+    fn message(&self, status: &str, content: Vec<Value>) -> Value {
+        json!({ "id": self.item_id(), "type": "message", "status": status, "role": "assistant", "content": content })
+    }
+
+    fn usage(&self) -> Value {
+        let c = self.completion;
+        json!({
+            "input_tokens": c.prompt_tokens, "input_tokens_details": { "cached_tokens": 0 },
+            "output_tokens": c.completion_tokens, "output_tokens_details": { "reasoning_tokens": 0 },
+            "total_tokens": c.prompt_tokens.saturating_add(c.completion_tokens),
+        })
+    }
+
+    /// The whole response, as a buffered call gets it and a stream's last event carries it.
+    pub fn response(&self) -> Value {
+        let text = tokens::completion_text(self.completion.completion_tokens);
+        let message = self.message(self.status(), vec![Self::text_part(&text)]);
+        self.object(self.status(), json!([message]), self.usage())
+    }
+
+    /// A stream's first events, before any text: the response created and in
+    /// progress, its message and the message's text part begun.
+    pub fn prelude(&self) -> Vec<Value> {
+        let started = self.object("in_progress", json!([]), Value::Null);
+        let part = json!({
+            "type": "response.content_part.added", "item_id": self.item_id(), "output_index": 0,
+            "content_index": 0, "part": Self::text_part(""),
+        });
+        vec![
+            json!({ "type": "response.created", "response": started }),
+            json!({ "type": "response.in_progress", "response": started }),
+            json!({ "type": "response.output_item.added", "output_index": 0, "item": self.message("in_progress", Vec::new()) }),
+            part,
+        ]
+    }
+
+    /// The stream's event for the `i`-th token of the reply.
+    pub fn token(&self, i: u64) -> Value {
+        json!({
+            "type": "response.output_text.delta", "item_id": self.item_id(), "output_index": 0,
+            "content_index": 0, "delta": tokens::completion_word(i), "logprobs": [],
+        })
+    }
+
+    /// A stream's last events: the text, its part and its message done, then
+    /// the response completed (or incomplete) with its usage.
+    pub fn finish(&self) -> Vec<Value> {
+        let text = tokens::completion_text(self.completion.completion_tokens);
+        let (id, last) = (self.item_id(), format!("response.{}", self.status()));
+        let head = json!({ "item_id": id, "output_index": 0, "content_index": 0 });
+        let with = |kind: &str, extra: Value| {
+            let mut event = head.clone();
+            event["type"] = json!(kind);
+            extra.as_object().into_iter().flatten().for_each(|(k, v)| event[k] = v.clone());
+            event
+        };
+        vec![
+            with("response.output_text.done", json!({ "text": text, "logprobs": [] })),
+            with("response.content_part.done", json!({ "part": Self::text_part(&text) })),
+            json!({ "type": "response.output_item.done", "output_index": 0, "item": self.message(self.status(), vec![Self::text_part(&text)]) }),
+            json!({ "type": last, "response": self.response() }),
+        ]
+    }
+}
+
+/// A Responses API stream event as it goes on the wire: its type as the SSE
+/// event name, and its place in the stream as `sequence_number`.
+pub fn responses_event(mut event: Value, sequence_number: u64) -> String {
+    event["sequence_number"] = json!(sequence_number);
+    let kind = event["type"].as_str().unwrap_or("message").to_owned();
+    format!("event: {kind}\ndata: {event}\n\n")
+}
+
 /// The inference API versions Azure OpenAI documents (GA, then previews); the
 /// mock answers others as Azure does, 404.
 const API_VERSIONS: [&str; 24] = [
@@ -319,6 +466,12 @@ pub fn is_known_api_version(version: &str) -> bool {
     API_VERSIONS.contains(&version)
 }
 
+/// Whether a dated version serves the Responses API, which came with
+/// `2025-03-01-preview`.
+pub fn serves_responses(version: &str) -> bool {
+    matches!(version, "2025-03-01-preview" | "2025-04-01-preview")
+}
+
 /// Whether a model serves an operation, as Azure's deployments do: embedding
 /// models only embeddings, instruct models only completions, chat models only
 /// chat completions.
@@ -328,7 +481,7 @@ pub fn serves(model: &str, operation: Operation) -> bool {
     match operation {
         Operation::Embeddings => embedding,
         Operation::Completions => completion,
-        Operation::ChatCompletions => !embedding && !completion,
+        Operation::ChatCompletions | Operation::Responses => !embedding && !completion,
     }
 }
 
@@ -338,6 +491,7 @@ pub fn not_supported(operation: Operation, model: &str) -> String {
         Operation::ChatCompletions => "chatCompletion",
         Operation::Completions => "completion",
         Operation::Embeddings => "embeddings",
+        Operation::Responses => "responses",
     };
     format!(
         "The {name} operation does not work with the specified model, {model}. Please choose different model and \

@@ -332,3 +332,85 @@ async fn broken_streams_and_resets_fail_the_transport() {
     };
     assert!(failed, "a reset gives the client no complete response");
 }
+
+/// A Responses API stream's events: each `event:` name with its `data:` JSON.
+fn named_events(body: &str) -> Vec<(String, Value)> {
+    let event = |text: &str| {
+        let (name, data) = text.split_once('\n').expect("an event line and a data line");
+        let name = name.strip_prefix("event: ").expect("an event name").to_owned();
+        (name, serde_json::from_str(data.strip_prefix("data: ").expect("a data line")).unwrap())
+    };
+    body.split("\n\n").filter(|e| !e.is_empty()).map(event).collect()
+}
+
+#[tokio::test]
+async fn the_responses_api_answers_plain_and_streamed_with_its_usage() {
+    let server = Server::start(CONFIG).await;
+    let request = json!({"model": "chat", "instructions": "Be brief.", "input": "Hello there"});
+    let r = server.post("/openai/v1/responses", request.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-ratelimit-remaining-tokens"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!((body["object"].as_str(), body["status"].as_str()), (Some("response"), Some("completed")));
+    assert!(body["id"].as_str().unwrap().starts_with("resp_"), "{body}");
+    // The same prompt as the chat test's two messages, counted the same way.
+    assert_eq!(body["usage"]["input_tokens"], 3 + (3 + 1 + 3) + (3 + 1 + 2));
+    assert_eq!(body["usage"]["output_tokens"], 12);
+    assert_eq!(body["usage"]["total_tokens"], 3 + (3 + 1 + 3) + (3 + 1 + 2) + 12);
+    let text = body["output"][0]["content"][0]["text"].as_str().unwrap();
+    assert_eq!(tokenizer::count("gpt-4o", text), 12);
+
+    let streamed = json!({"model": "chat", "input": "Hello there", "stream": true, "max_output_tokens": 4});
+    let r = server.post("/openai/responses?api-version=2025-03-01-preview", streamed).await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream; charset=utf-8");
+    let events = named_events(&r.text().await.unwrap());
+    for (i, (name, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"].as_str(), Some(name.as_str()), "the event name is its type");
+        assert_eq!(data["sequence_number"], i, "{name}");
+    }
+    let deltas: String = events
+        .iter()
+        .filter(|(name, _)| name == "response.output_text.delta")
+        .map(|(_, data)| data["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokenizer::count("gpt-4o", &deltas), 4, "the streamed text has max_output_tokens tokens");
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "response.incomplete", "cut short by max_output_tokens; no [DONE] follows");
+    assert_eq!(data["response"]["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(data["response"]["usage"]["output_tokens"], 4);
+    assert_eq!(data["response"]["output"][0]["content"][0]["text"].as_str(), Some(deltas.as_str()));
+}
+
+#[tokio::test]
+async fn the_responses_api_refuses_what_azure_refuses() {
+    let server = Server::start(CONFIG).await;
+    let check = |status: u16, code: &'static str, needle: &'static str| {
+        move |(got, body): (u16, Value)| {
+            assert_eq!(got, status, "{body}");
+            assert_eq!(body["error"]["code"], code, "{body}");
+            assert!(body["error"]["message"].as_str().unwrap().contains(needle), "{body}");
+        }
+    };
+    let send = |path: &'static str, body: Value| {
+        let request = server.client.post(format!("{}{path}", server.base)).json(&body);
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let hello = json!({"model": "chat", "input": "Hello"});
+    // A dated version from before the Responses API, and one the v1 path does not take.
+    check(400, "BadRequest", "API version")(send("/openai/responses?api-version=2024-10-21", hello.clone()).await);
+    check(400, "BadRequest", "API version")(send("/openai/v1/responses?api-version=2024-10-21", hello.clone()).await);
+    assert_eq!(send("/openai/v1/responses?api-version=preview", hello).await.0, 200);
+    check(400, "BadRequest", "`model`")(send("/openai/v1/responses", json!({"input": "Hello"})).await);
+    check(400, "BadRequest", "`input`")(send("/openai/v1/responses", json!({"model": "chat"})).await);
+    let no_role = json!({"model": "chat", "input": [{"content": "Hello"}]});
+    check(400, "BadRequest", "`input[0].role`")(send("/openai/v1/responses", no_role).await);
+    check(404, "DeploymentNotFound", "deployment")(
+        send("/openai/v1/responses", json!({"model": "nope", "input": "Hello"})).await,
+    );
+    check(400, "OperationNotSupported", "responses operation")(
+        send("/openai/v1/responses", json!({"model": "embed", "input": "Hello"})).await,
+    );
+}

@@ -3,7 +3,8 @@
 Usage: python tests/sdk/openai_proxy.py path/to/limitlab
 Starts two `limitlab mock` (mocks/fast.toml) as `primary` and `secondary` and `limitlab proxy
 --config examples/proxy.toml` in front of them, then checks chat (plain and
-streamed), the policy's headers, and the 429 the SDK sees past the rate limit.
+streamed), the Responses API (plain and streamed), the policy's token headers
+for both, and the 429 the SDK sees past the rate limit.
 """
 
 import subprocess
@@ -53,14 +54,32 @@ def main():
                 text += choice.delta.content or ""
         assert usage.completion_tokens == 20 and text.startswith("The quick"), (usage, text)
 
-        for _ in range(8):
+        # The Responses API is charged its usage too: the policy's headers say so.
+        responses = AzureOpenAI(azure_endpoint=front, api_key="demo-key", api_version="2025-03-01-preview", max_retries=0)
+        raw = responses.responses.with_raw_response.create(model="gpt-4o", input="Say hello")
+        response = raw.parse()
+        assert response.output_text.startswith("The quick"), response
+        assert response.usage.total_tokens == int(raw.headers["consumed-tokens"]), raw.headers
+        spent = chat.usage.total_tokens + usage.total_tokens + response.usage.total_tokens
+        assert int(raw.headers["remaining-tokens"]) == 5000 - spent, (raw.headers, spent)
+        final = None
+        for event in responses.responses.create(model="gpt-4o", input="Say hello", stream=True):
+            if event.type == "response.completed":
+                final = event.response
+        assert final.usage.output_tokens == 20, final.usage
+        spent += final.usage.total_tokens
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
+        spent += raw.parse().usage.total_tokens
+        assert int(raw.headers["remaining-tokens"]) == 5000 - spent, (raw.headers, spent)
+
+        for _ in range(5):
             client.chat.completions.create(model="gpt-4o", messages=messages)
         try:
             client.chat.completions.create(model="gpt-4o", messages=messages)
             raise AssertionError("the 11th call in a minute must be refused")
         except openai.RateLimitError as e:
             assert e.status_code == 429 and "Rate limit is exceeded" in str(e), e
-        print(f"openai {openai.__version__} through limitlab proxy: chat, stream, token headers and the 429 ok")
+        print(f"openai {openai.__version__} through limitlab proxy: chat, stream, responses, token headers and the 429 ok")
     finally:
         for p in procs:
             p.terminate()

@@ -2,8 +2,9 @@
 
 Usage: python tests/sdk/openai_sdk.py path/to/limitlab
 Starts `limitlab mock --config mocks/sdk.toml --listen 127.0.0.1:0`, reads the port from
-its first line, and checks chat (plain and streamed), completions, embeddings, and
-that the SDK's own retry honours the mock's 429 headers. Exits non-zero on failure.
+its first line, and checks chat (plain and streamed), completions, embeddings, the
+Responses API (plain and streamed, on the dated path and on /openai/v1/), and that
+the SDK's own retry honours the mock's 429 headers. Exits non-zero on failure.
 """
 
 import json
@@ -13,7 +14,7 @@ import time
 import urllib.request
 
 import openai
-from openai import AzureOpenAI
+from openai import AzureOpenAI, OpenAI
 
 
 def start(limitlab):
@@ -30,6 +31,27 @@ def start(limitlab):
 def stats(base):
     with urllib.request.urlopen(f"{base}/_mock/stats") as r:
         return json.load(r)["deployments"]
+
+
+def check_responses(base):
+    """The Responses API: AzureOpenAI on `/openai/responses?api-version=...`, and
+    OpenAI on `/openai/v1/` (the key as `api-key`, as Azure takes it)."""
+    dated = AzureOpenAI(azure_endpoint=base, api_key="test-key", api_version="2025-03-01-preview", max_retries=0)
+    v1 = OpenAI(base_url=f"{base}/openai/v1/", api_key="unused", default_headers={"api-key": "test-key"}, max_retries=0)
+    for client in (dated, v1):
+        response = client.responses.create(model="gpt-4o", instructions="Be brief.", input="Say hello")
+        assert response.status == "completed" and response.output_text.startswith("The quick"), response
+        assert response.usage.output_tokens == 16, response.usage
+        assert response.usage.total_tokens == response.usage.input_tokens + 16, response.usage
+
+        text, final = "", None
+        for event in client.responses.create(model="gpt-4o", input="Say hello", stream=True, max_output_tokens=5):
+            if event.type == "response.output_text.delta":
+                text += event.delta
+            if event.type in ("response.completed", "response.incomplete"):
+                final = event.response
+        assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens", final
+        assert final.usage.output_tokens == 5 and final.output_text == text, (final.usage, text)
 
 
 def main():
@@ -64,6 +86,8 @@ def main():
         again = client.embeddings.create(model="text-embedding-3-small", input=["one"])
         assert again.data[0].embedding == embeddings.data[0].embedding, "embeddings are deterministic"
 
+        check_responses(base)
+
         try:
             AzureOpenAI(azure_endpoint=base, api_key="wrong", api_version="2024-10-21").chat.completions.create(
                 model="gpt-4o", messages=messages
@@ -81,7 +105,7 @@ def main():
         counts = stats(base)["throttled"]
         assert counts["throttled"] == 1 and counts["completed"] == 2, counts
         assert 9.0 <= waited <= 12.0, f"waited {waited:.1f} s"
-        print(f"openai {openai.__version__}: chat, stream, completions, embeddings, auth and 429 retry ok "
+        print(f"openai {openai.__version__}: chat, stream, completions, embeddings, responses, auth and 429 retry ok "
               f"(retry waited {waited:.1f} s)")
     finally:
         proc.terminate()
