@@ -284,12 +284,22 @@ impl StreamTracker {
             self.usage = Some(usage);
         }
         for choice in event.choices {
+            let Some(delta) = choice.delta else {
+                self.push_text(choice.text.as_deref());
+                continue;
+            };
             // A `delta.content` that is there, even null, is the choice's text.
-            let text = match choice.delta.and_then(|d| d.content) {
+            let text = match delta.content {
                 Some(content) => content,
                 None => choice.text,
             };
             self.push_text(text.as_deref());
+            self.push_text(delta.refusal.as_deref());
+            let calls = delta.tool_calls.into_iter().flatten().filter_map(|call| call.function);
+            for function in calls.chain(delta.function_call) {
+                self.push_text(function.name.as_deref());
+                self.push_text(function.arguments.as_deref());
+            }
         }
         if let Some(kind) = event.kind.as_deref() {
             let usage = event.response.and_then(|r| r.usage);
@@ -303,8 +313,9 @@ impl StreamTracker {
             self.usage = Some(usage);
         }
         for choice in value.get("choices").and_then(Value::as_array).into_iter().flatten() {
-            let text = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
-            self.push_text(text);
+            for text in choice_texts(choice) {
+                self.push_text(Some(text));
+            }
         }
         if let Some(kind) = value.get("type").and_then(Value::as_str) {
             let delta = value.get("delta").and_then(Value::as_str);
@@ -407,6 +418,29 @@ struct Delta<'a> {
     /// `Some(None)`: the field is there and null.
     #[serde(default, borrow, deserialize_with = "present")]
     content: Option<Option<std::borrow::Cow<'a, str>>>,
+    /// A refusal, and the calls of tools (or of the older `function_call`) the
+    /// model makes: text it writes as much as its content is.
+    #[serde(default, borrow)]
+    refusal: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<ToolCall<'a>>>,
+    #[serde(default, borrow)]
+    function_call: Option<Function<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ToolCall<'a> {
+    #[serde(default, borrow)]
+    function: Option<Function<'a>>,
+}
+
+/// A streamed piece of a function call: its name (in the first piece) and its arguments.
+#[derive(serde::Deserialize)]
+struct Function<'a> {
+    #[serde(default, borrow)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    arguments: Option<std::borrow::Cow<'a, str>>,
 }
 
 fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
@@ -415,6 +449,20 @@ where
     T: serde::Deserialize<'de>,
 {
     T::deserialize(deserializer).map(Some)
+}
+
+/// The text a chat or completions chunk's choice holds, read generically: its
+/// content (else its `text`), its refusal, and its function calls' names and
+/// arguments.
+fn choice_texts(choice: &Value) -> Vec<&str> {
+    let content = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
+    let refusal = choice.pointer("/delta/refusal").and_then(Value::as_str);
+    let calls = choice.pointer("/delta/tool_calls").and_then(Value::as_array).into_iter().flatten();
+    let functions = calls.filter_map(|call| call.get("function")).chain(choice.pointer("/delta/function_call"));
+    let function_texts = functions.flat_map(|f| [f.get("name"), f.get("arguments")]).flatten();
+    let mut texts: Vec<&str> = content.into_iter().chain(refusal).collect();
+    texts.extend(function_texts.filter_map(Value::as_str));
+    texts
 }
 
 /// Counts in either shape (see [`from_json`]); `None` for any other.
@@ -553,6 +601,16 @@ mod tests {
             for choice in value.get("choices").and_then(Value::as_array).into_iter().flatten() {
                 let text = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
                 texts.extend(text);
+                texts.extend(choice.pointer("/delta/refusal").and_then(Value::as_str));
+                let mut functions: Vec<&Value> = Vec::new();
+                if let Some(Value::Array(calls)) = choice.pointer("/delta/tool_calls") {
+                    functions.extend(calls.iter().filter_map(|call| call.get("function")));
+                }
+                functions.extend(choice.pointer("/delta/function_call"));
+                for function in functions {
+                    texts.extend(function.get("name").and_then(Value::as_str));
+                    texts.extend(function.get("arguments").and_then(Value::as_str));
+                }
             }
             // The Responses API: text deltas, and the usage of the finished response.
             let kind = value.get("type").and_then(Value::as_str).unwrap_or_default();
@@ -630,6 +688,25 @@ mod tests {
                 "[DONE]",
             ],
             (9, 4),
+        );
+        // Tool calls, the older function call and refusals are text the model wrote.
+        let count = |texts: &[&str]| texts.iter().map(|t| tokenizer::count("gpt-4o", t)).sum::<u64>();
+        check(
+            &[
+                r#"{"choices":[{"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]}}]}"#,
+                r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}}]}"#,
+                r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":" \"Oslo\"}"}}]}}]}"#,
+                r#"{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}"#,
+            ],
+            (7, count(&["get_weather", "{\"city\":", " \"Oslo\"}"])),
+        );
+        check(
+            &[
+                r#"{"choices":[{"delta":{"function_call":{"name":"lookup","arguments":"{}"}}}]}"#,
+                r#"{"choices":[{"delta":{"refusal":"I can't help with that."}}]}"#,
+                r#"{"choices":[{"delta":{"tool_calls":null,"content":"ok"}}]}"#,
+            ],
+            (7, count(&["lookup", "{}", "I can't help with that.", "ok"])),
         );
         check(
             &[r#"{"choices":[{"delta":{"content":"caf\u00e9 \"quoted\""}}]}"#],

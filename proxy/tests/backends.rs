@@ -1023,3 +1023,23 @@ async fn a_reserving_token_limit_reserves_the_responses_apis_max_output_tokens()
     let r = responses(&proxy, json!({"model": "gpt-4o", "input": "hi", "max_output_tokens": 50})).await;
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn a_streamed_tool_call_without_usage_is_charged_its_arguments() {
+    // Most clients do not ask for a usage chunk: the stream is charged its
+    // prompt and what the model wrote, and a tool call's arguments are that.
+    let stream = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"\"}}]}}]}\n\n\
+        data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\": \\\"Oslo\\\"}\"}}]}}]}\n\n\
+        data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n\
+        data: [DONE]\n\n";
+    let backend = answering("text/event-stream", stream).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let messages = json!([{"role": "user", "content": "Weather in Oslo?"}]);
+    let r = proxy.chat(json!({"messages": messages, "stream": true})).await;
+    assert_eq!(r.text().await.unwrap(), stream);
+    let metrics = proxy.metrics().await;
+    let completion = tokenizer::count("gpt-4o", "get_weather") + tokenizer::count("gpt-4o", "{\"city\": \"Oslo\"}");
+    assert_eq!(charged(&metrics, "completion"), completion.to_string(), "{metrics}");
+    let prompt = tokenizer::count_chat("gpt-4o", messages.as_array().unwrap());
+    assert_eq!(charged(&metrics, "prompt"), prompt.to_string(), "{metrics}");
+}
