@@ -23,24 +23,24 @@ pub struct ParsedRequest {
 /// Reads and checks a request body; the error names the field.
 pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<ParsedRequest, String> {
     let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
-    let Value::Object(obj) = value else { return Err("the body must be a JSON object".into()) };
+    let Some(obj) = value.as_object() else { return Err("the body must be a JSON object".into()) };
     let (prompt_tokens, inputs) = match operation {
-        Operation::ChatCompletions => (chat_prompt(model, &obj)?, Vec::new()),
+        Operation::ChatCompletions => (chat_prompt(model, &value)?, Vec::new()),
         Operation::Completions => {
-            let prompts = strings(&obj, "prompt")?;
+            let prompts = strings(obj, "prompt")?;
             (prompts.iter().map(|p| tokens::count(model, p)).sum(), Vec::new())
         }
         Operation::Embeddings => {
-            let inputs = strings(&obj, "input")?;
+            let inputs = strings(obj, "input")?;
             (inputs.iter().map(|p| tokens::count(model, p)).sum(), inputs)
         }
-        Operation::Responses => (responses_prompt(model, &obj)?, Vec::new()),
+        Operation::Responses => (responses_prompt(model, &value)?, Vec::new()),
     };
     let max_tokens = match operation {
-        Operation::Responses => uint(&obj, "max_output_tokens")?,
-        _ => match uint(&obj, "max_completion_tokens")? {
+        Operation::Responses => uint(obj, "max_output_tokens")?,
+        _ => match uint(obj, "max_completion_tokens")? {
             Some(n) => Some(n),
-            None => uint(&obj, "max_tokens")?,
+            None => uint(obj, "max_tokens")?,
         },
     };
     let stream = match obj.get("stream") {
@@ -57,7 +57,7 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
     Ok(ParsedRequest {
         prompt_tokens,
         max_tokens,
-        best_of: uint(&obj, "best_of")?,
+        best_of: uint(obj, "best_of")?,
         stream,
         include_usage: include_usage.unwrap_or(false),
         inputs,
@@ -65,8 +65,8 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
     })
 }
 
-fn chat_prompt(model: &str, obj: &Map<String, Value>) -> Result<u64, String> {
-    let Some(Value::Array(messages)) = obj.get("messages") else {
+fn chat_prompt(model: &str, body: &Value) -> Result<u64, String> {
+    let Some(Value::Array(messages)) = body.get("messages") else {
         return Err("`messages` is required: an array of chat messages".into());
     };
     if messages.is_empty() {
@@ -77,13 +77,13 @@ fn chat_prompt(model: &str, obj: &Map<String, Value>) -> Result<u64, String> {
             return Err(format!("`messages[{i}].role` is required: \"system\", \"user\", \"assistant\" or \"tool\""));
         }
     }
-    Ok(tokens::count_chat(model, messages))
+    Ok(tokens::count_chat_request(model, body))
 }
 
 /// A Responses API request's prompt: `input`, a string or a non-empty list
 /// of items (messages, with a role), after `instructions`.
-fn responses_prompt(model: &str, obj: &Map<String, Value>) -> Result<u64, String> {
-    match obj.get("input") {
+fn responses_prompt(model: &str, body: &Value) -> Result<u64, String> {
+    match body.get("input") {
         Some(Value::String(_)) => {}
         Some(Value::Array(items)) if !items.is_empty() => {
             for (i, item) in items.iter().enumerate() {
@@ -96,11 +96,11 @@ fn responses_prompt(model: &str, obj: &Map<String, Value>) -> Result<u64, String
         }
         _ => return Err("`input` is required: a string or a non-empty array of input items".into()),
     }
-    match obj.get("instructions") {
+    match body.get("instructions") {
         None | Some(Value::Null | Value::String(_)) => {}
         Some(_) => return Err("`instructions` must be a string".into()),
     }
-    Ok(tokens::count_responses(model, &Value::Object(obj.clone())))
+    Ok(tokens::count_responses(model, body))
 }
 
 /// The deployment a Responses API request names: its `model`.

@@ -414,3 +414,27 @@ async fn the_responses_api_refuses_what_azure_refuses() {
         send("/openai/v1/responses", json!({"model": "embed", "input": "Hello"})).await,
     );
 }
+
+#[tokio::test]
+async fn a_requests_tools_count_in_its_prompt_as_the_service_counts_them() {
+    // OpenAI's cookbook example ("How to count tokens with tiktoken", function
+    // calling): 101 prompt tokens for a gpt-4o model, as its API counted them.
+    let server = Server::start(CONFIG).await;
+    let request = json!({
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+            {"role": "user", "content": "What's the weather like in San Francisco?"}
+        ],
+        "tools": [{"type": "function", "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a given location",
+            "parameters": {"type": "object", "properties": {
+                "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                "unit": {"type": "string", "description": "The unit of temperature to return", "enum": ["celsius", "fahrenheit"]}
+            }, "required": ["location"]}
+        }}]
+    });
+    let r = server.post(&format!("/openai/deployments/chat/chat/completions{V}"), request).await;
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["usage"]["prompt_tokens"], 101, "{body}");
+}

@@ -547,8 +547,8 @@ fn count_prompt(model: &str, path: &str, body: &[u8]) -> u64 {
 }
 
 fn prompt_tokens(model: &str, body: &serde_json::Value) -> u64 {
-    if let Some(messages) = body.get("messages").and_then(serde_json::Value::as_array) {
-        return tokenizer::count_chat(model, messages);
+    if body.get("messages").is_some_and(serde_json::Value::is_array) {
+        return tokenizer::count_chat_request(model, body);
     }
     let text = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => tokenizer::count(model, s),

@@ -1034,12 +1034,18 @@ async fn a_streamed_tool_call_without_usage_is_charged_its_arguments() {
         data: [DONE]\n\n";
     let backend = answering("text/event-stream", stream).await;
     let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
-    let messages = json!([{"role": "user", "content": "Weather in Oslo?"}]);
-    let r = proxy.chat(json!({"messages": messages, "stream": true})).await;
+    // The prompt is its messages and the tools it offers, which it pays for too.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city."}}}}}]);
+    let request =
+        json!({"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": tools, "stream": true});
+    let r = proxy.chat(request.clone()).await;
     assert_eq!(r.text().await.unwrap(), stream);
     let metrics = proxy.metrics().await;
     let completion = tokenizer::count("gpt-4o", "get_weather") + tokenizer::count("gpt-4o", "{\"city\": \"Oslo\"}");
     assert_eq!(charged(&metrics, "completion"), completion.to_string(), "{metrics}");
-    let prompt = tokenizer::count_chat("gpt-4o", messages.as_array().unwrap());
+    let prompt = tokenizer::count_chat_request("gpt-4o", &request);
+    let messages_alone = tokenizer::count_chat("gpt-4o", request["messages"].as_array().unwrap());
+    assert!(prompt > messages_alone + 20, "the tools count: {prompt} against {messages_alone}");
     assert_eq!(charged(&metrics, "prompt"), prompt.to_string(), "{metrics}");
 }

@@ -7,18 +7,21 @@ use tiktoken_rs::CoreBPE;
 /// The tokenizer of a model: `o200k_base` for gpt-4o, gpt-4.1, gpt-5 and the o-series;
 /// `cl100k_base` for gpt-4, gpt-35-turbo and the embedding models.
 pub fn tokenizer(model: &str) -> &'static CoreBPE {
+    match is_o200k(model) {
+        true => tiktoken_rs::o200k_base_singleton(),
+        false => tiktoken_rs::cl100k_base_singleton(),
+    }
+}
+
+fn is_o200k(model: &str) -> bool {
     let m = model.to_ascii_lowercase();
-    let o200k = m.starts_with("gpt-4o")
+    m.starts_with("gpt-4o")
         || m.starts_with("gpt-4.1")
         || m.starts_with("gpt-4.5")
         || m.starts_with("gpt-5")
         || m.starts_with("o1")
         || m.starts_with("o3")
-        || m.starts_with("o4");
-    match o200k {
-        true => tiktoken_rs::o200k_base_singleton(),
-        false => tiktoken_rs::cl100k_base_singleton(),
-    }
+        || m.starts_with("o4")
 }
 
 pub fn count(model: &str, text: &str) -> u64 {
@@ -27,7 +30,8 @@ pub fn count(model: &str, text: &str) -> u64 {
 
 /// The prompt tokens of chat messages, with the framing the service adds: 3 per
 /// message, 1 more for a `name`, and 3 priming the reply (OpenAI's published rule).
-/// Content given as parts counts its text parts.
+/// Content given as parts counts its text parts; the tool calls an assistant
+/// message made count their functions' names and arguments.
 pub fn count_chat(model: &str, messages: &[Value]) -> u64 {
     let bpe = tokenizer(model);
     let count = |s: &str| bpe.encode_ordinary(s).len() as u64;
@@ -41,11 +45,58 @@ pub fn count_chat(model: &str, messages: &[Value]) -> u64 {
                 ("content", Value::Array(parts)) => {
                     total += parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).map(count).sum::<u64>()
                 }
+                ("tool_calls", Value::Array(calls)) => {
+                    total +=
+                        calls.iter().filter_map(|c| c.get("function")).map(|f| function_call(f, count)).sum::<u64>()
+                }
+                ("function_call", function) => total += function_call(function, count),
                 _ => {}
             }
         }
     }
     total
+}
+
+/// A function call's name and arguments.
+fn function_call(function: &Value, count: impl Fn(&str) -> u64) -> u64 {
+    let text = |field: &str| function.get(field).and_then(Value::as_str).map_or(0, &count);
+    text("name") + text("arguments")
+}
+
+/// The prompt tokens a request's tool definitions add, by the rule OpenAI's
+/// cookbook publishes ("How to count tokens with tiktoken", function calling):
+/// per function a start (7 tokens with `o200k_base`, 10 with `cl100k_base`) and
+/// `name:description`; per parameter 3 and `name:type:description` (a
+/// description's final period dropped), an enum's values 3 each (less 3 for the
+/// list); 12 to close the list. Chat's tools (`{"type": "function", "function":
+/// {...}}`) and the Responses API's (the function's fields at the top) alike;
+/// tools that are not functions (built-in ones) add nothing here.
+pub fn count_tools(model: &str, tools: &[Value]) -> u64 {
+    let bpe = tokenizer(model);
+    let count = |s: &str| bpe.encode_ordinary(s).len() as i64;
+    let start: i64 = if is_o200k(model) { 7 } else { 10 };
+    let text = |v: &Value, field: &str| v.get(field).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let functions = tools.iter().map(|t| t.get("function").unwrap_or(t)).filter(|f| f.get("name").is_some());
+    let mut total: i64 = 0;
+    for function in functions {
+        let description = text(function, "description");
+        total += start + count(&format!("{}:{}", text(function, "name"), description.trim_end_matches('.')));
+        let properties = function.pointer("/parameters/properties").and_then(Value::as_object);
+        let Some(properties) = properties.filter(|p| !p.is_empty()) else { continue };
+        total += 3;
+        for (name, property) in properties {
+            total += 3;
+            if let Some(values) = property.get("enum").and_then(Value::as_array) {
+                total += -3 + values.iter().map(|v| 3 + v.as_str().map_or(0, count)).sum::<i64>();
+            }
+            let description = text(property, "description");
+            total += count(&format!("{name}:{}:{}", text(property, "type"), description.trim_end_matches('.')));
+        }
+    }
+    if total > 0 {
+        total += 12;
+    }
+    total.max(0) as u64
 }
 
 /// The prompt tokens of a Responses API request (`POST /openai/v1/responses`):
@@ -63,7 +114,19 @@ pub fn count_responses(model: &str, body: &Value) -> u64 {
         Some(Value::Array(items)) => messages.extend(items.iter().cloned()),
         _ => {}
     }
-    count_chat(model, &messages)
+    count_chat(model, &messages) + count_tools(model, tools_of(body))
+}
+
+/// The prompt tokens of a chat completions request: its `messages` and its
+/// `tools` (or the older `functions`).
+pub fn count_chat_request(model: &str, body: &Value) -> u64 {
+    let messages = body.get("messages").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+    count_chat(model, messages) + count_tools(model, tools_of(body))
+}
+
+fn tools_of(body: &Value) -> &[Value] {
+    let tools = body.get("tools").or_else(|| body.get("functions")).and_then(Value::as_array);
+    tools.map_or(&[][..], Vec::as_slice)
 }
 
 /// Deterministic completion text of exactly `tokens` tokens: words that are one
@@ -105,6 +168,56 @@ mod tests {
         ]);
         assert_eq!(count_chat("gpt-4", messages.as_array().unwrap()), 129);
         assert_eq!(count_chat("gpt-4o", messages.as_array().unwrap()), 124);
+    }
+
+    #[test]
+    fn tools_count_by_the_cookbooks_rule() {
+        // OpenAI's cookbook ("How to count tokens with tiktoken", function
+        // calling): 101 prompt tokens for gpt-4o-mini and 105 for gpt-4 and
+        // gpt-3.5-turbo, as its API counted them.
+        let tool = json!({"type": "function", "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a given location",
+            "parameters": {"type": "object", "properties": {
+                "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                "unit": {"type": "string", "description": "The unit of temperature to return", "enum": ["celsius", "fahrenheit"]}
+            }, "required": ["location"]}
+        }});
+        let body = json!({
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+                {"role": "user", "content": "What's the weather like in San Francisco?"}
+            ],
+            "tools": [tool.clone()],
+        });
+        assert_eq!(count_chat_request("gpt-4o-mini", &body), 101);
+        assert_eq!(count_chat_request("gpt-4", &body), 105);
+        assert_eq!(count_chat_request("gpt-35-turbo", &body), 105);
+        // The Responses API's flat tools, and the older `functions`, count alike;
+        // built-in tools add nothing, and no tools at all nothing either.
+        let flat = json!({"type": "function", "name": tool["function"]["name"], "description": tool["function"]["description"],
+            "parameters": tool["function"]["parameters"]});
+        assert_eq!(count_tools("gpt-4o", &[flat]), count_tools("gpt-4o", std::slice::from_ref(&tool)));
+        assert_eq!(
+            count_tools("gpt-4o", &[tool["function"].clone()]),
+            count_tools("gpt-4o", std::slice::from_ref(&tool))
+        );
+        assert_eq!(count_tools("gpt-4o", &[json!({"type": "web_search_preview"})]), 0);
+        assert_eq!(count_tools("gpt-4o", &[]), 0);
+    }
+
+    #[test]
+    fn tool_calls_in_the_history_count_their_names_and_arguments() {
+        let call = json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}
+        ]});
+        let bare = json!({"role": "assistant", "content": null});
+        let added = count("gpt-4o", "get_weather") + count("gpt-4o", "{\"city\": \"Oslo\"}");
+        assert_eq!(count_chat("gpt-4o", &[call]), count_chat("gpt-4o", std::slice::from_ref(&bare)) + added);
+        let legacy =
+            json!({"role": "assistant", "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}});
+        let legacy_bare = json!({"role": "assistant"});
+        assert_eq!(count_chat("gpt-4o", &[legacy]), count_chat("gpt-4o", &[legacy_bare]) + added);
     }
 
     #[test]
