@@ -2,6 +2,7 @@
 //! `Lifecycle` (limits, retry, failover, pools, breakers, token accounting) against
 //! real backends over HTTP/1.1 or HTTP/2, with rustls for https.
 
+mod background;
 mod batch;
 pub mod config;
 pub mod counters;

@@ -59,6 +59,9 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// `--decisions FILE`: one line per finished request.
     decisions: Option<DecisionLog>,
+    /// The Responses API's background responses made through this replica,
+    /// charged when a retrieval first shows them finished.
+    background: crate::background::Background,
 }
 
 /// What a request is, once its key and body are read.
@@ -130,6 +133,7 @@ impl Proxy {
             epoch_unix,
             metrics,
             decisions: None,
+            background: Default::default(),
         })
     }
 
@@ -1013,7 +1017,7 @@ async fn deliver(
             return generated_response(finished);
         }
     };
-    let usage = match usage::from_body(coding, &bytes, MAX_BACKEND_BODY) {
+    let usage = match charge.proxy.answer_usage(&charge.req, coding, &bytes) {
         Ok(usage) => usage.unwrap_or_default(),
         Err(usage::Unreadable) => {
             charge.tracker.give_up();
@@ -1031,6 +1035,35 @@ async fn deliver(
 }
 
 impl Proxy {
+    /// What a buffered answer used. A creation (`POST`) used what its `usage`
+    /// says. Any other call (`GET` of a stored response or chat completion)
+    /// used nothing more, unless it is the first to show finished a background
+    /// response made through this replica (see [`crate::background`]).
+    fn answer_usage(
+        &self,
+        req: &Admitted,
+        coding: usage::Coding,
+        body: &[u8],
+    ) -> Result<Option<Usage>, usage::Unreadable> {
+        let creation = req.parts.method == axum::http::Method::POST;
+        let state = match req.parts.uri.path().contains("/responses") {
+            true => usage::ResponseState::of(coding, body, MAX_BACKEND_BODY),
+            false => None,
+        };
+        let Some(state) = state else {
+            return if creation { usage::from_body(coding, body, MAX_BACKEND_BODY) } else { Ok(None) };
+        };
+        if creation && state.background && !state.finished() {
+            self.background.remember(&state.id);
+        }
+        // A finished background response is charged once, whichever call shows it.
+        let pending_finished = state.finished() && !self.background.is_empty() && self.background.take(&state.id);
+        match creation || pending_finished {
+            true => usage::from_body(coding, body, MAX_BACKEND_BODY),
+            false => Ok(None),
+        }
+    }
+
     /// Reports a delivery's end; in exact mode, in the fleet's order. The
     /// charge is made even if the task that waited for it is gone.
     async fn finish_delivery(&self, product: usize, id: RequestId, delivery: Delivery) -> Finished {
@@ -1150,9 +1183,13 @@ impl Charge {
         Charge { proxy, req, id, tracker, response_bytes: 0, done: false }
     }
 
-    /// What the stream used: its usage chunk, else its text counted.
+    /// What the stream used: its usage chunk, else its text counted. A stream
+    /// that is not a creation (`GET` of a stored response, resumed) used nothing.
     fn streamed_usage(&self) -> Usage {
         let req = &self.req;
+        if req.parts.method != axum::http::Method::POST {
+            return Usage::default();
+        }
         let prompt = req.prompt_tokens.unwrap_or_else(|| count_prompt(&req.model, req.parts.uri.path(), &req.text));
         self.tracker.usage(prompt)
     }

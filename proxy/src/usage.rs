@@ -83,6 +83,48 @@ pub fn from_body(coding: Coding, body: &[u8], limit: usize) -> Result<Option<Usa
     from_json(&decoded)
 }
 
+/// What a Responses API body says of its response: enough to follow one made
+/// in the background.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ResponseState {
+    pub id: String,
+    pub status: String,
+    pub background: bool,
+}
+
+impl ResponseState {
+    /// The state of the response object in a buffered body sent in `coding`
+    /// (`None` for any other body).
+    pub fn of(coding: Coding, body: &[u8], limit: usize) -> Option<ResponseState> {
+        #[derive(serde::Deserialize)]
+        struct Fields {
+            object: Option<String>,
+            id: Option<String>,
+            status: Option<String>,
+            background: Option<bool>,
+        }
+        let decoded;
+        let body = match coding {
+            Coding::Identity => body,
+            _ => {
+                decoded = decode(coding, body, limit).ok()?;
+                &decoded
+            }
+        };
+        let fields: Fields = serde_json::from_slice(body).ok()?;
+        if fields.object.as_deref() != Some("response") {
+            return None;
+        }
+        let background = fields.background.unwrap_or(false);
+        Some(ResponseState { id: fields.id?, status: fields.status?, background })
+    }
+
+    /// Whether the response is done, one way or another: its usage is final.
+    pub fn finished(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "incomplete" | "failed" | "cancelled")
+    }
+}
+
 /// A stream's decoder, fed the coded bytes; what it decodes waits in its `Vec`.
 enum Decoder {
     Gzip(flate2::write::MultiGzDecoder<Vec<u8>>),

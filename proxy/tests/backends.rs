@@ -935,11 +935,11 @@ async fn responses(proxy: &Running, body: Value) -> reqwest::Response {
     proxy.client.post(url).header("api-key", "k").json(&body).send().await.unwrap()
 }
 
-/// A backend that answers every call with `body` as `content_type`.
+/// A backend that answers every call, whatever its method, with `body` as `content_type`.
 async fn answering(content_type: &str, body: &str) -> MockServer {
     let backend = MockServer::start().await;
     let answer = ResponseTemplate::new(200).set_body_raw(body.as_bytes().to_vec(), content_type);
-    Mock::given(method("POST")).respond_with(answer).mount(&backend).await;
+    Mock::given(path_regex(".*")).respond_with(answer).mount(&backend).await;
     backend
 }
 
@@ -1048,4 +1048,63 @@ async fn a_streamed_tool_call_without_usage_is_charged_its_arguments() {
     let messages_alone = tokenizer::count_chat("gpt-4o", request["messages"].as_array().unwrap());
     assert!(prompt > messages_alone + 20, "the tools count: {prompt} against {messages_alone}");
     assert_eq!(charged(&metrics, "prompt"), prompt.to_string(), "{metrics}");
+}
+
+/// Answers the calls it gets with `bodies` in turn (JSON), the last one for ever after.
+struct InTurn {
+    bodies: Vec<&'static str>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl wiremock::Respond for InTurn {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let body = self.bodies[call.min(self.bodies.len() - 1)];
+        ResponseTemplate::new(200).set_body_raw(body.as_bytes().to_vec(), "application/json")
+    }
+}
+
+async fn get(proxy: &Running, path: &str) -> reqwest::Response {
+    proxy.client.get(format!("{}{path}", proxy.base)).header("api-key", "k").send().await.unwrap()
+}
+
+const FINISHED: &str = r#"{"id":"resp_1","object":"response","status":"completed","background":false,
+    "output":[],"usage":{"input_tokens":11,"output_tokens":3,"total_tokens":14}}"#;
+
+#[tokio::test]
+async fn a_stored_response_read_again_is_not_charged_again() {
+    // A retrieval of a stored response or chat completion uses no tokens: were
+    // it charged, each read would count the call's tokens once more.
+    let backend = answering("application/json", FINISHED).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    assert_eq!(responses(&proxy, json!({"model": "gpt-4o", "input": "hi"})).await.status(), 200);
+    for path in ["/openai/v1/responses/resp_1", "/openai/v1/responses/resp_1", "/openai/v1/chat/completions/chatcmpl_1"]
+    {
+        assert_eq!(get(&proxy, path).await.status(), 200, "{path}");
+    }
+    let metrics = proxy.metrics().await;
+    assert_eq!((charged(&metrics, "prompt"), charged(&metrics, "completion")), ("11".into(), "3".into()), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_background_response_is_charged_once_by_the_read_that_shows_it_finished() {
+    let backend = MockServer::start().await;
+    let created =
+        r#"{"id":"resp_bg","object":"response","status":"queued","background":true,"output":[],"usage":null}"#;
+    let running =
+        r#"{"id":"resp_bg","object":"response","status":"in_progress","background":true,"output":[],"usage":null}"#;
+    let finished = r#"{"id":"resp_bg","object":"response","status":"completed","background":true,"output":[],
+        "usage":{"input_tokens":20,"output_tokens":7,"total_tokens":27}}"#;
+    let reads = InTurn { bodies: vec![running, finished], calls: Default::default() };
+    Mock::given(method("GET")).respond_with(reads).mount(&backend).await;
+    let create = ResponseTemplate::new(200).set_body_raw(created.as_bytes().to_vec(), "application/json");
+    Mock::given(method("POST")).respond_with(create).mount(&backend).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let r = responses(&proxy, json!({"model": "gpt-4o", "input": "hi", "background": true})).await;
+    assert_eq!(r.status(), 200);
+    for _ in 0..4 {
+        assert_eq!(get(&proxy, "/openai/v1/responses/resp_bg").await.status(), 200);
+    }
+    let metrics = proxy.metrics().await;
+    assert_eq!((charged(&metrics, "prompt"), charged(&metrics, "completion")), ("20".into(), "7".into()), "{metrics}");
 }
