@@ -554,14 +554,19 @@ fn prompt_tokens(model: &str, body: &serde_json::Value) -> u64 {
     if body.get("messages").is_some_and(serde_json::Value::is_array) {
         return tokenizer::count_chat_request(model, body);
     }
-    let text = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => tokenizer::count(model, s),
-        serde_json::Value::Array(items) => {
-            items.iter().filter_map(|i| i.as_str()).map(|s| tokenizer::count(model, s)).sum()
-        }
+    use serde_json::Value;
+    // An input is text, or text already turned into tokens (a list of numbers).
+    let one = |v: &Value| match v {
+        Value::String(s) => tokenizer::count(model, s),
+        Value::Array(tokens) => tokens.len() as u64,
         _ => 0,
     };
-    body.get("prompt").or_else(|| body.get("input")).map_or(0, text)
+    let inputs = |v: &Value| match v {
+        Value::Array(items) if items.iter().all(Value::is_number) => items.len() as u64,
+        Value::Array(items) => items.iter().map(one).sum(),
+        other => one(other),
+    };
+    body.get("prompt").or_else(|| body.get("input")).map_or(0, inputs)
 }
 
 /// Awaits `future` for at most `limit`. The timer is armed only when the future
@@ -1298,6 +1303,22 @@ mod tests {
         check("k;produc", ("k;produc", None));
         check(";product=p", ("", Some("p")));
         check("k;", ("k;", None));
+    }
+
+    #[test]
+    fn prompts_count_text_and_tokens_given_as_numbers() {
+        let check = |body: serde_json::Value, expected: u64| {
+            assert_eq!(super::prompt_tokens("gpt-4o", &body), expected, "{body}");
+        };
+        let count = |s: &str| tokenizer::count("gpt-4o", s);
+        check(serde_json::json!({"input": "Hello there"}), count("Hello there"));
+        check(serde_json::json!({"input": ["Hello", "there"]}), count("Hello") + count("there"));
+        // Embeddings and completions take inputs already tokenized: one, or several.
+        check(serde_json::json!({"input": [9906, 1070]}), 2);
+        check(serde_json::json!({"input": [[9906, 1070], [1, 2, 3]]}), 5);
+        check(serde_json::json!({"prompt": ["Hello", [1, 2]]}), count("Hello") + 2);
+        check(serde_json::json!({"input": []}), 0);
+        check(serde_json::json!({"input": 5}), 0);
     }
 
     #[test]
