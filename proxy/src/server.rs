@@ -468,7 +468,8 @@ fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(Option
     };
     let given = from_header(&proxy.key_header)
         .or_else(|| from_header(&API_KEY))
-        .or_else(|| from_query().map(|(_, v)| v).filter(|v| !v.is_empty()));
+        .or_else(|| from_query().map(|(_, v)| v).filter(|v| !v.is_empty()))
+        .or_else(|| bearer_key(proxy, from_header(&header::AUTHORIZATION)?));
     let Some(given) = given else {
         let anonymous = proxy.config.anonymous_product.as_ref();
         let product = anonymous.and_then(|name| proxy.config.products.iter().position(|p| &p.name == name));
@@ -484,6 +485,17 @@ fn subscription(proxy: &Proxy, headers: &HeaderMap, uri: &Uri) -> Result<(Option
     };
     let product = proxy.config.products.iter().position(|p| p.name == name).expect("validated");
     Ok((Some(index), product))
+}
+
+/// An `Authorization: Bearer KEY` whose token is a subscription key: how the
+/// `openai` SDK's plain client sends its key (Azure's `/openai/v1/` API takes
+/// keys so). Any other bearer token (a JWT, say) is not a key and is left to
+/// the policy, as before.
+fn bearer_key<'a>(proxy: &Proxy, authorization: &'a str) -> Option<&'a str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    let token = token.trim();
+    let known = |token: &str| proxy.keys.iter().any(|(k, _)| k == split_product(token).0);
+    (scheme.eq_ignore_ascii_case("bearer") && known(token)).then_some(token)
 }
 
 /// A key as APIM reads it: `KEY;product=NAME` asks for one of the

@@ -419,6 +419,23 @@ async fn a_key_in_apims_subscription_header_is_never_passed_on() {
 }
 
 #[tokio::test]
+async fn a_bearer_token_that_is_a_key_is_read_as_the_key_and_never_passed_on() {
+    // The `openai` SDK's plain client (`OpenAI(base_url=.../openai/v1/)`) sends
+    // its key as `Authorization: Bearer KEY`.
+    let backend = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(ok_body())).mount(&backend).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    assert_eq!(proxy.chat_with(&[("authorization", "Bearer k")], json!({})).await.status(), 200);
+    let received = backend.received_requests().await.unwrap();
+    assert!(received[0].headers.get("authorization").is_none(), "the client's key reached the backend");
+    // A bearer token that is no key (a JWT, say) is still no key at all.
+    let r = proxy.chat_with(&[("authorization", "Bearer e30.e30.c2ln")], json!({})).await;
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("missing subscription key"));
+    assert_eq!(proxy.chat_with(&[("authorization", "Basic k")], json!({})).await.status(), 401);
+}
+
+#[tokio::test]
 async fn oversized_bodies_get_413() {
     let backend = MockServer::start().await;
     let proxy = start(&format!("max_body_bytes = 1000\n{}", config(&backend.uri(), &backend.uri(), "", ""))).await;

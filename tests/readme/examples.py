@@ -194,6 +194,7 @@ def proxy_sdk(run, block):
     done = subprocess.run([sys.executable, "-c", block.text], cwd=ROOT, capture_output=True, text=True, timeout=120)
     expect(done.returncode == 0, f"the SDK example: {done.stderr}")
     expect("ChatCompletion(" in done.stdout, done.stdout)
+    expect("ResponseUsage(input_tokens=" in done.stdout, done.stdout)
     run.stop_servers()
 
 

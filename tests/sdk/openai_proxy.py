@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import openai
-from openai import AzureOpenAI
+from openai import AzureOpenAI, OpenAI
 
 
 def start(args, lines):
@@ -72,7 +72,11 @@ def main():
         spent += raw.parse().usage.total_tokens
         assert int(raw.headers["remaining-tokens"]) == 5000 - spent, (raw.headers, spent)
 
-        for _ in range(5):
+        # The plain client on Azure's v1 path sends its key as a bearer token.
+        v1 = OpenAI(base_url=f"{front}/openai/v1/", api_key="demo-key", max_retries=0)
+        assert v1.responses.create(model="gpt-4o", input="Say hello").output_text.startswith("The quick")
+
+        for _ in range(4):
             client.chat.completions.create(model="gpt-4o", messages=messages)
         try:
             client.chat.completions.create(model="gpt-4o", messages=messages)
