@@ -563,10 +563,10 @@ fn count_prompt(model: &str, path: &str, body: &[u8]) -> u64 {
 }
 
 fn prompt_tokens(model: &str, body: &serde_json::Value) -> u64 {
-    if body.get("messages").is_some_and(serde_json::Value::is_array) {
+    use serde_json::Value;
+    if body.get("messages").is_some_and(Value::is_array) {
         return tokenizer::count_chat_request(model, body);
     }
-    use serde_json::Value;
     // An input is text, or text already turned into tokens (a list of numbers).
     let one = |v: &Value| match v {
         Value::String(s) => tokenizer::count(model, s),
@@ -1212,7 +1212,9 @@ impl Charge {
     }
 
     fn delivery(&self, usage: Usage, response_bytes: u64, end: DeliveryEnd) -> Delivery {
-        if self.tracker.unreadable() {
+        // Only a creation is charged (see `streamed_usage`): a read that could
+        // not be read has nothing to report.
+        if self.tracker.unreadable() && self.req.parts.method == axum::http::Method::POST {
             tracing::warn!(
                 prompt_tokens = usage.prompt_tokens,
                 "the backend's body could not be read for its usage (its Content-Encoding, or a `usage` of an \
