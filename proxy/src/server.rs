@@ -372,7 +372,7 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
         Ok(Ok(body)) => body,
     };
     let text = readable(&parts.headers, &body, limit)?;
-    let model = deployment_model(parts.uri.path());
+    let model = deployment_model(parts.uri.path(), &text);
     // Only the fields the lifecycle reads; the rest of the body is skipped.
     #[derive(serde::Deserialize, Default)]
     struct Fields {
@@ -539,9 +539,23 @@ fn client_ip(trusted: &[std::net::IpAddr], peer: &Peer, headers: &HeaderMap) -> 
     peer.ip.clone()
 }
 
-/// The tokenizer to count with: the deployment name often is the model's.
-fn deployment_model(path: &str) -> String {
-    let deployment = path.strip_prefix("/openai/deployments/").and_then(|p| p.split('/').next()).unwrap_or("gpt-4o");
+/// The tokenizer to count with, named by the deployment: the path's
+/// (`/openai/deployments/{name}/...`), or on a path without one (Azure's
+/// `/openai/v1/...` and `/openai/responses`) the body's `model`.
+fn deployment_model(path: &str, body: &[u8]) -> String {
+    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        return tokenizer_model(rest.split('/').next().unwrap_or("gpt-4o"));
+    }
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    let named = serde_json::from_slice::<Named>(body).ok().and_then(|n| n.model);
+    tokenizer_model(named.as_deref().unwrap_or("gpt-4o"))
+}
+
+/// The deployment name often is the model's.
+fn tokenizer_model(deployment: &str) -> String {
     // `windows`, not `contains("35")`: a substring search's set-up costs more
     // than scanning a deployment name.
     let gpt35 = deployment.as_bytes().windows(2).any(|pair| pair == b"35");
@@ -1337,7 +1351,7 @@ mod tests {
 
     #[test]
     fn deployments_name_their_tokenizer() {
-        let check = |path: &str, expected: &str| assert_eq!(deployment_model(path), expected, "{path}");
+        let check = |path: &str, expected: &str| assert_eq!(deployment_model(path, b"{}"), expected, "{path}");
         check("/openai/deployments/gpt-35-turbo/chat/completions", "gpt-35-turbo");
         check("/openai/deployments/my35/chat/completions", "my35");
         check("/openai/deployments/gpt-4/chat/completions", "gpt-4");
@@ -1346,6 +1360,16 @@ mod tests {
         check("/openai/deployments/3/chat/completions", "gpt-4o");
         check("/openai/deployments/3x5/chat/completions", "gpt-4o");
         check("/openai/v1/chat/completions", "gpt-4o");
+        // Paths without a deployment name it in the body.
+        let check = |path: &str, body: &str, expected: &str| {
+            assert_eq!(deployment_model(path, body.as_bytes()), expected, "{path} {body}");
+        };
+        check("/openai/v1/chat/completions", r#"{"model":"gpt-35-turbo","messages":[]}"#, "gpt-35-turbo");
+        check("/openai/v1/responses", r#"{"model":"gpt-4","input":"hi"}"#, "gpt-4");
+        check("/openai/responses", r#"{"model":"gpt-4.1-mini","input":"hi"}"#, "gpt-4o");
+        check("/openai/v1/chat/completions", "not json", "gpt-4o");
+        // A deployment in the path wins over the body's model.
+        check("/openai/deployments/gpt-4/chat/completions", r#"{"model":"gpt-4o"}"#, "gpt-4");
     }
 
     /// The backend URI as the proxy first wrote it, with `format!` and a parse:
