@@ -54,6 +54,7 @@ struct Inner {
     retries: u64,
     failovers: u64,
     usage_unreadable: u64,
+    usage_missing: u64,
     total: Histogram,
     added: Histogram,
 }
@@ -82,6 +83,10 @@ impl Metrics {
     /// A response whose usage could not be read.
     pub fn usage_unreadable(&self) {
         self.lock().usage_unreadable += 1;
+    }
+
+    pub fn usage_missing(&self) {
+        self.lock().usage_missing += 1;
     }
 
     pub fn refused(&self, status: u16) {
@@ -149,6 +154,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP limitlab_retries_total Retries decided by the policy.\n# TYPE limitlab_retries_total counter\nlimitlab_retries_total {}", m.retries);
         let _ = writeln!(out, "# HELP limitlab_failovers_total Requests that tried more than one backend.\n# TYPE limitlab_failovers_total counter\nlimitlab_failovers_total {}", m.failovers);
         let _ = writeln!(out, "# HELP limitlab_usage_unreadable_total Responses whose usage could not be read (a Content-Encoding the proxy does not decode, or a usage of an unknown shape): charged their prompt alone.\n# TYPE limitlab_usage_unreadable_total counter\nlimitlab_usage_unreadable_total {}", m.usage_unreadable);
+        let _ = writeln!(out, "# HELP limitlab_usage_missing_total Successful generations whose body reported no usage: charged their prompt and output as the proxy counts them.\n# TYPE limitlab_usage_missing_total counter\nlimitlab_usage_missing_total {}", m.usage_missing);
         out.push_str("# HELP limitlab_circuit_open Whether a product's circuit breaker of a backend is open (1) or closed (0).\n# TYPE limitlab_circuit_open gauge\n");
         for (i, product) in self.products.iter().enumerate() {
             for backend in &self.backends {

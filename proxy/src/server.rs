@@ -576,6 +576,12 @@ fn count_prompt(model: &str, path: &str, body: &[u8]) -> u64 {
     }
 }
 
+/// The request's prompt tokens as the proxy counts them: counted before it
+/// was forwarded, if the policy needed them, else now.
+fn prompt_estimate(req: &Admitted) -> u64 {
+    req.prompt_tokens.unwrap_or_else(|| count_prompt(&req.model, req.parts.uri.path(), &req.text))
+}
+
 fn prompt_tokens(model: &str, body: &serde_json::Value) -> u64 {
     use serde_json::Value;
     if body.get("messages").is_some_and(Value::is_array) {
@@ -1048,7 +1054,7 @@ async fn deliver(
             return generated_response(finished);
         }
     };
-    let usage = match charge.proxy.answer_usage(&charge.req, coding, &bytes) {
+    let usage = match charge.proxy.answer_usage(&charge.req, out.status(), coding, &bytes) {
         Ok(usage) => usage.unwrap_or_default(),
         Err(usage::Unreadable) => {
             charge.tracker.give_up();
@@ -1069,10 +1075,13 @@ impl Proxy {
     /// What a buffered answer used. A creation (`POST`) used what its `usage`
     /// says. Any other call (`GET` of a stored response or chat completion)
     /// used nothing more, unless it is the first to show finished a background
-    /// response made through this replica (see [`crate::background`]).
+    /// response made through this replica (see [`crate::background`]). A
+    /// successful generation whose body reports no usage is charged as counted
+    /// (see [`Proxy::unreported_usage`]), never as zero.
     fn answer_usage(
         &self,
         req: &Admitted,
+        status: StatusCode,
         coding: usage::Coding,
         body: &[u8],
     ) -> Result<Option<Usage>, usage::Unreadable> {
@@ -1081,18 +1090,43 @@ impl Proxy {
             true => usage::ResponseState::of(coding, body, MAX_BACKEND_BODY),
             false => None,
         };
-        let Some(state) = state else {
-            return if creation { usage::from_body(coding, body, MAX_BACKEND_BODY) } else { Ok(None) };
+        let charged = match &state {
+            None => creation,
+            Some(state) => {
+                if creation && state.background && !state.finished() {
+                    self.background.remember(&state.id);
+                }
+                // A finished background response is charged once, whichever call shows it.
+                let pending_finished =
+                    state.finished() && !self.background.is_empty() && self.background.take(&state.id);
+                creation || pending_finished
+            }
         };
-        if creation && state.background && !state.finished() {
-            self.background.remember(&state.id);
+        if !charged {
+            return Ok(None);
         }
-        // A finished background response is charged once, whichever call shows it.
-        let pending_finished = state.finished() && !self.background.is_empty() && self.background.take(&state.id);
-        match creation || pending_finished {
-            true => usage::from_body(coding, body, MAX_BACKEND_BODY),
-            false => Ok(None),
+        // A response still queued or running has no usage yet: it is charged when it is seen finished.
+        let settled = state.is_none_or(|state| state.finished());
+        match usage::from_body(coding, body, MAX_BACKEND_BODY)? {
+            None if status.is_success() && settled => Ok(self.unreported_usage(req, coding, body)),
+            usage => Ok(usage),
         }
+    }
+
+    /// What a generation whose answer reports no `usage` used (a backend that
+    /// leaves it out): its prompt as estimated and what the model wrote,
+    /// counted, as for a stream without usage. Any other answer used nothing.
+    fn unreported_usage(&self, req: &Admitted, coding: usage::Coding, body: &[u8]) -> Option<Usage> {
+        let texts = usage::generated_texts(coding, body, MAX_BACKEND_BODY)?;
+        let completion_tokens = texts.iter().map(|text| tokenizer::count(&req.model, text)).sum();
+        let usage = Usage { prompt_tokens: prompt_estimate(req), completion_tokens };
+        tracing::warn!(
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            "the backend's answer reported no usage; its prompt and output are charged as counted by the proxy"
+        );
+        self.metrics.usage_missing();
+        Some(usage)
     }
 
     /// Reports a delivery's end; in exact mode, in the fleet's order. The
@@ -1221,8 +1255,7 @@ impl Charge {
         if req.parts.method != axum::http::Method::POST {
             return Usage::default();
         }
-        let prompt = req.prompt_tokens.unwrap_or_else(|| count_prompt(&req.model, req.parts.uri.path(), &req.text));
-        self.tracker.usage(prompt)
+        self.tracker.usage(prompt_estimate(req))
     }
 
     fn delivery(&self, usage: Usage, response_bytes: u64, end: DeliveryEnd) -> Delivery {

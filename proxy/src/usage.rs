@@ -103,15 +103,8 @@ impl ResponseState {
             status: Option<String>,
             background: Option<bool>,
         }
-        let decoded;
-        let body = match coding {
-            Coding::Identity => body,
-            _ => {
-                decoded = decode(coding, body, limit).ok()?;
-                &decoded
-            }
-        };
-        let fields: Fields = serde_json::from_slice(body).ok()?;
+        let body = decoded(coding, body, limit)?;
+        let fields: Fields = serde_json::from_slice(&body).ok()?;
         if fields.object.as_deref() != Some("response") {
             return None;
         }
@@ -355,7 +348,7 @@ impl StreamTracker {
             self.usage = Some(usage);
         }
         for choice in value.get("choices").and_then(Value::as_array).into_iter().flatten() {
-            for text in choice_texts(choice) {
+            for text in choice_texts(choice, "delta") {
                 self.push_text(Some(text));
             }
         }
@@ -493,18 +486,68 @@ where
     T::deserialize(deserializer).map(Some)
 }
 
-/// The text a chat or completions chunk's choice holds, read generically: its
-/// content (else its `text`), its refusal, and its function calls' names and
-/// arguments.
-fn choice_texts(choice: &Value) -> Vec<&str> {
-    let content = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
-    let refusal = choice.pointer("/delta/refusal").and_then(Value::as_str);
-    let calls = choice.pointer("/delta/tool_calls").and_then(Value::as_array).into_iter().flatten();
-    let functions = calls.filter_map(|call| call.get("function")).chain(choice.pointer("/delta/function_call"));
+/// The text a chat or completions choice holds, read generically from its
+/// `part` (a stream chunk's `delta`, a buffered answer's `message`): its
+/// content (else the choice's `text`), its refusal, and its function calls'
+/// names and arguments.
+fn choice_texts<'a>(choice: &'a Value, part: &str) -> Vec<&'a str> {
+    let part = choice.get(part);
+    let field = |name: &str| part.and_then(|p| p.get(name));
+    let content = field("content").or_else(|| choice.get("text")).and_then(Value::as_str);
+    let refusal = field("refusal").and_then(Value::as_str);
+    let calls = field("tool_calls").and_then(Value::as_array).into_iter().flatten();
+    let functions = calls.filter_map(|call| call.get("function")).chain(field("function_call"));
     let function_texts = functions.flat_map(|f| [f.get("name"), f.get("arguments")]).flatten();
     let mut texts: Vec<&str> = content.into_iter().chain(refusal).collect();
     texts.extend(function_texts.filter_map(Value::as_str));
     texts
+}
+
+/// What the model wrote, piece by piece, in a buffered answer sent in `coding`
+/// that is a generation: a chat completion's or completion's choices, a
+/// response's output (its text, refusals, function calls and reasoning
+/// summaries), or an embeddings list (nothing written). `None` for any other
+/// body (an error, a file, a body that is not JSON), which used no tokens.
+pub fn generated_texts(coding: Coding, body: &[u8], limit: usize) -> Option<Vec<String>> {
+    let body = decoded(coding, body, limit)?;
+    let body: Value = serde_json::from_slice(&body).ok()?;
+    let texts: Vec<&str> = match body.get("object").and_then(Value::as_str) {
+        Some("response") => response_texts(&body),
+        Some("list") if is_embeddings(&body) => Vec::new(),
+        _ => {
+            let choices = body.get("choices").and_then(Value::as_array)?;
+            choices.iter().flat_map(|choice| choice_texts(choice, "message")).collect()
+        }
+    };
+    Some(texts.into_iter().map(str::to_owned).collect())
+}
+
+/// The text of a response object's output items.
+fn response_texts(response: &Value) -> Vec<&str> {
+    let items = response.get("output").and_then(Value::as_array).into_iter().flatten();
+    let mut texts = Vec::new();
+    for item in items {
+        let parts = ["content", "summary"].into_iter().filter_map(|list| item.get(list)?.as_array()).flatten();
+        for part in parts {
+            texts.extend(["text", "refusal"].into_iter().filter_map(|field| part.get(field)?.as_str()));
+        }
+        texts.extend(["name", "arguments"].into_iter().filter_map(|field| item.get(field)?.as_str()));
+    }
+    texts
+}
+
+fn is_embeddings(list: &Value) -> bool {
+    let data = list.get("data").and_then(Value::as_array);
+    data.is_some_and(|data| data.iter().all(|item| item.get("object").and_then(Value::as_str) == Some("embedding")))
+}
+
+/// `body` decoded from `coding`, at most `limit` bytes of it; `None` if it
+/// cannot be.
+fn decoded(coding: Coding, body: &[u8], limit: usize) -> Option<std::borrow::Cow<'_, [u8]>> {
+    match coding {
+        Coding::Identity => Some(std::borrow::Cow::Borrowed(body)),
+        _ => decode(coding, body, limit).ok().map(std::borrow::Cow::Owned),
+    }
 }
 
 /// Counts in either shape (see [`from_json`]); `None` for any other.
@@ -544,6 +587,31 @@ mod tests {
             headers.append(header::CONTENT_ENCODING, coding.parse().unwrap());
         }
         headers
+    }
+
+    #[test]
+    fn what_a_generation_wrote_is_read_from_its_buffered_body() {
+        let check = |body: &str, expected: Option<&[&str]>| {
+            let expected = expected.map(|texts| texts.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+            for coding in [Coding::Identity, Coding::Gzip, Coding::Deflate] {
+                let coded = compressed(coding, body.as_bytes());
+                assert_eq!(generated_texts(coding, &coded, 1 << 20), expected, "{coding:?} {body}");
+            }
+        };
+        let chat = r#"{"object":"chat.completion","choices":[{"message":{"content":"Hi","refusal":null}},
+            {"message":{"content":null,"function_call":{"name":"f","arguments":"{}"}}}]}"#;
+        check(chat, Some(&["Hi", "f", "{}"]));
+        check(r#"{"choices":[{"text":"once"}]}"#, Some(&["once"]));
+        check(r#"{"choices":[{"message":{"refusal":"No."}}]}"#, Some(&["No."]));
+        let response =
+            r#"{"object":"response","output":[{"type":"message","content":[{"type":"refusal","refusal":"No."}]}]}"#;
+        check(response, Some(&["No."]));
+        check(r#"{"object":"list","data":[{"object":"embedding","embedding":[1]}]}"#, Some(&[]));
+        // Not generations: an error, a list of something else, a file, not JSON.
+        check(r#"{"error":{"code":"429","message":"Slow down"}}"#, None);
+        check(r#"{"object":"list","data":[{"object":"file"}]}"#, None);
+        check(r#"{"object":"file","id":"file-1"}"#, None);
+        check("not json", None);
     }
 
     #[test]

@@ -1125,3 +1125,55 @@ async fn a_background_response_is_charged_once_by_the_read_that_shows_it_finishe
     let metrics = proxy.metrics().await;
     assert_eq!((charged(&metrics, "prompt"), charged(&metrics, "completion")), ("20".into(), "7".into()), "{metrics}");
 }
+
+/// A generation whose backend leaves out `usage` (a compatible server, a
+/// gateway between) is charged its prompt and what the model wrote, as the
+/// proxy counts them; a body that is no generation is charged nothing. Before,
+/// both were charged zero, so such a backend passed every token limit.
+#[tokio::test]
+async fn a_generation_whose_answer_reports_no_usage_is_charged_as_counted() {
+    async fn check(path: &str, request: Value, answer: Value, prompt: u64, completion: u64, missing: u32) {
+        let backend = answering("application/json", &answer.to_string()).await;
+        let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+        let r = proxy.client.post(format!("{}{path}", proxy.base)).header("api-key", "k").json(&request);
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap(), answer, "{path}: the client gets the backend's body");
+        let metrics = proxy.metrics().await;
+        let zero_as_none = |n: u64| if n == 0 { "none".to_owned() } else { n.to_string() };
+        assert_eq!(charged(&metrics, "prompt"), zero_as_none(prompt), "{path}: {metrics}");
+        assert_eq!(charged(&metrics, "completion"), zero_as_none(completion), "{path}: {metrics}");
+        assert!(metrics.contains(&format!("limitlab_usage_missing_total {missing}")), "{path}: {metrics}");
+    }
+    let count = |text: &str| tokenizer::count("gpt-4o", text);
+    let chat = json!({"messages": [{"role": "user", "content": "Weather in Oslo?"}]});
+    let call = json!({"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}});
+    let answer = json!({"id": "c", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "tool_calls",
+        "message": {"role": "assistant", "content": "Let me look.", "tool_calls": [call]}}]});
+    let written = count("Let me look.") + count("get_weather") + count("{\"city\":\"Oslo\"}");
+    let path = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+    check(path, chat.clone(), answer, tokenizer::count_chat_request("gpt-4o", &chat), written, 1).await;
+
+    let answer = json!({"id": "t", "object": "text_completion", "choices": [{"index": 0, "text": " a time"}]});
+    let path = "/openai/deployments/gpt-4o/completions?api-version=2024-10-21";
+    check(path, json!({"prompt": "Once upon"}), answer, count("Once upon"), count(" a time"), 1).await;
+
+    let request = json!({"model": "gpt-4o", "instructions": "Be brief.", "input": "Say hello"});
+    let output = json!([
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "A greeting."}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello!", "annotations": []}]},
+        {"type": "function_call", "call_id": "c1", "name": "wave", "arguments": "{}"}
+    ]);
+    let answer = json!({"id": "resp_1", "object": "response", "status": "completed", "output": output});
+    let written = count("A greeting.") + count("Hello!") + count("wave") + count("{}");
+    let prompt = tokenizer::count_responses("gpt-4o", &request);
+    check("/openai/v1/responses", request, answer, prompt, written, 1).await;
+
+    let answer = json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}]});
+    let path = "/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21";
+    check(path, json!({"input": "hello world"}), answer, count("hello world"), 0, 1).await;
+
+    // Not a generation: nothing to charge, nothing missing.
+    let answer = json!({"object": "file", "id": "file-1", "purpose": "batch"});
+    check("/openai/files?api-version=2024-10-21", json!({"purpose": "batch"}), answer, 0, 0, 0).await;
+}
