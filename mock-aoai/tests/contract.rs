@@ -438,3 +438,27 @@ async fn a_requests_tools_count_in_its_prompt_as_the_service_counts_them() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["usage"]["prompt_tokens"], 101, "{body}");
 }
+
+#[tokio::test]
+async fn an_inline_image_counts_in_the_prompt_by_the_vision_rule() {
+    // A real 300 x 200 PNG: gpt-4o bills 85 for an image and 170 for each
+    // 512-pixel tile covering it (one here); at `low` detail, 85 alone.
+    let png = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAASwAAADICAIAAADdvUsCAAAAxUlEQVR42u3BMQEAAADCoPVPbQsvoAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAOBvwAYAAbry13gAAAAASUVORK5CYII=";
+    let server = Server::start(CONFIG).await;
+    let path = format!("/openai/deployments/chat/chat/completions{V}");
+    let prompt = |content: Value| {
+        let (server, path) = (&server, &path);
+        async move {
+            let r = server.post(path, json!({"messages": [{"role": "user", "content": content}]})).await;
+            let body: Value = r.json().await.unwrap();
+            body["usage"]["prompt_tokens"].as_u64().unwrap()
+        }
+    };
+    let text = prompt(json!("What is in the picture?")).await;
+    let with_image = |detail: &str| {
+        let image = json!({"type": "image_url", "image_url": {"url": png, "detail": detail}});
+        json!([{"type": "text", "text": "What is in the picture?"}, image])
+    };
+    assert_eq!(prompt(with_image("high")).await, text + 255);
+    assert_eq!(prompt(with_image("low")).await, text + 85);
+}

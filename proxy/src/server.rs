@@ -97,6 +97,7 @@ impl Proxy {
             _ => None,
         };
         let metrics = Metrics::new(&config);
+        let background = crate::background::Background::new(config.counters.as_ref())?;
         let key_header = HeaderName::from_bytes(config.subscription_key_header.as_bytes())
             .map_err(|_| "`subscription_key_header` is not a valid HTTP field name".to_string())?;
         let needs_estimate = any_token_limit(&config, |t| t.estimate_prompt_tokens || t.reserve);
@@ -133,7 +134,7 @@ impl Proxy {
             epoch_unix,
             metrics,
             decisions: None,
-            background: Default::default(),
+            background,
         })
     }
 
@@ -1054,7 +1055,7 @@ async fn deliver(
             return generated_response(finished);
         }
     };
-    let usage = match charge.proxy.answer_usage(&charge.req, out.status(), coding, &bytes) {
+    let usage = match charge.proxy.answer_usage(&charge.req, out.status(), coding, &bytes).await {
         Ok(usage) => usage.unwrap_or_default(),
         Err(usage::Unreadable) => {
             charge.tracker.give_up();
@@ -1078,29 +1079,31 @@ impl Proxy {
     /// response made through this replica (see [`crate::background`]). A
     /// successful generation whose body reports no usage is charged as counted
     /// (see [`Proxy::unreported_usage`]), never as zero.
-    fn answer_usage(
+    async fn answer_usage(
         &self,
         req: &Admitted,
         status: StatusCode,
         coding: usage::Coding,
         body: &[u8],
     ) -> Result<Option<Usage>, usage::Unreadable> {
-        let creation = req.parts.method == axum::http::Method::POST;
-        let state = match req.parts.uri.path().contains("/responses") {
+        let path = req.parts.uri.path();
+        // Cancelling a background response (`POST .../responses/{id}/cancel`)
+        // creates nothing: it is a read that may show the response finished.
+        let creation = req.parts.method == axum::http::Method::POST && !path.ends_with("/cancel");
+        let state = match path.contains("/responses") {
             true => usage::ResponseState::of(coding, body, MAX_BACKEND_BODY),
             false => None,
         };
         let charged = match &state {
             None => creation,
-            Some(state) => {
-                if creation && state.background && !state.finished() {
-                    self.background.remember(&state.id);
+            Some(state) if creation => {
+                if state.background && !state.finished() {
+                    self.background.remember(&self.store, &state.id).await;
                 }
-                // A finished background response is charged once, whichever call shows it.
-                let pending_finished =
-                    state.finished() && !self.background.is_empty() && self.background.take(&state.id);
-                creation || pending_finished
+                true
             }
+            // A finished background response is charged once, whichever call shows it.
+            Some(state) => state.finished() && self.background.take(&self.store, &state.id).await,
         };
         if !charged {
             return Ok(None);

@@ -1177,3 +1177,32 @@ async fn a_generation_whose_answer_reports_no_usage_is_charged_as_counted() {
     let answer = json!({"object": "file", "id": "file-1", "purpose": "batch"});
     check("/openai/files?api-version=2024-10-21", json!({"purpose": "batch"}), answer, 0, 0, 0).await;
 }
+
+/// A real 300 x 200 PNG (black), inline as the SDKs send a local image.
+const PNG_300_BY_200: &str = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAASwAAADICAIAAADdvUsCAAAAxUlEQVR42u3BMQEAAADCoPVPbQsvoAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAOBvwAYAAbry13gAAAAASUVORK5CYII=";
+
+#[tokio::test]
+async fn a_stream_without_usage_is_charged_the_images_in_its_prompt() {
+    // Before, an image counted nothing: a stream without usage was charged its
+    // text alone, a fraction of what the service bills for a picture.
+    let stream = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"A dark room.\"}}]}\n\ndata: [DONE]\n\n";
+    let backend = answering("text/event-stream", stream).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let check = |detail: &'static str, image_tokens: u64| {
+        let proxy = &proxy;
+        async move {
+            let before = proxy.metrics().await;
+            let before: u64 = charged(&before, "prompt").parse().unwrap_or(0);
+            let image = json!({"url": PNG_300_BY_200, "detail": detail});
+            let content = json!([{"type": "text", "text": "Describe it."}, {"type": "image_url", "image_url": image}]);
+            let request = json!({"messages": [{"role": "user", "content": content}], "stream": true});
+            assert_eq!(proxy.chat(request).await.text().await.unwrap(), stream);
+            let text_alone = tokenizer::count_chat("gpt-4o", &[json!({"role": "user", "content": "Describe it."})]);
+            let after: u64 = charged(&proxy.metrics().await, "prompt").parse().unwrap();
+            assert_eq!(after - before, text_alone + image_tokens, "{detail}");
+        }
+    };
+    // gpt-4o: 85 for the image, and 170 for the one 512-pixel tile 300 x 200 needs.
+    check("auto", 85 + 170).await;
+    check("low", 85).await;
+}

@@ -10,7 +10,7 @@ use proxy::ProxyConfig;
 use redis_harness::{free_port, Redis};
 use serde_json::json;
 use std::time::Duration;
-use wiremock::matchers::method;
+use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn config(backend: &str, store: &str, on_error: &str) -> String {
@@ -171,4 +171,88 @@ fn bad_stores_are_refused_when_the_config_loads() {
     let bad = config("http://b", "redis://127.0.0.1:6379", "local").replace("\"lagged\"", "\"eventual\"");
     let error = ProxyConfig::from_toml("c.toml", &bad).map(|_| ()).unwrap_err();
     assert!(error.contains("eventual") && error.contains("exact"), "{error}");
+}
+
+/// The tokens of `kind` a replica's `/metrics` shows charged, over all keys and backends.
+fn tokens(metrics: &str, kind: &str) -> u64 {
+    let lines =
+        metrics.lines().filter(|l| l.starts_with("limitlab_tokens_total{") && l.contains(&format!("kind=\"{kind}\"")));
+    lines.filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+}
+
+#[tokio::test]
+async fn a_background_response_is_charged_once_in_the_fleet_whichever_replica_reads_it() {
+    // Behind a load balancer the reads of a background response land on any
+    // replica. Each replica's own memory knew only what it created: a response
+    // created through A and read through B was never charged.
+    let redis = Redis::start();
+    let backend = MockServer::start().await;
+    let answer = |body: serde_json::Value| ResponseTemplate::new(200).set_body_json(body);
+    let queued = json!({"id": "resp_bg", "object": "response", "status": "queued", "background": true, "usage": null});
+    let usage = json!({"input_tokens": 20, "output_tokens": 7, "total_tokens": 27});
+    let finished =
+        json!({"id": "resp_bg", "object": "response", "status": "completed", "background": true, "usage": usage});
+    let cancelled =
+        json!({"id": "resp_bg", "object": "response", "status": "cancelled", "background": true, "usage": usage});
+    Mock::given(method("GET")).respond_with(answer(finished)).mount(&backend).await;
+    Mock::given(method("POST")).and(path_regex("/cancel$")).respond_with(answer(cancelled)).mount(&backend).await;
+    Mock::given(method("POST")).respond_with(answer(queued)).mount(&backend).await;
+    let text = config(&backend.uri(), &redis.url(), "local");
+    let (a, b) = (replica(&text).await, replica(&text).await);
+    let client = reqwest::Client::new();
+    let send = |replica: &common::Replica, method: reqwest::Method, path: &str| {
+        let request = client.request(method.clone(), format!("{}/openai/v1{path}", replica.base));
+        let request = if method == reqwest::Method::POST {
+            request.json(&json!({"model": "gpt-4o", "input": "hi", "background": true}))
+        } else {
+            request
+        };
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let charged = || async {
+        [
+            tokens(&a.metrics().await, "prompt") + tokens(&b.metrics().await, "prompt"),
+            tokens(&a.metrics().await, "completion") + tokens(&b.metrics().await, "completion"),
+        ]
+    };
+    // Read through the other replica, then again through both.
+    assert_eq!(send(&a, reqwest::Method::POST, "/responses").await, 200);
+    assert_eq!(charged().await, [0, 0], "queued: nothing used yet");
+    for replica in [&b, &a, &b] {
+        assert_eq!(send(replica, reqwest::Method::GET, "/responses/resp_bg").await, 200);
+    }
+    assert_eq!(charged().await, [20, 7], "charged once, by B's first read");
+    assert_eq!(tokens(&b.metrics().await, "prompt"), 20);
+    // Cancelled through the other replica: the cancel's answer shows it finished.
+    assert_eq!(send(&a, reqwest::Method::POST, "/responses").await, 200);
+    assert_eq!(send(&b, reqwest::Method::POST, "/responses/resp_bg/cancel").await, 200);
+    assert_eq!(send(&a, reqwest::Method::GET, "/responses/resp_bg").await, 200);
+    assert_eq!(charged().await, [40, 14], "the second response charged once, by its cancel");
+    let metrics = a.metrics().await;
+    assert!(metrics.contains("limitlab_store_errors_total 0"), "{metrics}");
+}
+
+#[tokio::test]
+async fn without_its_store_a_replica_charges_the_background_responses_it_made() {
+    let backend = MockServer::start().await;
+    let answer = |status: &str, usage: serde_json::Value| {
+        let body = json!({"id": "resp_bg", "object": "response", "status": status, "background": true, "usage": usage});
+        ResponseTemplate::new(200).set_body_json(body)
+    };
+    let usage = json!({"input_tokens": 20, "output_tokens": 7, "total_tokens": 27});
+    Mock::given(method("GET")).respond_with(answer("completed", usage)).mount(&backend).await;
+    Mock::given(method("POST")).respond_with(answer("queued", json!(null))).mount(&backend).await;
+    let nobody = format!("redis://127.0.0.1:{}/0", free_port());
+    let a = replica(&config(&backend.uri(), &nobody, "local")).await;
+    let client = reqwest::Client::new();
+    let create =
+        client.post(format!("{}/openai/v1/responses", a.base)).json(&json!({"model": "gpt-4o", "input": "hi"}));
+    assert_eq!(create.send().await.unwrap().status(), 200);
+    for _ in 0..2 {
+        let read = client.get(format!("{}/openai/v1/responses/resp_bg", a.base)).send().await.unwrap();
+        assert_eq!(read.status(), 200);
+    }
+    let metrics = a.metrics().await;
+    assert_eq!([tokens(&metrics, "prompt"), tokens(&metrics, "completion")], [20, 7], "{metrics}");
+    assert!(!metrics.contains("limitlab_store_errors_total 0\n"), "the store's errors are counted: {metrics}");
 }

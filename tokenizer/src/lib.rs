@@ -4,6 +4,8 @@
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
+pub mod image;
+
 /// The tokenizer of a model: `o200k_base` for gpt-4o, gpt-4.1, gpt-5 and the o-series;
 /// `cl100k_base` for gpt-4, gpt-35-turbo and the embedding models.
 pub fn tokenizer(model: &str) -> &'static CoreBPE {
@@ -30,7 +32,8 @@ pub fn count(model: &str, text: &str) -> u64 {
 
 /// The prompt tokens of chat messages, with the framing the service adds: 3 per
 /// message, 1 more for a `name`, and 3 priming the reply (OpenAI's published rule).
-/// Content given as parts counts its text parts; the tool calls an assistant
+/// Content given as parts counts its text parts and its images (by the
+/// published vision rules, [`image`]); the tool calls an assistant
 /// message made count their functions' names and arguments.
 pub fn count_chat(model: &str, messages: &[Value]) -> u64 {
     let bpe = tokenizer(model);
@@ -42,9 +45,7 @@ pub fn count_chat(model: &str, messages: &[Value]) -> u64 {
             match (key.as_str(), value) {
                 ("name", Value::String(s)) => total += count(s) + 1,
                 (_, Value::String(s)) => total += count(s),
-                ("content", Value::Array(parts)) => {
-                    total += parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).map(count).sum::<u64>()
-                }
+                ("content", Value::Array(parts)) => total += parts.iter().map(|p| part(model, p, count)).sum::<u64>(),
                 ("tool_calls", Value::Array(calls)) => {
                     total +=
                         calls.iter().filter_map(|c| c.get("function")).map(|f| function_call(f, count)).sum::<u64>()
@@ -55,6 +56,14 @@ pub fn count_chat(model: &str, messages: &[Value]) -> u64 {
         }
     }
     total
+}
+
+/// A content part: its text, or an image (see [`image`]).
+fn part(model: &str, part: &Value, count: impl Fn(&str) -> u64) -> u64 {
+    if let Some(tokens) = image::part_tokens(model, part) {
+        return tokens;
+    }
+    part.get("text").and_then(Value::as_str).map_or(0, count)
 }
 
 /// A function call's name and arguments.
