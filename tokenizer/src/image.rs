@@ -286,4 +286,23 @@ mod tests {
         check(json!({"type": "input_image", "file_id": "file-1", "detail": "low"}), Some(85));
         check(json!({"type": "text", "text": "hi"}), None);
     }
+
+    proptest::proptest! {
+        /// Whatever follows a format's signature, reading its size ends, and
+        /// every image costs at least its base and at most the most its rule allows.
+        #[test]
+        fn any_header_is_read_without_panicking(format in 0..4usize, rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let signature: &[u8] = [&b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR"[..], b"GIF89a", b"RIFF\0\0\0\0WEBPVP8X", &[0xff, 0xd8]][format];
+            let bytes = [signature, &rest].concat();
+            let size = image_size(&bytes);
+            for model in ["gpt-4o", "gpt-4o-mini", "gpt-4.1-nano"] {
+                let tokens = image_tokens(model, size, Detail::High);
+                let most = match rule(model) {
+                    Rule::Tiles { base, tile } => base + 8 * tile,
+                    Rule::Patches { multiplier } => (1536.0 * multiplier).ceil() as u64,
+                };
+                proptest::prop_assert!((1..=most).contains(&tokens), "{model} {size:?}: {tokens}");
+            }
+        }
+    }
 }
