@@ -17,7 +17,7 @@ use redis::aio::ConnectionManager;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The most background responses remembered at once; past it the oldest is
 /// forgotten (and, if it finishes, never charged), so memory stays bounded.
@@ -30,6 +30,9 @@ const STORE_TTL_S: u64 = 30 * 24 * 3600;
 /// How long one exchange with the store may take before it counts as an
 /// error and the replica goes by its own memory.
 const STORE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the replica goes by its own memory after the store failed.
+const STORE_PAUSE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub struct Background {
@@ -50,6 +53,9 @@ struct Store {
     prefix: String,
     /// Made on first use; dropped after an error, so the next use reconnects.
     connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// After an error the store is left alone until then, so that reads do not
+    /// each wait out a store that is away.
+    retry_at: Mutex<Option<Instant>>,
 }
 
 impl Background {
@@ -58,7 +64,7 @@ impl Background {
         let Some(counters) = counters else { return Ok(Background::default()) };
         let client = redis::Client::open(counters.url()?).map_err(|e| format!("`counters.store`: {e}"))?;
         let prefix = format!("{}:background:", counters.key_prefix);
-        let store = Store { client, prefix, connection: Default::default() };
+        let store = Store { client, prefix, connection: Default::default(), retry_at: Default::default() };
         Ok(Background { pending: Default::default(), store: Some(store) })
     }
 
@@ -118,8 +124,13 @@ impl Background {
 
 impl Store {
     /// Runs `command`; `None` (counted as a store error, and logged) if the
-    /// store does not answer in time or answers an error.
+    /// store does not answer in time or answers an error, and without trying
+    /// for [`STORE_PAUSE`] after that.
     async fn exchange<V: redis::FromRedisValue>(&self, state: &StoreState, command: redis::Cmd) -> Option<V> {
+        let retry_at = *self.retry_at.lock().unwrap_or_else(|e| e.into_inner());
+        if retry_at.is_some_and(|at| Instant::now() < at) {
+            return None;
+        }
         let run = async {
             let mut connection = self.connection().await?;
             command.query_async::<V>(&mut connection).await
@@ -132,6 +143,7 @@ impl Store {
         state.errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%error, "counters: background responses: the store cannot be reached; going by this replica's own");
         *self.connection.lock().await = None;
+        *self.retry_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + STORE_PAUSE);
         None
     }
 
