@@ -256,3 +256,17 @@ async fn without_its_store_a_replica_charges_the_background_responses_it_made() 
     assert_eq!([tokens(&metrics, "prompt"), tokens(&metrics, "completion")], [20, 7], "{metrics}");
     assert!(!metrics.contains("limitlab_store_errors_total 0\n"), "the store's errors are counted: {metrics}");
 }
+
+#[test]
+fn a_store_password_from_an_unset_variable_is_refused_at_start_in_either_mode() {
+    for mode in ["lagged", "exact"] {
+        let text = config_in(mode, "http://127.0.0.1:9", "redis://127.0.0.1:9/0", "local")
+            .replace("[counters]\n", "[counters]\npassword_env = \"LIMITLAB_TEST_UNSET_PASSWORD\"\n");
+        let config = ProxyConfig::from_toml("test.toml", &text).unwrap();
+        let error = proxy::server::Proxy::new(config).err().expect("refused");
+        assert!(
+            error.contains("`counters.password_env`") && error.contains("LIMITLAB_TEST_UNSET_PASSWORD"),
+            "{mode}: {error}"
+        );
+    }
+}
