@@ -4,7 +4,7 @@ Usage: python tests/sdk/openai_proxy.py path/to/limitlab
 Starts two `limitlab mock` (mocks/fast.toml) as `primary` and `secondary` and `limitlab proxy
 --config examples/proxy.toml` in front of them, then checks chat (plain and
 streamed), the Responses API (plain and streamed), the policy's token headers
-for both, and the 429 the SDK sees past the rate limit.
+for both, an inline image's tokens, and the 429 the SDK sees past the rate limit.
 """
 
 import subprocess
@@ -12,6 +12,13 @@ import sys
 
 import openai
 from openai import AzureOpenAI, OpenAI
+
+
+PNG_300_BY_200 = (
+    "iVBORw0KGgoAAAANSUhEUgAAASwAAADICAIAAADdvUsCAAAAxUlEQVR42u3BMQEAAADCoPVPbQsvoAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAOBvwAYAAbry13gAAAAASUVORK5CYII="
+)
 
 
 def start(args, lines):
@@ -76,14 +83,22 @@ def main():
         v1 = OpenAI(base_url=f"{front}/openai/v1/", api_key="demo-key", max_retries=0)
         assert v1.responses.create(model="gpt-4o", input="Say hello").output_text.startswith("The quick")
 
-        for _ in range(4):
+        # An inline image (a real 300 x 200 PNG) costs gpt-4o 85 tokens and 170 for its one tile.
+        image = {"url": "data:image/png;base64," + PNG_300_BY_200}
+        content = [{"type": "text", "text": "Say hello"}, {"type": "image_url", "image_url": image}]
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=[{"role": "user", "content": content}])
+        seen = raw.parse().usage
+        assert seen.prompt_tokens == chat.usage.prompt_tokens + 255, (seen, chat.usage)
+        assert seen.total_tokens == int(raw.headers["consumed-tokens"]), raw.headers
+
+        for _ in range(3):
             client.chat.completions.create(model="gpt-4o", messages=messages)
         try:
             client.chat.completions.create(model="gpt-4o", messages=messages)
             raise AssertionError("the 11th call in a minute must be refused")
         except openai.RateLimitError as e:
             assert e.status_code == 429 and "Rate limit is exceeded" in str(e), e
-        print(f"openai {openai.__version__} through limitlab proxy: chat, stream, responses, token headers and the 429 ok")
+        print(f"openai {openai.__version__} through limitlab proxy: chat, stream, responses, an image, token headers and the 429 ok")
     finally:
         for p in procs:
             p.terminate()
