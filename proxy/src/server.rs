@@ -300,6 +300,11 @@ enum Refusal {
     BodyCoding,
     /// A body that does not decode as its `Content-Encoding` says.
     BodyCorrupt,
+    /// A WebSocket handshake (the Realtime API). The proxy does not relay
+    /// WebSockets, so it could not count their tokens; forwarded as a plain
+    /// request, the handshake would get the client a puzzling error from the
+    /// backend instead of this one.
+    WebSocket,
 }
 
 impl Refusal {
@@ -324,6 +329,10 @@ impl Refusal {
             Refusal::BodyCorrupt => {
                 apim_error(StatusCode::BAD_REQUEST, "The request body does not decode as its Content-Encoding says")
             }
+            Refusal::WebSocket => apim_error(
+                StatusCode::NOT_IMPLEMENTED,
+                "WebSocket connections (the Realtime API) are not supported by this gateway",
+            ),
         }
     }
 
@@ -340,8 +349,18 @@ impl Refusal {
             Refusal::BodyTooLarge => "body-too-large",
             Refusal::BodyCoding => "body-coding-unsupported",
             Refusal::BodyCorrupt => "body-coding-corrupt",
+            Refusal::WebSocket => "websocket-unsupported",
         }
     }
+}
+
+/// Whether the request's `Upgrade` field asks for a WebSocket.
+fn asks_for_websocket(headers: &HeaderMap) -> bool {
+    let upgrades = headers.get_all(header::UPGRADE).iter().filter_map(|v| v.to_str().ok());
+    upgrades.flat_map(|v| v.split(',')).any(|protocol| {
+        let name = protocol.trim().split('/').next().unwrap_or_default();
+        name.eq_ignore_ascii_case("websocket")
+    })
 }
 
 async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Admitted, Refusal> {
@@ -358,6 +377,9 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
         return Err(Refusal::NotFound);
     }
     let (subscription, product) = subscription(proxy, &parts.headers, &parts.uri).map_err(Refusal::Key)?;
+    if asks_for_websocket(&parts.headers) {
+        return Err(Refusal::WebSocket);
+    }
     if proxy.store_refuses() {
         return Err(Refusal::StoreUnavailable);
     }

@@ -1206,3 +1206,34 @@ async fn a_stream_without_usage_is_charged_the_images_in_its_prompt() {
     check("auto", 85 + 170).await;
     check("low", 85).await;
 }
+
+#[tokio::test]
+async fn a_websocket_handshake_gets_a_clear_501_and_never_reaches_the_backend() {
+    // The Realtime API is a WebSocket. The proxy does not relay WebSockets (it
+    // could not count their tokens); passed on as a plain GET, the handshake got
+    // the client a backend's puzzling error instead.
+    let backend = answering("application/json", &ok_body().to_string()).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", "")).await;
+    let handshake = |key: Option<&str>, upgrade: &str| {
+        let url = format!("{}/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-4o-realtime", proxy.base);
+        let request = proxy.client.get(url).header("upgrade", upgrade).header("connection", "Upgrade");
+        let request =
+            request.header("sec-websocket-version", "13").header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        let request = match key {
+            Some(key) => request.header("api-key", key),
+            None => request,
+        };
+        async move { request.send().await.unwrap() }
+    };
+    let r = handshake(Some("k"), "websocket").await;
+    assert_eq!(r.status(), 501);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["statusCode"], 501, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("Realtime API"), "{body}");
+    assert_eq!(handshake(Some("k"), "WebSocket/13, foo").await.status(), 501);
+    // The key is checked first, as for any call.
+    assert_eq!(handshake(None, "websocket").await.status(), 401);
+    assert!(backend.received_requests().await.unwrap().is_empty(), "no handshake reached the backend");
+    // Another upgrade (h2c) is ignored, as HTTP lets a server do: the call is served.
+    assert_eq!(handshake(Some("k"), "h2c").await.status(), 200);
+}
