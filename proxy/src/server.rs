@@ -1098,7 +1098,8 @@ impl Proxy {
     /// What a buffered answer used. A creation (`POST`) used what its `usage`
     /// says. Any other call (`GET` of a stored response or chat completion)
     /// used nothing more, unless it is the first to show finished a background
-    /// response made through this replica (see [`crate::background`]). A
+    /// response made through this replica, or with `[counters]` through the
+    /// fleet (see [`crate::background`]). A
     /// successful generation whose body reports no usage is charged as counted
     /// (see [`Proxy::unreported_usage`]), never as zero.
     async fn answer_usage(

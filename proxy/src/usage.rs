@@ -536,8 +536,9 @@ fn response_texts(response: &Value) -> Vec<&str> {
     texts
 }
 
+/// Whether a list holds embeddings: at least one, and nothing else.
 fn is_embeddings(list: &Value) -> bool {
-    let data = list.get("data").and_then(Value::as_array);
+    let data = list.get("data").and_then(Value::as_array).filter(|data| !data.is_empty());
     data.is_some_and(|data| data.iter().all(|item| item.get("object").and_then(Value::as_str) == Some("embedding")))
 }
 
@@ -610,6 +611,7 @@ mod tests {
         // Not generations: an error, a list of something else, a file, not JSON.
         check(r#"{"error":{"code":"429","message":"Slow down"}}"#, None);
         check(r#"{"object":"list","data":[{"object":"file"}]}"#, None);
+        check(r#"{"object":"list","data":[]}"#, None);
         check(r#"{"object":"file","id":"file-1"}"#, None);
         check("not json", None);
     }
