@@ -19,6 +19,10 @@ pub struct RequestInfo {
     pub prompt_tokens_estimate: Option<u64>,
     /// The request's `max_tokens` (or `max_completion_tokens`), for reserve mode.
     pub max_tokens: Option<u64>,
+    /// How many completions the request asks for (`n`, or the legacy completions
+    /// API's `best_of` when larger). Each may run to `max_tokens`, so reserve mode
+    /// sets aside the allowance once for each; absent means one.
+    pub choices: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

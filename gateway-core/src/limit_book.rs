@@ -619,12 +619,15 @@ fn check_quota(
 type TokenClasses = (Option<ClassId>, Option<ClassId>);
 
 /// What a token limit counts a request as before its usage is known: the prompt
-/// estimate (`estimate_prompt_tokens`), that plus the completion allowance (reserve
-/// mode), or nothing (APIM's default: only tokens already used count).
+/// estimate (`estimate_prompt_tokens`), that plus the completion allowance for each
+/// choice asked for (reserve mode), or nothing (APIM's default: only tokens already
+/// used count).
 fn token_estimate(t: &TokenLimit, req: &RequestInfo) -> Option<u64> {
     let prompt = req.prompt_tokens_estimate.unwrap_or(0);
     if t.reserve {
-        return Some(prompt.saturating_add(req.max_tokens.unwrap_or(t.reserve_default_max_tokens)));
+        let allowance = req.max_tokens.unwrap_or(t.reserve_default_max_tokens);
+        let choices = req.choices.unwrap_or(1).max(1);
+        return Some(prompt.saturating_add(allowance.saturating_mul(choices)));
     }
     t.estimate_prompt_tokens.then_some(prompt)
 }

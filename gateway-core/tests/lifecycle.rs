@@ -409,6 +409,42 @@ fn reserve_settles_to_the_real_usage_and_charges_an_excess() {
     assert_eq!(remaining(&mut gw, b, 700), "150");
 }
 
+#[test]
+fn reserve_sets_aside_the_allowance_once_for_each_choice() {
+    let text = "[[limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = 1000\nreserve = true\nreserve_default_max_tokens = 200\n";
+    let t = Nanos::from_secs(1);
+    let ask = |max_tokens, choices| RequestInfo {
+        ip: "k".into(),
+        prompt_tokens_estimate: Some(100),
+        max_tokens,
+        choices,
+        ..Default::default()
+    };
+    let admitted =
+        |gw: &mut LimitBook, req: &RequestInfo| matches!(gw.handle_request(t, req), RequestDecision::Forward(_));
+    // (max_tokens, choices, what the reservation leaves of the minute's 1,000 for a
+    // prompt of 100; None: refused). What is left is probed with a second request
+    // of no prompt whose allowance is one token more than that, then exactly that.
+    let check = |max_tokens, choices, left: Option<u64>| {
+        let mut gw = LimitBook::new(&policy(text), 0);
+        let first = admitted(&mut gw, &ask(max_tokens, choices));
+        assert_eq!(first, left.is_some(), "{max_tokens:?} x {choices:?}");
+        let Some(left) = left else { return };
+        let probe = |max| RequestInfo { prompt_tokens_estimate: Some(0), ..ask(Some(max), None) };
+        assert!(!admitted(&mut gw, &probe(left + 1)), "{max_tokens:?} x {choices:?}: more than {left} left");
+        assert!(admitted(&mut gw, &probe(left)), "{max_tokens:?} x {choices:?}: less than {left} left");
+    };
+    check(Some(300), None, Some(600));
+    check(Some(300), Some(1), Some(600));
+    check(Some(300), Some(0), Some(600));
+    check(Some(300), Some(2), Some(300));
+    check(Some(300), Some(3), Some(0));
+    check(Some(300), Some(4), None);
+    check(None, Some(4), Some(100));
+    check(None, Some(5), None);
+    check(Some(u64::MAX), Some(u64::MAX), None);
+}
+
 const PRIORITY_POOL: &str = r#"
 set_backend = "pool"
 

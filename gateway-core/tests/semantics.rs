@@ -551,6 +551,7 @@ fn counter_keys_read_the_request() {
         ],
         prompt_tokens_estimate: None,
         max_tokens: None,
+        choices: None,
     };
     let key = |toml_value: &str| -> String {
         #[derive(serde::Deserialize)]

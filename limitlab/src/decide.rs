@@ -27,6 +27,8 @@ struct Line {
     latency_ms: u64,
     prompt_tokens: Option<u64>,
     max_tokens: Option<u64>,
+    /// How many completions the request asked for (its `n`); one when absent.
+    n: Option<u64>,
     #[serde(default)]
     bytes: u64,
 }
@@ -148,6 +150,7 @@ fn request(line: &Line) -> RequestInfo {
         headers: line.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         prompt_tokens_estimate: line.prompt_tokens,
         max_tokens: line.max_tokens,
+        choices: line.n,
     }
 }
 

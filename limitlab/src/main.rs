@@ -57,7 +57,8 @@ enum Command {
         /// A policy: APIM policy XML, or limitlab's native TOML (`.toml`, `[[limits]]` tables).
         policy: PathBuf,
         /// One JSON object per line: `t_ms`, `ip`, optional `subscription`, `product`,
-        /// `headers`, `status`, `total_tokens`, `latency_ms`, `prompt_tokens`, `bytes`.
+        /// `headers`, `status`, `total_tokens`, `latency_ms`, `prompt_tokens`, `max_tokens`,
+        /// `n` (completions asked for), `bytes`.
         requests: PathBuf,
     },
     /// Replays a traffic scenario through the gateway core and mock backends, in simulated time.

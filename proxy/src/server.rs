@@ -396,20 +396,9 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
     };
     let text = readable(&parts.headers, &body, limit)?;
     let model = deployment_model(parts.uri.path(), &text);
-    // Only the fields the lifecycle reads; the rest of the body is skipped.
-    #[derive(serde::Deserialize, Default)]
-    struct Fields {
-        max_tokens: Option<u64>,
-        max_completion_tokens: Option<u64>,
-        /// The Responses API's name for it.
-        max_output_tokens: Option<u64>,
-    }
-    let max_tokens = match proxy.needs_max_tokens[product] {
-        true => {
-            let fields: Fields = serde_json::from_slice(&text).unwrap_or_default();
-            fields.max_completion_tokens.or(fields.max_tokens).or(fields.max_output_tokens)
-        }
-        false => None,
+    let (max_tokens, choices) = match proxy.needs_max_tokens[product] {
+        true => completion_allowance(&text),
+        false => (None, None),
     };
     let prompt_tokens = proxy.needs_estimate[product].then(|| count_prompt(&model, parts.uri.path(), &text));
     let info = RequestInfo {
@@ -427,8 +416,32 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
         headers: headers_read(&proxy.headers_read[product], &parts.headers),
         prompt_tokens_estimate: prompt_tokens,
         max_tokens,
+        choices,
     };
     Ok(Admitted { product, subscription, info, parts, body, text, model, prompt_tokens, started })
+}
+
+/// A request's `max_tokens` (by any of its names) and how many completions it asks
+/// for, which reserve mode sets aside; only these fields of the body are read.
+fn completion_allowance(text: &[u8]) -> (Option<u64>, Option<u64>) {
+    #[derive(serde::Deserialize, Default)]
+    struct Fields {
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+        /// The Responses API's name for it.
+        max_output_tokens: Option<u64>,
+        /// Completions asked for: each may run to `max_tokens`.
+        n: Option<u64>,
+        /// The legacy completions API generates this many and returns `n`.
+        best_of: Option<u64>,
+    }
+    let fields: Fields = serde_json::from_slice(text).unwrap_or_default();
+    let max_tokens = fields.max_completion_tokens.or(fields.max_tokens).or(fields.max_output_tokens);
+    let choices = match (fields.n, fields.best_of) {
+        (None, None) => None,
+        (n, best_of) => Some(n.unwrap_or(1).max(best_of.unwrap_or(1))),
+    };
+    (max_tokens, choices)
 }
 
 /// A request body as the policy reads it (its prompt, its `max_tokens`):

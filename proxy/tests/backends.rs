@@ -1042,6 +1042,28 @@ async fn a_reserving_token_limit_reserves_the_responses_apis_max_output_tokens()
 }
 
 #[tokio::test]
+async fn a_reserving_token_limit_sets_aside_max_tokens_for_each_choice_asked_for() {
+    // 1,000 tokens a minute. Each choice may run to `max_tokens` (400): two
+    // choices fit, three (`n`, or a legacy completion's `best_of`) do not.
+    let limits = "[[products.policy.limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\n\
+        tokens_per_minute = 1000\nestimate_prompt_tokens = true\nreserve = true\n";
+    let backend =
+        answering("application/json", r#"{"usage":{"prompt_tokens":5,"completion_tokens":5,"total_tokens":10}}"#).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", limits)).await;
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (json!({"messages": messages, "max_tokens": 400, "n": 3}), 429),
+        (json!({"messages": messages, "max_tokens": 400, "n": 1, "best_of": 4}), 429),
+        (json!({"messages": messages, "max_completion_tokens": 400, "n": 2}), 200),
+        (json!({"messages": messages, "max_tokens": 400}), 200),
+    ];
+    for (request, status) in cases {
+        let r = proxy.chat(request.clone()).await;
+        assert_eq!(r.status(), status, "{request}: {}", r.text().await.unwrap());
+    }
+}
+
+#[tokio::test]
 async fn a_streamed_tool_call_without_usage_is_charged_its_arguments() {
     // Most clients do not ask for a usage chunk: the stream is charged its
     // prompt and what the model wrote, and a tool call's arguments are that.

@@ -123,6 +123,8 @@ pub fn trace_call(client: usize, c: &Client, line: &TraceLine) -> Call {
         headers: line.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         prompt_tokens_estimate: Some(prompt_tokens),
         max_tokens,
+        // A trace line is one call of one completion, as the simulated backends answer.
+        choices: None,
     };
     if info.ip.is_empty() {
         info.ip = "0.0.0.0".into();
@@ -277,7 +279,7 @@ pub fn write_caller_ip(ip: &mut String, address: u32) {
 pub fn set_identity(info: &mut RequestInfo, address_base: u32, caller: usize, c: &Client, prompt: u64) {
     // Every field by name: a field added to `RequestInfo` fails to compile here
     // rather than keep a previous call's value.
-    let RequestInfo { ip, subscription, product, headers, prompt_tokens_estimate, max_tokens } = info;
+    let RequestInfo { ip, subscription, product, headers, prompt_tokens_estimate, max_tokens, choices } = info;
     ip.clear();
     match &c.ip {
         Some(fixed) => ip.push_str(fixed),
@@ -288,6 +290,8 @@ pub fn set_identity(info: &mut RequestInfo, address_base: u32, caller: usize, c:
     headers.clear();
     *prompt_tokens_estimate = Some(prompt);
     *max_tokens = c.max_tokens;
+    // A simulated call asks for one completion, as the simulated backends answer.
+    *choices = None;
     let who = || format!("{}-{caller}", c.name);
     match &c.identity {
         Identity::Ip => {}

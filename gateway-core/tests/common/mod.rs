@@ -68,6 +68,7 @@ pub fn request_for(c: &Call) -> RequestInfo {
         headers: vec![],
         prompt_tokens_estimate: c.estimate,
         max_tokens: None,
+        choices: None,
     }
 }
 
