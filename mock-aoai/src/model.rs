@@ -50,6 +50,8 @@ pub struct ModelRequest {
     pub prompt_tokens: u64,
     pub max_tokens: Option<u64>,
     pub best_of: Option<u64>,
+    /// Completions asked for (`n`, at least 1), each as long as the length drawn.
+    pub choices: u64,
     pub stream: bool,
     /// The completion length the caller will get (before `max_tokens`), when the
     /// driver decides it (the simulator's clients, trace replay); else the
@@ -84,8 +86,10 @@ pub enum FinishReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completion {
     pub prompt_tokens: u64,
-    /// Zero for embeddings.
+    /// Of each choice; zero for embeddings.
     pub completion_tokens: u64,
+    /// How many choices the answer has (the request's `n`), each as long.
+    pub choices: u64,
     pub finish_reason: FinishReason,
     pub time_to_first_token: Nanos,
     pub time_per_token: Nanos,
@@ -96,6 +100,16 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// The completion tokens of every choice together, as `usage` reports them.
+    pub fn completion_tokens_total(&self) -> u64 {
+        self.completion_tokens.saturating_mul(self.choices)
+    }
+
+    /// The completion tokens sent before the stream broke, or all of them.
+    pub fn completion_tokens_sent(&self) -> u64 {
+        self.break_after.unwrap_or(self.completion_tokens).saturating_mul(self.choices)
+    }
+
     /// When the last token is out, counted from the request's arrival.
     pub fn duration(&self) -> Nanos {
         let tokens = self.break_after.unwrap_or(self.completion_tokens);
@@ -225,8 +239,7 @@ impl DeploymentModel {
             ModelResponse::Complete(c) => {
                 stats.completed += 1;
                 stats.prompt_tokens = stats.prompt_tokens.saturating_add(c.prompt_tokens);
-                stats.completion_tokens =
-                    stats.completion_tokens.saturating_add(c.break_after.unwrap_or(c.completion_tokens));
+                stats.completion_tokens = stats.completion_tokens.saturating_add(c.completion_tokens_sent());
                 stats.broken_streams += u64::from(c.break_after.is_some());
             }
             ModelResponse::Throttled(_) => stats.throttled += 1,
@@ -322,12 +335,14 @@ impl DeploymentModel {
             true => Some(rng.random_range(0..completion_tokens.max(1))),
             false => None,
         };
+        let choices = req.choices.max(1);
         if self.config.provisioned {
-            self.tokens.add(now, req.prompt_tokens.saturating_add(completion_tokens));
+            self.tokens.add(now, req.prompt_tokens.saturating_add(completion_tokens.saturating_mul(choices)));
         }
         ModelResponse::Complete(Completion {
             prompt_tokens: req.prompt_tokens,
             completion_tokens,
+            choices,
             finish_reason,
             time_to_first_token,
             time_per_token,

@@ -252,6 +252,7 @@ fn admit(
         prompt_tokens: parsed.prompt_tokens,
         max_tokens: parsed.max_tokens,
         best_of: parsed.best_of,
+        choices: parsed.choices,
         stream: parsed.stream && operation != Operation::Embeddings,
         completion_tokens: completion_tokens(headers)?,
     };
@@ -396,36 +397,38 @@ fn sse_events(
 /// (sent only if the stream does not break).
 type Events = (Vec<Bytes>, Vec<Bytes>, Vec<Bytes>);
 
-/// Chat completions' and completions' chunks, ending with `data: [DONE]`.
+/// Chat completions' and completions' chunks, ending with `data: [DONE]`. With
+/// several choices, each token's chunks (one per choice, by index) go out together.
 fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, include_usage: bool) -> Events {
-    let event = |v: Value| Bytes::from(format!("data: {v}\n\n"));
+    let event = |v: Value| format!("data: {v}\n\n");
     let chat = ChatStream { meta, completion: c };
     let head = match operation {
-        Operation::ChatCompletions => vec![event(chat.prelude()), event(chat.role())],
+        Operation::ChatCompletions => {
+            let roles = (0..c.choices).map(|index| event(chat.role(index)));
+            vec![Bytes::from(event(chat.prelude())), Bytes::from(roles.collect::<String>())]
+        }
         _ => Vec::new(),
     };
-    let sent = c.break_after.unwrap_or(c.completion_tokens);
-    let tokens = (0..sent)
-        .map(|i| match operation {
-            Operation::ChatCompletions => chat.token(i),
-            _ => wire::completions_chunk(meta, tokenizer::completion_word(i), None),
-        })
-        .map(event)
-        .collect();
-    let last = match operation {
-        Operation::ChatCompletions => chat.finish(),
-        _ => wire::completions_chunk(meta, "", Some(c.finish_reason)),
+    let token = |index: u64, i: u64| match operation {
+        Operation::ChatCompletions => chat.token(index, i),
+        _ => wire::completions_chunk(meta, index, tokenizer::completion_word(i), None),
     };
-    let mut tail = vec![event(last)];
+    let sent = c.break_after.unwrap_or(c.completion_tokens);
+    let tokens = (0..sent).map(|i| Bytes::from((0..c.choices).map(|index| event(token(index, i))).collect::<String>()));
+    let last = |index: u64| match operation {
+        Operation::ChatCompletions => chat.finish(index),
+        _ => wire::completions_chunk(meta, index, "", Some(c.finish_reason)),
+    };
+    let mut tail = vec![Bytes::from((0..c.choices).map(|index| event(last(index))).collect::<String>())];
     if include_usage {
         let usage = match operation {
             Operation::ChatCompletions => chat.usage(),
             _ => wire::completions_usage_chunk(meta, c),
         };
-        tail.push(event(usage));
+        tail.push(Bytes::from(event(usage)));
     }
     tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    (head, tokens, tail)
+    (head, tokens.collect(), tail)
 }
 
 /// A Responses API stream's events, numbered in order; its usage is in its

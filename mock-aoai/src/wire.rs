@@ -13,6 +13,8 @@ pub struct ParsedRequest {
     pub prompt_tokens: u64,
     pub max_tokens: Option<u64>,
     pub best_of: Option<u64>,
+    /// Completions asked for (`n`): 1 to 128, each a choice of the answer.
+    pub choices: u64,
     pub stream: bool,
     pub include_usage: bool,
     /// Embeddings: the inputs, and whether vectors go back as base64.
@@ -58,11 +60,28 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
         prompt_tokens,
         max_tokens,
         best_of: uint(obj, "best_of")?,
+        choices: choices(operation, obj)?,
         stream,
         include_usage: include_usage.unwrap_or(false),
         inputs,
         base64,
     })
+}
+
+/// Most completions one request may ask for, as the API's spec bounds `n`.
+const MAX_CHOICES: u64 = 128;
+
+/// How many completions a chat or (legacy) completions request asks for: its `n`.
+/// Embeddings and the Responses API answer one.
+fn choices(operation: Operation, obj: &Map<String, Value>) -> Result<u64, String> {
+    if !matches!(operation, Operation::ChatCompletions | Operation::Completions) {
+        return Ok(1);
+    }
+    match uint(obj, "n")? {
+        None => Ok(1),
+        Some(n @ 1..=MAX_CHOICES) => Ok(n),
+        Some(n) => Err(format!("`n` must be from 1 to {MAX_CHOICES}, not {n}")),
+    }
 }
 
 fn chat_prompt(model: &str, body: &Value) -> Result<u64, String> {
@@ -190,8 +209,8 @@ fn finish(reason: FinishReason) -> &'static str {
 fn usage(c: &Completion) -> Value {
     json!({
         "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "total_tokens": c.prompt_tokens.saturating_add(c.completion_tokens),
+        "completion_tokens": c.completion_tokens_total(),
+        "total_tokens": c.prompt_tokens.saturating_add(c.completion_tokens_total()),
     })
 }
 
@@ -208,11 +227,11 @@ pub fn chat_response(meta: &Meta, c: &Completion) -> Value {
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
         "system_fingerprint": "fp_limitlab_mock",
         "prompt_filter_results": prompt_filter_results(),
-        "choices": [{
-            "index": 0, "finish_reason": finish(c.finish_reason), "logprobs": null,
+        "choices": (0..c.choices).map(|index| json!({
+            "index": index, "finish_reason": finish(c.finish_reason), "logprobs": null,
             "message": { "role": "assistant", "content": tokens::completion_text(c.completion_tokens), "refusal": null },
             "content_filter_results": filter_results(),
-        }],
+        })).collect::<Vec<_>>(),
         "usage": usage(c),
     })
 }
@@ -221,11 +240,11 @@ pub fn completions_response(meta: &Meta, c: &Completion) -> Value {
     json!({
         "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
         "prompt_filter_results": prompt_filter_results(),
-        "choices": [{
-            "index": 0, "finish_reason": finish(c.finish_reason), "logprobs": null,
+        "choices": (0..c.choices).map(|index| json!({
+            "index": index, "finish_reason": finish(c.finish_reason), "logprobs": null,
             "text": tokens::completion_text(c.completion_tokens),
             "content_filter_results": filter_results(),
-        }],
+        })).collect::<Vec<_>>(),
         "usage": usage(c),
     })
 }
@@ -290,16 +309,19 @@ impl ChatStream<'_> {
         })
     }
 
-    pub fn role(&self) -> Value {
-        self.chunk(json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null, "content_filter_results": {} }))
+    /// The role chunk of choice `index`.
+    pub fn role(&self, index: u64) -> Value {
+        self.chunk(json!({ "index": index, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null, "content_filter_results": {} }))
     }
 
-    pub fn token(&self, i: u64) -> Value {
-        self.chunk(json!({ "index": 0, "delta": { "content": tokens::completion_word(i) }, "finish_reason": null, "logprobs": null, "content_filter_results": filter_results() }))
+    /// Token `i` of choice `index`.
+    pub fn token(&self, index: u64, i: u64) -> Value {
+        self.chunk(json!({ "index": index, "delta": { "content": tokens::completion_word(i) }, "finish_reason": null, "logprobs": null, "content_filter_results": filter_results() }))
     }
 
-    pub fn finish(&self) -> Value {
-        self.chunk(json!({ "index": 0, "delta": {}, "finish_reason": finish(self.completion.finish_reason), "logprobs": null, "content_filter_results": {} }))
+    /// The last chunk of choice `index`.
+    pub fn finish(&self, index: u64) -> Value {
+        self.chunk(json!({ "index": index, "delta": {}, "finish_reason": finish(self.completion.finish_reason), "logprobs": null, "content_filter_results": {} }))
     }
 
     pub fn usage(&self) -> Value {
@@ -310,11 +332,11 @@ impl ChatStream<'_> {
     }
 }
 
-/// Stream chunks of a (legacy) completion.
-pub fn completions_chunk(meta: &Meta, text: &str, finish_reason: Option<FinishReason>) -> Value {
+/// Stream chunks of a (legacy) completion, of choice `index`.
+pub fn completions_chunk(meta: &Meta, index: u64, text: &str, finish_reason: Option<FinishReason>) -> Value {
     json!({
         "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-        "choices": [{ "index": 0, "text": text, "finish_reason": finish_reason.map(finish), "logprobs": null }],
+        "choices": [{ "index": index, "text": text, "finish_reason": finish_reason.map(finish), "logprobs": null }],
     })
 }
 
@@ -368,8 +390,8 @@ impl ResponseWire<'_> {
         let c = self.completion;
         json!({
             "input_tokens": c.prompt_tokens, "input_tokens_details": { "cached_tokens": 0 },
-            "output_tokens": c.completion_tokens, "output_tokens_details": { "reasoning_tokens": 0 },
-            "total_tokens": c.prompt_tokens.saturating_add(c.completion_tokens),
+            "output_tokens": c.completion_tokens_total(), "output_tokens_details": { "reasoning_tokens": 0 },
+            "total_tokens": c.prompt_tokens.saturating_add(c.completion_tokens_total()),
         })
     }
 

@@ -160,6 +160,60 @@ async fn chat_completions_match_the_spec_plain_and_streamed() {
 }
 
 #[tokio::test]
+async fn n_gives_that_many_choices_and_usage_counts_them_all() {
+    let spec = Spec::load();
+    let server = Server::start(CONFIG).await;
+    let chat = format!("/openai/deployments/chat/chat/completions{V}");
+    let messages = json!([{"role": "user", "content": "Hello"}]);
+    let r = server.post(&chat, json!({"messages": messages, "n": 3})).await;
+    let body: Value = r.json().await.unwrap();
+    spec.check("createChatCompletionResponse", &body);
+    let choices = body["choices"].as_array().unwrap();
+    let indices: Vec<u64> = choices.iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(indices, [0, 1, 2]);
+    for c in choices {
+        assert_eq!(tokenizer::count("gpt-4o", c["message"]["content"].as_str().unwrap()), 12);
+    }
+    assert_eq!(body["usage"]["completion_tokens"], 3 * 12, "usage counts every choice");
+
+    // Streamed: each choice's tokens under its index, the usage of them all.
+    let streamed = json!({"messages": messages, "n": 2, "max_tokens": 4, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let text = server.post(&chat, streamed).await.text().await.unwrap();
+    let events = events(&text);
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    for chunk in &chunks {
+        spec.check("createChatCompletionStreamResponse", chunk);
+    }
+    let text_of = |index: u64| -> String {
+        let of_choice = |c: &Value| {
+            let choice = c["choices"].get(0).filter(|choice| choice["index"] == index)?;
+            choice["delta"]["content"].as_str().map(str::to_owned)
+        };
+        chunks.iter().filter_map(of_choice).collect()
+    };
+    assert_eq!(tokenizer::count("gpt-4o", &text_of(0)), 4);
+    assert_eq!(text_of(0), text_of(1));
+    let finishes = chunks.iter().filter(|c| c["choices"].get(0).is_some_and(|c| c["finish_reason"] == "length"));
+    assert_eq!(finishes.count(), 2);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 2 * 4);
+
+    // Legacy completions, and what Azure refuses.
+    let old = format!("/openai/deployments/old/completions{V}");
+    let body: Value = server.post(&old, json!({"prompt": "x", "n": 2})).await.json().await.unwrap();
+    spec.check("createCompletionResponse", &body);
+    assert_eq!(body["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(body["usage"]["completion_tokens"], 2 * 5);
+    for n in [json!(0), json!(129), json!("2"), json!(1.5)] {
+        let r = server.post(&chat, json!({"messages": messages, "n": n})).await;
+        assert_eq!(r.status(), 400, "n = {n}");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"]["message"].as_str().unwrap().contains("`n`"), "n = {n}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn completions_and_embeddings_match_the_spec() {
     let spec = Spec::load();
     let server = Server::start(CONFIG).await;

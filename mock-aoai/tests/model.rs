@@ -19,6 +19,7 @@ fn chat(prompt_tokens: u64, max_tokens: Option<u64>) -> ModelRequest {
         prompt_tokens,
         max_tokens,
         best_of: None,
+        choices: 1,
         stream: false,
         completion_tokens: None,
     }

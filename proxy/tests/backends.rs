@@ -238,6 +238,42 @@ async fn a_client_that_aborts_a_stream_is_logged_as_499_client_gone() {
 }
 
 #[tokio::test]
+async fn every_choice_a_call_asks_for_is_charged_with_or_without_a_usage_chunk() {
+    let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\
+                completion_tokens = { fixed = 6 }\nlatency = { ttft_ms = { fixed = 0 }, per_token_ms = { fixed = 0 } }\n";
+    let mock_url = start_mock(text).await;
+    let proxy = start(&config(&mock_url, &mock_url, "", "")).await;
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let completion = |metrics: &str| charged(metrics, "completion").parse::<u64>().unwrap_or(0);
+    // (request, completion tokens charged: 6 for each choice).
+    let cases = [
+        (json!({"messages": messages, "n": 3}), 18),
+        (json!({"messages": messages, "n": 2, "stream": true, "stream_options": {"include_usage": true}}), 12),
+        // No usage chunk: each choice's streamed text is counted.
+        (json!({"messages": messages, "n": 2, "stream": true}), 12),
+    ];
+    for (request, tokens) in cases {
+        let before = completion(&proxy.metrics().await);
+        let r = proxy.chat(request.clone()).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        // The charge is made as the body ends; wait for it, then a little more
+        // for any charge beyond it.
+        let mut metrics = proxy.metrics().await;
+        for _ in 0..40 {
+            if completion(&metrics) - before >= tokens {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            metrics = proxy.metrics().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let metrics = proxy.metrics().await;
+        assert_eq!(completion(&metrics) - before, tokens, "{request}:\n{metrics}");
+    }
+}
+
+#[tokio::test]
 async fn a_broken_stream_is_charged_for_what_was_sent() {
     // A real mock deployment whose streams always break midway.
     let text = "seed = 1\n[[deployments]]\nname = \"gpt-4o\"\nmodel = \"gpt-4o\"\ntpm = 100000000\nrpm = 100000000\n\

@@ -493,8 +493,7 @@ impl<'s> Engine<'s> {
         let (rest, usage) = match flight.completion {
             None => (Nanos::ZERO, Usage::default()),
             Some(c) => {
-                let sent = c.break_after.unwrap_or(c.completion_tokens);
-                let usage = Usage { prompt_tokens: c.prompt_tokens, completion_tokens: sent };
+                let usage = Usage { prompt_tokens: c.prompt_tokens, completion_tokens: c.completion_tokens_sent() };
                 let head = if flight.call.stream { c.time_to_first_token } else { c.duration() };
                 (c.duration().saturating_sub(head), usage)
             }
@@ -534,6 +533,8 @@ impl<'s> Engine<'s> {
             prompt_tokens: call.prompt_tokens,
             max_tokens: call.max_tokens,
             best_of: None,
+            // A simulated call asks for one completion (scenarios have no `n`).
+            choices: 1,
             stream: call.stream,
             completion_tokens: Some(call.completion_tokens),
         };

@@ -78,6 +78,10 @@ def main():
         assert finish == "length", finish
         assert usage.completion_tokens == 5 and text.startswith("The quick"), (usage, text)
 
+        several = client.chat.completions.create(model="gpt-4o", messages=messages, n=3)
+        assert [c.index for c in several.choices] == [0, 1, 2], several.choices
+        assert several.usage.completion_tokens == 3 * 16, several.usage
+
         completion = client.completions.create(model="gpt-35-turbo-instruct", prompt="Say this is a test")
         assert completion.choices[0].text and completion.usage.completion_tokens == 8, completion
 
@@ -105,7 +109,7 @@ def main():
         counts = stats(base)["throttled"]
         assert counts["throttled"] == 1 and counts["completed"] == 2, counts
         assert 9.0 <= waited <= 12.0, f"waited {waited:.1f} s"
-        print(f"openai {openai.__version__}: chat, stream, completions, embeddings, responses, auth and 429 retry ok "
+        print(f"openai {openai.__version__}: chat, n choices, stream, completions, embeddings, responses, auth and 429 retry ok "
               f"(retry waited {waited:.1f} s)")
     finally:
         proc.terminate()
