@@ -187,6 +187,68 @@ fn subscription_keys_jwt_subjects_and_replicas_are_played_as_the_simulation_has_
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A client whose calls ask for three completions each, under a token limit
+/// that reserves `max_tokens` for each: the reservations refuse calls once the
+/// minute's tokens run short.
+const CHOICES: &str = r#"
+name = "choices"
+start = "2024-01-01T09:00:00Z"
+duration = "6s"
+seed = 9
+
+[gateway.routing]
+set_backend = "b"
+backends = [{ id = "b", url = "https://b.openai.azure.com/openai" }]
+
+[[gateway.policy.limits]]
+type = "azure-openai-token-limit"
+counter_key = "ip"
+tokens_per_minute = 1500
+estimate_prompt_tokens = true
+reserve = true
+
+[[backends]]
+name = "b"
+model = "gpt-4o"
+tpm = 1000000
+latency = { ttft_ms = { fixed = 20 }, per_token_ms = { fixed = 1 } }
+
+[[clients]]
+name = "three-drafts"
+callers = 1
+arrival = { poisson = { rate_per_s = 3 } }
+prompt_tokens = { fixed = 50 }
+completion_tokens = { fixed = 40 }
+max_tokens = 100
+n = 3
+retries = { max_retries = 0 }
+"#;
+
+#[test]
+fn calls_asking_for_several_completions_are_played_and_reserved_as_simulated() {
+    let dir = temp_dir("choices");
+    let scenario = dir.join("choices.toml");
+    std::fs::write(&scenario, CHOICES).unwrap();
+    let (sim, live) = (dir.join("sim"), dir.join("live"));
+    let (code, _, err) = limitlab(&["simulate", s(&scenario), "--out", s(&sim)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = limitlab(&["load", s(&scenario), "--local", "--out", s(&live)]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for r in [report(&sim), report(&live)] {
+        let client = &r["clients"][0];
+        let ok = client["by_reason"]["ok"].as_u64().unwrap();
+        // Each call reserves 50 + 3 x 100 and settles at 50 + 3 x 40: after seven
+        // (1,190), the eighth call's reservation no longer fits in 1,500. (Were
+        // one completion reserved, 16 of the 22 calls would be admitted.)
+        assert_eq!(ok, 7, "{}: {client}", r["mode"]);
+        assert!(client["by_reason"]["token-limit"].as_u64().unwrap() > 0, "{}: {client}", r["mode"]);
+        assert_eq!(client["completion_tokens"].as_u64().unwrap(), ok * 3 * 40, "{}: {client}", r["mode"]);
+    }
+    let (code, out, _) = limitlab(&["compare", s(&sim), s(&live), "--latency-tolerance", "inf"]);
+    assert_eq!(code, 0, "live agrees with the simulation:\n{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Three replicas sharing one counter through Redis a second late: the fleet
 /// admits more than the limit, by what the simulation of the same lag says.
 #[test]

@@ -19,6 +19,9 @@ pub fn chat_body(call: &Call) -> Vec<u8> {
     if let Some(max) = call.max_tokens {
         body["max_tokens"] = json!(max);
     }
+    if let Some(n) = call.info.choices {
+        body["n"] = json!(n);
+    }
     if call.stream {
         body["stream"] = json!(true);
         body["stream_options"] = json!({ "include_usage": true });

@@ -533,8 +533,7 @@ impl<'s> Engine<'s> {
             prompt_tokens: call.prompt_tokens,
             max_tokens: call.max_tokens,
             best_of: None,
-            // A simulated call asks for one completion (scenarios have no `n`).
-            choices: 1,
+            choices: call.info.choices.unwrap_or(1),
             stream: call.stream,
             completion_tokens: Some(call.completion_tokens),
         };

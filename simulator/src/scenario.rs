@@ -95,6 +95,10 @@ pub struct Client {
     pub completion_tokens: Dist,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    /// Completions each call asks for (the API's `n`, 1 to 128), each as long as
+    /// the completion length drawn; absent, the request names none (one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u64>,
     /// Share of requests sent with `"stream": true`.
     #[serde(default)]
     pub stream_share: f64,
@@ -281,6 +285,9 @@ impl Scenario {
                     "clients[{i}] (`{}`): `max_tokens = 0` asks for no completion at all (Azure answers 400)",
                     c.name
                 ));
+            }
+            if c.n.is_some_and(|n| !(1..=128).contains(&n)) {
+                return Err(format!("clients[{i}] (`{}`): `n` must be from 1 to 128 (Azure answers 400)", c.name));
             }
             if let Some(ip) = c.ip.as_deref().filter(|ip| ip.parse::<std::net::IpAddr>().is_err()) {
                 return Err(format!("clients[{i}] (`{}`): `ip`: `{ip}` is not an IP address", c.name));

@@ -20,6 +20,8 @@ pub struct TraceLine {
     pub headers: BTreeMap<String, String>,
     pub prompt_tokens: Option<u64>,
     pub max_tokens: Option<u64>,
+    /// Completions the request asked for (the API's `n`, 1 to 128).
+    pub n: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub stream: Option<bool>,
 }
@@ -37,14 +39,14 @@ pub fn load(path: &Path) -> Result<Vec<TraceLine>, String> {
 }
 
 /// CSV with a header row naming the JSONL fields (`t_ms`, `ip`, `subscription`,
-/// `product`, `prompt_tokens`, `max_tokens`, `completion_tokens`, `stream`), and
+/// `product`, `prompt_tokens`, `max_tokens`, `n`, `completion_tokens`, `stream`), and
 /// `header:NAME` columns for request headers. Empty cells are absent values.
 fn load_csv(path: &Path, text: &str) -> Result<Vec<TraceLine>, String> {
     let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(text.as_bytes());
     let names: Vec<String> =
         reader.headers().map_err(|e| format!("{}:1: {e}", path.display()))?.iter().map(str::to_owned).collect();
-    const FIELDS: [&str; 8] =
-        ["t_ms", "ip", "subscription", "product", "prompt_tokens", "max_tokens", "completion_tokens", "stream"];
+    const FIELDS: [&str; 9] =
+        ["t_ms", "ip", "subscription", "product", "prompt_tokens", "max_tokens", "n", "completion_tokens", "stream"];
     if let Some(bad) = names.iter().find(|n| !FIELDS.contains(&n.as_str()) && !n.starts_with("header:")) {
         let message = format!("unknown field `{bad}`, expected one of {}", FIELDS.map(|f| format!("`{f}`")).join(", "));
         let hint = diagnostics::suggestion(&message).map(|n| format!("; did you mean `{n}`?"));
@@ -81,6 +83,7 @@ fn csv_field(line: &mut TraceLine, name: &str, value: &str) -> Result<(), String
         "product" => line.product = Some(value.to_owned()),
         "prompt_tokens" => line.prompt_tokens = Some(number()?),
         "max_tokens" => line.max_tokens = Some(number()?),
+        "n" => line.n = Some(number()?),
         "completion_tokens" => line.completion_tokens = Some(number()?),
         "stream" => line.stream = Some(value.parse().map_err(|_| format!("`{value}` is not true or false"))?),
         header => {
@@ -116,7 +119,8 @@ pub fn jwt_for(sub: &str) -> String {
 }
 
 /// Checks a loaded trace against the scenario that plays it: an empty trace, an
-/// address that is not one, or `max_tokens = 0` is an error naming the line;
+/// address that is not one, `max_tokens = 0` or an `n` outside 1 to 128 is an
+/// error naming the line;
 /// lines at or after the scenario's end (never played) are a warning.
 pub fn check(path: &Path, lines: &[TraceLine], end_ms: u64) -> Result<Vec<String>, String> {
     let shown = path.display();
@@ -130,6 +134,9 @@ pub fn check(path: &Path, lines: &[TraceLine], end_ms: u64) -> Result<Vec<String
         }
         if l.max_tokens == Some(0) {
             return Err(format!("{shown}:{at}: `max_tokens`: 0 asks for no completion at all (Azure answers 400)"));
+        }
+        if let Some(n) = l.n.filter(|n| !(1..=128).contains(n)) {
+            return Err(format!("{shown}:{at}: `n`: must be from 1 to 128, not {n} (Azure answers 400)"));
         }
     }
     let late: Vec<&TraceLine> = lines.iter().filter(|l| l.t_ms >= end_ms).collect();

@@ -123,8 +123,7 @@ pub fn trace_call(client: usize, c: &Client, line: &TraceLine) -> Call {
         headers: line.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         prompt_tokens_estimate: Some(prompt_tokens),
         max_tokens,
-        // A trace line is one call of one completion, as the simulated backends answer.
-        choices: None,
+        choices: line.n.or(c.n),
     };
     if info.ip.is_empty() {
         info.ip = "0.0.0.0".into();
@@ -290,8 +289,7 @@ pub fn set_identity(info: &mut RequestInfo, address_base: u32, caller: usize, c:
     headers.clear();
     *prompt_tokens_estimate = Some(prompt);
     *max_tokens = c.max_tokens;
-    // A simulated call asks for one completion, as the simulated backends answer.
-    *choices = None;
+    *choices = c.n;
     let who = || format!("{}-{caller}", c.name);
     match &c.identity {
         Identity::Ip => {}

@@ -36,6 +36,12 @@ fn errors_name_the_place_and_suggest_the_closest_name() {
         &["`aoia` is neither a backend nor a pool"],
     );
     check(GOOD.replace("rate_per_s = 1", "rate_per_s = 0"), &["arrival rates must be above 0"]);
+    for n in ["0", "129"] {
+        check(
+            GOOD.replace("callers = 1", &format!("callers = 1\nn = {n}")),
+            &["clients[0]", "`n` must be from 1 to 128"],
+        );
+    }
     // Backends are checked as the mock checks its deployments.
     check(GOOD.replace("tpm = 1000000", "tpm = 0"), &["backends[0] (`aoai`): `tpm` and `rpm` must be at least 1"]);
     // The simulated clock counts nanoseconds from 1970 in 64 bits: it ends in 2554
@@ -64,5 +70,15 @@ fn trace_errors_name_the_line_and_field() {
     std::fs::write(&csv, "ip,prompt_tokens\n10.0.0.1,5\n").unwrap();
     let err = simulator::trace::load(&csv).unwrap_err();
     assert!(err.contains("t.csv:1: no `t_ms` column"), "{err}");
+    // `n` is read from either form; outside 1 to 128 it is the line's error.
+    std::fs::write(&csv, "t_ms,n\n1,2\n5,0\n").unwrap();
+    let lines = simulator::trace::load(&csv).unwrap();
+    assert_eq!(lines[0].n, Some(2));
+    let err = simulator::trace::check(&csv, &lines, 60_000).unwrap_err();
+    assert!(err.contains("t.csv:3: `n`: must be from 1 to 128, not 0"), "{err}");
+    std::fs::write(&trace, "{\"t_ms\": 1, \"n\": 3}\n{\"t_ms\": 2, \"n\": 129}\n").unwrap();
+    let lines = simulator::trace::load(&trace).unwrap();
+    let err = simulator::trace::check(&trace, &lines, 60_000).unwrap_err();
+    assert!(err.contains("t.jsonl:2: `n`: must be from 1 to 128, not 129"), "{err}");
     std::fs::remove_dir_all(Path::new(&dir)).unwrap();
 }
