@@ -29,12 +29,12 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
     let (prompt_tokens, inputs) = match operation {
         Operation::ChatCompletions => (chat_prompt(model, &value)?, Vec::new()),
         Operation::Completions => {
-            let prompts = strings(obj, "prompt")?;
-            (prompts.iter().map(|p| tokens::count(model, p)).sum(), Vec::new())
+            let prompts = texts(model, obj, "prompt")?;
+            (prompts.iter().map(|p| p.tokens).sum(), Vec::new())
         }
         Operation::Embeddings => {
-            let inputs = strings(obj, "input")?;
-            (inputs.iter().map(|p| tokens::count(model, p)).sum(), inputs)
+            let inputs = texts(model, obj, "input")?;
+            (inputs.iter().map(|p| p.tokens).sum(), inputs.into_iter().map(|p| p.text).collect())
         }
         Operation::Responses => (responses_prompt(model, &value)?, Vec::new()),
     };
@@ -131,15 +131,48 @@ pub fn responses_deployment(body: &[u8]) -> Result<String, String> {
     }
 }
 
-fn strings(obj: &Map<String, Value>, field: &str) -> Result<Vec<String>, String> {
-    match obj.get(field) {
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(items)) if !items.is_empty() => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| format!("`{field}` must hold strings")))
-            .collect(),
-        _ => Err(format!("`{field}` is required: a string or a non-empty array of strings")),
+/// One prompt or embeddings input, and its tokens as the service counts them.
+struct Text {
+    text: String,
+    tokens: u64,
+}
+
+/// A prompt or embeddings input in any of the forms the service takes: a
+/// string, a non-empty array of strings, an array of tokens, or an array of
+/// token arrays (as LangChain's embeddings send them). Tokens count as they
+/// are; their text is what the tokens spell in the model's vocabulary.
+fn texts(model: &str, obj: &Map<String, Value>, field: &str) -> Result<Vec<Text>, String> {
+    let required = || format!("`{field}` is required: a string, a non-empty array of strings, or tokens");
+    let items = match obj.get(field) {
+        Some(Value::String(s)) => return Ok(vec![Text { text: s.clone(), tokens: tokens::count(model, s) }]),
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        _ => return Err(required()),
+    };
+    if items.iter().all(Value::is_number) {
+        return Ok(vec![spelled(model, items, field)?]);
     }
+    // Strings, or token arrays: the kind of the first item is the kind of all.
+    let strings = items[0].is_string();
+    let item = |(i, v): (usize, &Value)| match v {
+        Value::String(s) if strings => Ok(Text { text: s.clone(), tokens: tokens::count(model, s) }),
+        Value::Array(tokens) if !strings && !tokens.is_empty() => spelled(model, tokens, &format!("{field}[{i}]")),
+        _ if strings => Err(format!("`{field}[{i}]` must be a string, as `{field}[0]` is")),
+        _ => Err(format!("`{field}[{i}]` must be a non-empty array of tokens, as `{field}[0]` is")),
+    };
+    items.iter().enumerate().map(item).collect()
+}
+
+/// The text of a token array, which must hold token ids of the model's vocabulary.
+fn spelled(model: &str, items: &[Value], field: &str) -> Result<Text, String> {
+    let mut ids = Vec::with_capacity(items.len());
+    for (i, v) in items.iter().enumerate() {
+        let id = v.as_u64().and_then(|id| u32::try_from(id).ok());
+        let id = id.ok_or_else(|| format!("`{field}[{i}]` must be a token: a whole number, 0 or more"))?;
+        ids.push(id);
+    }
+    let text =
+        tokens::decode(model, &ids).map_err(|id| format!("`{field}`: {id} is not a token of {model}'s vocabulary"))?;
+    Ok(Text { text, tokens: ids.len() as u64 })
 }
 
 fn uint(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, String> {

@@ -248,6 +248,46 @@ async fn completions_and_embeddings_match_the_spec() {
 }
 
 #[tokio::test]
+async fn prompts_and_inputs_may_be_sent_as_tokens() {
+    // LangChain's embeddings send token arrays; the service embeds what they
+    // spell and counts them as they are.
+    let spec = Spec::load();
+    let server = Server::start(CONFIG).await;
+    let embed = format!("/openai/deployments/embed/embeddings{V}");
+    let ids = |text: &str| tokenizer::tokenizer("text-embedding-3-small").encode_ordinary(text);
+    let as_text: Value = server.post(&embed, json!({"input": ["a", "b c"]})).await.json().await.unwrap();
+    let as_tokens: Value = server.post(&embed, json!({"input": [ids("a"), ids("b c")]})).await.json().await.unwrap();
+    spec.check("limitlabEmbeddingsResponse", &as_tokens);
+    assert_eq!(as_tokens["data"], as_text["data"], "tokens embed as the text they spell");
+    assert_eq!(as_tokens["usage"]["prompt_tokens"], 3);
+    let one: Value = server.post(&embed, json!({"input": ids("b c")})).await.json().await.unwrap();
+    assert_eq!(one["data"][0]["embedding"], as_text["data"][1]["embedding"]);
+    assert_eq!(one["usage"]["prompt_tokens"], 2);
+    // A legacy completion's prompt as tokens counts them as they are.
+    let old = format!("/openai/deployments/old/completions{V}");
+    let body: Value = server.post(&old, json!({"prompt": [1, 2, 3, 4]})).await.json().await.unwrap();
+    spec.check("createCompletionResponse", &body);
+    assert_eq!(body["usage"]["prompt_tokens"], 4);
+    // (input, the field its error names)
+    let refused = [
+        (json!([]), "`input` is required"),
+        (json!([1, -2]), "`input[1]` must be a token"),
+        (json!([[5], "x"]), "`input[1]` must be a non-empty array of tokens, as `input[0]` is"),
+        (json!([[5], []]), "`input[1]` must be a non-empty array of tokens"),
+        (json!(["x", [5]]), "`input[1]` must be a string, as `input[0]` is"),
+        (json!([{"text": "x"}]), "`input[0]` must be a non-empty array of tokens"),
+        (json!([[5, 5_000_000_000u64]]), "`input[0][1]` must be a token"),
+        (json!([[5, 3000000]]), "`input[0]`: 3000000 is not a token of text-embedding-3-small's vocabulary"),
+    ];
+    for (input, message) in refused {
+        let r = server.post(&embed, json!({"input": input})).await;
+        assert_eq!(r.status(), 400, "{input}");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"]["message"].as_str().unwrap().contains(message), "{input}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn azure_errors_have_azure_shapes() {
     let spec = Spec::load();
     let keyed = format!("api_keys = [\"secret\"]\n{CONFIG}");

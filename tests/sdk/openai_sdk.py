@@ -89,6 +89,10 @@ def main():
         assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) == 1536
         again = client.embeddings.create(model="text-embedding-3-small", input=["one"])
         assert again.data[0].embedding == embeddings.data[0].embedding, "embeddings are deterministic"
+        # Inputs as tokens (cl100k_base: "one" is 606, "two" 20375), as LangChain sends them.
+        tokens = client.embeddings.create(model="text-embedding-3-small", input=[[606], [20375]])
+        assert [d.embedding for d in tokens.data] == [d.embedding for d in embeddings.data], "tokens embed as text"
+        assert tokens.usage.prompt_tokens == 2, tokens.usage
 
         check_responses(base)
 
@@ -109,7 +113,7 @@ def main():
         counts = stats(base)["throttled"]
         assert counts["throttled"] == 1 and counts["completed"] == 2, counts
         assert 9.0 <= waited <= 12.0, f"waited {waited:.1f} s"
-        print(f"openai {openai.__version__}: chat, n choices, stream, completions, embeddings, responses, auth and 429 retry ok "
+        print(f"openai {openai.__version__}: chat, n choices, stream, completions, embeddings (text and tokens), responses, auth and 429 retry ok "
               f"(retry waited {waited:.1f} s)")
     finally:
         proc.terminate()

@@ -30,6 +30,14 @@ pub fn count(model: &str, text: &str) -> u64 {
     tokenizer(model).encode_ordinary(text).len() as u64
 }
 
+/// The text of tokens in the model's vocabulary (a prompt or input sent as
+/// tokens), with any bytes that are not UTF-8 replaced; the first token that is
+/// not in the vocabulary is the error.
+pub fn decode(model: &str, tokens: &[u32]) -> Result<String, u32> {
+    let bytes = tokenizer(model).decode_bytes(tokens).map_err(|e| e.token)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// The prompt tokens of chat messages, with the framing the service adds: 3 per
 /// message, 1 more for a `name`, and 3 priming the reply (OpenAI's published rule).
 /// Content given as parts counts its text parts and its images (by the
