@@ -247,6 +247,9 @@ fn admit(
     }
     let parsed = wire::parse_request(operation, &model_name, body)
         .map_err(|message| refuse(StatusCode::BAD_REQUEST, "BadRequest", &message))?;
+    let dimensions = model.config().embedding_dimensions();
+    wire::check_dimensions(&model_name, dimensions, parsed.dimensions)
+        .map_err(|message| refuse(StatusCode::BAD_REQUEST, "BadRequest", &message))?;
     let request = ModelRequest {
         operation,
         prompt_tokens: parsed.prompt_tokens,
@@ -257,7 +260,6 @@ fn admit(
         completion_tokens: completion_tokens(headers)?,
     };
     let response = model.handle_request(now, &request);
-    let dimensions = model.config().embedding_dimensions();
     let id = match operation {
         Operation::ChatCompletions => format!("chatcmpl-limitlab{served:012x}"),
         Operation::Completions => format!("cmpl-limitlab{served:012x}"),

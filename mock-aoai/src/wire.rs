@@ -20,6 +20,8 @@ pub struct ParsedRequest {
     /// Embeddings: the inputs, and whether vectors go back as base64.
     pub inputs: Vec<String>,
     pub base64: bool,
+    /// Embeddings: the length asked for (`dimensions`), shorter than the model's.
+    pub dimensions: Option<u64>,
 }
 
 /// Reads and checks a request body; the error names the field.
@@ -65,6 +67,10 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
         include_usage: include_usage.unwrap_or(false),
         inputs,
         base64,
+        dimensions: match operation {
+            Operation::Embeddings => uint(obj, "dimensions")?,
+            _ => None,
+        },
     })
 }
 
@@ -282,14 +288,31 @@ pub fn completions_response(meta: &Meta, c: &Completion) -> Value {
     })
 }
 
-/// Deterministic unit vectors: the same input gives the same embedding.
-pub fn embeddings_response(meta: &Meta, req: &ParsedRequest, dimensions: usize, seed: u64) -> Value {
+/// Whether a model gives embeddings of `dimensions` (of its `native` length):
+/// the text-embedding-3 models shorten theirs to any length from 1 up; older
+/// ones do not take the field. The error is the service's message.
+pub fn check_dimensions(model: &str, native: usize, dimensions: Option<u64>) -> Result<(), String> {
+    let Some(asked) = dimensions else { return Ok(()) };
+    if !model.contains("text-embedding-3") {
+        return Err(format!("`dimensions`: {model} does not support specifying dimensions"));
+    }
+    match asked {
+        1.. if asked <= native as u64 => Ok(()),
+        _ => Err(format!("`dimensions` must be from 1 to {native} for {model}, not {asked}")),
+    }
+}
+
+/// Deterministic unit vectors: the same input gives the same embedding. A
+/// shorter length asked for (`dimensions`) is the model's vector cut there and
+/// scaled back to unit length, as the text-embedding-3 models shorten theirs.
+pub fn embeddings_response(meta: &Meta, req: &ParsedRequest, native: usize, seed: u64) -> Value {
+    let length = req.dimensions.map_or(native, |d| (d as usize).min(native));
     let data: Vec<Value> = req
         .inputs
         .iter()
         .enumerate()
         .map(|(i, input)| {
-            let vector = embedding(input, dimensions, seed);
+            let vector = unit(embedding(input, native, seed).into_iter().take(length).collect());
             let embedding = match req.base64 {
                 true => Value::String(base64_f32(&vector)),
                 false => json!(vector),
@@ -303,11 +326,15 @@ pub fn embeddings_response(meta: &Meta, req: &ParsedRequest, dimensions: usize, 
     })
 }
 
+/// The model's vector of an input before it is scaled to unit length.
 fn embedding(input: &str, dimensions: usize, seed: u64) -> Vec<f32> {
     // FNV-1a of the input picks the stream: stable across runs and platforms.
     let hash = input.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ hash);
-    let raw: Vec<f32> = (0..dimensions).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+    (0..dimensions).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+}
+
+fn unit(raw: Vec<f32>) -> Vec<f32> {
     let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
     raw.into_iter().map(|x| x / norm).collect()
 }

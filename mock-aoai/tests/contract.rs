@@ -288,6 +288,43 @@ async fn prompts_and_inputs_may_be_sent_as_tokens() {
 }
 
 #[tokio::test]
+async fn dimensions_shorten_a_text_embedding_3_vector_and_nothing_else() {
+    let ada = "\n[[deployments]]\nname = \"ada\"\nmodel = \"text-embedding-ada-002\"\ntpm = 1000000\n";
+    let server = Server::start(&format!("{CONFIG}{ada}")).await;
+    let embed = format!("/openai/deployments/embed/embeddings{V}");
+    let vector = |body: &Value| -> Vec<f64> {
+        body["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    };
+    let full: Value = server.post(&embed, json!({"input": "a"})).await.json().await.unwrap();
+    let short: Value = server.post(&embed, json!({"input": "a", "dimensions": 256})).await.json().await.unwrap();
+    let (full, short) = (vector(&full), vector(&short));
+    assert_eq!(short.len(), 256);
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm(&short) - 1.0).abs() < 1e-5, "unit length: {}", norm(&short));
+    // The full vector cut at 256 points the same way.
+    let scale = norm(&full[..256]);
+    for (a, b) in short.iter().zip(&full[..256]) {
+        assert!((a - b / scale).abs() < 1e-5, "{a} against {}", b / scale);
+    }
+    let same: Value = server.post(&embed, json!({"input": "a", "dimensions": 1536})).await.json().await.unwrap();
+    assert_eq!(vector(&same), full, "the model's own length changes nothing");
+    // (deployment, dimensions, what the 400 says)
+    let refused = [
+        ("embed", json!(0), "`dimensions` must be from 1 to 1536"),
+        ("embed", json!(1537), "`dimensions` must be from 1 to 1536"),
+        ("embed", json!("256"), "`dimensions` must be a whole number"),
+        ("ada", json!(256), "text-embedding-ada-002 does not support specifying dimensions"),
+    ];
+    for (deployment, dimensions, message) in refused {
+        let path = format!("/openai/deployments/{deployment}/embeddings{V}");
+        let r = server.post(&path, json!({"input": "a", "dimensions": dimensions})).await;
+        assert_eq!(r.status(), 400, "{deployment} {dimensions}");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"]["message"].as_str().unwrap().contains(message), "{body}");
+    }
+}
+
+#[tokio::test]
 async fn azure_errors_have_azure_shapes() {
     let spec = Spec::load();
     let keyed = format!("api_keys = [\"secret\"]\n{CONFIG}");

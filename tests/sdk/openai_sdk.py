@@ -93,6 +93,8 @@ def main():
         tokens = client.embeddings.create(model="text-embedding-3-small", input=[[606], [20375]])
         assert [d.embedding for d in tokens.data] == [d.embedding for d in embeddings.data], "tokens embed as text"
         assert tokens.usage.prompt_tokens == 2, tokens.usage
+        short = client.embeddings.create(model="text-embedding-3-small", input="one", dimensions=256)
+        assert len(short.data[0].embedding) == 256, len(short.data[0].embedding)
 
         check_responses(base)
 
