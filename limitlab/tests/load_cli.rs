@@ -62,6 +62,20 @@ completion_tokens = { fixed = 20 }
 retries = { max_retries = 0 }
 "#;
 
+/// Scenario `text` simulated and played live through the local gateway: the
+/// scratch folder, and the simulation's and the live run's output folders.
+fn simulated_and_played(name: &str, text: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    let scenario = dir.join(format!("{name}.toml"));
+    std::fs::write(&scenario, text).unwrap();
+    let (sim, live) = (dir.join("sim"), dir.join("live"));
+    let (code, _, err) = limitlab(&["simulate", s(&scenario), "--out", s(&sim)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = limitlab(&["load", s(&scenario), "--local", "--out", s(&live)]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    (dir, sim, live)
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("limitlab-load-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -169,14 +183,7 @@ retries = { max_retries = 0 }
 
 #[test]
 fn subscription_keys_jwt_subjects_and_replicas_are_played_as_the_simulation_has_them() {
-    let dir = temp_dir("identities");
-    let scenario = dir.join("identities.toml");
-    std::fs::write(&scenario, IDENTITIES).unwrap();
-    let (sim, live) = (dir.join("sim"), dir.join("live"));
-    let (code, _, err) = limitlab(&["simulate", s(&scenario), "--out", s(&sim)]);
-    assert_eq!(code, 0, "{err}");
-    let (code, out, err) = limitlab(&["load", s(&scenario), "--local", "--out", s(&live)]);
-    assert_eq!(code, 0, "{out}\n{err}");
+    let (dir, sim, live) = simulated_and_played("identities", IDENTITIES);
     let r = report(&live);
     for client in r["clients"].as_array().unwrap() {
         assert!(client["by_reason"]["rate-limit"].as_u64().unwrap_or(0) > 0, "each identity meets its limit: {client}");
@@ -226,14 +233,7 @@ retries = { max_retries = 0 }
 
 #[test]
 fn calls_asking_for_several_completions_are_played_and_reserved_as_simulated() {
-    let dir = temp_dir("choices");
-    let scenario = dir.join("choices.toml");
-    std::fs::write(&scenario, CHOICES).unwrap();
-    let (sim, live) = (dir.join("sim"), dir.join("live"));
-    let (code, _, err) = limitlab(&["simulate", s(&scenario), "--out", s(&sim)]);
-    assert_eq!(code, 0, "{err}");
-    let (code, out, err) = limitlab(&["load", s(&scenario), "--local", "--out", s(&live)]);
-    assert_eq!(code, 0, "{out}\n{err}");
+    let (dir, sim, live) = simulated_and_played("choices", CHOICES);
     for r in [report(&sim), report(&live)] {
         let client = &r["clients"][0];
         let ok = client["by_reason"]["ok"].as_u64().unwrap();
