@@ -17,7 +17,8 @@ pub struct RequestInfo {
     pub headers: Vec<(String, String)>,
     /// The driver's estimate of the prompt's tokens, for `estimate_prompt_tokens`.
     pub prompt_tokens_estimate: Option<u64>,
-    /// The request's `max_tokens` (or `max_completion_tokens`), for reserve mode.
+    /// The request's `max_tokens` (or `max_completion_tokens`), for reserve mode;
+    /// `Some(0)` for a request that generates nothing (embeddings).
     pub max_tokens: Option<u64>,
     /// How many completions the request asks for (`n`, or the legacy completions
     /// API's `best_of` when larger). Each may run to `max_tokens`, so reserve mode

@@ -397,6 +397,8 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
     let text = readable(&parts.headers, &body, limit)?;
     let model = deployment_model(parts.uri.path(), &text);
     let (max_tokens, choices) = match proxy.needs_max_tokens[product] {
+        // An embeddings call generates nothing: no completion allowance is reserved.
+        true if parts.uri.path().ends_with("/embeddings") => (Some(0), None),
         true => completion_allowance(&text),
         false => (None, None),
     };

@@ -1064,6 +1064,27 @@ async fn a_usage_of_an_unknown_shape_is_charged_the_prompt_and_counted() {
 }
 
 #[tokio::test]
+async fn a_reserving_token_limit_sets_no_completion_aside_for_embeddings() {
+    // 1,000 tokens a minute. A chat call without `max_tokens` reserves the
+    // default allowance (4,096) and cannot fit; an embeddings call generates
+    // nothing, so its prompt alone is reserved.
+    let limits = "[[products.policy.limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\n\
+        tokens_per_minute = 1000\nestimate_prompt_tokens = true\nreserve = true\n";
+    let backend = answering(
+        "application/json",
+        r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.5]}],
+        "usage":{"prompt_tokens":2,"total_tokens":2}}"#,
+    )
+    .await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", limits)).await;
+    let url = format!("{}/openai/deployments/emb/embeddings?api-version=2024-10-21", proxy.base);
+    let r = proxy.client.post(url).header("api-key", "k").json(&json!({"input": "two words"})).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = proxy.chat(json!({"messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(r.status(), 429, "the default allowance still applies to a generation");
+}
+
+#[tokio::test]
 async fn a_reserving_token_limit_reserves_the_responses_apis_max_output_tokens() {
     // Were `max_output_tokens` not read, the default of 1 token would be
     // reserved and both calls admitted.
