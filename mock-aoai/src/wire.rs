@@ -13,7 +13,8 @@ pub struct ParsedRequest {
     pub prompt_tokens: u64,
     pub max_tokens: Option<u64>,
     pub best_of: Option<u64>,
-    /// Completions asked for (`n`): 1 to 128, each a choice of the answer.
+    /// Choices the answer has: `n` (1 to 128), times the prompts of a legacy
+    /// completion.
     pub choices: u64,
     pub stream: bool,
     pub include_usage: bool,
@@ -28,17 +29,18 @@ pub struct ParsedRequest {
 pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<ParsedRequest, String> {
     let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
     let Some(obj) = value.as_object() else { return Err("the body must be a JSON object".into()) };
-    let (prompt_tokens, inputs) = match operation {
-        Operation::ChatCompletions => (chat_prompt(model, &value)?, Vec::new()),
+    // A legacy completion answers `n` choices for each of its prompts.
+    let (prompt_tokens, inputs, prompts) = match operation {
+        Operation::ChatCompletions => (chat_prompt(model, &value)?, Vec::new(), 1),
         Operation::Completions => {
             let prompts = texts(model, obj, "prompt")?;
-            (prompts.iter().map(|p| p.tokens).sum(), Vec::new())
+            (prompts.iter().map(|p| p.tokens).sum(), Vec::new(), prompts.len() as u64)
         }
         Operation::Embeddings => {
             let inputs = texts(model, obj, "input")?;
-            (inputs.iter().map(|p| p.tokens).sum(), inputs.into_iter().map(|p| p.text).collect())
+            (inputs.iter().map(|p| p.tokens).sum(), inputs.into_iter().map(|p| p.text).collect(), 1)
         }
-        Operation::Responses => (responses_prompt(model, &value)?, Vec::new()),
+        Operation::Responses => (responses_prompt(model, &value)?, Vec::new(), 1),
     };
     let max_tokens = match operation {
         Operation::Responses => uint(obj, "max_output_tokens")?,
@@ -62,7 +64,7 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
         prompt_tokens,
         max_tokens,
         best_of: uint(obj, "best_of")?,
-        choices: choices(operation, obj)?,
+        choices: choices(operation, obj)?.saturating_mul(prompts),
         stream,
         include_usage: include_usage.unwrap_or(false),
         inputs,

@@ -205,6 +205,11 @@ async fn n_gives_that_many_choices_and_usage_counts_them_all() {
     spec.check("createCompletionResponse", &body);
     assert_eq!(body["choices"].as_array().unwrap().len(), 2);
     assert_eq!(body["usage"]["completion_tokens"], 2 * 5);
+    // `n` choices for each prompt of a list.
+    let body: Value = server.post(&old, json!({"prompt": ["x", "y", "z"], "n": 2})).await.json().await.unwrap();
+    let indices: Vec<u64> = body["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(indices, [0, 1, 2, 3, 4, 5]);
+    assert_eq!(body["usage"]["completion_tokens"], 6 * 5);
     for n in [json!(0), json!(129), json!("2"), json!(1.5)] {
         let r = server.post(&chat, json!({"messages": messages, "n": n})).await;
         assert_eq!(r.status(), 400, "n = {n}");

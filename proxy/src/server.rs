@@ -424,7 +424,8 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
 }
 
 /// A request's `max_tokens` (by any of its names) and how many completions it asks
-/// for, which reserve mode sets aside; only these fields of the body are read.
+/// for (`n`, or `best_of` when larger, for each of a legacy completion's
+/// prompts), which reserve mode sets aside; only these fields of the body are read.
 fn completion_allowance(text: &[u8]) -> (Option<u64>, Option<u64>) {
     #[derive(serde::Deserialize, Default)]
     struct Fields {
@@ -436,12 +437,19 @@ fn completion_allowance(text: &[u8]) -> (Option<u64>, Option<u64>) {
         n: Option<u64>,
         /// The legacy completions API generates this many and returns `n`.
         best_of: Option<u64>,
+        /// A legacy completion's prompt: one, or a list of them.
+        prompt: Option<serde_json::Value>,
     }
     let fields: Fields = serde_json::from_slice(text).unwrap_or_default();
     let max_tokens = fields.max_completion_tokens.or(fields.max_tokens).or(fields.max_output_tokens);
-    let choices = match (fields.n, fields.best_of) {
-        (None, None) => None,
-        (n, best_of) => Some(n.unwrap_or(1).max(best_of.unwrap_or(1))),
+    // A list of numbers is one prompt given as tokens; any other list, several.
+    let prompts = match &fields.prompt {
+        Some(serde_json::Value::Array(items)) if !items.iter().all(serde_json::Value::is_number) => items.len() as u64,
+        _ => 1,
+    };
+    let choices = match (fields.n, fields.best_of, prompts) {
+        (None, None, 1) => None,
+        (n, best_of, prompts) => Some(n.unwrap_or(1).max(best_of.unwrap_or(1)).saturating_mul(prompts)),
     };
     (max_tokens, choices)
 }

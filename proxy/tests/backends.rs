@@ -1118,6 +1118,19 @@ async fn a_reserving_token_limit_sets_aside_max_tokens_for_each_choice_asked_for
         let r = proxy.chat(request.clone()).await;
         assert_eq!(r.status(), status, "{request}: {}", r.text().await.unwrap());
     }
+    // A legacy completion asks for `n` for each of its prompts (a list of
+    // numbers is one prompt, as tokens).
+    let url = format!("{}/openai/deployments/old/completions?api-version=2024-10-21", proxy.base);
+    let cases = [
+        (json!({"prompt": ["a", "b", "c"], "max_tokens": 400}), 429),
+        (json!({"prompt": ["a"], "max_tokens": 400, "n": 3}), 429),
+        (json!({"prompt": ["a", "b"], "max_tokens": 400}), 200),
+        (json!({"prompt": [1, 2, 3, 4], "max_tokens": 400, "n": 2}), 200),
+    ];
+    for (request, status) in cases {
+        let r = proxy.client.post(&url).header("api-key", "k").json(&request).send().await.unwrap();
+        assert_eq!(r.status(), status, "{request}: {}", r.text().await.unwrap());
+    }
 }
 
 #[tokio::test]
