@@ -59,8 +59,13 @@ impl Mock {
             .route("/openai/deployments/{deployment}/chat/completions", operation(Operation::ChatCompletions))
             .route("/openai/deployments/{deployment}/completions", operation(Operation::Completions))
             .route("/openai/deployments/{deployment}/embeddings", operation(Operation::Embeddings))
-            .route("/openai/responses", responses(dated_responses_api_version))
-            .route("/openai/v1/responses", responses(v1_api_version))
+            .route("/openai/responses", named(Operation::Responses, dated_responses_api_version))
+            // Azure's v1 API: the deployment is the body's `model`, as the plain
+            // `openai` client sends it.
+            .route("/openai/v1/chat/completions", named(Operation::ChatCompletions, v1_api_version))
+            .route("/openai/v1/completions", named(Operation::Completions, v1_api_version))
+            .route("/openai/v1/embeddings", named(Operation::Embeddings, v1_api_version))
+            .route("/openai/v1/responses", named(Operation::Responses, v1_api_version))
             .route("/_mock/stats", get(stats))
             .route("/_mock/faults", post(set_faults))
             .with_state(self)
@@ -105,16 +110,17 @@ fn operation(op: Operation) -> axum::routing::MethodRouter<Mock> {
     )
 }
 
-/// A Responses API route: the deployment is the body's `model`, and the
-/// path's own rule says which `api-version`s it takes.
-fn responses(api_version: ApiVersionRule) -> axum::routing::MethodRouter<Mock> {
+/// A route whose deployment is the body's `model` (the Responses API, and
+/// every operation of the v1 API); the path's own rule says which
+/// `api-version`s it takes.
+fn named(op: Operation, api_version: ApiVersionRule) -> axum::routing::MethodRouter<Mock> {
     post(move |mock: State<Mock>, query: Query<HashMap<String, String>>, headers: HeaderMap, body: Bytes| async move {
         let version = match api_version(&query.0) {
             Ok(version) => version,
             Err(refusal) => return *refusal,
         };
-        match wire::responses_deployment(&body) {
-            Ok(deployment) => handle(mock.0, Operation::Responses, deployment, version, headers, body).await,
+        match wire::body_deployment(&body) {
+            Ok(deployment) => handle(mock.0, op, deployment, version, headers, body).await,
             Err(message) => error(StatusCode::BAD_REQUEST, "BadRequest", &message),
         }
     })

@@ -130,8 +130,8 @@ fn responses_prompt(model: &str, body: &Value) -> Result<u64, String> {
     Ok(tokens::count_responses(model, body))
 }
 
-/// The deployment a Responses API request names: its `model`.
-pub fn responses_deployment(body: &[u8]) -> Result<String, String> {
+/// The deployment a Responses API or v1 API request names: its `model`.
+pub fn body_deployment(body: &[u8]) -> Result<String, String> {
     let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
     match value.get("model") {
         Some(Value::String(model)) if !model.is_empty() => Ok(model.clone()),

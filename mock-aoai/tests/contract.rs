@@ -330,6 +330,45 @@ async fn dimensions_shorten_a_text_embedding_3_vector_and_nothing_else() {
 }
 
 #[tokio::test]
+async fn the_v1_api_names_the_deployment_in_the_body() {
+    let spec = Spec::load();
+    let server = Server::start(CONFIG).await;
+    let messages = json!([{"role": "user", "content": "Hello"}]);
+    let r = server.post("/openai/v1/chat/completions", json!({"model": "chat", "messages": messages})).await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    spec.check("createChatCompletionResponse", &body);
+    assert_eq!(body["usage"]["completion_tokens"], 12);
+    let streamed = json!({"model": "chat", "messages": messages, "stream": true, "max_tokens": 3});
+    let text = server.post("/openai/v1/chat/completions", streamed).await.text().await.unwrap();
+    assert_eq!(events(&text).last(), Some(&"[DONE]"));
+    let body: Value =
+        server.post("/openai/v1/completions", json!({"model": "old", "prompt": "x"})).await.json().await.unwrap();
+    spec.check("createCompletionResponse", &body);
+    let body: Value =
+        server.post("/openai/v1/embeddings", json!({"model": "embed", "input": "a"})).await.json().await.unwrap();
+    spec.check("limitlabEmbeddingsResponse", &body);
+    // (path, body, status, what the error says)
+    let refused = [
+        ("/openai/v1/chat/completions", json!({"messages": messages}), 400, "`model` is required"),
+        ("/openai/v1/chat/completions", json!({"model": "nope", "messages": messages}), 404, "does not exist"),
+        ("/openai/v1/embeddings", json!({"model": "chat", "input": "a"}), 400, "embeddings"),
+        (
+            "/openai/v1/chat/completions?api-version=2024-10-21",
+            json!({"model": "chat", "messages": messages}),
+            400,
+            "API version not supported",
+        ),
+    ];
+    for (path, request, status, message) in refused {
+        let r = server.post(path, request).await;
+        assert_eq!(r.status(), status, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"]["message"].as_str().unwrap().contains(message), "{path}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn azure_errors_have_azure_shapes() {
     let spec = Spec::load();
     let keyed = format!("api_keys = [\"secret\"]\n{CONFIG}");

@@ -3,7 +3,8 @@
 Usage: python tests/sdk/openai_sdk.py path/to/limitlab
 Starts `limitlab mock --config mocks/sdk.toml --listen 127.0.0.1:0`, reads the port from
 its first line, and checks chat (plain and streamed), completions, embeddings, the
-Responses API (plain and streamed, on the dated path and on /openai/v1/), and that
+Responses API (plain and streamed, on the dated path and on /openai/v1/), chat,
+completions and embeddings on /openai/v1/ with the plain OpenAI client, and that
 the SDK's own retry honours the mock's 429 headers. Exits non-zero on failure.
 """
 
@@ -54,6 +55,24 @@ def check_responses(base):
         assert final.usage.output_tokens == 5 and final.output_text == text, (final.usage, text)
 
 
+def check_v1(base):
+    """Azure's v1 API with the plain OpenAI client: the deployment is `model`,
+    and the key goes as a bearer token."""
+    v1 = OpenAI(base_url=f"{base}/openai/v1/", api_key="test-key", max_retries=0)
+    chat = v1.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Say hello"}], n=2)
+    assert len(chat.choices) == 2 and chat.usage.completion_tokens == 2 * 16, chat
+    text = ""
+    for chunk in v1.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Say hello"}], stream=True, max_tokens=3
+    ):
+        text += "".join(choice.delta.content or "" for choice in chunk.choices)
+    assert text == "The quick brown", text
+    completion = v1.completions.create(model="gpt-35-turbo-instruct", prompt="Say this is a test")
+    assert completion.usage.completion_tokens == 8, completion.usage
+    embeddings = v1.embeddings.create(model="text-embedding-3-small", input="one", dimensions=8)
+    assert len(embeddings.data[0].embedding) == 8, embeddings
+
+
 def main():
     proc, base = start(sys.argv[1])
     try:
@@ -97,6 +116,7 @@ def main():
         assert len(short.data[0].embedding) == 256, len(short.data[0].embedding)
 
         check_responses(base)
+        check_v1(base)
 
         try:
             AzureOpenAI(azure_endpoint=base, api_key="wrong", api_version="2024-10-21").chat.completions.create(
@@ -115,7 +135,7 @@ def main():
         counts = stats(base)["throttled"]
         assert counts["throttled"] == 1 and counts["completed"] == 2, counts
         assert 9.0 <= waited <= 12.0, f"waited {waited:.1f} s"
-        print(f"openai {openai.__version__}: chat, n choices, stream, completions, embeddings (text and tokens), responses, auth and 429 retry ok "
+        print(f"openai {openai.__version__}: chat, n choices, stream, completions, embeddings (text and tokens), responses, the v1 API, auth and 429 retry ok "
               f"(retry waited {waited:.1f} s)")
     finally:
         proc.terminate()
