@@ -109,3 +109,26 @@ fn a_full_stdout_is_an_error_not_a_panic() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("writing to standard output"), "{stderr}");
 }
+
+#[test]
+fn decide_reserves_max_tokens_for_each_completion_a_logged_request_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("reserve.toml");
+    std::fs::write(
+        &policy,
+        "[[limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\ntokens_per_minute = 1000\n\
+         estimate_prompt_tokens = true\nreserve = true\n",
+    )
+    .unwrap();
+    // 10 + 4 x 300 does not fit in 1,000; 10 + 3 x 300 does.
+    let requests = dir.path().join("requests.jsonl");
+    std::fs::write(
+        &requests,
+        "{\"t_ms\": 0, \"ip\": \"a\", \"prompt_tokens\": 10, \"max_tokens\": 300, \"n\": 4}\n\
+         {\"t_ms\": 1, \"ip\": \"b\", \"prompt_tokens\": 10, \"max_tokens\": 300, \"n\": 3}\n",
+    )
+    .unwrap();
+    let (code, out, err) = limitlab(&["decide", policy.to_str().unwrap(), requests.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 requests: 1 admitted"), "{out}");
+}
