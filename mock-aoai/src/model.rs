@@ -52,6 +52,9 @@ pub struct ModelRequest {
     pub best_of: Option<u64>,
     /// Completions asked for (`n`, at least 1), each as long as the length drawn.
     pub choices: u64,
+    /// Completions generated and billed: `choices`, or more when a legacy
+    /// completion's `best_of` picks the best of several candidates.
+    pub generated: u64,
     pub stream: bool,
     /// The completion length the caller will get (before `max_tokens`), when the
     /// driver decides it (the simulator's clients, trace replay); else the
@@ -90,6 +93,8 @@ pub struct Completion {
     pub completion_tokens: u64,
     /// How many choices the answer has (the request's `n`), each as long.
     pub choices: u64,
+    /// How many completions were generated and billed (at least `choices`).
+    pub generated: u64,
     pub finish_reason: FinishReason,
     pub time_to_first_token: Nanos,
     pub time_per_token: Nanos,
@@ -100,14 +105,15 @@ pub struct Completion {
 }
 
 impl Completion {
-    /// The completion tokens of every choice together, as `usage` reports them.
+    /// The completion tokens of every completion generated, as `usage` reports them.
     pub fn completion_tokens_total(&self) -> u64 {
-        self.completion_tokens.saturating_mul(self.choices)
+        self.completion_tokens.saturating_mul(self.generated)
     }
 
-    /// The completion tokens sent before the stream broke, or all of them.
+    /// The completion tokens sent before the stream broke, or all of them. (A
+    /// stream generates only what it sends: `best_of` cannot be streamed.)
     pub fn completion_tokens_sent(&self) -> u64 {
-        self.break_after.unwrap_or(self.completion_tokens).saturating_mul(self.choices)
+        self.break_after.unwrap_or(self.completion_tokens).saturating_mul(self.generated)
     }
 
     /// When the last token is out, counted from the request's arrival.
@@ -336,13 +342,15 @@ impl DeploymentModel {
             false => None,
         };
         let choices = req.choices.max(1);
+        let generated = req.generated.max(choices);
         if self.config.provisioned {
-            self.tokens.add(now, req.prompt_tokens.saturating_add(completion_tokens.saturating_mul(choices)));
+            self.tokens.add(now, req.prompt_tokens.saturating_add(completion_tokens.saturating_mul(generated)));
         }
         ModelResponse::Complete(Completion {
             prompt_tokens: req.prompt_tokens,
             completion_tokens,
             choices,
+            generated,
             finish_reason,
             time_to_first_token,
             time_per_token,

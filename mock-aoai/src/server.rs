@@ -262,6 +262,7 @@ fn admit(
         max_tokens: parsed.max_tokens,
         best_of: parsed.best_of,
         choices: parsed.choices,
+        generated: parsed.generated,
         stream: parsed.stream && operation != Operation::Embeddings,
         completion_tokens: completion_tokens(headers)?,
     };

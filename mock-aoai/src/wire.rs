@@ -16,6 +16,9 @@ pub struct ParsedRequest {
     /// Choices the answer has: `n` (1 to 128), times the prompts of a legacy
     /// completion.
     pub choices: u64,
+    /// Completions generated and billed: `choices`, or `best_of` for each prompt
+    /// of a legacy completion that asks for more candidates than it returns.
+    pub generated: u64,
     pub stream: bool,
     pub include_usage: bool,
     /// Embeddings: the inputs, and whether vectors go back as base64.
@@ -60,11 +63,14 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
         Some("base64") => true,
         Some(other) => return Err(format!("`encoding_format` must be \"float\" or \"base64\", not \"{other}\"")),
     };
+    let n = choices(operation, obj)?;
+    let best_of = best_of(operation, obj, n, stream)?;
     Ok(ParsedRequest {
         prompt_tokens,
         max_tokens,
-        best_of: uint(obj, "best_of")?,
-        choices: choices(operation, obj)?.saturating_mul(prompts),
+        best_of,
+        choices: n.saturating_mul(prompts),
+        generated: best_of.unwrap_or(n).max(n).saturating_mul(prompts),
         stream,
         include_usage: include_usage.unwrap_or(false),
         inputs,
@@ -89,6 +95,24 @@ fn choices(operation: Operation, obj: &Map<String, Value>) -> Result<u64, String
         None => Ok(1),
         Some(n @ 1..=MAX_CHOICES) => Ok(n),
         Some(n) => Err(format!("`n` must be from 1 to {MAX_CHOICES}, not {n}")),
+    }
+}
+
+/// Most candidates a legacy completion may have generated (`best_of`).
+const MAX_BEST_OF: u64 = 20;
+
+/// A legacy completion's `best_of`: that many candidates generated (and billed)
+/// for each prompt, of which the best `n` are returned; so never fewer than
+/// `n`, and never streamed. Other operations do not take it.
+fn best_of(operation: Operation, obj: &Map<String, Value>, n: u64, stream: bool) -> Result<Option<u64>, String> {
+    if operation != Operation::Completions {
+        return Ok(None);
+    }
+    match uint(obj, "best_of")? {
+        Some(b @ 0) | Some(b @ 21..) => Err(format!("`best_of` must be from 1 to {MAX_BEST_OF}, not {b}")),
+        Some(b) if b < n => Err(format!("`best_of` ({b}) must be at least `n` ({n})")),
+        Some(b) if b > 1 && stream => Err("`best_of` above 1 cannot be streamed: set `stream` to false".into()),
+        best_of => Ok(best_of),
     }
 }
 

@@ -210,6 +210,22 @@ async fn n_gives_that_many_choices_and_usage_counts_them_all() {
     let indices: Vec<u64> = body["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
     assert_eq!(indices, [0, 1, 2, 3, 4, 5]);
     assert_eq!(body["usage"]["completion_tokens"], 6 * 5);
+    // `best_of` candidates are generated and billed for each prompt; `n` come back.
+    let body: Value = server.post(&old, json!({"prompt": ["x", "y"], "best_of": 3})).await.json().await.unwrap();
+    assert_eq!(body["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(body["usage"]["completion_tokens"], 2 * 3 * 5);
+    let refused = [
+        (json!({"prompt": "x", "best_of": 2, "n": 3}), "`best_of` (2) must be at least `n` (3)"),
+        (json!({"prompt": "x", "best_of": 21}), "`best_of` must be from 1 to 20"),
+        (json!({"prompt": "x", "best_of": 0}), "`best_of` must be from 1 to 20"),
+        (json!({"prompt": "x", "best_of": 2, "stream": true}), "cannot be streamed"),
+    ];
+    for (request, message) in refused {
+        let r = server.post(&old, request.clone()).await;
+        assert_eq!(r.status(), 400, "{request}");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"]["message"].as_str().unwrap().contains(message), "{request}: {body}");
+    }
     for n in [json!(0), json!(129), json!("2"), json!(1.5)] {
         let r = server.post(&chat, json!({"messages": messages, "n": n})).await;
         assert_eq!(r.status(), 400, "n = {n}");

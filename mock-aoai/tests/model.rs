@@ -20,6 +20,7 @@ fn chat(prompt_tokens: u64, max_tokens: Option<u64>) -> ModelRequest {
         max_tokens,
         best_of: None,
         choices: 1,
+        generated: 1,
         stream: false,
         completion_tokens: None,
     }

@@ -534,6 +534,7 @@ impl<'s> Engine<'s> {
             max_tokens: call.max_tokens,
             best_of: None,
             choices: call.info.choices.unwrap_or(1),
+            generated: call.info.choices.unwrap_or(1),
             stream: call.stream,
             completion_tokens: Some(call.completion_tokens),
         };
