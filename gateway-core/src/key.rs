@@ -21,8 +21,9 @@ pub struct RequestInfo {
     /// `Some(0)` for a request that generates nothing (embeddings).
     pub max_tokens: Option<u64>,
     /// How many completions the request asks for (`n`, or the legacy completions
-    /// API's `best_of` when larger). Each may run to `max_tokens`, so reserve mode
-    /// sets aside the allowance once for each; absent means one.
+    /// API's `best_of` when larger, for each of its prompts). Each may run to
+    /// `max_tokens`, so reserve mode sets aside the allowance once for each;
+    /// absent means one.
     pub choices: Option<u64>,
 }
 

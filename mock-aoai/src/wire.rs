@@ -82,8 +82,9 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
     })
 }
 
-/// Most completions one request may ask for, as the API's spec bounds `n`.
-const MAX_CHOICES: u64 = 128;
+/// Most completions one request may ask for, as the API's spec bounds `n`
+/// (scenarios and traces are checked against it too).
+pub const MAX_CHOICES: u64 = 128;
 
 /// How many completions a chat or (legacy) completions request asks for: its `n`.
 /// Embeddings and the Responses API answer one.

@@ -4,6 +4,7 @@ use apim_policy::PolicySource;
 use gateway_core::routing::Routing;
 use gateway_core::time::{parse_rfc3339, HumanDuration};
 use gateway_core::{Nanos, Policy};
+use mock_aoai::wire::MAX_CHOICES;
 use mock_aoai::{DeploymentConfig, Dist};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -286,8 +287,11 @@ impl Scenario {
                     c.name
                 ));
             }
-            if c.n.is_some_and(|n| !(1..=128).contains(&n)) {
-                return Err(format!("clients[{i}] (`{}`): `n` must be from 1 to 128 (Azure answers 400)", c.name));
+            if c.n.is_some_and(|n| !(1..=MAX_CHOICES).contains(&n)) {
+                let name = &c.name;
+                return Err(format!(
+                    "clients[{i}] (`{name}`): `n` must be from 1 to {MAX_CHOICES} (Azure answers 400)"
+                ));
             }
             if let Some(ip) = c.ip.as_deref().filter(|ip| ip.parse::<std::net::IpAddr>().is_err()) {
                 return Err(format!("clients[{i}] (`{}`): `ip`: `{ip}` is not an IP address", c.name));

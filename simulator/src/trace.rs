@@ -1,6 +1,7 @@
 //! Trace files: one request per line, JSONL.
 
 use base64::Engine;
+use mock_aoai::wire::MAX_CHOICES;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -135,8 +136,8 @@ pub fn check(path: &Path, lines: &[TraceLine], end_ms: u64) -> Result<Vec<String
         if l.max_tokens == Some(0) {
             return Err(format!("{shown}:{at}: `max_tokens`: 0 asks for no completion at all (Azure answers 400)"));
         }
-        if let Some(n) = l.n.filter(|n| !(1..=128).contains(n)) {
-            return Err(format!("{shown}:{at}: `n`: must be from 1 to 128, not {n} (Azure answers 400)"));
+        if let Some(n) = l.n.filter(|n| !(1..=MAX_CHOICES).contains(n)) {
+            return Err(format!("{shown}:{at}: `n`: must be from 1 to {MAX_CHOICES}, not {n} (Azure answers 400)"));
         }
     }
     let late: Vec<&TraceLine> = lines.iter().filter(|l| l.t_ms >= end_ms).collect();
