@@ -66,6 +66,8 @@ impl Mock {
             .route("/openai/v1/completions", named(Operation::Completions, v1_api_version))
             .route("/openai/v1/embeddings", named(Operation::Embeddings, v1_api_version))
             .route("/openai/v1/responses", named(Operation::Responses, v1_api_version))
+            .route("/openai/v1/models", get(models))
+            .route("/openai/v1/models/{model}", get(model))
             .route("/_mock/stats", get(stats))
             .route("/_mock/faults", post(set_faults))
             .with_state(self)
@@ -225,12 +227,7 @@ fn admit(
 ) -> Result<Admission, Box<Response>> {
     let mut state = mock.lock();
     if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, headers) {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "401",
-            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key \
-             for an active subscription and use a correct regional API endpoint for your resource.",
-        ));
+        return Err(unauthorized());
     }
     let now = state.epoch_unix + Nanos(state.epoch.elapsed().as_nanos() as u64);
     state.served += 1;
@@ -295,6 +292,39 @@ fn completion_tokens(headers: &HeaderMap) -> Result<Option<u64>, Box<Response>> 
 
 /// The mock's request header for the completion length a caller wants.
 pub const COMPLETION_TOKENS_HEADER: &str = "x-limitlab-completion-tokens";
+
+fn unauthorized() -> Box<Response> {
+    refuse(
+        StatusCode::UNAUTHORIZED,
+        "401",
+        "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for \
+         an active subscription and use a correct regional API endpoint for your resource.",
+    )
+}
+
+/// `GET /openai/v1/models`: the deployments, by the names the v1 API takes as
+/// `model`, in name order.
+async fn models(State(mock): State<Mock>, headers: HeaderMap) -> Response {
+    let state = mock.lock();
+    if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, &headers) {
+        return *unauthorized();
+    }
+    let created = state.epoch_unix.0 / 1_000_000_000;
+    let data: Vec<Value> = state.models.keys().map(|name| wire::model_entry(name, created)).collect();
+    Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// `GET /openai/v1/models/{model}`: one deployment, or the service's 404.
+async fn model(State(mock): State<Mock>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    let state = mock.lock();
+    if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, &headers) {
+        return *unauthorized();
+    }
+    if !state.models.contains_key(&name) {
+        return error(StatusCode::NOT_FOUND, "model_not_found", &format!("The model `{name}` does not exist."));
+    }
+    Json(wire::model_entry(&name, state.epoch_unix.0 / 1_000_000_000)).into_response()
+}
 
 fn authorized(keys: &[String], headers: &HeaderMap) -> bool {
     let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());

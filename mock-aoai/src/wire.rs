@@ -215,6 +215,11 @@ fn uint(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, String> {
     }
 }
 
+/// A model as the v1 API lists it: a deployment's name, as requests name it.
+pub fn model_entry(name: &str, created: u64) -> Value {
+    json!({ "id": name, "object": "model", "created": created, "owned_by": "limitlab-mock" })
+}
+
 /// Azure's error body.
 pub fn error_body(code: &str, message: &str) -> String {
     json!({ "error": { "code": code, "message": message } }).to_string()

@@ -382,6 +382,14 @@ async fn the_v1_api_names_the_deployment_in_the_body() {
         let body: Value = r.json().await.unwrap();
         assert!(body["error"]["message"].as_str().unwrap().contains(message), "{path}: {body}");
     }
+    // The models it lists are the names its requests take as `model`.
+    let get = |path: &str| server.client.get(format!("{}{path}", server.base)).send();
+    let list: Value = get("/openai/v1/models").await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["chat", "embed", "old", "tiny"]);
+    let one: Value = get("/openai/v1/models/embed").await.unwrap().json().await.unwrap();
+    assert_eq!((one["id"].as_str(), one["object"].as_str()), (Some("embed"), Some("model")));
+    assert_eq!(get("/openai/v1/models/nope").await.unwrap().status(), 404);
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@ Usage: python tests/sdk/openai_sdk.py path/to/limitlab
 Starts `limitlab mock --config mocks/sdk.toml --listen 127.0.0.1:0`, reads the port from
 its first line, and checks chat (plain and streamed), completions, embeddings, the
 Responses API (plain and streamed, on the dated path and on /openai/v1/), chat,
-completions and embeddings on /openai/v1/ with the plain OpenAI client, and that
+completions, embeddings and the model list on /openai/v1/ with the plain OpenAI client, and that
 the SDK's own retry honours the mock's 429 headers. Exits non-zero on failure.
 """
 
@@ -71,6 +71,8 @@ def check_v1(base):
     assert completion.usage.completion_tokens == 8, completion.usage
     embeddings = v1.embeddings.create(model="text-embedding-3-small", input="one", dimensions=8)
     assert len(embeddings.data[0].embedding) == 8, embeddings
+    listed = [m.id for m in v1.models.list()]
+    assert "gpt-4o" in listed and v1.models.retrieve("gpt-4o").id == "gpt-4o", listed
 
 
 def main():
