@@ -226,7 +226,7 @@ fn admit(
     body: &[u8],
 ) -> Result<Admission, Box<Response>> {
     let mut state = mock.lock();
-    if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, headers) {
+    if !authorized(&state.config.api_keys, headers) {
         return Err(unauthorized());
     }
     let now = state.epoch_unix + Nanos(state.epoch.elapsed().as_nanos() as u64);
@@ -306,7 +306,7 @@ fn unauthorized() -> Box<Response> {
 /// `model`, in name order.
 async fn models(State(mock): State<Mock>, headers: HeaderMap) -> Response {
     let state = mock.lock();
-    if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, &headers) {
+    if !authorized(&state.config.api_keys, &headers) {
         return *unauthorized();
     }
     let created = state.epoch_unix.0 / 1_000_000_000;
@@ -317,7 +317,7 @@ async fn models(State(mock): State<Mock>, headers: HeaderMap) -> Response {
 /// `GET /openai/v1/models/{model}`: one deployment, or the service's 404.
 async fn model(State(mock): State<Mock>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     let state = mock.lock();
-    if !state.config.api_keys.is_empty() && !authorized(&state.config.api_keys, &headers) {
+    if !authorized(&state.config.api_keys, &headers) {
         return *unauthorized();
     }
     if !state.models.contains_key(&name) {
@@ -326,7 +326,12 @@ async fn model(State(mock): State<Mock>, Path(name): Path<String>, headers: Head
     Json(wire::model_entry(&name, state.epoch_unix.0 / 1_000_000_000)).into_response()
 }
 
+/// Whether a call may be served: any call when no keys are configured, else one
+/// that carries a configured key (as `api-key`, or as a bearer token).
 fn authorized(keys: &[String], headers: &HeaderMap) -> bool {
+    if keys.is_empty() {
+        return true;
+    }
     let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());
     let bearer =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));

@@ -110,7 +110,9 @@ fn best_of(operation: Operation, obj: &Map<String, Value>, n: u64, stream: bool)
         return Ok(None);
     }
     match uint(obj, "best_of")? {
-        Some(b @ 0) | Some(b @ 21..) => Err(format!("`best_of` must be from 1 to {MAX_BEST_OF}, not {b}")),
+        Some(b) if !(1..=MAX_BEST_OF).contains(&b) => {
+            Err(format!("`best_of` must be from 1 to {MAX_BEST_OF}, not {b}"))
+        }
         Some(b) if b < n => Err(format!("`best_of` ({b}) must be at least `n` ({n})")),
         Some(b) if b > 1 && stream => Err("`best_of` above 1 cannot be streamed: set `stream` to false".into()),
         best_of => Ok(best_of),
