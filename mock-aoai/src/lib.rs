@@ -5,6 +5,7 @@ pub mod config;
 pub mod dist;
 pub mod model;
 pub mod server;
+pub mod shape;
 pub mod wire;
 
 pub use config::{DeploymentConfig, Faults, MockConfig};

@@ -3,6 +3,7 @@
 
 use crate::config::{Faults, MockConfig};
 use crate::model::{Completion, DeploymentModel, ModelRequest, ModelResponse, Operation, Throttle};
+use crate::shape::{self, Said};
 use crate::wire::{self, ChatStream, Meta, ParsedRequest, ResponseWire};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -370,8 +371,11 @@ fn duration(n: Nanos) -> Duration {
     Duration::from_nanos(n.0)
 }
 
-async fn complete(operation: Operation, admission: Admission, c: Completion) -> Response {
+async fn complete(operation: Operation, admission: Admission, mut c: Completion) -> Response {
     let Admission { meta, parsed, dimensions, seed, .. } = admission;
+    // A chat answer's JSON or call is spelled first: its length may differ from the draw.
+    let call_id = format!("call_{}", meta.id.trim_start_matches("chatcmpl-"));
+    let said = shape::say(&parsed.shape, &meta.model, &mut c, parsed.max_tokens, call_id);
     let request_id = meta.id.clone();
     let mut response = match (operation, parsed.stream) {
         (Operation::Embeddings, _) => {
@@ -379,7 +383,7 @@ async fn complete(operation: Operation, admission: Admission, c: Completion) -> 
             Json(wire::embeddings_response(&meta, &parsed, dimensions, seed)).into_response()
         }
         (_, true) => {
-            let events = sse_events(operation, meta, c, parsed.include_usage);
+            let events = sse_events(operation, meta, c, &said, parsed.include_usage);
             let mut r = Response::new(Body::from_stream(events));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
             r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -387,7 +391,7 @@ async fn complete(operation: Operation, admission: Admission, c: Completion) -> 
         }
         (Operation::ChatCompletions, false) => {
             tokio::time::sleep(duration(c.duration())).await;
-            Json(wire::chat_response(&meta, &c)).into_response()
+            Json(wire::chat_response(&meta, &c, &said)).into_response()
         }
         (Operation::Completions, false) => {
             tokio::time::sleep(duration(c.duration())).await;
@@ -411,11 +415,12 @@ fn sse_events(
     operation: Operation,
     meta: Meta,
     c: Completion,
+    said: &Said,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
     let (head, tokens, tail) = match operation {
         Operation::Responses => responses_events(&meta, &c),
-        _ => chunk_events(operation, &meta, &c, include_usage),
+        _ => chunk_events(operation, &meta, &c, said, include_usage),
     };
     let tail = match c.break_after {
         Some(_) => vec![Err(std::io::Error::other("injected broken stream"))],
@@ -443,9 +448,9 @@ type Events = (Vec<Bytes>, Vec<Bytes>, Vec<Bytes>);
 
 /// Chat completions' and completions' chunks, ending with `data: [DONE]`. With
 /// several choices, each token's chunks (one per choice, by index) go out together.
-fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, include_usage: bool) -> Events {
+fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, said: &Said, include_usage: bool) -> Events {
     let event = |v: Value| format!("data: {v}\n\n");
-    let chat = ChatStream { meta, completion: c };
+    let chat = ChatStream { meta, completion: c, said };
     let head = match operation {
         Operation::ChatCompletions => {
             let roles = (0..c.choices).map(|index| event(chat.role(index)));
@@ -453,12 +458,16 @@ fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, include_usage
         }
         _ => Vec::new(),
     };
-    let token = |index: u64, i: u64| match operation {
-        Operation::ChatCompletions => chat.token(index, i),
-        _ => wire::completions_chunk(meta, index, tokenizer::completion_word(i), None),
+    let token = |index: u64, piece: &str| match operation {
+        Operation::ChatCompletions => chat.token(index, piece),
+        _ => wire::completions_chunk(meta, index, piece, None),
     };
     let sent = c.break_after.unwrap_or(c.completion_tokens);
-    let tokens = (0..sent).map(|i| Bytes::from((0..c.choices).map(|index| event(token(index, i))).collect::<String>()));
+    // A JSON answer or a call has as many pieces as tokens, or fewer where a
+    // character spans tokens.
+    let pieces = (0..sent).map_while(|i| said.piece(i));
+    let tokens =
+        pieces.map(|piece| Bytes::from((0..c.choices).map(|index| event(token(index, piece))).collect::<String>()));
     let last = |index: u64| match operation {
         Operation::ChatCompletions => chat.finish(index),
         _ => wire::completions_chunk(meta, index, "", Some(c.finish_reason)),

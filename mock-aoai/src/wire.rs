@@ -2,6 +2,7 @@
 //! stream chunks and error bodies.
 
 use crate::model::{Completion, FinishReason, Operation, Throttle};
+use crate::shape::{self, Said, Shape};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
@@ -26,6 +27,8 @@ pub struct ParsedRequest {
     pub base64: bool,
     /// Embeddings: the length asked for (`dimensions`), shorter than the model's.
     pub dimensions: Option<u64>,
+    /// Chat: prose, JSON, or a call of a function.
+    pub shape: Shape,
 }
 
 /// Reads and checks a request body; the error names the field.
@@ -78,6 +81,10 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
         dimensions: match operation {
             Operation::Embeddings => uint(obj, "dimensions")?,
             _ => None,
+        },
+        shape: match operation {
+            Operation::ChatCompletions => shape::read(obj)?,
+            _ => Shape::Prose,
         },
     })
 }
@@ -295,14 +302,14 @@ pub struct Meta {
     pub model: String,
 }
 
-pub fn chat_response(meta: &Meta, c: &Completion) -> Value {
+pub fn chat_response(meta: &Meta, c: &Completion, said: &Said) -> Value {
     json!({
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
         "system_fingerprint": "fp_limitlab_mock",
         "prompt_filter_results": prompt_filter_results(),
         "choices": (0..c.choices).map(|index| json!({
-            "index": index, "finish_reason": finish(c.finish_reason), "logprobs": null,
-            "message": { "role": "assistant", "content": tokens::completion_text(c.completion_tokens), "refusal": null },
+            "index": index, "finish_reason": said.finish_reason(c.finish_reason), "logprobs": null,
+            "message": said.message(c.completion_tokens),
             "content_filter_results": filter_results(),
         })).collect::<Vec<_>>(),
         "usage": usage(c),
@@ -384,6 +391,7 @@ fn base64_f32(vector: &[f32]) -> String {
 pub struct ChatStream<'a> {
     pub meta: &'a Meta,
     pub completion: &'a Completion,
+    pub said: &'a Said,
 }
 
 impl ChatStream<'_> {
@@ -405,17 +413,17 @@ impl ChatStream<'_> {
 
     /// The role chunk of choice `index`.
     pub fn role(&self, index: u64) -> Value {
-        self.chunk(json!({ "index": index, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null, "content_filter_results": {} }))
+        self.chunk(json!({ "index": index, "delta": self.said.opening_delta(), "finish_reason": null, "logprobs": null, "content_filter_results": {} }))
     }
 
-    /// Token `i` of choice `index`.
-    pub fn token(&self, index: u64, i: u64) -> Value {
-        self.chunk(json!({ "index": index, "delta": { "content": tokens::completion_word(i) }, "finish_reason": null, "logprobs": null, "content_filter_results": filter_results() }))
+    /// The chunk of piece `piece` (a token, or a character spanning tokens) of choice `index`.
+    pub fn token(&self, index: u64, piece: &str) -> Value {
+        self.chunk(json!({ "index": index, "delta": self.said.piece_delta(piece), "finish_reason": null, "logprobs": null, "content_filter_results": filter_results() }))
     }
 
     /// The last chunk of choice `index`.
     pub fn finish(&self, index: u64) -> Value {
-        self.chunk(json!({ "index": index, "delta": {}, "finish_reason": finish(self.completion.finish_reason), "logprobs": null, "content_filter_results": {} }))
+        self.chunk(json!({ "index": index, "delta": {}, "finish_reason": self.said.finish_reason(self.completion.finish_reason), "logprobs": null, "content_filter_results": {} }))
     }
 
     pub fn usage(&self) -> Value {

@@ -2,7 +2,8 @@
 
 Usage: python tests/sdk/openai_sdk.py path/to/limitlab
 Starts `limitlab mock --config mocks/sdk.toml --listen 127.0.0.1:0`, reads the port from
-its first line, and checks chat (plain and streamed), completions, embeddings, the
+its first line, and checks chat (plain and streamed), structured outputs, JSON mode and
+tool calls (parsed by the SDK's own pydantic models), completions, embeddings, the
 Responses API (plain and streamed, on the dated path and on /openai/v1/), chat,
 completions, embeddings and the model list on /openai/v1/ with the plain OpenAI client, and that
 the SDK's own retry honours the mock's 429 headers. Exits non-zero on failure.
@@ -14,7 +15,11 @@ import sys
 import time
 import urllib.request
 
+import datetime
+from typing import Literal, Optional
+
 import openai
+import pydantic
 from openai import AzureOpenAI, OpenAI
 
 
@@ -53,6 +58,65 @@ def check_responses(base):
                 final = event.response
         assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens", final
         assert final.usage.output_tokens == 5 and final.output_text == text, (final.usage, text)
+
+
+class Pet(pydantic.BaseModel):
+    name: str
+    legs: int
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    born: datetime.date
+    tags: list[str]
+    pet: Optional[Pet]
+    kind: Literal["customer", "supplier"]
+    age: int = pydantic.Field(ge=18)
+
+
+class GetWeather(pydantic.BaseModel):
+    city: str
+    unit: Literal["celsius", "fahrenheit"]
+    days: int
+
+
+def check_structured(client):
+    """Structured outputs and JSON mode give JSON the SDK's own parsing accepts;
+    tools are called (plain and streamed), and a call's result is answered in words."""
+    messages = [{"role": "user", "content": "Describe a person."}]
+    parsed = client.chat.completions.parse(model="gpt-4o", messages=messages, response_format=Person)
+    person = parsed.choices[0].message.parsed
+    assert isinstance(person, Person) and person.age >= 18 and parsed.choices[0].finish_reason == "stop", parsed
+    assert parsed.usage.completion_tokens >= 16, parsed.usage
+
+    json_mode = client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Answer in JSON."}], response_format={"type": "json_object"}
+    )
+    answer = json.loads(json_mode.choices[0].message.content)
+    assert answer["answer"].startswith("The quick") and json_mode.usage.completion_tokens == 16, json_mode
+
+    tools = [openai.pydantic_function_tool(GetWeather)]
+    asked = [{"role": "user", "content": "Weather in Oslo?"}]
+    called = client.chat.completions.parse(model="gpt-4o", messages=asked, tools=tools)
+    choice = called.choices[0]
+    call = choice.message.tool_calls[0]
+    assert choice.finish_reason == "tool_calls" and isinstance(call.function.parsed_arguments, GetWeather), choice
+    assert called.usage.completion_tokens == 16, called.usage
+
+    with client.chat.completions.stream(model="gpt-4o", messages=asked, tools=tools) as stream:
+        streamed = stream.get_final_completion()
+    streamed_call = streamed.choices[0].message.tool_calls[0]
+    assert streamed_call.function.arguments == call.function.arguments, (streamed_call, call)
+    assert isinstance(streamed_call.function.parsed_arguments, GetWeather), streamed_call
+
+    answered = asked + [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    reply = client.chat.completions.create(model="gpt-4o", messages=answered, tools=tools)
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content.startswith("The quick"), reply
+
+    named = client.chat.completions.create(
+        model="gpt-4o", messages=asked, tools=tools, tool_choice={"type": "function", "function": {"name": "GetWeather"}}
+    )
+    assert named.choices[0].finish_reason == "stop" and named.choices[0].message.tool_calls, named
 
 
 def check_v1(base):
@@ -117,6 +181,7 @@ def main():
         short = client.embeddings.create(model="text-embedding-3-small", input="one", dimensions=256)
         assert len(short.data[0].embedding) == 256, len(short.data[0].embedding)
 
+        check_structured(client)
         check_responses(base)
         check_v1(base)
 
@@ -137,7 +202,7 @@ def main():
         counts = stats(base)["throttled"]
         assert counts["throttled"] == 1 and counts["completed"] == 2, counts
         assert 9.0 <= waited <= 12.0, f"waited {waited:.1f} s"
-        print(f"openai {openai.__version__}: chat, n choices, stream, completions, embeddings (text and tokens), responses, the v1 API, auth and 429 retry ok "
+        print(f"openai {openai.__version__}: chat, n choices, stream, structured outputs, tools, completions, embeddings (text and tokens), responses, the v1 API, auth and 429 retry ok "
               f"(retry waited {waited:.1f} s)")
     finally:
         proc.terminate()

@@ -164,10 +164,63 @@ pub fn completion_word(i: u64) -> &'static str {
     word
 }
 
+/// `text` as a model streams it: one piece per token, but for a character
+/// whose bytes span tokens, which comes whole with the last of them. The
+/// pieces join to `text`.
+pub fn pieces(model: &str, text: &str) -> Vec<String> {
+    let bpe = tokenizer(model);
+    let mut pieces = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
+    for token in bpe.encode_ordinary(text) {
+        // Tokens of the text itself are always in the vocabulary.
+        pending.extend(bpe.decode_bytes(&[token]).unwrap_or_default());
+        if let Ok(piece) = std::str::from_utf8(&pending) {
+            pieces.push(piece.to_owned());
+            pending.clear();
+        }
+    }
+    debug_assert!(pending.is_empty(), "the tokens of a string spell whole characters");
+    pieces
+}
+
+/// The first `tokens` tokens of `text`, as a model cut short writes them (a
+/// character left incomplete at the cut is dropped).
+pub fn truncate(model: &str, text: &str, tokens: u64) -> String {
+    let bpe = tokenizer(model);
+    let ids = bpe.encode_ordinary(text);
+    let kept = &ids[..ids.len().min(tokens as usize)];
+    let bytes = bpe.decode_bytes(kept).unwrap_or_default();
+    match std::str::from_utf8(&bytes) {
+        Ok(text) => text.to_owned(),
+        Err(e) => String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn pieces_join_to_the_text_and_number_its_tokens() {
+        for (model, text) in
+            [("gpt-4o", "{\"city\": \"Zürich\", \"n\": 3}"), ("gpt-4", "naïve 東京 json"), ("gpt-4o", "")]
+        {
+            let pieces = pieces(model, text);
+            assert_eq!(pieces.concat(), text, "{model}: {text}");
+            assert!(pieces.len() as u64 <= count(model, text), "{model}: {text}");
+        }
+        assert_eq!(pieces("gpt-4o", &completion_text(7)).len(), 7);
+    }
+
+    #[test]
+    fn truncate_keeps_the_first_tokens() {
+        let text = completion_text(10);
+        assert_eq!(truncate("gpt-4o", &text, 4), completion_text(4));
+        assert_eq!(truncate("gpt-4o", &text, 40), text);
+        assert!(count("gpt-4o", "𝔘") > 1, "the test needs a character of several tokens");
+        assert_eq!(truncate("gpt-4o", "𝔘", 1), "", "a character cut in two is dropped");
+    }
 
     #[test]
     fn counts_match_tiktoken_for_known_prompts() {
