@@ -373,8 +373,8 @@ fn duration(n: Nanos) -> Duration {
 
 async fn complete(operation: Operation, admission: Admission, mut c: Completion) -> Response {
     let Admission { meta, parsed, dimensions, seed, .. } = admission;
-    // A chat answer's JSON or call is spelled first: its length may differ from the draw.
-    let call_id = format!("call_{}", meta.id.trim_start_matches("chatcmpl-"));
+    // A JSON answer or a call is spelled first: its length may differ from the draw.
+    let call_id = format!("call_{}", meta.id.trim_start_matches("chatcmpl-").trim_start_matches("resp_"));
     let said = shape::say(&parsed.shape, &meta.model, &mut c, parsed.max_tokens, call_id);
     let request_id = meta.id.clone();
     let mut response = match (operation, parsed.stream) {
@@ -399,7 +399,7 @@ async fn complete(operation: Operation, admission: Admission, mut c: Completion)
         }
         (Operation::Responses, false) => {
             tokio::time::sleep(duration(c.duration())).await;
-            Json(ResponseWire { meta: &meta, completion: &c }.response()).into_response()
+            Json(ResponseWire { meta: &meta, completion: &c, said: &said }.response()).into_response()
         }
     };
     let h = response.headers_mut();
@@ -419,7 +419,7 @@ fn sse_events(
     include_usage: bool,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
     let (head, tokens, tail) = match operation {
-        Operation::Responses => responses_events(&meta, &c),
+        Operation::Responses => responses_events(&meta, &c, said),
         _ => chunk_events(operation, &meta, &c, said, include_usage),
     };
     let tail = match c.break_after {
@@ -486,13 +486,13 @@ fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, said: &Said, 
 
 /// A Responses API stream's events, numbered in order; its usage is in its
 /// last event, and no `[DONE]` follows.
-fn responses_events(meta: &Meta, c: &Completion) -> Events {
-    let wire = ResponseWire { meta, completion: c };
+fn responses_events(meta: &Meta, c: &Completion, said: &Said) -> Events {
+    let wire = ResponseWire { meta, completion: c, said };
     let mut number = 0u64..;
     let mut event = |v: Value| Bytes::from(wire::responses_event(v, number.next().unwrap_or_default()));
     let head = wire.prelude().into_iter().map(&mut event).collect();
     let sent = c.break_after.unwrap_or(c.completion_tokens);
-    let tokens = (0..sent).map(|i| event(wire.token(i))).collect();
+    let tokens = (0..sent).map_while(|i| said.piece(i)).map(|piece| event(wire.token(piece))).collect();
     let tail = wire.finish().into_iter().map(&mut event).collect();
     (head, tokens, tail)
 }

@@ -45,18 +45,99 @@ fn any_object() -> Value {
 /// Reads a chat request's `response_format`, `tools` and `tool_choice` (or
 /// `functions` and `function_call`); the error names the field.
 pub fn read(obj: &Map<String, Value>) -> Result<Shape, String> {
-    let format = response_format(obj)?;
-    let (functions, how) = match obj.contains_key("functions") {
-        true => (declared(obj, "functions", Some)?, Called::Function),
-        false => (declared(obj, "tools", function_of)?, Called::Chosen),
-    };
-    let choice_field = if how == Called::Function { "function_call" } else { "tool_choice" };
-    match chosen(obj, choice_field, &functions, how)? {
+    let dialect = if obj.contains_key("functions") { Dialect::Functions } else { Dialect::Tools };
+    called(obj, dialect, response_format(obj)?)
+}
+
+/// Reads a Responses API request's `text.format`, `tools` and `tool_choice`.
+pub fn read_responses(obj: &Map<String, Value>) -> Result<Shape, String> {
+    called(obj, Dialect::Responses, text_format(obj)?)
+}
+
+/// The call the request's functions and choice make, or else `format`.
+fn called(obj: &Map<String, Value>, dialect: Dialect, format: Shape) -> Result<Shape, String> {
+    let functions = declared(obj, dialect)?;
+    match chosen(obj, dialect, &functions)? {
         Some((function, how)) => {
             let parameters = function.get("parameters").cloned().unwrap_or_else(|| json!({ "type": "object" }));
             Ok(Shape::Call { name: name_of(function).to_owned(), parameters, how })
         }
         None => Ok(format),
+    }
+}
+
+/// The three ways a request declares functions and chooses among them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dialect {
+    /// Chat's `tools` (`{"type": "function", "function": {...}}`) and `tool_choice`.
+    Tools,
+    /// Chat's older `functions` and `function_call`.
+    Functions,
+    /// The Responses API's `tools` (the function's fields at the top) and `tool_choice`.
+    Responses,
+}
+
+impl Dialect {
+    fn field(self) -> &'static str {
+        if self == Dialect::Functions {
+            "functions"
+        } else {
+            "tools"
+        }
+    }
+
+    fn choice_field(self) -> &'static str {
+        if self == Dialect::Functions {
+            "function_call"
+        } else {
+            "tool_choice"
+        }
+    }
+
+    /// An item's function, if it is one.
+    fn function(self, item: &Value) -> Option<&Value> {
+        let is_function = || item.get("type").and_then(Value::as_str) == Some("function");
+        match self {
+            Dialect::Tools => is_function().then(|| item.get("function")).flatten(),
+            Dialect::Functions => Some(item),
+            Dialect::Responses => is_function().then_some(item),
+        }
+    }
+
+    /// Where item `i`'s function is, in the service's words.
+    fn at(self, i: usize) -> String {
+        match self {
+            Dialect::Tools => format!("tools[{i}].function"),
+            Dialect::Functions => format!("functions[{i}]"),
+            Dialect::Responses => format!("tools[{i}]"),
+        }
+    }
+
+    fn example(self) -> &'static str {
+        match self {
+            Dialect::Tools => "a function tool: {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            Dialect::Functions => "a function: {\"name\": ...}",
+            Dialect::Responses => {
+                "a function tool, {\"type\": \"function\", \"name\": ...} (the mock runs no built-in tools)"
+            }
+        }
+    }
+
+    /// The function a choice names.
+    fn named(self, choice: &Value) -> Option<&str> {
+        let name = match self {
+            Dialect::Tools => choice.get("function").and_then(|f| f.get("name")),
+            Dialect::Functions | Dialect::Responses => choice.get("name"),
+        };
+        name.and_then(Value::as_str)
+    }
+
+    fn modes(self) -> &'static str {
+        if self == Dialect::Functions {
+            "\"none\", \"auto\""
+        } else {
+            "\"none\", \"auto\", \"required\""
+        }
     }
 }
 
@@ -68,7 +149,7 @@ fn response_format(obj: &Map<String, Value>) -> Result<Shape, String> {
     };
     match format.get("type").and_then(Value::as_str) {
         Some("text") => Ok(Shape::Prose),
-        Some("json_object") if mentions_json(obj) => Ok(Shape::Json { schema: any_object() }),
+        Some("json_object") if mentions_json(obj, "messages") => Ok(Shape::Json { schema: any_object() }),
         // The service's own message.
         Some("json_object") => {
             Err("'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'."
@@ -88,9 +169,40 @@ fn response_format(obj: &Map<String, Value>) -> Result<Shape, String> {
     }
 }
 
-/// Whether a message's text says "json", which `json_object` requires.
-fn mentions_json(obj: &Map<String, Value>) -> bool {
-    let messages = obj.get("messages").and_then(Value::as_array).into_iter().flatten();
+/// A Responses API request's `text.format`, the same formats with the schema's
+/// fields at the top.
+fn text_format(obj: &Map<String, Value>) -> Result<Shape, String> {
+    let format = match obj.get("text").and_then(|t| t.get("format")) {
+        None | Some(Value::Null) => return Ok(Shape::Prose),
+        Some(Value::Object(format)) => format,
+        Some(_) => return Err("`text.format` must be an object, such as {\"type\": \"json_object\"}".into()),
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(Shape::Prose),
+        Some("json_object") if mentions_json(obj, "input") => Ok(Shape::Json { schema: any_object() }),
+        Some("json_object") => {
+            Err("'input' must contain the word 'json' in some form, to use 'text.format' of type 'json_object'.".into())
+        }
+        Some("json_schema") => {
+            check_name(format.get("name"), "text.format.name")?;
+            match format.get("schema") {
+                Some(schema @ Value::Object(_)) => Ok(Shape::Json { schema: schema.clone() }),
+                _ => Err("`text.format.schema` is required: a JSON schema (an object)".into()),
+            }
+        }
+        _ => Err("`text.format.type` must be \"text\", \"json_object\" or \"json_schema\"".into()),
+    }
+}
+
+/// Whether the text of a request's `field` (its messages or input items, or a
+/// Responses API request's input as a string, or its instructions) says
+/// "json", which `json_object` requires.
+fn mentions_json(obj: &Map<String, Value>, field: &str) -> bool {
+    let said = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+    if said(obj.get(field)) || said(obj.get("instructions")) {
+        return true;
+    }
+    let messages = obj.get(field).and_then(Value::as_array).into_iter().flatten();
     let contents = messages.filter_map(|m| m.get("content"));
     let texts = contents.flat_map(|content| match content {
         Value::String(text) => vec![text.as_str()],
@@ -100,24 +212,13 @@ fn mentions_json(obj: &Map<String, Value>) -> bool {
     texts.into_iter().any(|text| text.to_ascii_lowercase().contains("json"))
 }
 
-/// A tool's function, if it is a function tool.
-fn function_of(tool: &Value) -> Option<&Value> {
-    match tool.get("type").and_then(Value::as_str) {
-        Some("function") => tool.get("function"),
-        _ => None,
-    }
-}
-
 fn name_of(function: &Value) -> &str {
     function.get("name").and_then(Value::as_str).unwrap_or_default()
 }
 
-/// The functions a request declares in `field`, each checked.
-fn declared<'a>(
-    obj: &'a Map<String, Value>,
-    field: &str,
-    function: impl Fn(&'a Value) -> Option<&'a Value>,
-) -> Result<Vec<&'a Value>, String> {
+/// The functions a request declares, each checked.
+fn declared(obj: &Map<String, Value>, dialect: Dialect) -> Result<Vec<&Value>, String> {
+    let field = dialect.field();
     let items = match obj.get(field) {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
@@ -125,12 +226,8 @@ fn declared<'a>(
     };
     let mut functions = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let f = function(item).ok_or_else(|| {
-            format!(
-                "`{field}[{i}]` must be a function tool: {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
-            )
-        })?;
-        let at = if field == "tools" { format!("{field}[{i}].function") } else { format!("{field}[{i}]") };
+        let f = dialect.function(item).ok_or_else(|| format!("`{field}[{i}]` must be {}", dialect.example()))?;
+        let at = dialect.at(i);
         check_name(f.get("name"), &format!("{at}.name"))?;
         match f.get("parameters") {
             None | Some(Value::Object(_)) => {}
@@ -159,61 +256,45 @@ fn check_name(name: Option<&Value>, field: &str) -> Result<(), String> {
 /// words. So a client's loop of calls and results comes to an end.
 fn chosen<'a>(
     obj: &Map<String, Value>,
-    field: &str,
+    dialect: Dialect,
     functions: &[&'a Value],
-    how: Called,
 ) -> Result<Option<(&'a Value, Called)>, String> {
+    let field = dialect.choice_field();
     let choice = obj.get(field).filter(|v| !v.is_null());
+    let how = if dialect == Dialect::Functions { Called::Function } else { Called::Chosen };
     if functions.is_empty() {
         return match choice {
             None => Ok(None),
-            Some(_) => Err(format!("`{field}` is only allowed when functions are given (`{}`)", declared_field(how))),
+            Some(_) => Err(format!("`{field}` is only allowed when functions are given (`{}`)", dialect.field())),
         };
     }
-    match choice {
-        None if answered_last(obj) => Ok(None),
-        None => Ok(Some((functions[0], how))),
-        Some(Value::String(mode)) => match mode.as_str() {
-            "none" => Ok(None),
-            "auto" if answered_last(obj) => Ok(None),
-            "auto" => Ok(Some((functions[0], how))),
-            "required" if how != Called::Function => Ok(Some((functions[0], how))),
-            _ => Err(format!("`{field}` must be \"none\", \"auto\"{}, or names a function", required_word(how))),
-        },
+    let mode = match choice {
+        None => "auto",
+        Some(Value::String(mode)) => mode.as_str(),
         Some(named) => {
-            let name = match how {
-                Called::Function => named.get("name"),
-                _ => named.get("function").and_then(|f| f.get("name")),
-            };
-            let name = name.and_then(Value::as_str).ok_or_else(|| format!("`{field}` names no function"))?;
+            let name = dialect.named(named).ok_or_else(|| format!("`{field}` names no function"))?;
             let function = functions.iter().find(|f| name_of(f) == name);
             let function =
                 function.ok_or_else(|| format!("`{field}` names the function \"{name}\", which is not declared"))?;
-            Ok(Some((function, if how == Called::Function { how } else { Called::Named })))
+            return Ok(Some((function, if how == Called::Function { how } else { Called::Named })));
         }
+    };
+    match mode {
+        "none" => Ok(None),
+        "auto" if answered_last(obj) => Ok(None),
+        "auto" => Ok(Some((functions[0], how))),
+        "required" if dialect != Dialect::Functions => Ok(Some((functions[0], how))),
+        _ => Err(format!("`{field}` must be {}, or name a function", dialect.modes())),
     }
 }
 
-fn declared_field(how: Called) -> &'static str {
-    if how == Called::Function {
-        "functions"
-    } else {
-        "tools"
-    }
-}
-
-fn required_word(how: Called) -> &'static str {
-    if how == Called::Function {
-        ""
-    } else {
-        ", \"required\""
-    }
-}
-
-/// Whether the conversation ends with a function's result.
+/// Whether the conversation ends with a function's result: a chat message of
+/// role `tool` (or `function`), or a Responses API `function_call_output` item.
 fn answered_last(obj: &Map<String, Value>) -> bool {
-    let last = obj.get("messages").and_then(Value::as_array).and_then(|m| m.last());
-    matches!(last.and_then(|m| m.get("role")).and_then(Value::as_str), Some("tool" | "function"))
+    let last = |field: &str| obj.get(field).and_then(Value::as_array).and_then(|items| items.last());
+    let role = last("messages").and_then(|m| m.get("role")).and_then(Value::as_str);
+    let kind = last("input").and_then(|i| i.get("type")).and_then(Value::as_str);
+    matches!(role, Some("tool" | "function")) || kind == Some("function_call_output")
 }
 
 /// What one choice of a chat completion says, spelled.
@@ -557,13 +638,38 @@ mod tests {
 
     /// What `read` makes of a request: the error's start, or the shape in short.
     fn check(body: Value, expected: &str) {
-        let got = match read(&request(body.clone())) {
+        check_with(read, request(body), expected);
+    }
+
+    fn check_with(reader: fn(&Map<String, Value>) -> Result<Shape, String>, body: Map<String, Value>, expected: &str) {
+        let got = match reader(&body) {
             Err(e) => format!("error: {e}"),
             Ok(Shape::Prose) => "prose".into(),
             Ok(Shape::Json { schema }) => format!("json {schema}"),
             Ok(Shape::Call { name, how, .. }) => format!("call {name} {how:?}"),
         };
-        assert!(got.starts_with(expected), "{body}\n  got: {got}\n  expected: {expected}");
+        assert!(got.starts_with(expected), "{body:?}\n  got: {got}\n  expected: {expected}");
+    }
+
+    #[test]
+    fn responses_requests_take_flat_tools_and_text_format() {
+        let weather = json!({ "type": "function", "name": "weather", "parameters": { "type": "object" } });
+        let result = json!([{ "role": "user", "content": "Weather?" }, { "type": "function_call_output", "call_id": "c", "output": "sunny" }]);
+        for (body, expected) in [
+            (json!({ "input": "Hi" }), "prose"),
+            (json!({ "input": "Hi", "text": { "format": { "type": "json_schema", "name": "p", "schema": { "type": "boolean" } } } }), "json {\"type\":\"boolean\"}"),
+            (json!({ "input": "Reply in JSON", "text": { "format": { "type": "json_object" } } }), "json"),
+            (json!({ "input": "Hi", "instructions": "Use json.", "text": { "format": { "type": "json_object" } } }), "json"),
+            (json!({ "input": "Hi", "tools": [weather] }), "call weather Chosen"),
+            (json!({ "input": "Hi", "tools": [weather], "tool_choice": { "type": "function", "name": "weather" } }), "call weather Named"),
+            (json!({ "input": result, "tools": [weather] }), "prose"),
+            (json!({ "input": "Hi", "text": { "format": { "type": "json_object" } } }), "error: 'input' must contain the word 'json'"),
+            (json!({ "input": "Hi", "text": { "format": { "type": "json_schema", "name": "p" } } }), "error: `text.format.schema` is required"),
+            (json!({ "input": "Hi", "tools": [{ "type": "web_search_preview" }] }), "error: `tools[0]` must be a function tool, {\"type\": \"function\", \"name\": ...} (the mock runs no built-in tools)"),
+            (json!({ "input": "Hi", "tools": [{ "type": "function" }] }), "error: `tools[0].name` is required"),
+        ] {
+            check_with(read_responses, body.as_object().cloned().unwrap_or_default(), expected);
+        }
     }
 
     #[test]
@@ -635,7 +741,7 @@ mod tests {
             ),
             (
                 json!({ "functions": [{ "name": "f" }], "function_call": "required" }),
-                "error: `function_call` must be \"none\", \"auto\", or names",
+                "error: `function_call` must be \"none\", \"auto\", or name",
             ),
         ] {
             check(body, expected);

@@ -84,6 +84,7 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
         },
         shape: match operation {
             Operation::ChatCompletions => shape::read(obj)?,
+            Operation::Responses => shape::read_responses(obj)?,
             _ => Shape::Prose,
         },
     })
@@ -148,10 +149,14 @@ fn responses_prompt(model: &str, body: &Value) -> Result<u64, String> {
         Some(Value::String(_)) => {}
         Some(Value::Array(items)) if !items.is_empty() => {
             for (i, item) in items.iter().enumerate() {
-                if item.get("role").and_then(Value::as_str).is_none() {
-                    return Err(format!(
-                        "`input[{i}].role` is required: the mock serves message items (\"system\", \"developer\", \"user\" or \"assistant\")"
-                    ));
+                let kind = item.get("type").and_then(Value::as_str);
+                let role = item.get("role").and_then(Value::as_str);
+                match (kind, role) {
+                    (None | Some("message"), Some(_)) | (Some("function_call" | "function_call_output"), _) => {}
+                    _ => return Err(format!(
+                        "`input[{i}]` must be a message with a `role` (\"system\", \"developer\", \"user\" or \"assistant\"), \
+                         a `function_call` or a `function_call_output`: the mock serves these items"
+                    )),
                 }
             }
         }
@@ -450,6 +455,7 @@ pub fn completions_usage_chunk(meta: &Meta, c: &Completion) -> Value {
 pub struct ResponseWire<'a> {
     pub meta: &'a Meta,
     pub completion: &'a Completion,
+    pub said: &'a Said,
 }
 
 impl ResponseWire<'_> {
@@ -462,7 +468,8 @@ impl ResponseWire<'_> {
     }
 
     fn item_id(&self) -> String {
-        format!("msg_{}", self.meta.id.trim_start_matches("resp_"))
+        let prefix = if matches!(self.said, Said::Call { .. }) { "fc" } else { "msg" };
+        format!("{prefix}_{}", self.meta.id.trim_start_matches("resp_"))
     }
 
     fn object(&self, status: &str, output: Value, usage: Value) -> Value {
@@ -488,6 +495,34 @@ impl ResponseWire<'_> {
         json!({ "id": self.item_id(), "type": "message", "status": status, "role": "assistant", "content": content })
     }
 
+    /// The output item: the message with its text, or the call with its
+    /// arguments (`arguments`, so that a stream opens it empty).
+    fn item(&self, status: &str, arguments: &str) -> Value {
+        match self.said {
+            Said::Call { id, name, .. } => json!({
+                "id": self.item_id(), "type": "function_call", "status": status,
+                "call_id": id, "name": name, "arguments": arguments,
+            }),
+            _ if arguments.is_empty() && status == "in_progress" => self.message(status, Vec::new()),
+            _ => self.message(status, vec![Self::text_part(&self.text())]),
+        }
+    }
+
+    /// The reply's text: prose of the completion's length, or the JSON spelled.
+    fn text(&self) -> String {
+        match self.said {
+            Said::Json { text, .. } => text.clone(),
+            _ => tokens::completion_text(self.completion.completion_tokens),
+        }
+    }
+
+    fn arguments(&self) -> &str {
+        match self.said {
+            Said::Call { arguments, .. } => arguments,
+            _ => "",
+        }
+    }
+
     fn usage(&self) -> Value {
         let c = self.completion;
         json!({
@@ -499,40 +534,57 @@ impl ResponseWire<'_> {
 
     /// The whole response, as a buffered call gets it and a stream's last event carries it.
     pub fn response(&self) -> Value {
-        let text = tokens::completion_text(self.completion.completion_tokens);
-        let message = self.message(self.status(), vec![Self::text_part(&text)]);
-        self.object(self.status(), json!([message]), self.usage())
+        let item = self.item(self.status(), self.arguments());
+        self.object(self.status(), json!([item]), self.usage())
     }
 
     /// A stream's first events, before any text: the response created and in
     /// progress, its message and the message's text part begun.
     pub fn prelude(&self) -> Vec<Value> {
         let started = self.object("in_progress", json!([]), Value::Null);
-        let part = json!({
-            "type": "response.content_part.added", "item_id": self.item_id(), "output_index": 0,
-            "content_index": 0, "part": Self::text_part(""),
-        });
-        vec![
+        let mut events = vec![
             json!({ "type": "response.created", "response": started }),
             json!({ "type": "response.in_progress", "response": started }),
-            json!({ "type": "response.output_item.added", "output_index": 0, "item": self.message("in_progress", Vec::new()) }),
-            part,
-        ]
+            json!({ "type": "response.output_item.added", "output_index": 0, "item": self.item("in_progress", "") }),
+        ];
+        if !matches!(self.said, Said::Call { .. }) {
+            events.push(json!({
+                "type": "response.content_part.added", "item_id": self.item_id(), "output_index": 0,
+                "content_index": 0, "part": Self::text_part(""),
+            }));
+        }
+        events
     }
 
-    /// The stream's event for the `i`-th token of the reply.
-    pub fn token(&self, i: u64) -> Value {
-        json!({
-            "type": "response.output_text.delta", "item_id": self.item_id(), "output_index": 0,
-            "content_index": 0, "delta": tokens::completion_word(i), "logprobs": [],
-        })
+    /// The stream's event for a piece of the reply (a token, or a character
+    /// spanning tokens).
+    pub fn token(&self, piece: &str) -> Value {
+        match self.said {
+            Said::Call { .. } => json!({
+                "type": "response.function_call_arguments.delta", "item_id": self.item_id(), "output_index": 0,
+                "delta": piece,
+            }),
+            _ => json!({
+                "type": "response.output_text.delta", "item_id": self.item_id(), "output_index": 0,
+                "content_index": 0, "delta": piece, "logprobs": [],
+            }),
+        }
     }
 
     /// A stream's last events: the text, its part and its message done, then
     /// the response completed (or incomplete) with its usage.
     pub fn finish(&self) -> Vec<Value> {
-        let text = tokens::completion_text(self.completion.completion_tokens);
-        let (id, last) = (self.item_id(), format!("response.{}", self.status()));
+        let last = json!({ "type": format!("response.{}", self.status()), "response": self.response() });
+        if matches!(self.said, Said::Call { .. }) {
+            let done = json!({
+                "type": "response.function_call_arguments.done", "item_id": self.item_id(), "output_index": 0,
+                "arguments": self.arguments(),
+            });
+            let item = json!({ "type": "response.output_item.done", "output_index": 0, "item": self.item(self.status(), self.arguments()) });
+            return vec![done, item, last];
+        }
+        let text = self.text();
+        let id = self.item_id();
         let head = json!({ "item_id": id, "output_index": 0, "content_index": 0 });
         let with = |kind: &str, extra: Value| {
             let mut event = head.clone();
@@ -544,7 +596,7 @@ impl ResponseWire<'_> {
             with("response.output_text.done", json!({ "text": text, "logprobs": [] })),
             with("response.content_part.done", json!({ "part": Self::text_part(&text) })),
             json!({ "type": "response.output_item.done", "output_index": 0, "item": self.message(self.status(), vec![Self::text_part(&text)]) }),
-            json!({ "type": last, "response": self.response() }),
+            last,
         ]
     }
 }

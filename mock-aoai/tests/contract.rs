@@ -159,6 +159,60 @@ async fn chat_completions_match_the_spec_plain_and_streamed() {
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 4);
 }
 
+/// A chat call's chunks, validated against the spec, and its `[DONE]` checked.
+async fn streamed_chunks(spec: &Spec, server: &Server, body: Value) -> Vec<Value> {
+    let r = server.post(&format!("/openai/deployments/chat/chat/completions{V}"), body).await;
+    let text = r.text().await.unwrap();
+    let events = events(&text);
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    chunks.iter().for_each(|chunk| spec.check("createChatCompletionStreamResponse", chunk));
+    chunks
+}
+
+#[tokio::test]
+async fn json_answers_and_tool_calls_match_the_spec_plain_and_streamed() {
+    let spec = Spec::load();
+    let server = Server::start(CONFIG).await;
+    let path = format!("/openai/deployments/chat/chat/completions{V}");
+    let schema =
+        json!({ "type": "object", "properties": { "city": { "type": "string" }, "days": { "type": "integer" } } });
+    let format =
+        json!({ "type": "json_schema", "json_schema": { "name": "forecast", "schema": schema, "strict": true } });
+    let messages = json!([{ "role": "user", "content": "Forecast?" }]);
+    let r = server.post(&path, json!({ "messages": messages, "response_format": format })).await;
+    let body: Value = r.json().await.unwrap();
+    spec.check("createChatCompletionResponse", &body);
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    let answer: Value = serde_json::from_str(content).expect("the content is JSON");
+    assert!(answer["city"].is_string() && answer["days"].is_i64(), "{answer}");
+    assert_eq!((tokenizer::count("gpt-4o", content), &body["usage"]["completion_tokens"]), (12, &json!(12)));
+
+    let tools = json!([{ "type": "function", "function": { "name": "forecast", "parameters": schema } }]);
+    let r = server.post(&path, json!({ "messages": messages, "tools": tools })).await;
+    let body: Value = r.json().await.unwrap();
+    spec.check("createChatCompletionResponse", &body);
+    let choice = &body["choices"][0];
+    let arguments = choice["message"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap();
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(tokenizer::count("gpt-4o", "forecast") + tokenizer::count("gpt-4o", arguments), 12);
+
+    let chunks = streamed_chunks(&spec, &server, json!({ "messages": messages, "tools": tools, "stream": true })).await;
+    let calls = chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["tool_calls"].get(0));
+    let streamed: String = calls.filter_map(|call| call["function"]["arguments"].as_str()).collect();
+    assert_eq!(streamed, arguments, "the streamed pieces join to the call's arguments");
+    let opening = &chunks[1]["choices"][0]["delta"]["tool_calls"][0];
+    assert!(opening["id"].as_str().is_some_and(|id| id.starts_with("call_")), "{opening}");
+    assert_eq!(opening["function"]["name"], "forecast", "the opening chunk names the function");
+
+    let functions = json!([{ "name": "forecast", "parameters": schema }]);
+    let r = server.post(&path, json!({ "messages": messages, "functions": functions })).await;
+    let body: Value = r.json().await.unwrap();
+    spec.check("createChatCompletionResponse", &body);
+    assert_eq!(body["choices"][0]["finish_reason"], "function_call");
+    assert_eq!(body["choices"][0]["message"]["function_call"]["arguments"], arguments);
+}
+
 #[tokio::test]
 async fn n_gives_that_many_choices_and_usage_counts_them_all() {
     let spec = Spec::load();
@@ -605,7 +659,7 @@ async fn the_responses_api_refuses_what_azure_refuses() {
     check(400, "BadRequest", "`model`")(send("/openai/v1/responses", json!({"input": "Hello"})).await);
     check(400, "BadRequest", "`input`")(send("/openai/v1/responses", json!({"model": "chat"})).await);
     let no_role = json!({"model": "chat", "input": [{"content": "Hello"}]});
-    check(400, "BadRequest", "`input[0].role`")(send("/openai/v1/responses", no_role).await);
+    check(400, "BadRequest", "`input[0]` must be a message with a `role`")(send("/openai/v1/responses", no_role).await);
     check(404, "DeploymentNotFound", "deployment")(
         send("/openai/v1/responses", json!({"model": "nope", "input": "Hello"})).await,
     );

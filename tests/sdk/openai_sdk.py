@@ -58,6 +58,35 @@ def check_responses(base):
                 final = event.response
         assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens", final
         assert final.usage.output_tokens == 5 and final.output_text == text, (final.usage, text)
+        check_responses_structured(client)
+
+
+def check_responses_structured(client):
+    """The Responses API's structured outputs (parsed by the SDK's pydantic model)
+    and function calls, plain and streamed, and a call's result answered in words."""
+    parsed = client.responses.parse(model="gpt-4o", input="Describe a person.", text_format=Person)
+    assert isinstance(parsed.output_parsed, Person) and parsed.status == "completed", parsed
+    weather = {"type": "function", "name": "get_weather", "parameters": GetWeather.model_json_schema()}
+    called = client.responses.create(model="gpt-4o", input="Weather in Oslo?", tools=[weather])
+    call = called.output[0]
+    assert call.type == "function_call" and call.name == "get_weather", called.output
+    GetWeather.model_validate_json(call.arguments)
+    assert called.usage.output_tokens == 16, called.usage
+
+    arguments, final = "", None
+    for event in client.responses.create(model="gpt-4o", input="Weather in Oslo?", tools=[weather], stream=True):
+        if event.type == "response.function_call_arguments.delta":
+            arguments += event.delta
+        if event.type == "response.completed":
+            final = event.response
+    assert arguments == call.arguments == final.output[0].arguments, (arguments, final)
+
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+    echoed = {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments}
+    reply = client.responses.create(
+        model="gpt-4o", input=[{"role": "user", "content": "Weather in Oslo?"}, echoed, result], tools=[weather]
+    )
+    assert reply.output_text.startswith("The quick"), reply
 
 
 class Pet(pydantic.BaseModel):
