@@ -92,6 +92,48 @@ async fn usage_of_plain_and_streamed_calls_lands_in_the_token_counter() {
     assert_eq!(after, 5000 - 4 * 28, "two plain and two streamed calls of 28 tokens each");
 }
 
+/// The usage a stream's last chunk reports.
+fn streamed_usage(text: &str) -> Value {
+    let chunks = text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).filter(|e| *e != "[DONE]");
+    let usage = chunks.filter_map(|e| serde_json::from_str::<Value>(e).ok()).find(|c| !c["usage"].is_null());
+    usage.map(|c| c["usage"].clone()).expect("a usage chunk")
+}
+
+#[tokio::test]
+async fn streamed_calls_and_json_without_usage_are_charged_what_the_mock_bills() {
+    let weather = json!([{ "type": "function", "function": { "name": "get_weather", "parameters": {
+        "type": "object", "properties": { "city": { "type": "string" }, "days": { "type": "integer" } } } } }]);
+    let asked = json!([{ "role": "user", "content": "Weather in Oslo, as JSON?" }]);
+    for body in [
+        json!({ "messages": asked, "tools": weather }),
+        json!({ "messages": asked, "response_format": { "type": "json_object" } }),
+    ] {
+        let stack = stack();
+        let r = stack.chat(hello()).await;
+        let before: u64 = r.headers()["remaining-tokens"].to_str().unwrap().parse().unwrap();
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({ "include_usage": true });
+        let billed =
+            streamed_usage(&stack.chat(streamed.clone()).await.text().await.unwrap())["total_tokens"].as_u64().unwrap();
+        // The same call without its usage chunk: the proxy counts the call's
+        // name and arguments, or the JSON, as the mock spelled them.
+        streamed["stream_options"] = json!({ "include_usage": false });
+        let text = stack.chat(streamed).await.text().await.unwrap();
+        assert!(
+            text.contains(if body.get("tools").is_some() {
+                "\"tool_calls\""
+            } else {
+                "\"delta\":{\"content\":\"answer\"}"
+            }),
+            "{text}"
+        );
+        let r = stack.chat(hello()).await;
+        let after: u64 = r.headers()["remaining-tokens"].to_str().unwrap().parse().unwrap();
+        assert_eq!(before - after, 2 * billed + 28, "{body}");
+    }
+}
+
 #[tokio::test]
 async fn a_primary_outage_fails_over_to_the_secondary_and_no_key_is_401() {
     let stack = stack();

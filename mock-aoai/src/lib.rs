@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dist;
+pub mod logprobs;
 pub mod model;
 pub mod server;
 pub mod shape;

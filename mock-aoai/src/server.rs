@@ -2,6 +2,7 @@
 //! errors, headers, SSE streams and timings, plus `/_mock` control endpoints.
 
 use crate::config::{Faults, MockConfig};
+use crate::logprobs;
 use crate::model::{Completion, DeploymentModel, ModelRequest, ModelResponse, Operation, Throttle};
 use crate::shape::{self, Said};
 use crate::wire::{self, ChatStream, Meta, ParsedRequest, ResponseWire};
@@ -383,7 +384,7 @@ async fn complete(operation: Operation, admission: Admission, mut c: Completion)
             Json(wire::embeddings_response(&meta, &parsed, dimensions, seed)).into_response()
         }
         (_, true) => {
-            let events = sse_events(operation, meta, c, &said, parsed.include_usage);
+            let events = sse_events(operation, meta, c, &said, &parsed);
             let mut r = Response::new(Body::from_stream(events));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
             r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -391,11 +392,11 @@ async fn complete(operation: Operation, admission: Admission, mut c: Completion)
         }
         (Operation::ChatCompletions, false) => {
             tokio::time::sleep(duration(c.duration())).await;
-            Json(wire::chat_response(&meta, &c, &said)).into_response()
+            Json(wire::chat_response(&meta, &c, &said, parsed.logprobs)).into_response()
         }
         (Operation::Completions, false) => {
             tokio::time::sleep(duration(c.duration())).await;
-            Json(wire::completions_response(&meta, &c)).into_response()
+            Json(wire::completions_response(&meta, &c, parsed.logprobs)).into_response()
         }
         (Operation::Responses, false) => {
             tokio::time::sleep(duration(c.duration())).await;
@@ -416,11 +417,11 @@ fn sse_events(
     meta: Meta,
     c: Completion,
     said: &Said,
-    include_usage: bool,
+    parsed: &ParsedRequest,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
     let (head, tokens, tail) = match operation {
         Operation::Responses => responses_events(&meta, &c, said),
-        _ => chunk_events(operation, &meta, &c, said, include_usage),
+        _ => chunk_events(operation, &meta, &c, said, parsed),
     };
     let tail = match c.break_after {
         Some(_) => vec![Err(std::io::Error::other("injected broken stream"))],
@@ -448,9 +449,9 @@ type Events = (Vec<Bytes>, Vec<Bytes>, Vec<Bytes>);
 
 /// Chat completions' and completions' chunks, ending with `data: [DONE]`. With
 /// several choices, each token's chunks (one per choice, by index) go out together.
-fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, said: &Said, include_usage: bool) -> Events {
+fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, said: &Said, parsed: &ParsedRequest) -> Events {
     let event = |v: Value| format!("data: {v}\n\n");
-    let chat = ChatStream { meta, completion: c, said };
+    let chat = ChatStream { meta, completion: c, said, logprobs: parsed.logprobs };
     let head = match operation {
         Operation::ChatCompletions => {
             let roles = (0..c.choices).map(|index| event(chat.role(index)));
@@ -458,22 +459,31 @@ fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, said: &Said, 
         }
         _ => Vec::new(),
     };
-    let token = |index: u64, piece: &str| match operation {
-        Operation::ChatCompletions => chat.token(index, piece),
-        _ => wire::completions_chunk(meta, index, piece, None),
-    };
     let sent = c.break_after.unwrap_or(c.completion_tokens);
     // A JSON answer or a call has as many pieces as tokens, or fewer where a
     // character spans tokens.
     let pieces = (0..sent).map_while(|i| said.piece(i));
-    let tokens =
-        pieces.map(|piece| Bytes::from((0..c.choices).map(|index| event(token(index, piece))).collect::<String>()));
+    let mut tokens = Vec::new();
+    // A legacy completion's text offsets: each piece's place in its choice's text.
+    let mut offset = 0;
+    for (i, piece) in (0..).zip(pieces) {
+        let chunk = |index: u64| match operation {
+            Operation::ChatCompletions => chat.token(index, i, piece),
+            _ => {
+                let logprobs =
+                    parsed.logprobs.map_or(Value::Null, |top| logprobs::completions(&[piece], i, top, offset));
+                wire::completions_chunk(meta, index, piece, None, logprobs)
+            }
+        };
+        tokens.push(Bytes::from((0..c.choices).map(|index| event(chunk(index))).collect::<String>()));
+        offset += piece.chars().count();
+    }
     let last = |index: u64| match operation {
         Operation::ChatCompletions => chat.finish(index),
-        _ => wire::completions_chunk(meta, index, "", Some(c.finish_reason)),
+        _ => wire::completions_chunk(meta, index, "", Some(c.finish_reason), Value::Null),
     };
     let mut tail = vec![Bytes::from((0..c.choices).map(|index| event(last(index))).collect::<String>())];
-    if include_usage {
+    if parsed.include_usage {
         let usage = match operation {
             Operation::ChatCompletions => chat.usage(),
             _ => wire::completions_usage_chunk(meta, c),
@@ -481,7 +491,7 @@ fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, said: &Said, 
         tail.push(Bytes::from(event(usage)));
     }
     tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    (head, tokens.collect(), tail)
+    (head, tokens, tail)
 }
 
 /// A Responses API stream's events, numbered in order; its usage is in its

@@ -1,6 +1,7 @@
 //! Azure OpenAI's wire formats: request fields the mock reads, response bodies,
 //! stream chunks and error bodies.
 
+use crate::logprobs::{self, MAX_TOP_CHAT, MAX_TOP_COMPLETIONS};
 use crate::model::{Completion, FinishReason, Operation, Throttle};
 use crate::shape::{self, Said, Shape};
 use rand::{RngExt, SeedableRng};
@@ -29,6 +30,9 @@ pub struct ParsedRequest {
     pub dimensions: Option<u64>,
     /// Chat: prose, JSON, or a call of a function.
     pub shape: Shape,
+    /// Chat and legacy completions: log probabilities asked for, with this
+    /// many alternatives at each place.
+    pub logprobs: Option<u64>,
 }
 
 /// Reads and checks a request body; the error names the field.
@@ -87,7 +91,38 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
             Operation::Responses => shape::read_responses(obj)?,
             _ => Shape::Prose,
         },
+        logprobs: asked_logprobs(operation, obj)?,
     })
+}
+
+/// The alternatives a request asks to see at each place, if it asks for log
+/// probabilities: chat's `logprobs` (a boolean) and `top_logprobs`, a legacy
+/// completion's `logprobs` (the count).
+fn asked_logprobs(operation: Operation, obj: &Map<String, Value>) -> Result<Option<u64>, String> {
+    match operation {
+        Operation::ChatCompletions => {
+            let asked = match obj.get("logprobs") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(asked)) => *asked,
+                Some(_) => return Err("`logprobs` must be a boolean".into()),
+            };
+            match (asked, uint(obj, "top_logprobs")?) {
+                (_, Some(top)) if top > MAX_TOP_CHAT => {
+                    Err(format!("`top_logprobs` must be from 0 to {MAX_TOP_CHAT}, not {top}"))
+                }
+                (false, Some(_)) => Err("`top_logprobs` needs `logprobs` set to true".into()),
+                (true, top) => Ok(Some(top.unwrap_or(0))),
+                (false, None) => Ok(None),
+            }
+        }
+        Operation::Completions => match uint(obj, "logprobs")? {
+            Some(top) if top > MAX_TOP_COMPLETIONS => {
+                Err(format!("`logprobs` must be from 0 to {MAX_TOP_COMPLETIONS}, not {top}"))
+            }
+            top => Ok(top),
+        },
+        _ => Ok(None),
+    }
 }
 
 /// Most completions one request may ask for, as the API's spec bounds `n`
@@ -307,13 +342,21 @@ pub struct Meta {
     pub model: String,
 }
 
-pub fn chat_response(meta: &Meta, c: &Completion, said: &Said) -> Value {
+pub fn chat_response(meta: &Meta, c: &Completion, said: &Said, top: Option<u64>) -> Value {
+    let logprobs = top.map_or(Value::Null, |top| {
+        let pieces: Vec<&str> = (0..c.completion_tokens).map_while(|i| said.piece(i)).collect();
+        let written = match said {
+            Said::Call { .. } => None,
+            _ => Some(pieces.as_slice()),
+        };
+        logprobs::chat(written, 0, top)
+    });
     json!({
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
         "system_fingerprint": "fp_limitlab_mock",
         "prompt_filter_results": prompt_filter_results(),
         "choices": (0..c.choices).map(|index| json!({
-            "index": index, "finish_reason": said.finish_reason(c.finish_reason), "logprobs": null,
+            "index": index, "finish_reason": said.finish_reason(c.finish_reason), "logprobs": logprobs,
             "message": said.message(c.completion_tokens),
             "content_filter_results": filter_results(),
         })).collect::<Vec<_>>(),
@@ -321,12 +364,16 @@ pub fn chat_response(meta: &Meta, c: &Completion, said: &Said) -> Value {
     })
 }
 
-pub fn completions_response(meta: &Meta, c: &Completion) -> Value {
+pub fn completions_response(meta: &Meta, c: &Completion, top: Option<u64>) -> Value {
+    let logprobs = top.map_or(Value::Null, |top| {
+        let words: Vec<&str> = (0..c.completion_tokens).map(tokens::completion_word).collect();
+        logprobs::completions(&words, 0, top, 0)
+    });
     json!({
         "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
         "prompt_filter_results": prompt_filter_results(),
         "choices": (0..c.choices).map(|index| json!({
-            "index": index, "finish_reason": finish(c.finish_reason), "logprobs": null,
+            "index": index, "finish_reason": finish(c.finish_reason), "logprobs": logprobs,
             "text": tokens::completion_text(c.completion_tokens),
             "content_filter_results": filter_results(),
         })).collect::<Vec<_>>(),
@@ -397,6 +444,8 @@ pub struct ChatStream<'a> {
     pub meta: &'a Meta,
     pub completion: &'a Completion,
     pub said: &'a Said,
+    /// Log probabilities asked for, with this many alternatives.
+    pub logprobs: Option<u64>,
 }
 
 impl ChatStream<'_> {
@@ -421,9 +470,15 @@ impl ChatStream<'_> {
         self.chunk(json!({ "index": index, "delta": self.said.opening_delta(), "finish_reason": null, "logprobs": null, "content_filter_results": {} }))
     }
 
-    /// The chunk of piece `piece` (a token, or a character spanning tokens) of choice `index`.
-    pub fn token(&self, index: u64, piece: &str) -> Value {
-        self.chunk(json!({ "index": index, "delta": self.said.piece_delta(piece), "finish_reason": null, "logprobs": null, "content_filter_results": filter_results() }))
+    /// The chunk of piece `piece` (a token, or a character spanning tokens),
+    /// the `i`-th, of choice `index`.
+    pub fn token(&self, index: u64, i: u64, piece: &str) -> Value {
+        let written = match self.said {
+            Said::Call { .. } => None,
+            _ => Some(&[piece][..]),
+        };
+        let logprobs = self.logprobs.map_or(Value::Null, |top| logprobs::chat(written, i, top));
+        self.chunk(json!({ "index": index, "delta": self.said.piece_delta(piece), "finish_reason": null, "logprobs": logprobs, "content_filter_results": filter_results() }))
     }
 
     /// The last chunk of choice `index`.
@@ -439,11 +494,17 @@ impl ChatStream<'_> {
     }
 }
 
-/// Stream chunks of a (legacy) completion, of choice `index`.
-pub fn completions_chunk(meta: &Meta, index: u64, text: &str, finish_reason: Option<FinishReason>) -> Value {
+/// Stream chunks of a (legacy) completion, of choice `index`; `logprobs` of its text, or null.
+pub fn completions_chunk(
+    meta: &Meta,
+    index: u64,
+    text: &str,
+    finish_reason: Option<FinishReason>,
+    logprobs: Value,
+) -> Value {
     json!({
         "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-        "choices": [{ "index": index, "text": text, "finish_reason": finish_reason.map(finish), "logprobs": null }],
+        "choices": [{ "index": index, "text": text, "finish_reason": finish_reason.map(finish), "logprobs": logprobs }],
     })
 }
 

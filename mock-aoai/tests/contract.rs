@@ -214,6 +214,56 @@ async fn json_answers_and_tool_calls_match_the_spec_plain_and_streamed() {
 }
 
 #[tokio::test]
+async fn log_probabilities_come_when_asked_and_match_the_spec() {
+    let spec = Spec::load();
+    let server = Server::start(CONFIG).await;
+    let chat = format!("/openai/deployments/chat/chat/completions{V}");
+    let messages = json!([{ "role": "user", "content": "Hello" }]);
+    let body: Value = server
+        .post(&chat, json!({ "messages": messages, "logprobs": true, "top_logprobs": 3 }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    spec.check("createChatCompletionResponse", &body);
+    let content = body["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let text: String = content.iter().map(|e| e["token"].as_str().unwrap()).collect();
+    assert_eq!(text, body["choices"][0]["message"]["content"], "one entry for each token written");
+    assert!(content.iter().all(|e| e["top_logprobs"].as_array().map(Vec::len) == Some(3)));
+    let plain: Value = server.post(&chat, json!({ "messages": messages })).await.json().await.unwrap();
+    assert_eq!(plain["choices"][0]["logprobs"], Value::Null, "none unless asked");
+
+    let streamed = json!({ "messages": messages, "logprobs": true, "stream": true, "max_tokens": 3 });
+    let chunks = streamed_chunks(&spec, &server, streamed).await;
+    let entries: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"].get(0)?["logprobs"]["content"].get(0)).collect();
+    assert_eq!(entries.len(), 3, "{chunks:#?}");
+
+    let old = format!("/openai/deployments/old/completions{V}");
+    let body: Value = server.post(&old, json!({ "prompt": "Say", "logprobs": 2 })).await.json().await.unwrap();
+    spec.check("createCompletionResponse", &body);
+    let logprobs = &body["choices"][0]["logprobs"];
+    assert_eq!(logprobs["tokens"].as_array().map(Vec::len), Some(5));
+    assert_eq!(logprobs["text_offset"][1], 3, "after \"The\"");
+
+    for (path, body, needle) in [
+        (&chat, json!({ "messages": messages, "top_logprobs": 2 }), "`top_logprobs` needs `logprobs`"),
+        (
+            &chat,
+            json!({ "messages": messages, "logprobs": true, "top_logprobs": 21 }),
+            "`top_logprobs` must be from 0 to 20",
+        ),
+        (&chat, json!({ "messages": messages, "logprobs": 1 }), "`logprobs` must be a boolean"),
+        (&old, json!({ "prompt": "Say", "logprobs": 6 }), "`logprobs` must be from 0 to 5"),
+    ] {
+        let r = server.post(path, body).await;
+        assert_eq!(r.status(), 400);
+        let error: Value = r.json().await.unwrap();
+        assert!(error["error"]["message"].as_str().unwrap().contains(needle), "{error}");
+    }
+}
+
+#[tokio::test]
 async fn n_gives_that_many_choices_and_usage_counts_them_all() {
     let spec = Spec::load();
     let server = Server::start(CONFIG).await;

@@ -192,6 +192,11 @@ def main():
         assert finish == "length", finish
         assert usage.completion_tokens == 5 and text.startswith("The quick"), (usage, text)
 
+        scored = client.chat.completions.create(model="gpt-4o", messages=messages, logprobs=True, top_logprobs=2)
+        entries = scored.choices[0].logprobs.content
+        assert "".join(e.token for e in entries) == scored.choices[0].message.content, entries
+        assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in entries), entries
+
         several = client.chat.completions.create(model="gpt-4o", messages=messages, n=3)
         assert [c.index for c in several.choices] == [0, 1, 2], several.choices
         assert several.usage.completion_tokens == 3 * 16, several.usage
@@ -231,7 +236,7 @@ def main():
         counts = stats(base)["throttled"]
         assert counts["throttled"] == 1 and counts["completed"] == 2, counts
         assert 9.0 <= waited <= 12.0, f"waited {waited:.1f} s"
-        print(f"openai {openai.__version__}: chat, n choices, stream, structured outputs, tools, completions, embeddings (text and tokens), responses, the v1 API, auth and 429 retry ok "
+        print(f"openai {openai.__version__}: chat, n choices, stream, logprobs, structured outputs, tools, completions, embeddings (text and tokens), responses, the v1 API, auth and 429 retry ok "
               f"(retry waited {waited:.1f} s)")
     finally:
         proc.terminate()
