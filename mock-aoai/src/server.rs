@@ -375,8 +375,7 @@ fn duration(n: Nanos) -> Duration {
 async fn complete(operation: Operation, admission: Admission, mut c: Completion) -> Response {
     let Admission { meta, parsed, dimensions, seed, .. } = admission;
     // A JSON answer or a call is spelled first: its length may differ from the draw.
-    let call_id = format!("call_{}", meta.id.trim_start_matches("chatcmpl-").trim_start_matches("resp_"));
-    let said = shape::say(&parsed.shape, &meta.model, &mut c, parsed.max_tokens, call_id);
+    let said = shape::say(&parsed.shape, &meta.model, &mut c, parsed.max_tokens, &meta.id);
     let request_id = meta.id.clone();
     let mut response = match (operation, parsed.stream) {
         (Operation::Embeddings, _) => {

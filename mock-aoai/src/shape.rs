@@ -306,9 +306,9 @@ pub enum Said {
 }
 
 /// Spells the answer `shape` asks for in the completion's tokens, and sets the
-/// completion's length to what was spelled (see the module's text). `call_id`
-/// names a call.
-pub fn say(shape: &Shape, model: &str, c: &mut Completion, max_tokens: Option<u64>, call_id: String) -> Said {
+/// completion's length (and how it finishes) to what was spelled (see the
+/// module's text). A call is named after `response_id`.
+pub fn say(shape: &Shape, model: &str, c: &mut Completion, max_tokens: Option<u64>, response_id: &str) -> Said {
     match shape {
         Shape::Prose => Said::Prose,
         Shape::Json { schema } => {
@@ -319,8 +319,9 @@ pub fn say(shape: &Shape, model: &str, c: &mut Completion, max_tokens: Option<u6
             // The function's name is written too, and counted with its arguments.
             let named = tokens::count(model, name);
             let arguments = spell(model, parameters, c, max_tokens, named);
+            let suffix = response_id.trim_start_matches("chatcmpl-").trim_start_matches("resp_");
             Said::Call {
-                id: call_id,
+                id: format!("call_{suffix}"),
                 name: name.clone(),
                 pieces: tokens::pieces(model, &arguments),
                 arguments,
@@ -407,23 +408,21 @@ impl Said {
 /// An instance of `schema` in the completion's tokens less `overhead` (see the
 /// module's text), setting the completion's length to what it spells.
 fn spell(model: &str, schema: &Value, c: &mut Completion, max_tokens: Option<u64>, overhead: u64) -> String {
-    let instance = Instance::of(schema);
     let drawn = c.completion_tokens.saturating_sub(overhead);
-    let text = match c.finish_reason {
-        // Cut short: the instance, longer than the draw, is cut at it.
-        FinishReason::Length => tokens::truncate(model, &instance.filled_to(model, drawn + 2), drawn),
-        FinishReason::Stop => {
-            let text = instance.filled_to(model, drawn);
-            let cap = max_tokens.map_or(u64::MAX, |m| m.saturating_sub(overhead));
-            match tokens::count(model, &text) > cap {
-                true => {
-                    c.finish_reason = FinishReason::Length;
-                    tokens::truncate(model, &text, cap)
-                }
-                false => text,
-            }
-        }
+    // A reply the model was to cut short is filled past the cut, so that it is
+    // cut inside its text, as the service cuts it.
+    let (target, cap) = match (c.finish_reason, max_tokens) {
+        (FinishReason::Length, _) => (drawn + 2, drawn),
+        (FinishReason::Stop, Some(max)) => (drawn, max.saturating_sub(overhead)),
+        (FinishReason::Stop, None) => (drawn, u64::MAX),
     };
+    let text = Instance::of(schema).filled_to(model, target);
+    let (text, reason) = match tokens::count(model, &text) > cap {
+        true => (tokens::truncate(model, &text, cap), FinishReason::Length),
+        // Whole: a schema with no room to fill may end before the cut.
+        false => (text, FinishReason::Stop),
+    };
+    c.finish_reason = reason;
     c.completion_tokens = tokens::count(model, &text) + overhead;
     text
 }
@@ -469,7 +468,8 @@ impl Instance {
         let mut words = 0u64;
         for _ in 0..4 {
             let count = tokens::count(model, &text);
-            if count == target {
+            // Done, or longer than the target with no words left to take out.
+            if count == target || (count > target && words == 0) {
                 break;
             }
             words = (words + target).saturating_sub(count);
@@ -812,9 +812,15 @@ mod tests {
             (whole.to_owned(), length, FinishReason::Stop),
             "longer than the draw"
         );
-        let (cut, tokens, reason) = spelled(numbers, 2, Some(2));
+        let (cut, tokens, reason) = spelled(numbers.clone(), 2, Some(2));
         assert!(whole.starts_with(&cut) && cut.len() < whole.len(), "{cut}");
         assert_eq!((tokens, reason), (2, FinishReason::Length));
+        let room = length + 5;
+        assert_eq!(
+            spelled(numbers, room, Some(room)),
+            (whole.to_owned(), length, FinishReason::Stop),
+            "ends before the cut"
+        );
     }
 
     #[test]
@@ -838,7 +844,7 @@ mod tests {
     fn a_call_counts_its_name_with_its_arguments() {
         let shape = read(&request(json!({ "tools": [tool("lookup_order")] }))).unwrap();
         let mut c = completion(20, FinishReason::Stop);
-        let said = say(&shape, "gpt-4o", &mut c, None, "call_1".into());
+        let said = say(&shape, "gpt-4o", &mut c, None, "chatcmpl-1");
         let Said::Call { ref name, ref arguments, ref pieces, .. } = said else { panic!("{said:?}") };
         assert_eq!(tokens::count("gpt-4o", name) + tokens::count("gpt-4o", arguments), 20);
         assert_eq!((c.completion_tokens, pieces.concat()), (20, arguments.clone()));
