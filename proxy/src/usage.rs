@@ -338,7 +338,8 @@ impl StreamTracker {
         }
         if let Some(kind) = event.kind.as_deref() {
             let usage = event.response.and_then(|r| r.usage);
-            self.responses_event(kind, event.delta.as_deref(), usage.as_ref());
+            let called = event.item.filter(|item| item.kind.as_deref() == Some("function_call")).and_then(|i| i.name);
+            self.responses_event(kind, event.delta.as_deref(), called.as_deref(), usage.as_ref());
         }
     }
 
@@ -354,17 +355,24 @@ impl StreamTracker {
         }
         if let Some(kind) = value.get("type").and_then(Value::as_str) {
             let delta = value.get("delta").and_then(Value::as_str);
-            self.responses_event(kind, delta, value.pointer("/response/usage"));
+            let item =
+                value.get("item").filter(|item| item.get("type").and_then(Value::as_str) == Some("function_call"));
+            let called = item.and_then(|item| item.get("name")).and_then(Value::as_str);
+            self.responses_event(kind, delta, called, value.pointer("/response/usage"));
         }
     }
 
     /// An event of a Responses API stream: its text deltas are the reply's
-    /// text, and its last event (the response completed, incomplete or failed)
-    /// carries the response with its usage. No `[DONE]` follows it: that event
-    /// is where the client has all it asked for.
-    fn responses_event(&mut self, kind: &str, delta: Option<&str>, usage: Option<&Value>) {
+    /// text, as is the name of a function call it opens (`called`, whose
+    /// arguments follow as deltas), and its last event (the response
+    /// completed, incomplete or failed) carries the response with its usage.
+    /// No `[DONE]` follows it: that event is where the client has all it asked for.
+    fn responses_event(&mut self, kind: &str, delta: Option<&str>, called: Option<&str>, usage: Option<&Value>) {
         if RESPONSES_TEXT_DELTAS.contains(&kind) {
             self.push_text(delta);
+        }
+        if kind == "response.output_item.added" {
+            self.push_text(called);
         }
         if RESPONSES_LAST_EVENTS.contains(&kind) {
             self.done = true;
@@ -431,6 +439,18 @@ struct Event<'a> {
     delta: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     response: Option<ResponseUsage>,
+    #[serde(default, borrow)]
+    item: Option<Item<'a>>,
+}
+
+/// An output item a Responses API event carries: the name of a function call
+/// is text the model wrote.
+#[derive(serde::Deserialize)]
+struct Item<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    name: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// The response a Responses API event carries, of which its usage is read.
@@ -726,6 +746,10 @@ mod tests {
             }
             // The Responses API: text deltas, and the usage of the finished response.
             let kind = value.get("type").and_then(Value::as_str).unwrap_or_default();
+            let item = value.get("item").filter(|i| i.get("type").and_then(Value::as_str) == Some("function_call"));
+            if kind == "response.output_item.added" {
+                texts.extend(item.and_then(|i| i.get("name")).and_then(Value::as_str));
+            }
             if matches!(
                 kind,
                 "response.output_text.delta"
@@ -863,6 +887,18 @@ mod tests {
         ];
         let expected = ["I cannot", "{\"city\":", "Thinking"].iter().map(|t| tokenizer::count("gpt-4o", t)).sum();
         check(&as_refs(&responses_stream(&more, None)), (7, expected));
+        // A function call's name is written when its item opens (and not again when it is done).
+        let mut call = responses_stream(&[("response.function_call_arguments.delta", "{}")], None);
+        let item = r#"{"type":"function_call","id":"fc_1","call_id":"call_1","name":"get_weather","arguments":"","status":"in_progress"}"#;
+        call.insert(
+            2,
+            format!(r#"{{"type":"response.output_item.added","sequence_number":2,"output_index":1,"item":{item}}}"#),
+        );
+        call.push(format!(
+            r#"{{"type":"response.output_item.done","sequence_number":4,"output_index":1,"item":{item}}}"#
+        ));
+        let expected = tokenizer::count("gpt-4o", "get_weather") + tokenizer::count("gpt-4o", "{}");
+        check(&as_refs(&call), (7, expected));
         // A response cut short, or failed, still reports what it used.
         let incomplete = completed.replace("response.completed", "response.incomplete");
         check(&as_refs(&responses_stream(&text, Some(&incomplete))), (12, 3));
