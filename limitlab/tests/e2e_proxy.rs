@@ -135,6 +135,29 @@ async fn streamed_calls_and_json_without_usage_are_charged_what_the_mock_bills()
 }
 
 #[tokio::test]
+async fn a_background_response_is_charged_once_when_a_read_shows_it_done() {
+    let stack = stack();
+    let remaining =
+        |r: &reqwest::Response| -> u64 { r.headers()["remaining-tokens"].to_str().unwrap().parse().unwrap() };
+    let before = remaining(&stack.chat(hello()).await);
+    let responses = format!("{}/openai/v1/responses", stack.proxy.urls[0]);
+    let created = stack.client.post(&responses).bearer_auth("demo-key");
+    let created = created.json(&json!({ "model": "gpt-4o", "input": "Say hello", "background": true }));
+    let queued: Value = created.send().await.unwrap().json().await.unwrap();
+    assert_eq!(queued["status"], "queued", "{queued}");
+    let read = format!("{responses}/{}", queued["id"].as_str().unwrap());
+    let mut done = Value::Null;
+    for _ in 0..2 {
+        // Read twice: the response is charged at the first read that shows it done, once.
+        done = stack.client.get(&read).bearer_auth("demo-key").send().await.unwrap().json().await.unwrap();
+        assert_eq!(done["status"], "completed", "{done}");
+    }
+    let after = remaining(&stack.chat(hello()).await);
+    let used = done["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(before - after, used + 28, "the background response's {used} tokens and one more call's 28");
+}
+
+#[tokio::test]
 async fn a_primary_outage_fails_over_to_the_secondary_and_no_key_is_401() {
     let stack = stack();
     let outage = json!({"deployment": "gpt-4o", "faults": {"outages": [{"start": "0s", "end": "1h", "status": 503}]}});

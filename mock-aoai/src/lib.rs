@@ -7,6 +7,7 @@ pub mod logprobs;
 pub mod model;
 pub mod server;
 pub mod shape;
+pub mod stored;
 pub mod wire;
 
 pub use config::{DeploymentConfig, Faults, MockConfig};

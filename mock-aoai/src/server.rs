@@ -5,6 +5,7 @@ use crate::config::{Faults, MockConfig};
 use crate::logprobs;
 use crate::model::{Completion, DeploymentModel, ModelRequest, ModelResponse, Operation, Throttle};
 use crate::shape::{self, Said};
+use crate::stored::{self, Stored};
 use crate::wire::{self, ChatStream, Meta, ParsedRequest, ResponseWire};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -26,6 +27,8 @@ struct MockState {
     epoch: Instant,
     epoch_unix: Nanos,
     served: u64,
+    /// The Responses API's stored responses.
+    stored: stored::Store,
 }
 
 #[derive(Clone)]
@@ -52,7 +55,7 @@ impl Mock {
             .enumerate()
             .map(|(i, d)| (d.name.clone(), DeploymentModel::new(d.clone(), config.seed ^ (i as u64) << 32, origin)))
             .collect();
-        let state = MockState { config, models, epoch, epoch_unix, served: 0 };
+        let state = MockState { config, models, epoch, epoch_unix, served: 0, stored: stored::Store::default() };
         Mock { state: Arc::new(Mutex::new(state)) }
     }
 
@@ -68,6 +71,10 @@ impl Mock {
             .route("/openai/v1/completions", named(Operation::Completions, v1_api_version))
             .route("/openai/v1/embeddings", named(Operation::Embeddings, v1_api_version))
             .route("/openai/v1/responses", named(Operation::Responses, v1_api_version))
+            .route("/openai/v1/responses/{id}", kept(v1_api_version))
+            .route("/openai/v1/responses/{id}/cancel", cancelling(v1_api_version))
+            .route("/openai/responses/{id}", kept(dated_responses_api_version))
+            .route("/openai/responses/{id}/cancel", cancelling(dated_responses_api_version))
             .route("/openai/v1/models", get(models))
             .route("/openai/v1/models/{model}", get(model))
             .route("/_mock/stats", get(stats))
@@ -128,6 +135,71 @@ fn named(op: Operation, api_version: ApiVersionRule) -> axum::routing::MethodRou
             Err(message) => error(StatusCode::BAD_REQUEST, "BadRequest", &message),
         }
     })
+}
+
+/// `GET` (retrieve) and `DELETE` of a stored response, by id.
+fn kept(api_version: ApiVersionRule) -> axum::routing::MethodRouter<Mock> {
+    let retrieve = move |mock: State<Mock>,
+                         id: Path<String>,
+                         query: Query<HashMap<String, String>>,
+                         headers: HeaderMap| async move {
+        stored_call(&mock, &id, &query, &headers, api_version, |store, id| {
+            let view = store.get(id).map(|stored| stored.view(Instant::now()));
+            view.map(|body| Json(body).into_response())
+        })
+    };
+    let delete = move |mock: State<Mock>,
+                       id: Path<String>,
+                       query: Query<HashMap<String, String>>,
+                       headers: HeaderMap| async move {
+        stored_call(&mock, &id, &query, &headers, api_version, |store, id| {
+            let deleted = json!({ "id": id, "object": "response", "deleted": true });
+            store.remove(id).then(|| Json(deleted).into_response())
+        })
+    };
+    get(retrieve).delete(delete)
+}
+
+/// `POST .../responses/{id}/cancel`: stops a background response.
+fn cancelling(api_version: ApiVersionRule) -> axum::routing::MethodRouter<Mock> {
+    post(
+        move |mock: State<Mock>, id: Path<String>, query: Query<HashMap<String, String>>, headers: HeaderMap| async move {
+            stored_call(&mock, &id, &query, &headers, api_version, |store, id| {
+                store.cancel(id, Instant::now()).map(|cancelled| match cancelled {
+                    Ok(body) => Json(body).into_response(),
+                    Err(message) => invalid_request(StatusCode::BAD_REQUEST, &message, None, None),
+                })
+            })
+        },
+    )
+}
+
+/// A call on a stored response, checked (key, api-version) and made under the
+/// state's lock; `call` answers `None` for a response the store does not hold
+/// (the service's 404).
+fn stored_call(
+    mock: &Mock,
+    id: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    api_version: ApiVersionRule,
+    call: impl FnOnce(&mut stored::Store, &str) -> Option<Response>,
+) -> Response {
+    if let Err(refusal) = api_version(query) {
+        return *refusal;
+    }
+    let mut state = mock.lock();
+    if !authorized(&state.config.api_keys, headers) {
+        return *unauthorized();
+    }
+    call(&mut state.stored, id).unwrap_or_else(|| {
+        invalid_request(StatusCode::NOT_FOUND, &format!("Response with id '{id}' not found."), None, None)
+    })
+}
+
+fn invalid_request(status: StatusCode, message: &str, param: Option<&str>, code: Option<&str>) -> Response {
+    let body = wire::invalid_request_body(message, param, code);
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// Which `api-version`s a route takes: the version a call names, or Azure's refusal.
@@ -215,7 +287,7 @@ async fn handle(
             ),
         ),
         ModelResponse::Hang => std::future::pending().await,
-        ModelResponse::Complete(c) => complete(operation, admission, c).await,
+        ModelResponse::Complete(c) => complete(&mock, operation, admission, c).await,
     }
 }
 
@@ -227,7 +299,9 @@ fn admit(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Admission, Box<Response>> {
-    let mut state = mock.lock();
+    let mut guard = mock.lock();
+    // Borrowed through the guard once, so that its fields can be borrowed apart.
+    let state = &mut *guard;
     if !authorized(&state.config.api_keys, headers) {
         return Err(unauthorized());
     }
@@ -250,8 +324,22 @@ fn admit(
             &wire::not_supported(operation, &model_name),
         ));
     }
-    let parsed = wire::parse_request(operation, &model_name, body)
+    let mut parsed = wire::parse_request(operation, &model_name, body)
         .map_err(|message| refuse(StatusCode::BAD_REQUEST, "BadRequest", &message))?;
+    // A continued response's input is its predecessors' input and output too.
+    if let Some(previous) = &parsed.keeping.previous {
+        let Some(stored) = state.stored.get(previous) else {
+            let message = format!("Previous response with id '{previous}' not found.");
+            let refusal = invalid_request(
+                StatusCode::BAD_REQUEST,
+                &message,
+                Some("previous_response_id"),
+                Some("previous_response_not_found"),
+            );
+            return Err(Box::new(refusal));
+        };
+        parsed.prompt_tokens = parsed.prompt_tokens.saturating_add(stored.tokens);
+    }
     let dimensions = model.config().embedding_dimensions();
     wire::check_dimensions(&model_name, dimensions, parsed.dimensions)
         .map_err(|message| refuse(StatusCode::BAD_REQUEST, "BadRequest", &message))?;
@@ -372,12 +460,17 @@ fn duration(n: Nanos) -> Duration {
     Duration::from_nanos(n.0)
 }
 
-async fn complete(operation: Operation, admission: Admission, mut c: Completion) -> Response {
+async fn complete(mock: &Mock, operation: Operation, admission: Admission, mut c: Completion) -> Response {
     let Admission { meta, parsed, dimensions, seed, .. } = admission;
     // A JSON answer or a call is spelled first: its length may differ from the draw.
     let said = shape::say(&parsed.shape, &meta.model, &mut c, parsed.max_tokens, &meta.id);
     let request_id = meta.id.clone();
+    let wire = ResponseWire { meta: &meta, completion: &c, said: &said, keeping: &parsed.keeping };
+    if operation == Operation::Responses && parsed.keeping.store {
+        keep(mock, &wire);
+    }
     let mut response = match (operation, parsed.stream) {
+        (Operation::Responses, _) if parsed.keeping.background => Json(wire.queued()).into_response(),
         (Operation::Embeddings, _) => {
             tokio::time::sleep(duration(c.time_to_first_token)).await;
             Json(wire::embeddings_response(&meta, &parsed, dimensions, seed)).into_response()
@@ -399,7 +492,7 @@ async fn complete(operation: Operation, admission: Admission, mut c: Completion)
         }
         (Operation::Responses, false) => {
             tokio::time::sleep(duration(c.duration())).await;
-            Json(ResponseWire { meta: &meta, completion: &c, said: &said }.response()).into_response()
+            Json(wire.response()).into_response()
         }
     };
     let h = response.headers_mut();
@@ -407,6 +500,23 @@ async fn complete(operation: Operation, admission: Admission, mut c: Completion)
     insert(h, "x-ratelimit-remaining-tokens", c.remaining_tokens);
     insert(h, "apim-request-id", request_id);
     response
+}
+
+/// Stores a Responses API answer as it will be once its last token is out. A
+/// stream that breaks midway leaves a failed response.
+fn keep(mock: &Mock, wire: &ResponseWire) {
+    let c = wire.completion;
+    let mut stored = Stored {
+        body: wire.response(),
+        tokens: c.prompt_tokens.saturating_add(c.completion_tokens_total()),
+        done_at: Instant::now() + duration(c.duration()),
+        background: wire.keeping.background,
+        cancelled: false,
+    };
+    if c.break_after.is_some() {
+        stored.body = stored.pending("failed");
+    }
+    mock.lock().stored.insert(wire.meta.id.clone(), stored);
 }
 
 /// One SSE event per chunk, paced by the latency model; a stream that breaks
@@ -419,7 +529,7 @@ fn sse_events(
     parsed: &ParsedRequest,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
     let (head, tokens, tail) = match operation {
-        Operation::Responses => responses_events(&meta, &c, said),
+        Operation::Responses => responses_events(&meta, &c, said, &parsed.keeping),
         _ => chunk_events(operation, &meta, &c, said, parsed),
     };
     let tail = match c.break_after {
@@ -495,8 +605,8 @@ fn chunk_events(operation: Operation, meta: &Meta, c: &Completion, said: &Said, 
 
 /// A Responses API stream's events, numbered in order; its usage is in its
 /// last event, and no `[DONE]` follows.
-fn responses_events(meta: &Meta, c: &Completion, said: &Said) -> Events {
-    let wire = ResponseWire { meta, completion: c, said };
+fn responses_events(meta: &Meta, c: &Completion, said: &Said, keeping: &stored::Keeping) -> Events {
+    let wire = ResponseWire { meta, completion: c, said, keeping };
     let mut number = 0u64..;
     let mut event = |v: Value| Bytes::from(wire::responses_event(v, number.next().unwrap_or_default()));
     let head = wire.prelude().into_iter().map(&mut event).collect();

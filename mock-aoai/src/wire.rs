@@ -4,6 +4,7 @@
 use crate::logprobs::{self, MAX_TOP_CHAT, MAX_TOP_COMPLETIONS};
 use crate::model::{Completion, FinishReason, Operation, Throttle};
 use crate::shape::{self, Said, Shape};
+use crate::stored::{self, Keeping};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
@@ -33,6 +34,8 @@ pub struct ParsedRequest {
     /// Chat and legacy completions: log probabilities asked for, with this
     /// many alternatives at each place.
     pub logprobs: Option<u64>,
+    /// The Responses API: the response continued, stored, or in the background.
+    pub keeping: Keeping,
 }
 
 /// Reads and checks a request body; the error names the field.
@@ -92,6 +95,10 @@ pub fn parse_request(operation: Operation, model: &str, body: &[u8]) -> Result<P
             _ => Shape::Prose,
         },
         logprobs: asked_logprobs(operation, obj)?,
+        keeping: match operation {
+            Operation::Responses => stored::read(obj, stream)?,
+            _ => Keeping::default(),
+        },
     })
 }
 
@@ -272,6 +279,13 @@ pub fn model_entry(name: &str, created: u64) -> Value {
 /// Azure's error body.
 pub fn error_body(code: &str, message: &str) -> String {
     json!({ "error": { "code": code, "message": message } }).to_string()
+}
+
+/// The Responses API's error body for a request it cannot serve, naming the
+/// parameter at fault (if one is) and the error's code (if it has one).
+pub fn invalid_request_body(message: &str, param: Option<&str>, code: Option<&str>) -> String {
+    json!({ "error": { "message": message, "type": "invalid_request_error", "param": param, "code": code } })
+        .to_string()
 }
 
 /// Azure's 429 message, with the operation and the limit that was hit.
@@ -517,6 +531,7 @@ pub struct ResponseWire<'a> {
     pub meta: &'a Meta,
     pub completion: &'a Completion,
     pub said: &'a Said,
+    pub keeping: &'a Keeping,
 }
 
 impl ResponseWire<'_> {
@@ -542,7 +557,8 @@ impl ResponseWire<'_> {
             "id": self.meta.id, "object": "response", "created_at": self.meta.created, "status": status,
             "error": null, "incomplete_details": incomplete, "instructions": null, "max_output_tokens": null,
             "model": self.meta.model, "output": output, "parallel_tool_calls": true,
-            "previous_response_id": null, "reasoning": { "effort": null, "summary": null }, "store": true,
+            "previous_response_id": self.keeping.previous, "reasoning": { "effort": null, "summary": null },
+            "store": self.keeping.store, "background": self.keeping.background,
             "temperature": 1.0, "text": { "format": { "type": "text" } }, "tool_choice": "auto", "tools": [],
             "top_p": 1.0, "truncation": "disabled", "usage": usage, "user": null, "metadata": {},
         })
@@ -597,6 +613,11 @@ impl ResponseWire<'_> {
     pub fn response(&self) -> Value {
         let item = self.item(self.status(), self.arguments());
         self.object(self.status(), json!([item]), self.usage())
+    }
+
+    /// A background response's answer: queued, nothing written yet.
+    pub fn queued(&self) -> Value {
+        self.object("queued", json!([]), Value::Null)
     }
 
     /// A stream's first events, before any text: the response created and in

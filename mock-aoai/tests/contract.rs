@@ -685,6 +685,45 @@ async fn the_responses_api_answers_plain_and_streamed_with_its_usage() {
 }
 
 #[tokio::test]
+async fn stored_responses_are_read_continued_and_deleted() {
+    let server = Server::start(CONFIG).await;
+    let create = |body: Value| server.post("/openai/v1/responses", body);
+    let first: Value = create(json!({ "model": "chat", "input": "Hello" })).await.json().await.unwrap();
+    let id = first["id"].as_str().unwrap();
+    let url = format!("{}/openai/v1/responses/{id}", server.base);
+    let read: Value = server.client.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(read, first, "a retrieval shows the response as it was answered");
+
+    let alone: Value = create(json!({ "model": "chat", "input": "Again", "store": false })).await.json().await.unwrap();
+    let next: Value =
+        create(json!({ "model": "chat", "input": "Again", "previous_response_id": id })).await.json().await.unwrap();
+    let input = |r: &Value| r["usage"]["input_tokens"].as_u64().unwrap();
+    assert_eq!(input(&next), input(&alone) + first["usage"]["total_tokens"].as_u64().unwrap());
+    assert_eq!((&next["previous_response_id"], &alone["store"]), (&json!(id), &json!(false)));
+
+    let unknown = json!({ "model": "chat", "input": "Hi", "previous_response_id": alone["id"] });
+    let r = create(unknown).await;
+    assert_eq!(r.status(), 400);
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(
+        (&error["error"]["code"], &error["error"]["param"]),
+        (&json!("previous_response_not_found"), &json!("previous_response_id"))
+    );
+
+    let r = server.client.post(format!("{url}/cancel")).send().await.unwrap();
+    assert_eq!(r.status(), 400, "only a background response is cancelled");
+    let deleted: Value = server.client.delete(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(deleted, json!({ "id": id, "object": "response", "deleted": true }));
+    for r in [server.client.get(&url).send().await.unwrap(), server.client.delete(&url).send().await.unwrap()] {
+        assert_eq!(r.status(), 404);
+        let error: Value = r.json().await.unwrap();
+        assert_eq!(error["error"]["message"], format!("Response with id '{id}' not found."));
+    }
+    let dated = format!("{}/openai/responses/{id}?api-version=2024-10-21", server.base);
+    assert_eq!(server.client.get(dated).send().await.unwrap().status(), 400, "a version from before the Responses API");
+}
+
+#[tokio::test]
 async fn the_responses_api_refuses_what_azure_refuses() {
     let server = Server::start(CONFIG).await;
     let check = |status: u16, code: &'static str, needle: &'static str| {

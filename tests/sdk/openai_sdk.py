@@ -59,6 +59,45 @@ def check_responses(base):
         assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens", final
         assert final.usage.output_tokens == 5 and final.output_text == text, (final.usage, text)
         check_responses_structured(client)
+        check_stored(client)
+
+
+def check_stored(client):
+    """Stored responses: retrieved, continued (`previous_response_id` carries the
+    earlier input and output into the next input), run in the background and
+    polled, cancelled, and deleted."""
+    first = client.responses.create(model="gpt-4o", input="My name is Ada.")
+    again = client.responses.retrieve(first.id)
+    assert again.status == "completed" and again.output_text == first.output_text, again
+    alone = client.responses.create(model="gpt-4o", input="What is my name?", store=False)
+    continued = client.responses.create(model="gpt-4o", input="What is my name?", previous_response_id=first.id)
+    carried = first.usage.input_tokens + first.usage.output_tokens
+    assert continued.usage.input_tokens == alone.usage.input_tokens + carried, (continued.usage, alone.usage)
+    assert continued.previous_response_id == first.id, continued
+    try:
+        client.responses.create(model="gpt-4o", input="Hi", previous_response_id=alone.id)
+        raise AssertionError("a response made with store=False cannot be continued")
+    except openai.BadRequestError as e:
+        assert e.code == "previous_response_not_found", e
+
+    queued = client.responses.create(model="gpt-4o", input="Say hello", background=True)
+    assert queued.status == "queued" and queued.usage is None, queued
+    polled = client.responses.retrieve(queued.id)
+    while polled.status in ("queued", "in_progress"):
+        time.sleep(0.02)
+        polled = client.responses.retrieve(queued.id)
+    assert polled.status == "completed" and polled.usage.output_tokens == 16, polled
+
+    slow = client.responses.create(model="slow", input="Say hello", background=True)
+    cancelled = client.responses.cancel(slow.id)
+    assert cancelled.status == "cancelled" and client.responses.retrieve(slow.id).status == "cancelled", cancelled
+
+    client.responses.delete(first.id)
+    try:
+        client.responses.retrieve(first.id)
+        raise AssertionError("a deleted response is gone")
+    except openai.NotFoundError:
+        pass
 
 
 def check_responses_structured(client):
@@ -236,7 +275,7 @@ def main():
         counts = stats(base)["throttled"]
         assert counts["throttled"] == 1 and counts["completed"] == 2, counts
         assert 9.0 <= waited <= 12.0, f"waited {waited:.1f} s"
-        print(f"openai {openai.__version__}: chat, n choices, stream, logprobs, structured outputs, tools, completions, embeddings (text and tokens), responses, the v1 API, auth and 429 retry ok "
+        print(f"openai {openai.__version__}: chat, n choices, stream, logprobs, structured outputs, tools, completions, embeddings (text and tokens), responses (structured, calls, stored, continued, background), the v1 API, auth and 429 retry ok "
               f"(retry waited {waited:.1f} s)")
     finally:
         proc.terminate()
