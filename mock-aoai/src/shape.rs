@@ -433,6 +433,15 @@ const MAX_DEPTH: usize = 32;
 /// Most items an array is given (its `minItems`, else one).
 const MAX_ITEMS: u64 = 64;
 
+/// Most values one instance has: past it a value is null, so that a schema
+/// whose arrays or recursion would multiply (64 items of 64 items of ...)
+/// cannot make the mock build an answer without end.
+const MAX_VALUES: usize = 10_000;
+
+/// Most characters the strings of an instance are given for their
+/// `minLength`; past it they are shorter than asked.
+const MAX_TEXT: u64 = 100_000;
+
 /// An instance of a schema, and where its free string is (a JSON pointer), if
 /// it has one: the first string (depth first) with no format, pattern, length
 /// bound, enum or constant.
@@ -443,7 +452,7 @@ struct Instance {
 
 impl Instance {
     fn of(schema: &Value) -> Instance {
-        let mut builder = Builder { root: schema, fill: None };
+        let mut builder = Builder { root: schema, fill: None, values: 0, text: 0 };
         let value = builder.instance(schema, &mut Vec::new(), 0);
         Instance { value, fill: builder.fill }
     }
@@ -482,12 +491,17 @@ impl Instance {
 struct Builder<'a> {
     root: &'a Value,
     fill: Option<String>,
+    /// Values made so far, bounded by [`MAX_VALUES`].
+    values: usize,
+    /// Characters of bounded strings made so far, bounded by [`MAX_TEXT`].
+    text: u64,
 }
 
 impl Builder<'_> {
     fn instance(&mut self, schema: &Value, path: &mut Vec<String>, depth: usize) -> Value {
         let Some(s) = schema.as_object() else { return json!("The") };
-        if depth > MAX_DEPTH {
+        self.values += 1;
+        if depth > MAX_DEPTH || self.values > MAX_VALUES {
             return Value::Null;
         }
         if let Some(reference) = s.get("$ref").and_then(Value::as_str) {
@@ -556,7 +570,9 @@ impl Builder<'_> {
             return json!("");
         }
         let min = s.get("minLength").and_then(Value::as_u64).unwrap_or(0);
-        json!(format!("The{}", "x".repeat(min.saturating_sub(3) as usize)))
+        let length = min.min(MAX_TEXT.saturating_sub(self.text));
+        self.text += length;
+        json!(format!("The{}", "x".repeat(length.saturating_sub(3) as usize)))
     }
 }
 
@@ -829,6 +845,18 @@ mod tests {
         let (text, tokens, reason) = spelled(schema, 12, Some(12));
         assert!(text.starts_with(r#"{"answer":"The quick"#) && !text.ends_with('}'), "{text}");
         assert_eq!((tokens, reason), (12, FinishReason::Length));
+    }
+
+    #[test]
+    fn schemas_that_multiply_are_bounded() {
+        let mut nested = json!({ "type": "string", "minLength": 1_000_000_000u64 });
+        for _ in 0..20 {
+            nested = json!({ "type": "array", "items": nested, "minItems": 64 });
+        }
+        let (text, _, _) = spelled(nested, 16, None);
+        assert!(serde_json::from_str::<Value>(&text).is_ok());
+        let strings = text.matches("\"The").count();
+        assert!(strings <= MAX_VALUES && text.len() < 250_000, "{strings} strings, {} bytes", text.len());
     }
 
     #[test]

@@ -1,17 +1,21 @@
-//! Token counting as the service does it, with the model's real tokenizer
-//! (`tiktoken-rs`, whose vocabularies are compiled in: nothing is downloaded).
+//! Token counting as the service does it, with the model's real vocabulary
+//! and tiktoken's splitting, by `bpe-openai` (whose vocabularies are compiled
+//! in: nothing is downloaded). It counts in time linear in the text: tiktoken's
+//! own merging takes time quadratic in the length of a run of letters, and a
+//! client's 100 kB run took 3.5 s of the proxy's CPU to count (see
+//! `long_runs_are_counted_as_tiktoken_counts_them`).
 
+use bpe_openai::Tokenizer;
 use serde_json::Value;
-use tiktoken_rs::CoreBPE;
 
 pub mod image;
 
 /// The tokenizer of a model: `o200k_base` for gpt-4o, gpt-4.1, gpt-5 and the o-series;
 /// `cl100k_base` for gpt-4, gpt-35-turbo and the embedding models.
-pub fn tokenizer(model: &str) -> &'static CoreBPE {
+pub fn tokenizer(model: &str) -> &'static Tokenizer {
     match is_o200k(model) {
-        true => tiktoken_rs::o200k_base_singleton(),
-        false => tiktoken_rs::cl100k_base_singleton(),
+        true => bpe_openai::o200k_base(),
+        false => bpe_openai::cl100k_base(),
     }
 }
 
@@ -27,15 +31,18 @@ fn is_o200k(model: &str) -> bool {
 }
 
 pub fn count(model: &str, text: &str) -> u64 {
-    tokenizer(model).encode_ordinary(text).len() as u64
+    tokenizer(model).count(text) as u64
 }
 
 /// The text of tokens in the model's vocabulary (a prompt or input sent as
 /// tokens), with any bytes that are not UTF-8 replaced; the first token that is
 /// not in the vocabulary is the error.
 pub fn decode(model: &str, tokens: &[u32]) -> Result<String, u32> {
-    let bytes = tokenizer(model).decode_bytes(tokens).map_err(|e| e.token)?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    let bpe = &tokenizer(model).bpe;
+    if let Some(unknown) = tokens.iter().find(|t| **t as usize >= bpe.num_tokens()) {
+        return Err(*unknown);
+    }
+    Ok(String::from_utf8_lossy(&bpe.decode_tokens(tokens)).into_owned())
 }
 
 /// The prompt tokens of chat messages, with the framing the service adds: 3 per
@@ -45,7 +52,7 @@ pub fn decode(model: &str, tokens: &[u32]) -> Result<String, u32> {
 /// message made count their functions' names and arguments.
 pub fn count_chat(model: &str, messages: &[Value]) -> u64 {
     let bpe = tokenizer(model);
-    let count = |s: &str| bpe.encode_ordinary(s).len() as u64;
+    let count = |s: &str| bpe.count(s) as u64;
     let mut total = 3;
     for message in messages {
         total += 3;
@@ -90,7 +97,7 @@ fn function_call(function: &Value, count: impl Fn(&str) -> u64) -> u64 {
 /// tools that are not functions (built-in ones) add nothing here.
 pub fn count_tools(model: &str, tools: &[Value]) -> u64 {
     let bpe = tokenizer(model);
-    let count = |s: &str| bpe.encode_ordinary(s).len() as i64;
+    let count = |s: &str| bpe.count(s) as i64;
     let start: i64 = if is_o200k(model) { 7 } else { 10 };
     let text = |v: &Value, field: &str| v.get(field).and_then(Value::as_str).unwrap_or_default().to_owned();
     let functions = tools.iter().map(|t| t.get("function").unwrap_or(t)).filter(|f| f.get("name").is_some());
@@ -171,9 +178,8 @@ pub fn pieces(model: &str, text: &str) -> Vec<String> {
     let bpe = tokenizer(model);
     let mut pieces = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
-    for token in bpe.encode_ordinary(text) {
-        // Tokens of the text itself are always in the vocabulary.
-        pending.extend(bpe.decode_bytes(&[token]).unwrap_or_default());
+    for token in bpe.encode(text) {
+        pending.extend(bpe.bpe.token_bytes(token));
         if let Ok(piece) = std::str::from_utf8(&pending) {
             pieces.push(piece.to_owned());
             pending.clear();
@@ -187,9 +193,9 @@ pub fn pieces(model: &str, text: &str) -> Vec<String> {
 /// character left incomplete at the cut is dropped).
 pub fn truncate(model: &str, text: &str, tokens: u64) -> String {
     let bpe = tokenizer(model);
-    let ids = bpe.encode_ordinary(text);
+    let ids = bpe.encode(text);
     let kept = &ids[..ids.len().min(tokens as usize)];
-    let bytes = bpe.decode_bytes(kept).unwrap_or_default();
+    let bytes = bpe.bpe.decode_tokens(kept);
     match std::str::from_utf8(&bytes) {
         Ok(text) => text.to_owned(),
         Err(e) => String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned(),
@@ -211,6 +217,37 @@ mod tests {
             assert!(pieces.len() as u64 <= count(model, text), "{model}: {text}");
         }
         assert_eq!(pieces("gpt-4o", &completion_text(7)).len(), 7);
+    }
+
+    /// Counts as tiktoken's own merging does (`tiktoken-rs` as the reference,
+    /// in tests only), long runs of one letter included, which tiktoken takes
+    /// time quadratic in their length to count.
+    #[test]
+    fn long_runs_are_counted_as_tiktoken_counts_them() {
+        let reference = |model: &str, text: &str| match is_o200k(model) {
+            true => tiktoken_rs::o200k_base_singleton().encode_ordinary(text).len() as u64,
+            false => tiktoken_rs::cl100k_base_singleton().encode_ordinary(text).len() as u64,
+        };
+        for model in ["gpt-4o", "gpt-4"] {
+            for text in ["x".repeat(3_000), "ab".repeat(1_500), format!("{} tail", "é".repeat(700)), "7".repeat(3_001)]
+            {
+                assert_eq!(count(model, &text), reference(model, &text), "{model}: {}...", &text[..10]);
+            }
+        }
+        // A megabyte in one run: counted at once (tiktoken would take minutes).
+        assert_eq!(count("gpt-4o", &"x".repeat(1_000_000)), 125_000);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn counts_and_tokens_match_tiktoken(text in "[a-zA-Z0-9 \\n\\t.,!?'\"é東京𝔘😀_-]{0,120}") {
+            for (model, reference) in [("gpt-4o", tiktoken_rs::o200k_base_singleton()), ("gpt-4", tiktoken_rs::cl100k_base_singleton())] {
+                let tokens = reference.encode_ordinary(&text);
+                proptest::prop_assert_eq!(count(model, &text), tokens.len() as u64);
+                proptest::prop_assert_eq!(&tokenizer(model).encode(text.as_str()), &tokens);
+                proptest::prop_assert_eq!(decode(model, &tokens), Ok(text.clone()));
+            }
+        }
     }
 
     #[test]
