@@ -402,7 +402,10 @@ async fn admit(proxy: &Proxy, peer: &Peer, request: Request<Body>) -> Result<Adm
         true => completion_allowance(&text),
         false => (None, None),
     };
-    let prompt_tokens = proxy.needs_estimate[product].then(|| count_prompt(&model, parts.uri.path(), &text));
+    let prompt_tokens = match proxy.needs_estimate[product] {
+        true => Some(count_prompt_aside(&model, parts.uri.path(), &text).await),
+        false => None,
+    };
     let info = RequestInfo {
         ip: client_ip(&proxy.config.trusted_proxies, peer, &parts.headers),
         subscription: subscription.map(|index| {
@@ -619,6 +622,28 @@ fn count_prompt(model: &str, path: &str, body: &[u8]) -> u64 {
     match path.ends_with("/responses") {
         true => tokenizer::count_responses(model, &body),
         false => prompt_tokens(model, &body),
+    }
+}
+
+/// Bodies at least this large are counted on the runtime's blocking pool:
+/// counting takes about 90 µs a kilobyte of prose, so a document-sized prompt
+/// (up to `max_body_bytes`) would otherwise hold the worker thread, and every
+/// connection it serves, for tens or hundreds of milliseconds. A smaller body
+/// costs less to count than to hand over.
+const COUNT_ASIDE_BYTES: usize = 64 * 1024;
+
+/// [`count_prompt`], on the blocking pool for a large body.
+async fn count_prompt_aside(model: &str, path: &str, body: &Bytes) -> u64 {
+    if body.len() < COUNT_ASIDE_BYTES {
+        return count_prompt(model, path, body);
+    }
+    let (owned_model, owned_path, owned_body) = (model.to_owned(), path.to_owned(), body.clone());
+    let counting = tokio::task::spawn_blocking(move || count_prompt(&owned_model, &owned_path, &owned_body));
+    // Counting panics on no input; were the task lost all the same (the
+    // runtime shutting down), the worker counts.
+    match counting.await {
+        Ok(tokens) => tokens,
+        Err(_) => count_prompt(model, path, body),
     }
 }
 

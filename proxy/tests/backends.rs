@@ -1064,6 +1064,23 @@ async fn a_usage_of_an_unknown_shape_is_charged_the_prompt_and_counted() {
 }
 
 #[tokio::test]
+async fn a_document_sized_prompt_is_estimated_in_full() {
+    // 50,000 tokens a minute, estimated prompts. Prompts this large are counted
+    // off the worker thread; the estimate must still be the whole prompt's:
+    // about 40,000 tokens fit, 60,000 do not.
+    let limits = "[[products.policy.limits]]\ntype = \"azure-openai-token-limit\"\ncounter_key = \"ip\"\n\
+        tokens_per_minute = 50000\nestimate_prompt_tokens = true\n";
+    let backend =
+        answering("application/json", r#"{"usage":{"prompt_tokens":5,"completion_tokens":5,"total_tokens":10}}"#).await;
+    let proxy = start(&config(&backend.uri(), &backend.uri(), "", limits)).await;
+    for (words, status) in [(60_000, 429), (40_000, 200)] {
+        let prompt = " word".repeat(words);
+        let r = proxy.chat(json!({"messages": [{"role": "user", "content": prompt}]})).await;
+        assert_eq!(r.status(), status, "{words} words: {}", r.text().await.unwrap());
+    }
+}
+
+#[tokio::test]
 async fn a_reserving_token_limit_sets_no_completion_aside_for_embeddings() {
     // 1,000 tokens a minute. A chat call without `max_tokens` reserves the
     // default allowance (4,096) and cannot fit; an embeddings call generates
